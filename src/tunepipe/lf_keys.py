@@ -8,7 +8,9 @@ fall into three lists, so that no LLaMA-Factory key is ever silently ignored:
 - NOOP_VALUES: accepted only at the value that matches what tunepipe does anyway.
 - UNSUPPORTED_KEYS: features tunepipe does not have (yet); an error lists them.
 
-docs/migrating-from-llama-factory.md renders these lists into its key table.
+TUNEPIPE_ONLY_KEYS names the config fields LLaMA-Factory does not have.
+`python -m tunepipe.docgen` renders all of this into the key table of
+docs/migrating-from-llama-factory.md.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ OPERATIONAL_KEYS: dict[str, str] = {
     "save_only_model": "checkpoints always keep optimizer state so resume is exact",
     "dataloader_pin_memory": "operational",
     "ddp_backend": "accelerate picks nccl on GPU and gloo on CPU",
+    "disable_tqdm": "progress bars are always shown on long loops",
+    "remove_unused_columns": "tokenized shards hold only the columns training reads",
+    "local_rank": "set by the launcher (accelerate)",
 }
 
 NOOP_VALUES: dict[str, object] = {
@@ -66,6 +71,13 @@ NOOP_VALUES: dict[str, object] = {
     "quantization_method": "bnb",
     "infer_backend": "huggingface",
     "finetuning_args": None,
+    "use_dft_loss": False,
+    "use_mca": False,
+    "use_kt": False,
+    "use_v1_kernels": False,
+    "use_kv_cache": True,
+    "fp8": False,
+    "save_safetensors": True,
 }
 
 UNSUPPORTED_KEYS: dict[str, str] = {
@@ -145,4 +157,97 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "torch_compile": "not supported yet",
     "push_to_hub": "no hub uploads",
     "hub_model_id": "no hub uploads",
+    "new_special_tokens_config": "vocabulary changes are not supported yet",
+    "init_special_tokens": "vocabulary changes are not supported yet",
+    "use_reentrant_gc": "gradient checkpointing uses transformers' default",
+    "infer_dtype": "inference uses model.dtype",
+    "quantization_device_map": "the device is picked automatically",
+    "fp8_backend": "FP8 training is not supported",
+    "fp8_enable_fsdp_float8_all_gather": "FP8 training is not supported",
+    "image_do_pan_and_scan": "multimodal data is not supported",
+    "crop_to_patches": "multimodal data is not supported",
+    "use_audio_in_video": "multimodal data is not supported",
+    "audio_sampling_rate": "multimodal data is not supported",
+    "module_dropout": "OFT is not supported; use LoRA",
+    "oft_rank": "OFT is not supported; use LoRA",
+    "oft_block_size": "OFT is not supported; use LoRA",
+    "oft_target": "OFT is not supported; use LoRA",
+    "pref_bco_weight": "BCO is not supported yet",
+    "galore_update_interval": "GaLore is not supported",
+    "galore_scale": "GaLore is not supported",
+    "galore_proj_type": "GaLore is not supported",
+    "galore_layerwise": "GaLore is not supported",
+    "apollo_target": "APOLLO is not supported",
+    "apollo_update_interval": "APOLLO is not supported",
+    "apollo_scale": "APOLLO is not supported",
+    "apollo_proj": "APOLLO is not supported",
+    "apollo_proj_type": "APOLLO is not supported",
+    "apollo_scale_type": "APOLLO is not supported",
+    "apollo_layerwise": "APOLLO is not supported",
+    "apollo_scale_front": "APOLLO is not supported",
+    "badam_start_block": "BAdam is not supported",
+    "badam_switch_mode": "BAdam is not supported",
+    "badam_switch_interval": "BAdam is not supported",
+    "badam_update_ratio": "BAdam is not supported",
+    "badam_mask_mode": "BAdam is not supported",
+    "badam_verbose": "BAdam is not supported",
+    "swanlab_project": "SwanLab is not supported; runs are tracked in MLflow",
+    "swanlab_workspace": "SwanLab is not supported; runs are tracked in MLflow",
+    "swanlab_run_name": "SwanLab is not supported; runs are tracked in MLflow",
+    "swanlab_mode": "SwanLab is not supported; runs are tracked in MLflow",
+    "swanlab_api_key": "SwanLab is not supported; runs are tracked in MLflow",
+    "swanlab_logdir": "SwanLab is not supported; runs are tracked in MLflow",
+    "swanlab_lark_webhook_url": "SwanLab is not supported; runs are tracked in MLflow",
+    "swanlab_lark_secret": "SwanLab is not supported; runs are tracked in MLflow",
+    "system_message": "put the system prompt in the data (system column)",
+    "sglang_maxlen": "SGLang inference is not supported",
+    "sglang_mem_fraction": "SGLang inference is not supported",
+    "sglang_tp_size": "SGLang inference is not supported",
+    "sglang_config": "SGLang inference is not supported",
+    "sglang_lora_backend": "SGLang inference is not supported",
+    "kt_optimize_rule": "KTransformers is not supported",
+    "cpu_infer": "KTransformers is not supported",
+    "chunk_size": "KTransformers is not supported",
+    "mode": "KTransformers is not supported",
+    "kt_maxlen": "KTransformers is not supported",
+    "kt_use_cuda_graph": "KTransformers is not supported",
+    "kt_mode": "KTransformers is not supported",
+    "kt_force_think": "KTransformers is not supported",
+    "ray_run_name": "Ray is not supported; launch several processes with accelerate (num_processes)",
+    "ray_storage_path": "Ray is not supported; launch several processes with accelerate (num_processes)",
+    "ray_storage_filesystem": "Ray is not supported; launch several processes with accelerate (num_processes)",
+    "ray_num_workers": "Ray is not supported; launch several processes with accelerate (num_processes)",
+    "resources_per_worker": "Ray is not supported; launch several processes with accelerate (num_processes)",
+    "placement_strategy": "Ray is not supported; launch several processes with accelerate (num_processes)",
+    "ray_init_kwargs": "Ray is not supported; launch several processes with accelerate (num_processes)",
+    "task": "benchmark evaluation (MMLU, C-Eval, CMMLU) is not supported; `tunepipe eval` scores the eval split",
+    "task_dir": "benchmark evaluation (MMLU, C-Eval, CMMLU) is not supported; `tunepipe eval` scores the eval split",
+    "n_shot": "benchmark evaluation (MMLU, C-Eval, CMMLU) is not supported; `tunepipe eval` scores the eval split",
+    "lang": "benchmark evaluation (MMLU, C-Eval, CMMLU) is not supported; `tunepipe eval` scores the eval split",
+    "save_dir": "benchmark evaluation (MMLU, C-Eval, CMMLU) is not supported; `tunepipe eval` scores the eval split",
+    "download_mode": "benchmark evaluation (MMLU, C-Eval, CMMLU) is not supported; `tunepipe eval` scores the eval split",
+    "batch_size": "benchmark evaluation (MMLU, C-Eval, CMMLU) is not supported; use per_device_eval_batch_size",
+    "fsdp": "use train.accelerate_config with an FSDP accelerate config (configs/accelerate/)",
+    "fsdp_config": "use train.accelerate_config with an FSDP accelerate config (configs/accelerate/)",
+    "gradient_checkpointing_kwargs": "gradient checkpointing uses transformers' default",
+    "logging_first_step": "not supported yet",
+    "logging_strategy": "logging follows logging_steps",
+    "group_by_length": "not supported yet",
+    "data_seed": "split_seed orders the data split; seed the training order",
+    "full_determinism": "not supported yet",
+    "tf32": "not supported yet",
+    "label_smoothing_factor": "not supported yet",
+    "generation_max_length": "use max_new_tokens",
+    "generation_num_beams": "beam search is not supported in eval yet",
+    "greater_is_better": "the last step's model is kept; compare runs in MLflow",
+    "dataloader_drop_last": "not supported yet",
+    "eval_accumulation_steps": "not supported yet",
 }
+
+# tunepipe config fields that LLaMA-Factory does not have (every other field is a
+# LLaMA-Factory key with the same meaning). The migration guide lists them apart.
+TUNEPIPE_ONLY_KEYS: frozenset[str] = frozenset({
+    "dtype", "overlong", "split_seed", "on_invalid", "num_processes", "accelerate_config",
+    "precompute_ref_log_probs", "max_predict_samples", "compare_base", "identity_keywords",
+    "tracking_uri", "experiment_name",
+})
