@@ -23,7 +23,7 @@ def test_every_config_field_has_a_docstring_and_a_reference_row():
     for group, cls in GROUPS.items():
         assert f"#### `{group}`" in reference
         for fld in dataclasses.fields(cls):
-            assert re.search(rf"^\| `{fld.name}` \|", reference, re.M), f"{group}.{fld.name} missing"
+            assert re.search(rf"^\| `{fld.name}` \|", reference, re.MULTILINE), f"{group}.{fld.name} missing"
 
 
 def test_field_docs_reads_the_string_after_each_field():
@@ -47,12 +47,12 @@ def test_types_render_without_table_pipes():
 
 def test_lf_table_lists_every_known_key_once_with_its_treatment():
     table = docgen.lf_key_table()
-    keys = re.findall(r"^\| `([^`]+)` \|", table, re.M)
+    keys = re.findall(r"^\| `([^`]+)` \|", table, re.MULTILINE)
     assert len(keys) == len(set(keys))
     fields = {f.name for cls in GROUPS.values() for f in dataclasses.fields(cls)}
     expected = (fields - TUNEPIPE_ONLY_KEYS) | set(OPERATIONAL_KEYS) | set(NOOP_VALUES) | set(UNSUPPORTED_KEYS)
     assert set(keys) == expected
-    rows = dict(re.findall(r"^\| `([^`]+)` \| ([^|]+) \|", table, re.M))
+    rows = dict(re.findall(r"^\| `([^`]+)` \| ([^|]+) \|", table, re.MULTILINE))
     assert rows["lora_rank"].strip() == "supported: `train.lora_rank`"
     assert rows["ddp_timeout"].strip() == "accepted, ignored with a warning"
     assert rows["use_unsloth"].strip() == "accepted only as `false`"

@@ -21,8 +21,8 @@ import dataclasses
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from tunepipe import config as config_module
 from tunepipe.config import GROUPS
