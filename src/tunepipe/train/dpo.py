@@ -1,0 +1,58 @@
+"""`stage: dpo`: direct preference optimisation and its variants (`pref_loss`).
+
+sigmoid (DPO), hinge and ipo compare the policy with a reference model; orpo and simpo
+need none. The reference is the base with the LoRA adapter disabled (no second copy of
+the weights), a frozen copy for full / freeze fine-tuning, or log-probs precomputed once
+and cached (`precompute_ref_log_probs`). Chosen and rejected answers go through one
+forward (a 2B-row batch). Loss formulas live in pref_losses.py.
+"""
+
+from __future__ import annotations
+
+from tunepipe.train.pref_common import Objective, Reference, forward_log_probs, reward_metrics
+from tunepipe.train.pref_losses import (USES_MEAN_LOGPS, dpo_hinge_loss, dpo_sigmoid_loss, ipo_loss,
+                                        orpo_loss, simpo_loss)
+
+REFERENCE_FREE = frozenset({"orpo", "simpo"})
+
+# pref_loss -> loss(policy (chosen, rejected), reference (chosen, rejected), train config)
+LOSSES = {
+    "sigmoid": lambda pol, ref, t: dpo_sigmoid_loss(*pol, *ref, t.pref_beta, t.dpo_label_smoothing),
+    "hinge": lambda pol, ref, t: dpo_hinge_loss(*pol, *ref, t.pref_beta),
+    "ipo": lambda pol, ref, t: ipo_loss(*pol, *ref, t.pref_beta),
+    "orpo": lambda pol, ref, t: orpo_loss(*pol, t.pref_beta),
+    "simpo": lambda pol, ref, t: simpo_loss(*pol, t.pref_beta, t.simpo_gamma),
+}
+
+
+def needs_reference(train_cfg) -> bool:
+    return train_cfg.pref_loss not in REFERENCE_FREE
+
+
+def dpo_objective(train_cfg, reference: Reference | None) -> Objective:
+    """loss(model, batch) for the configured `pref_loss`, plus the rewards metrics."""
+    loss_fn = LOSSES[train_cfg.pref_loss]
+    use_mean = train_cfg.pref_loss in USES_MEAN_LOGPS
+
+    def objective(model, batch):
+        logps, counts = forward_log_probs(model, batch)
+        counts = counts.clamp(min=1)
+        policy = logps / counts if use_mean else logps
+        ref = None
+        if reference is not None:
+            ref_logps = reference.log_probs(model, batch)
+            ref = (ref_logps / counts if use_mean else ref_logps).chunk(2)
+        out = loss_fn(policy.chunk(2), ref, train_cfg)
+        loss = out.losses.mean()
+        chosen_nll = -(logps.chunk(2)[0] / counts.chunk(2)[0])
+        metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards)
+        rows = out.losses.numel()
+        metrics["logps/chosen"] = (logps.chunk(2)[0].detach().sum().item(), rows)
+        metrics["logps/rejected"] = (logps.chunk(2)[1].detach().sum().item(), rows)
+        if train_cfg.pref_ftx > 0:
+            # SFT loss on the chosen answers mixed in (LLaMA-Factory's pref_ftx), per token.
+            loss = loss + train_cfg.pref_ftx * chosen_nll.mean()
+            metrics["sft_loss"] = (chosen_nll.detach().sum().item(), rows)
+        return loss, metrics
+
+    return objective

@@ -1,0 +1,152 @@
+"""What DPO and KTO share: a Trainer driven by an objective function, the reference model,
+and windowed reward metrics.
+
+`ObjectiveTrainer` is transformers' Trainer (scheduler, accumulation, checkpoints,
+resume, callbacks) with `compute_loss` delegated to an objective callable: dpo.py and
+kto.py each provide one instead of each subclassing the Trainer.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from transformers import Trainer
+
+from tunepipe.errors import TunepipeError
+from tunepipe.train.pref_losses import sequence_log_probs
+
+# objective(model, batch) -> (loss, {metric name: (sum over rows, row count)})
+Objective = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, tuple[float, int]]]]
+MODEL_INPUTS = ("input_ids", "attention_mask")
+
+
+def forward_log_probs(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed answer log-probs and answer token counts of every row in `batch`."""
+    logits = model(**{k: batch[k] for k in MODEL_INPUTS}, use_cache=False).logits
+    return sequence_log_probs(logits, batch["labels"])
+
+
+def peft_model_of(model: torch.nn.Module):
+    """The PeftModel inside an accelerate / DDP wrapper, or None for a plain model."""
+    inner = getattr(model, "module", model)
+    return inner if hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config") else None
+
+
+@dataclass
+class Reference:
+    """Where reference log-probs come from.
+
+    `adapter_off`: LoRA; the policy with its adapter disabled *is* the base model, so
+    no second copy of the weights is held. `frozen_copy`: full / freeze fine-tuning.
+    `precomputed`: read from the batch (`ref_logps`, computed once before training).
+    """
+
+    kind: str
+    frozen: Optional[torch.nn.Module] = None
+
+    @torch.no_grad()
+    def log_probs(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        if self.kind == "precomputed":
+            return batch["ref_logps"].to(torch.float32)
+        if self.kind == "frozen_copy":
+            return forward_log_probs(self.frozen, batch)[0]
+        peft_model = peft_model_of(model)
+        with peft_model.disable_adapter():
+            return forward_log_probs(peft_model, batch)[0]
+
+
+def build_reference(model: torch.nn.Module, train_cfg) -> Reference:
+    """The live reference for `model` at step 0 (see `Reference`); checks what cannot work."""
+    if train_cfg.finetuning_type == "lora":
+        if peft_model_of(model) is None:
+            raise TunepipeError("train.finetuning_type=lora but the model has no PEFT adapter")
+        if train_cfg.pissa_init:
+            raise TunepipeError(
+                "train.pissa_init=true with a reference-model objective: PiSSA rewrites the base weights, "
+                "so the model with its adapter disabled is not the reference model",
+                hint="set pissa_init: false, or use pref_loss orpo / simpo (no reference)")
+        return Reference("adapter_off")
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    return Reference("frozen_copy", frozen)
+
+
+def step_zero_log_probs(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Reference log-probs from the not-yet-trained policy (used to precompute them)."""
+    with torch.no_grad():
+        peft_model = peft_model_of(model)
+        if peft_model is not None:
+            with peft_model.disable_adapter():
+                return forward_log_probs(peft_model, batch)[0]
+        return forward_log_probs(model, batch)[0]
+
+
+class MetricWindow:
+    """Row-weighted means of metrics since the last log, per mode (train / eval)."""
+
+    def __init__(self):
+        self._sums = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._counts = {"train": defaultdict(int), "eval": defaultdict(int)}
+
+    def add(self, mode: str, metrics: dict[str, tuple[float, int]]) -> None:
+        for name, (total, count) in metrics.items():
+            self._sums[mode][name] += float(total)
+            self._counts[mode][name] += int(count)
+
+    def flush(self, mode: str, accelerator=None) -> dict[str, float]:
+        """Means over the window (summed across processes), then reset; absent metrics are skipped."""
+        names = sorted(self._sums[mode])
+        if not names:
+            return {}
+        stats = torch.tensor([[self._sums[mode][n] for n in names], [self._counts[mode][n] for n in names]],
+                             dtype=torch.float64)
+        if accelerator is not None and accelerator.num_processes > 1:
+            stats = accelerator.reduce(stats.to(accelerator.device), reduction="sum").cpu()
+        self._sums[mode].clear()
+        self._counts[mode].clear()
+        return {name: float(stats[0, i] / stats[1, i]) for i, name in enumerate(names) if stats[1, i] > 0}
+
+
+def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, tuple[float, int]]:
+    """rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies for paired rows."""
+    chosen, rejected = chosen.detach().float(), rejected.detach().float()
+    rows = chosen.numel()
+    return {
+        "rewards/chosen": (chosen.sum().item(), rows),
+        "rewards/rejected": (rejected.sum().item(), rows),
+        "rewards/margins": ((chosen - rejected).sum().item(), rows),
+        "rewards/accuracies": ((chosen > rejected).float().sum().item(), rows),
+    }
+
+
+class ObjectiveTrainer(Trainer):
+    """transformers.Trainer whose loss is `objective(model, batch)`; logs the objective's metrics."""
+
+    # The objective returns a per-batch mean, so the Trainer divides it by the number of
+    # accumulation steps (the causal LM's own num_items_in_batch path does not apply).
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, objective: Objective, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self.metric_window = MetricWindow()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = self.objective(model, inputs)
+        self.metric_window.add("train" if model.training else "eval", metrics)
+        return (loss, {}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        window = self.metric_window.flush(mode, self.accelerator)
+        logs.update(window if mode == "train" else {f"eval_{k}": v for k, v in window.items()})
+        super().log(logs, start_time)
