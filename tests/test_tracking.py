@@ -105,7 +105,8 @@ def test_tags_name_commit_dvc_experiment_and_data(store_uri, tmp_path, monkeypat
     layout = make_layout(tmp_path)
     tracker = Tracker.start(make_config(store_uri), layout)
     run = client(store_uri).get_run(tracker.run_id)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
     assert run.data.tags["git_commit"] == head
     assert run.data.tags["mlflow.source.git.commit"] == head
     assert run.data.tags["dvc_exp_name"] == "plumy-tram"
@@ -290,8 +291,8 @@ def test_tracking_uri_precedence_and_resolution(tmp_path, monkeypatch):
 
 
 def test_context_manager_marks_failed_runs(store_uri, tmp_path):
-    with pytest.raises(RuntimeError):
-        with Tracker.start(make_config(store_uri), make_layout(tmp_path)) as tracker:
-            raise RuntimeError("training crashed")
+    tracker = Tracker.start(make_config(store_uri), make_layout(tmp_path))
+    with pytest.raises(RuntimeError), tracker:
+        raise RuntimeError("training crashed")
     assert client(store_uri).get_run(tracker.run_id).info.status == "FAILED"
     assert RUN_RECORD == "tunepipe_run.json"

@@ -17,10 +17,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tunepipe.config import GROUPS, Config, TrackingConfig
 from tunepipe.io_utils import read_json, write_json_atomic
@@ -56,7 +58,7 @@ def resolve_tracking_uri(uri: str) -> str:
     if not uri.startswith(prefix):
         return uri
     path = uri[len(prefix):]
-    if not path or path.startswith("/") or path.startswith(":memory:"):
+    if not path or path.startswith(("/", ":memory:")):
         return uri
     base = os.environ.get("DVC_ROOT") or os.getcwd()
     return prefix + str((Path(base) / path).resolve())
@@ -156,11 +158,11 @@ class Tracker:
     # -- construction
 
     @classmethod
-    def disabled(cls) -> "Tracker":
+    def disabled(cls) -> Tracker:
         return cls()
 
     @classmethod
-    def start(cls, cfg: Config, layout: Layout) -> "Tracker":
+    def start(cls, cfg: Config, layout: Layout) -> Tracker:
         """Create the run: every config group flattened as params, plus the tags of `run_tags`."""
         if cfg.tracking.report_to == "none":
             log.info("tracking off (tracking.report_to: none)")
@@ -173,7 +175,7 @@ class Tracker:
         return tracker
 
     @classmethod
-    def join(cls, cfg: Config, trained_dir: str | Path) -> "Tracker":
+    def join(cls, cfg: Config, trained_dir: str | Path) -> Tracker:
         """Log into the run the train stage recorded in `trained_dir/tunepipe_run.json`."""
         if cfg.tracking.report_to == "none" or not is_main_process():
             return cls.disabled()
@@ -252,7 +254,7 @@ class Tracker:
 
         return TrackingCallback(self)
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -275,7 +277,7 @@ class Tracker:
         """Run a store call; the first failure warns once and turns this tracker into a no-op."""
         try:
             action()
-        except Exception as exc:  # any store failure (disk, network, schema) must not stop training
+        except Exception as exc:  # noqa: BLE001 - any store failure (disk, network, schema) must not stop training
             log.warning("MLflow tracking disabled: could not %s in %s: %s: %s",
                         what, self.tracking_uri, type(exc).__name__, _first_line(exc))
             self._client = None
@@ -296,7 +298,7 @@ def _first_line(exc: Exception) -> str:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 def _metric(key, value, timestamp, step):
