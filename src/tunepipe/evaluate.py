@@ -1,0 +1,195 @@
+"""evaluate stage: did the fine-tune help? The tuned model and its base, scored side by side.
+
+For each of the two models, one at a time (so only one is ever in memory):
+teacher-forced `eval_loss`, `perplexity` and `token_accuracy` on the eval split, then
+answers generated for the eval prompts scored with ROUGE-1/2/L and BLEU-4 (and
+`identity_accuracy` when `eval.identity_keywords` is set). `metrics/eval.json` holds
+`tuned`, `base` and `diff` (tuned - base) for every metric, plus `preference` (reward
+margins) for preference-tuned models and `reward` (pairwise accuracy) for reward models.
+`reports/predictions.jsonl` holds one `{prompt, predict, label, base_predict}` per prompt.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tunepipe.config import Config
+from tunepipe.errors import TunepipeError
+from tunepipe.gen_metrics import corpus_scores, identity_accuracy
+from tunepipe.generation import Example, generate, generation_examples
+from tunepipe.io_utils import write_json_atomic, write_text_atomic
+from tunepipe.layout import Layout
+from tunepipe.lm_metrics import token_metrics
+from tunepipe.loading import (base_dir_for, device_for, join_train_run, load_base, load_trained,
+                              require_trained, tokenizer_for, trained_source)
+from tunepipe.pref_metrics import needs_reference, preference_logps, preference_metrics, split_kind
+
+log = logging.getLogger(__name__)
+
+EVAL_METRICS = "eval.json"
+PREDICTIONS = "predictions.jsonl"
+
+
+@dataclass
+class ModelScores:
+    """What one model (tuned or base) scored on the eval split."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    answers: list[str] = field(default_factory=list)
+    logps: dict | None = None
+
+
+def run_evaluate(cfg: Config, layout: Layout) -> dict:
+    """Score tuned and base; write metrics/eval.json and reports/predictions.jsonl; return the report."""
+    source = require_trained(trained_source(cfg, layout), cfg, layout)
+    dataset = load_eval_split(layout)
+    if cfg.train.stage == "rm":
+        from tunepipe.rm_eval import run_reward_evaluate
+
+        return run_reward_evaluate(cfg, layout, source, dataset)
+    base_dir = base_dir_for(cfg, layout)
+    tokenizer = tokenizer_for(cfg, base_dir, source)
+    examples = (generation_examples(dataset, tokenizer, cfg.eval.max_predict_samples)
+                if cfg.eval.predict_with_generate else [])
+    device = device_for()
+    tuned = score_model(cfg, dataset, tokenizer, examples, "tuned",
+                        lambda: load_trained(cfg, base_dir, source, device))
+    base = None
+    if cfg.eval.compare_base or _wants_reference(cfg, dataset):
+        base = score_model(cfg, dataset, tokenizer, examples if cfg.eval.compare_base else [], "base",
+                           lambda: load_base(cfg, base_dir, device, quantized=True))
+    report = build_report(cfg, dataset, tuned, base if cfg.eval.compare_base else None)
+    if tuned.logps is not None:
+        report["preference"] = preference_metrics(cfg.train, tuned.logps, base.logps if base else None)
+    write_outputs(layout, report, predictions(tokenizer, examples, tuned, base))
+    log_report(cfg, source, report)
+    return report
+
+
+def load_eval_split(layout: Layout):
+    from datasets import load_from_disk
+
+    path = layout.tokenized / "eval"
+    if not path.is_dir():
+        raise TunepipeError(f"{path}: no tokenized eval split", hint="run the tokenize stage first")
+    dataset = load_from_disk(str(path))
+    if len(dataset) == 0:
+        raise TunepipeError(f"{path}: the eval split is empty",
+                            hint="set data.val_size (e.g. 0.1) or data.eval_dataset")
+    return dataset
+
+
+def _wants_reference(cfg: Config, dataset) -> bool:
+    return split_kind(dataset) in ("pairs", "kto") and needs_reference(cfg.train)
+
+
+def score_model(cfg: Config, dataset, tokenizer, examples: list[Example], name: str,
+                load: Callable[[], object]) -> ModelScores:
+    """Load one model, compute every figure on it, free it."""
+    log.info("evaluating the %s model", name)
+    model = load()
+    batch = cfg.train.per_device_eval_batch_size
+    pad_id = tokenizer.pad_token_id
+    inputs, labels = loss_columns(dataset)
+    scores = ModelScores(metrics=token_metrics(model, inputs, labels, pad_id, batch, desc=f"{name} loss"))
+    if split_kind(dataset) in ("pairs", "kto") and cfg.train.stage in ("dpo", "kto"):
+        scores.logps = preference_logps(model, dataset, pad_id, batch, desc=f"{name} log-probs")
+    if examples:
+        scores.answers = generate(model, tokenizer, [e.prompt_ids for e in examples], cfg.eval, batch,
+                                  cfg.train.seed, desc=f"{name} generate")
+        scores.metrics.update(corpus_scores(scores.answers, [e.label for e in examples]))
+        if cfg.eval.identity_keywords:
+            scores.metrics["identity_accuracy"] = identity_accuracy(scores.answers, cfg.eval.identity_keywords)
+    del model
+    gc.collect()
+    return scores
+
+
+def loss_columns(dataset) -> tuple[list, list]:
+    """The sequences the loss is measured on: the answer of SFT / pretraining rows, the
+    chosen answer of pairs, the desirable rows of KTO (pushing undesirable ones down is
+    the point of KTO, so their likelihood is not a quality)."""
+    kind = split_kind(dataset)
+    if kind == "pairs":
+        return dataset["chosen_input_ids"], dataset["chosen_labels"]
+    if kind == "kto":
+        keep = [i for i, tag in enumerate(dataset["kto_tag"]) if tag]
+        subset = dataset.select(keep)
+        return subset["input_ids"], subset["labels"]
+    return dataset["input_ids"], dataset["labels"]
+
+
+def build_report(cfg: Config, dataset, tuned: ModelScores, base: ModelScores | None) -> dict:
+    report: dict = {"eval_rows": len(dataset), "predict_samples": len(tuned.answers),
+                    "tuned": _rounded(tuned.metrics)}
+    if base is not None:
+        report["base"] = _rounded(base.metrics)
+        report["diff"] = {key: round(tuned.metrics[key] - base.metrics[key], 6)
+                          for key in tuned.metrics if key in base.metrics and key != "eval_tokens"}
+    return report
+
+
+def _rounded(metrics: dict[str, float]) -> dict[str, float]:
+    return {key: value if isinstance(value, int) else round(value, 6) for key, value in metrics.items()}
+
+
+def predictions(tokenizer, examples: list[Example], tuned: ModelScores,
+                base: ModelScores | None) -> list[dict]:
+    rows = []
+    for index, example in enumerate(examples):
+        row = {"prompt": tokenizer.decode(example.prompt_ids, skip_special_tokens=False),
+               "predict": tuned.answers[index], "label": example.label}
+        if base is not None and base.answers:
+            row["base_predict"] = base.answers[index]
+        rows.append(row)
+    return rows
+
+
+def write_outputs(layout: Layout, report: dict, rows: list[dict]) -> None:
+    """Both files are replaced atomically; predictions is written even when empty (a DVC out)."""
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_text_atomic(layout.reports / PREDICTIONS, lines)
+    write_json_atomic(layout.metrics / EVAL_METRICS, report)
+
+
+def flat_metrics(report: dict, prefix: str = "eval") -> dict[str, float]:
+    """`{"tuned": {"rouge-1": x}}` -> `{"eval/tuned/rouge-1": x}` for MLflow."""
+    flat: dict[str, float] = {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            flat.update(flat_metrics(value, f"{prefix}/{key}"))
+        elif isinstance(value, (int, float)):
+            flat[f"{prefix}/{key}"] = value
+    return flat
+
+
+def log_report(cfg: Config, source, report: dict) -> None:
+    tracker = join_train_run(cfg, source)
+    if tracker is not None:
+        tracker.log_metrics(flat_metrics(report))
+
+
+def print_table(report: dict) -> None:
+    """tuned / base / diff, one metric a line: what `tunepipe eval` and `make demo` show."""
+    tuned, base, diff = report.get("tuned", {}), report.get("base", {}), report.get("diff", {})
+    print(f"{'metric':<20} {'tuned':>12} {'base':>12} {'diff':>12}")
+    for key, value in tuned.items():
+        cells = [f"{value:>12.4f}"] + [f"{col[key]:>12.4f}" if key in col else f"{'':>12}" for col in (base, diff)]
+        print(f"{key:<20} {' '.join(cells)}")
+    for key, value in report.get("preference", {}).items():
+        print(f"{key:<20} {value:>12.4f}")
+
+
+def eval_command(args) -> int:
+    from tunepipe.pipeline import cli_config
+
+    cfg, layout = cli_config(args)
+    report = run_evaluate(cfg, layout)
+    print_table(report)
+    print(f"wrote {Path(layout.metrics) / EVAL_METRICS} and {Path(layout.reports) / PREDICTIONS}")
+    return 0

@@ -1,0 +1,181 @@
+"""merge stage / `tunepipe export`: one standalone model dir from base + adapters.
+
+LoRA / DoRA adapters are merged into the base in order (`adapter_name_or_path`, or the
+train stage's `models/adapter`); a full or freeze fine-tune is exported as it is. The
+base is always loaded unquantized in `model.dtype`, also for an adapter trained with
+QLoRA: merging into 4-bit weights would bake the quantization error into every weight
+(or need a lossy re-quantization), while the unquantized base + the adapter is the model
+the adapter's update was meant for, at full precision. See README "Merging and exporting".
+
+The export is written into a temporary sibling and renamed into place only after the
+equivalence check passed: max |logits(export reloaded from disk) - logits(base +
+adapter, unmerged)| over a few chat prompts must stay within a tolerance for the dtype.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+
+from tunepipe.chat_format import stop_token_ids
+from tunepipe.config import Config
+from tunepipe.errors import TunepipeError
+from tunepipe.io_utils import atomic_dir, write_json_atomic, write_text_atomic
+from tunepipe.layout import Layout
+from tunepipe.loading import (TrainedSource, apply_adapters, base_dir_for, device_for, join_train_run,
+                              load_base, tokenizer_for, trained_source)
+from tunepipe.modelfile import MODELFILE, modelfile_text
+from tunepipe.shards import export_size_bytes, save_sharded, verify_shards
+
+log = logging.getLogger(__name__)
+
+EXPORT_METRICS = "export.json"
+PROBE_PROMPTS = ["Who are you?", "Write one sentence about the sea.", "What is 12 + 30?", "你好，请介绍一下你自己。"]
+# Largest |logit difference| accepted between the export and base + adapter, relative to the
+# largest |logit| (at least 1). float32 merges agree to rounding (~1e-6 relative); half
+# precisions round the merged weight once more than the unmerged path does.
+RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 4e-2}
+
+
+def run_export(cfg: Config, layout: Layout) -> dict:
+    """Write `export.export_dir` and `metrics/export.json`; return the export metrics."""
+    export_dir = Path(cfg.export.export_dir)
+    refuse_non_empty(export_dir, cfg.train.overwrite_output_dir)
+    limit = export_size_bytes(cfg.export.export_size)
+    base_dir = base_dir_for(cfg, layout)
+    source = trained_source(cfg, layout)
+    tokenizer = tokenizer_for(cfg, base_dir, source)
+    probes = probe_inputs(tokenizer)
+    device = device_for(cfg.export.export_device)
+    with atomic_dir(export_dir) as tmp:
+        model, reference, merge_diff = build_export_model(cfg, base_dir, source, device, probes)
+        model.generation_config.eos_token_id = stop_token_ids(tokenizer, model.generation_config)
+        save_sharded(model, tmp, limit)
+        del model
+        gc.collect()
+        tokenizer.save_pretrained(str(tmp))
+        text, has_template = modelfile_text(tokenizer, _generation_config(tmp))
+        write_text_atomic(tmp / MODELFILE, text)
+        metrics = verify_shards(tmp, limit)
+        metrics.update(check_equivalence(cfg, tmp, device, probes, reference, merge_diff))
+    metrics.update({"export_size_bytes": limit, "merged_adapters": len(source.paths) * (source.kind == "adapters"),
+                    "modelfile_template": int(has_template)})
+    if cfg.model.quantization_bit and source.kind == "adapters":
+        metrics["qlora_gap_max_abs_logit_diff"] = quantized_gap(cfg, base_dir, source, device, probes, reference)
+    write_json_atomic(layout.metrics / EXPORT_METRICS, metrics)
+    tracker = join_train_run(cfg, source)
+    if tracker is not None:
+        tracker.log_metrics({f"export/{key}": value for key, value in metrics.items()})
+    log.info("exported %s (%d shards, max |logit diff| %.3g)", export_dir, metrics["shards"],
+             metrics["max_abs_logit_diff"])
+    return metrics
+
+
+def refuse_non_empty(export_dir: Path, overwrite: bool) -> None:
+    if export_dir.is_file() or (export_dir.is_dir() and any(export_dir.iterdir()) and not overwrite):
+        raise TunepipeError(f"export.export_dir={str(export_dir)!r} already exists and is not empty",
+                            hint="choose another export_dir, or set train.overwrite_output_dir: true")
+
+
+def probe_inputs(tokenizer) -> list[list[int]]:
+    """Token ids of the probe prompts, in the chat format when the tokenizer has one."""
+    if tokenizer.chat_template:
+        return [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False) for text in PROBE_PROMPTS]
+    return [tokenizer(text)["input_ids"] for text in PROBE_PROMPTS]
+
+
+def probe_logits(model, probes: list[list[int]]) -> list:
+    """Float32 CPU logits of each probe (one forward each: no padding to reason about)."""
+    import torch
+
+    from tunepipe.lm_metrics import model_device
+
+    device = model_device(model)
+    with torch.inference_mode():
+        return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in probes]
+
+
+def max_abs_diff(a: list, b: list) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
+
+
+def build_export_model(cfg: Config, base_dir: Path, source: TrainedSource, device: str, probes):
+    """(model to save, reference logits, max in-memory merge difference).
+
+    Each adapter is merged on top of the previous merge, and the logits of the model
+    with that adapter still unmerged become the reference for the next check.
+    """
+    from tunepipe.modeling import load_causal_lm
+
+    if source.kind == "full":
+        model = load_causal_lm(source.paths[0], dtype=cfg.model.dtype, device_map=device,
+                               trust_remote_code=cfg.model.trust_remote_code).eval()
+        return model, probe_logits(model, probes), 0.0
+    model = load_base(cfg, base_dir, device, quantized=False)
+    if source.kind == "none":
+        return model, probe_logits(model, probes), 0.0
+    merge_diff = 0.0
+    reference = None
+    for path in source.paths:
+        unmerged = apply_adapters(model, [path])
+        reference = probe_logits(unmerged, probes)
+        model = unmerged.merge_and_unload()
+        merge_diff = max(merge_diff, max_abs_diff(probe_logits(model, probes), reference))
+    return model, reference, merge_diff
+
+
+def tolerance(dtype: str, reference: list) -> float:
+    scale = max(1.0, max(logits.abs().max().item() for logits in reference))
+    return RELATIVE_TOLERANCE[dtype] * scale
+
+
+def check_equivalence(cfg: Config, export_dir: Path, device: str, probes, reference, merge_diff: float) -> dict:
+    """Reload the written export and compare its logits with base + adapter; fail above tolerance."""
+    from tunepipe.modeling import load_causal_lm
+
+    model = load_causal_lm(export_dir, dtype=cfg.model.dtype, device_map=device).eval()
+    diff = max(max_abs_diff(probe_logits(model, probes), reference), merge_diff)
+    del model
+    gc.collect()
+    limit = tolerance(cfg.model.dtype, reference)
+    if diff > limit:
+        raise TunepipeError(
+            f"export check failed: the merged model's logits differ from base + adapter by {diff:.4g} "
+            f"(tolerance {limit:.4g} for {cfg.model.dtype}); nothing was written to {cfg.export.export_dir}",
+            hint="an adapter that does not match this base model, or a merge in a too-narrow dtype")
+    return {"max_abs_logit_diff": diff, "logit_tolerance": limit, "probe_prompts": len(probes),
+            "probe_tokens": sum(len(ids) for ids in probes)}
+
+
+def quantized_gap(cfg: Config, base_dir: Path, source: TrainedSource, device: str, probes, reference) -> float:
+    """How far the exported (unquantized) model is from the 4/8-bit model the adapter was trained on.
+
+    Informational: the export is deliberately the full-precision model, so this is the
+    quantization error it does not carry, not an export error.
+    """
+    model = apply_adapters(load_base(cfg, base_dir, device, quantized=True), source.paths, merge_last=False)
+    gap = max_abs_diff(probe_logits(model, probes), reference)
+    del model
+    gc.collect()
+    return gap
+
+
+def _generation_config(export_dir: Path):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(export_dir))
+    except OSError:
+        return None
+
+
+def export_command(args) -> int:
+    from tunepipe.pipeline import cli_config
+
+    cfg, layout = cli_config(args)
+    metrics = run_export(cfg, layout)
+    print(f"exported {cfg.export.export_dir}: {metrics['shards']} shard(s), {metrics['total_bytes']} bytes, "
+          f"max |logit diff| vs base + adapter {metrics['max_abs_logit_diff']:.3g}")
+    return 0

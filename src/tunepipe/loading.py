@@ -1,0 +1,150 @@
+"""Which weights evaluate, export and chat load, and loading them.
+
+Three kinds of trained output exist: PEFT adapters (one or several, applied in order
+on top of the base), a full / freeze fine-tune (an HF dir of its own), or nothing (the
+base alone). `trained_source` decides which from the config the way LLaMA-Factory
+does (`adapter_name_or_path` wins), then falls back to what the train stage wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunepipe.config import Config
+from tunepipe.errors import TunepipeError
+from tunepipe.layout import Layout
+from tunepipe.modeling import ensure_base_model, load_causal_lm, load_tokenizer, resolve_source
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class TrainedSource:
+    """What sits on top of the base: `adapters` (paths, merge order), `full` (one HF dir) or `none`."""
+
+    kind: str
+    paths: list[Path] = field(default_factory=list)
+
+    @property
+    def record_dir(self) -> Path | None:
+        """The dir whose `tunepipe_run.json` names the MLflow run to join (the last trained output)."""
+        return self.paths[-1] if self.paths else None
+
+
+def base_dir_for(cfg: Config, layout: Layout) -> Path:
+    """The base weights: a local HF dir is used in place, anything else goes through models/base."""
+    source = resolve_source(cfg.model.model_name_or_path)
+    if source.kind == "hf_dir":
+        return source.path
+    return ensure_base_model(cfg.model, layout.base_model)
+
+
+def trained_source(cfg: Config, layout: Layout) -> TrainedSource:
+    """`model.adapter_name_or_path` if set, else what the train stage wrote under `layout`."""
+    named = cfg.model.adapters()
+    if named:
+        paths = [Path(name).expanduser() for name in named]
+        for path in paths:
+            if not (path / ADAPTER_CONFIG).is_file():
+                raise TunepipeError(f"model.adapter_name_or_path: {path} holds no {ADAPTER_CONFIG}",
+                                    hint="point it at a PEFT adapter dir such as models/adapter")
+        return TrainedSource("adapters", paths)
+    trained = layout.trained(cfg.train.finetuning_type)
+    if (trained / ADAPTER_CONFIG).is_file():
+        return TrainedSource("adapters", [trained])
+    if (trained / "config.json").is_file():
+        return TrainedSource("full", [trained])
+    return TrainedSource("none")
+
+
+def require_trained(source: TrainedSource, cfg: Config, layout: Layout) -> TrainedSource:
+    if source.kind == "none":
+        raise TunepipeError(
+            f"no trained model in {layout.trained(cfg.train.finetuning_type)}",
+            hint="run the train stage first, or set model.adapter_name_or_path")
+    return source
+
+
+def device_for(preference: str = "auto") -> str:
+    import torch
+
+    return "cuda" if preference == "auto" and torch.cuda.is_available() else "cpu"
+
+
+def quantization_config(cfg: Config):
+    """bitsandbytes settings for `model.quantization_bit`, computing in the base dtype."""
+    from transformers import BitsAndBytesConfig
+
+    from tunepipe.modeling import torch_dtype
+
+    if cfg.model.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=cfg.model.quantization_type,
+        bnb_4bit_use_double_quant=cfg.model.double_quantization,
+        bnb_4bit_compute_dtype=torch_dtype(cfg.model.dtype))
+
+
+def load_base(cfg: Config, base_dir: Path, device: str, quantized: bool = False):
+    """The base model in `model.dtype`; in 4/8 bits only when asked and configured."""
+    kwargs = {}
+    if quantized and cfg.model.quantization_bit:
+        kwargs["quantization_config"] = quantization_config(cfg)
+    model = load_causal_lm(base_dir, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                           device_map=device, **kwargs)
+    return model.eval()
+
+
+def apply_adapters(model, paths: list[Path], merge_last: bool = False):
+    """Apply adapters in order; all but the last are merged (LLaMA-Factory's stacking order).
+
+    The last stays a PeftModel unless `merge_last`, so callers can compare it unmerged.
+    """
+    from peft import PeftModel
+
+    for index, path in enumerate(paths):
+        model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+        if index < len(paths) - 1 or merge_last:
+            model = model.merge_and_unload()
+    return model.eval()
+
+
+def load_trained(cfg: Config, base_dir: Path, source: TrainedSource, device: str):
+    """The tuned model for evaluation and chat: quantized like training when it was QLoRA."""
+    if source.kind == "full":
+        model = load_causal_lm(source.paths[0], dtype=cfg.model.dtype,
+                               trust_remote_code=cfg.model.trust_remote_code, device_map=device)
+        return model.eval()
+    # Merging into 4-bit weights is lossy, so a stack of several adapters loads unquantized.
+    quantized = not (source.kind == "adapters" and len(source.paths) > 1)
+    if cfg.model.quantization_bit and not quantized:
+        log.warning("several adapters: loading the base unquantized to merge them in order")
+    model = load_base(cfg, base_dir, device, quantized=quantized)
+    if source.kind == "adapters":
+        model = apply_adapters(model, source.paths)
+    return model
+
+
+def tokenizer_for(cfg: Config, base_dir: Path, source: TrainedSource):
+    """A full fine-tune carries its own tokenizer; adapters use the base's."""
+    directory = source.paths[0] if source.kind == "full" else base_dir
+    return load_tokenizer(directory, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def join_train_run(cfg: Config, source: TrainedSource):
+    """The train stage's MLflow run (or a no-op) to log eval / export figures into.
+
+    Imported lazily so a tracking failure or an old install never stops an evaluation.
+    """
+    try:
+        from tunepipe.tracking import Tracker
+    except ImportError:
+        log.warning("tunepipe.tracking is not available: not logging to MLflow")
+        return None
+    if source.record_dir is None:
+        return None
+    return Tracker.join(cfg, source.record_dir)
