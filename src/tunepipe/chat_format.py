@@ -15,6 +15,16 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
+# What a template raises on a conversation shape it refuses (jinja's raise_exception gives
+# TemplateError), or on a sentinel it transforms so that it cannot be found again.
+TEMPLATE_ERRORS = (ValueError, TypeError, KeyError, IndexError)
+try:
+    from jinja2.exceptions import TemplateError
+
+    TEMPLATE_ERRORS = (*TEMPLATE_ERRORS, TemplateError)
+except ImportError:  # jinja2 comes with transformers' chat templates; without it there are none
+    pass
+
 SYSTEM, USER, ANSWER, USER2 = "qzxSYSTEMqzx", "qzxUSERqzx", "qzxANSWERqzx", "qzxSECONDqzx"
 
 
@@ -57,7 +67,7 @@ def end_of_turn_token(tokenizer) -> str | None:
     """The special token that closes an assistant answer in the template, if there is one."""
     try:
         two = _render(tokenizer, _conversation(True))
-    except Exception:  # a template that rejects a system turn or needs other fields
+    except TEMPLATE_ERRORS:  # a template that rejects a system turn or needs other fields
         return None
     after_answer = two[two.index(ANSWER) + len(ANSWER):]
     ids = tokenizer(after_answer, add_special_tokens=False)["input_ids"]
@@ -97,7 +107,7 @@ def turn_format(tokenizer) -> TurnFormat | None:
         one = _render(tokenizer, _conversation(True)[:2])
         two = _render(tokenizer, _conversation(True))
         bare = _render(tokenizer, _conversation(False)[:1])
-    except Exception as exc:
+    except TEMPLATE_ERRORS as exc:
         log.info("chat template not describable per role (%s)", exc)
         return None
     preamble = _preamble(tokenizer, two)
@@ -105,10 +115,10 @@ def turn_format(tokenizer) -> TurnFormat | None:
     mid = one[one.index(SYSTEM) + len(SYSTEM):one.index(USER)]
     after_answer = two[two.index(ANSWER) + len(ANSWER):two.index(USER2)]
     user_prefix = _user_prefix(mid, after_answer, end_of_turn_token(tokenizer))
-    parts = dict(preamble=preamble, system_prefix=one[:one.index(SYSTEM)],
-                 system_suffix=mid[:len(mid) - len(user_prefix)], user_prefix=user_prefix,
-                 user_suffix=one[one.index(USER) + len(USER):],
-                 assistant_suffix=after_answer[:len(after_answer) - len(user_prefix)])
+    parts = {"preamble": preamble, "system_prefix": one[:one.index(SYSTEM)],
+             "system_suffix": mid[:len(mid) - len(user_prefix)], "user_prefix": user_prefix,
+             "user_suffix": one[one.index(USER) + len(USER):],
+             "assistant_suffix": after_answer[:len(after_answer) - len(user_prefix)]}
     parts["default_system"] = _default_system(bare, parts)
     candidate = TurnFormat(**parts)
     if not _reproduces(tokenizer, candidate):

@@ -14,9 +14,9 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tunepipe.config import Config
 from tunepipe.errors import TunepipeError
@@ -25,8 +25,17 @@ from tunepipe.generation import Example, generate, generation_examples
 from tunepipe.io_utils import write_json_atomic, write_text_atomic
 from tunepipe.layout import Layout
 from tunepipe.lm_metrics import token_metrics
-from tunepipe.loading import (base_dir_for, device_for, join_train_run, load_base, load_trained,
-                              require_trained, tokenizer_for, trained_source)
+from tunepipe.loading import (
+    base_dir_for,
+    cli_config,
+    device_for,
+    join_train_run,
+    load_base,
+    load_trained,
+    require_trained,
+    tokenizer_for,
+    trained_source,
+)
 from tunepipe.pref_metrics import needs_reference, preference_logps, preference_metrics, split_kind
 
 log = logging.getLogger(__name__)
@@ -186,10 +195,9 @@ def print_table(report: dict) -> None:
 
 
 def eval_command(args) -> int:
-    from tunepipe.pipeline import cli_config
-
     cfg, layout = cli_config(args)
     report = run_evaluate(cfg, layout)
     print_table(report)
     print(f"wrote {Path(layout.metrics) / EVAL_METRICS} and {Path(layout.reports) / PREDICTIONS}")
     return 0
+

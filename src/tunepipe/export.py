@@ -23,8 +23,17 @@ from tunepipe.config import Config
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import atomic_dir, write_json_atomic, write_text_atomic
 from tunepipe.layout import Layout
-from tunepipe.loading import (TrainedSource, apply_adapters, base_dir_for, device_for, join_train_run,
-                              load_base, tokenizer_for, trained_source)
+from tunepipe.loading import (
+    TrainedSource,
+    apply_adapters,
+    base_dir_for,
+    cli_config,
+    device_for,
+    join_train_run,
+    load_base,
+    tokenizer_for,
+    trained_source,
+)
 from tunepipe.modelfile import MODELFILE, modelfile_text
 from tunepipe.shards import export_size_bytes, save_sharded, verify_shards
 
@@ -172,10 +181,9 @@ def _generation_config(export_dir: Path):
 
 
 def export_command(args) -> int:
-    from tunepipe.pipeline import cli_config
-
     cfg, layout = cli_config(args)
     metrics = run_export(cfg, layout)
     print(f"exported {cfg.export.export_dir}: {metrics['shards']} shard(s), {metrics['total_bytes']} bytes, "
           f"max |logit diff| vs base + adapter {metrics['max_abs_logit_diff']:.3g}")
     return 0
+

@@ -13,7 +13,7 @@ reported on LLaMA-Factory's 0-100 scale.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 GEN_METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 

@@ -10,7 +10,7 @@ mean negative log-likelihood of every label token, `perplexity = exp(eval_loss)`
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 IGNORE_INDEX = -100
 

@@ -35,6 +35,18 @@ class TrainedSource:
         return self.paths[-1] if self.paths else None
 
 
+def cli_config(args) -> tuple[Config, Layout]:
+    """Config and layout of `tunepipe eval|export|chat CONFIG [k=v ...]`.
+
+    The same as `tunepipe.pipeline.cli_config`, repeated rather than imported: the pipeline
+    module names validate / tokenize / train, which would become evaluate's and merge's DVC deps.
+    """
+    from tunepipe.config_loader import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    return cfg, Layout.at(cfg.train.output_dir)
+
+
 def base_dir_for(cfg: Config, layout: Layout) -> Path:
     """The base weights: a local HF dir is used in place, anything else goes through models/base."""
     source = resolve_source(cfg.model.model_name_or_path)

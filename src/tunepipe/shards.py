@@ -88,7 +88,7 @@ def verify_shards(out_dir: Path, limit: int) -> dict[str, int]:
         if sizes[-1] > limit:
             raise TunepipeError(f"{path}: {sizes[-1]} bytes exceeds export_size ({limit} bytes)")
         with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                 if name in seen:
                     raise TunepipeError(f"{out_dir}: tensor {name} is in both {seen[name]} and {shard}")
                 seen[name] = shard
