@@ -129,9 +129,11 @@ class ObjectiveTrainer(Trainer):
     # accumulation steps (the causal LM's own num_items_in_batch path does not apply).
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, objective: Objective, **kwargs):
+    def __init__(self, *args, objective: Objective,
+                 derive_metrics: Optional[Callable[[dict], dict]] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.objective = objective
+        self.derive_metrics = derive_metrics  # adds metrics computed from the window means
         self.metric_window = MetricWindow()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -149,4 +151,6 @@ class ObjectiveTrainer(Trainer):
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         window = self.metric_window.flush(mode, self.accelerator)
         logs.update(window if mode == "train" else {f"eval_{k}": v for k, v in window.items()})
+        if self.derive_metrics is not None:
+            logs = self.derive_metrics(logs)
         super().log(logs, start_time)
