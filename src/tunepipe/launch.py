@@ -1,0 +1,166 @@
+"""Several processes: the train step re-launched through torchrun or `accelerate launch`.
+
+`tunepipe train` and the DVC train stage prepare data in their own single process; only
+the training itself fans out. When `train.num_processes > 1` or `train.accelerate_config`
+is set, `tunepipe.train.run_train` calls `relaunch_train`, which dumps the resolved config
+to a temporary YAML and starts the launcher on this module's `main`, whose processes run
+`run_train` again: they see the launcher's WORLD_SIZE (and our TUNEPIPE_LAUNCHED) and
+train in-process, one rank each, through transformers' Trainer (DDP, FSDP or DeepSpeed
+as the accelerate config says).
+
+- no accelerate config: `torchrun --standalone --nproc_per_node N`; on a machine without
+  CUDA the processes talk over gloo on CPU (ACCELERATE_USE_CPU makes accelerate choose gloo:
+  without it each CPU process would train alone).
+- an accelerate config: `accelerate launch --config_file F [--num_processes N]`.
+
+Started by hand, `python -m tunepipe.launch CONFIG [k=v ...] [--root DIR]` is the train step
+alone, for launchers run on each machine of a multi-node job (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from tunepipe.config import GROUPS, Config
+from tunepipe.errors import TunepipeError, guarded
+from tunepipe.layout import Layout
+
+log = logging.getLogger(__name__)
+
+LAUNCHED_ENV = "TUNEPIPE_LAUNCHED"
+# Accelerate's distributed types that need GPUs (every type but MULTI_CPU / NO).
+_CPU_TYPES = {"MULTI_CPU", "NO"}
+
+
+def in_launched_process() -> bool:
+    """True inside torchrun / accelerate launch processes, ours or a user's."""
+    return os.environ.get(LAUNCHED_ENV) == "1" or "WORLD_SIZE" in os.environ
+
+
+def should_relaunch(cfg: Config) -> bool:
+    wants_launcher = cfg.train.num_processes > 1 or cfg.train.accelerate_config is not None
+    return wants_launcher and not in_launched_process()
+
+
+def relaunch_train(cfg: Config, layout: Layout) -> None:
+    """Run the train step in `num_processes` processes and wait for them; raise if any failed."""
+    scratch = Path(tempfile.mkdtemp(prefix="tunepipe-launch-"))
+    try:
+        config_file = dump_config(cfg, scratch / "config.yaml")
+        command = launcher_command(cfg, config_file, layout.root)
+        log.info("launching %d training processes: %s", cfg.train.num_processes, " ".join(command))
+        done = subprocess.run(command, env=child_env(), check=False, preexec_fn=_die_with_parent())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if done.returncode != 0:
+        raise TunepipeError(f"the {cfg.train.num_processes} training processes failed "
+                            f"(launcher exit code {done.returncode}); their log is above",
+                            hint="rerun with train.num_processes=1 to see the error in one process")
+
+
+def launcher_command(cfg: Config, config_file: Path, root: Path) -> list[str]:
+    entry = ["-m", "tunepipe.launch", str(config_file), "--root", str(Path(root).resolve())]
+    if cfg.train.accelerate_config is not None:
+        accelerate_file = check_accelerate_config(cfg.train.accelerate_config)
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_file)]
+        if cfg.train.num_processes > 1:
+            command += ["--num_processes", str(cfg.train.num_processes)]
+        return command + entry
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node", str(cfg.train.num_processes), *entry]
+
+
+def check_accelerate_config(path: str) -> Path:
+    """The accelerate config must exist, parse, and ask only for devices this machine has."""
+    file = Path(path)
+    if not file.is_file():
+        raise TunepipeError(f"train.accelerate_config={path!r}: file not found",
+                            hint="see configs/accelerate/ for DDP, FSDP and DeepSpeed examples")
+    try:
+        settings = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise TunepipeError(f"train.accelerate_config={path!r}: not valid YAML: {exc}") from None
+    kind = str(settings.get("distributed_type", "")).upper() if isinstance(settings, dict) else ""
+    if not kind:
+        raise TunepipeError(f"{path}: an accelerate config needs a distributed_type")
+    if kind not in _CPU_TYPES and not _has_cuda():
+        raise TunepipeError(
+            f"{path}: distributed_type {kind} needs GPUs and this machine has none",
+            hint="on CPU, leave train.accelerate_config unset and set train.num_processes (DDP over gloo)")
+    return file
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ, **{LAUNCHED_ENV: "1"})
+    if not _has_cuda():
+        env["ACCELERATE_USE_CPU"] = "true"  # accelerate then sets up gloo, not one lone process each
+    return env
+
+
+def dump_config(cfg: Config, path: Path) -> Path:
+    """The resolved config as a grouped YAML that `load_config` reads back to an equal Config."""
+    grouped = {name: dataclasses.asdict(getattr(cfg, name)) for name in GROUPS}
+    path.write_text(yaml.safe_dump(grouped, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _die_with_parent():
+    """A preexec_fn: on Linux, if the stage process is killed (`kill -9` by DVC's user or a resume
+    test), the launcher gets SIGTERM and stops its workers instead of training on as orphans.
+
+    libc is loaded here, before the fork, so the child only makes the one prctl call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    return lambda: libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+# ---------------------------------------------------------------------------- the processes' entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tunepipe.launch",
+                                     description="the train step alone, in this process (one rank)")
+    parser.add_argument("config", help="params.yaml, a LLaMA-Factory YAML, or the dump of relaunch_train")
+    parser.add_argument("overrides", nargs="*", help="key=value or group.key=value")
+    parser.add_argument("--root", default=None, help="layout root (default: train.output_dir)")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(levelname)s [rank {rank}] %(name)s: %(message)s")
+    debug = os.environ.get("TUNEPIPE_DEBUG") == "1"
+    return guarded(lambda: _train(args), debug=debug)
+
+
+def _train(args) -> int:
+    from tunepipe.config_loader import load_config
+    from tunepipe.train import run_train
+
+    cfg = load_config(args.config, args.overrides)
+    run_train(cfg, Layout.at(args.root or cfg.train.output_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

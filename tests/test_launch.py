@@ -1,0 +1,107 @@
+"""Re-launching the train step in several processes: when, how, and with which config.
+
+The 2-process DDP training itself is tests/e2e/test_ddp.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from tunepipe.config_loader import load_config
+from tunepipe.errors import TunepipeError
+from tunepipe.launch import (
+    LAUNCHED_ENV,
+    check_accelerate_config,
+    child_env,
+    dump_config,
+    launcher_command,
+    should_relaunch,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
+
+
+@pytest.fixture
+def plain_env(monkeypatch):
+    for name in (LAUNCHED_ENV, "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_relaunch_only_for_several_processes_and_only_once(plain_env, monkeypatch):
+    assert not should_relaunch(load_config(None, []))
+    two = load_config(None, ["train.num_processes=2"])
+    assert should_relaunch(two)
+    assert should_relaunch(load_config(None, ["train.accelerate_config=configs/accelerate/ddp.yaml"]))
+    monkeypatch.setenv(LAUNCHED_ENV, "1")  # inside our own launch
+    assert not should_relaunch(two)
+    monkeypatch.delenv(LAUNCHED_ENV)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # inside a launch the user started by hand
+    assert not should_relaunch(two)
+
+
+def test_dumped_config_loads_back_equal(tmp_path):
+    cfg = load_config(None, ["train.num_processes=2", "train.learning_rate=3e-4", "model.quantization_bit=4",
+                             "data.dataset=identity,alpaca_en_demo", "eval.identity_keywords=[Nova, Orbit]",
+                             "export.export_size=200MB", "train.resume_from_checkpoint=false"])
+    assert load_config(dump_config(cfg, tmp_path / "c.yaml"), []) == cfg
+
+
+def test_cpu_launch_uses_torchrun_with_gloo(plain_env, tmp_path):
+    cfg = load_config(None, ["train.num_processes=2"])
+    command = launcher_command(cfg, tmp_path / "c.yaml", tmp_path)
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert command[command.index("--nproc_per_node") + 1] == "2"
+    assert command[-5:] == ["-m", "tunepipe.launch", str(tmp_path / "c.yaml"), "--root", str(tmp_path.resolve())]
+    with mock.patch("tunepipe.launch._has_cuda", return_value=False):
+        env = child_env()
+    assert env[LAUNCHED_ENV] == "1" and env["ACCELERATE_USE_CPU"] == "true"
+
+
+def test_accelerate_config_launch(plain_env, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_config(None, ["train.num_processes=4", "train.accelerate_config=configs/accelerate/fsdp.yaml"])
+    with mock.patch("tunepipe.launch._has_cuda", return_value=True):
+        command = launcher_command(cfg, tmp_path / "c.yaml", tmp_path)
+    assert command[:5] == [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           "configs/accelerate/fsdp.yaml"]
+    assert command[command.index("--num_processes") + 1] == "4"
+
+
+def test_gpu_accelerate_config_on_a_cpu_machine_is_a_clear_error(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with mock.patch("tunepipe.launch._has_cuda", return_value=False), \
+            pytest.raises(TunepipeError, match="needs GPUs and this machine has none"):
+        check_accelerate_config("configs/accelerate/ddp.yaml")
+    with pytest.raises(TunepipeError, match="train.accelerate_config='nope.yaml': file not found"):
+        check_accelerate_config("nope.yaml")
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_configs_build_their_plugins(path):
+    """Each config passes `accelerate launch`'s own validation and yields a working plugin."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    parsed = launch_command_parser().parse_args(
+        ["--config_file", str(path), "--num_processes", "2", "-m", "tunepipe.launch", "params.yaml"])
+    args, defaults, _ = _validate_launch_command(parsed)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        _, env = prepare_deepspeed_cmd_env(args)
+    else:
+        env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_MIXED_PRECISION"] == "no"  # train.bf16 / fp16 decide precision
+    with mock.patch.dict(os.environ, env):
+        if path.name == "fsdp.yaml":
+            assert FullyShardedDataParallelPlugin().fsdp_version == 2
+        elif path.name == "deepspeed_zero2.yaml":
+            assert DeepSpeedPlugin().zero_stage == 2
+        else:
+            assert path.name == "ddp.yaml" and args.multi_gpu
