@@ -7,8 +7,16 @@ import math
 import pytest
 import torch
 
-from tunepipe.train.pref_losses import (dpo_hinge_loss, dpo_sigmoid_loss, ipo_loss, kto_kl_estimate,
-                                        kto_loss, orpo_loss, sequence_log_probs, simpo_loss)
+from tunepipe.train.pref_losses import (
+    dpo_hinge_loss,
+    dpo_sigmoid_loss,
+    ipo_loss,
+    kto_kl_estimate,
+    kto_loss,
+    orpo_loss,
+    sequence_log_probs,
+    simpo_loss,
+)
 
 # One pair: policy and reference log-probs of the chosen and rejected answers.
 PC, PR, RC, RR = -4.0, -6.5, -5.0, -6.0

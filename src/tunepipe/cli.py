@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "validate": ("tunepipe.pipeline", "validate_command", "validate the datasets named by data.dataset"),
     "tokenize": ("tunepipe.pipeline", "tokenize_command", "tokenize validated rows into Arrow shards"),
     "base-model": ("tunepipe.pipeline", "base_model_command", "prepare models/base from model.model_name_or_path"),
-    "score": ("tunepipe.train.rm", "score_command", "score text with a trained reward model"),
+    "score": ("tunepipe.scoring", "score_command", "score text with a trained reward model"),
 }
 
 

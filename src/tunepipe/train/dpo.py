@@ -10,8 +10,14 @@ forward (a 2B-row batch). Loss formulas live in pref_losses.py.
 from __future__ import annotations
 
 from tunepipe.train.pref_common import Objective, Reference, forward_log_probs, reward_metrics
-from tunepipe.train.pref_losses import (USES_MEAN_LOGPS, dpo_hinge_loss, dpo_sigmoid_loss, ipo_loss,
-                                        orpo_loss, simpo_loss)
+from tunepipe.train.pref_losses import (
+    USES_MEAN_LOGPS,
+    dpo_hinge_loss,
+    dpo_sigmoid_loss,
+    ipo_loss,
+    orpo_loss,
+    simpo_loss,
+)
 
 REFERENCE_FREE = frozenset({"orpo", "simpo"})
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from transformers import Trainer
@@ -46,7 +46,7 @@ class Reference:
     """
 
     kind: str
-    frozen: Optional[torch.nn.Module] = None
+    frozen: torch.nn.Module | None = None
 
     @torch.no_grad()
     def log_probs(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -130,7 +130,7 @@ class ObjectiveTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args, objective: Objective,
-                 derive_metrics: Optional[Callable[[dict], dict]] = None, **kwargs):
+                 derive_metrics: Callable[[dict], dict] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.objective = objective
         self.derive_metrics = derive_metrics  # adds metrics computed from the window means

@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.feather as feather
 import torch
+from pyarrow import feather
 from torch.utils.data import DataLoader
 
 from tunepipe.io_utils import read_json
