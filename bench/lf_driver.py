@@ -1,0 +1,68 @@
+"""Runs LLaMA-Factory 0.9.5 for the benchmarks, inside bench/.lf-venv (never the project's venv).
+
+    python lf_driver.py tokenize ARGS.json   # its own data loading + preprocessing, timed
+    python lf_driver.py train ARGS.json      # its own `run_exp` (what llamafactory-cli train runs)
+
+ARGS.json holds the LLaMA-Factory YAML keys as a JSON object. The last line printed is
+`BENCH_RESULT {json}` with what was measured in this process. Imports nothing from tunepipe.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+# Appended, not prepended: bench/tokenize.py must never shadow the standard library's tokenize.
+# (The parent starts this file with `python -P`, so its folder is not put first either.)
+sys.path.append(str(Path(__file__).resolve().parent))
+
+from _common import emit
+
+
+def tokenize(args: dict) -> dict:
+    """The same calls LLaMA-Factory's run_sft makes before it loads the model."""
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    model_args, data_args, training_args, _, _ = get_train_args(dict(args))
+    start = time.perf_counter()
+    tokenizer_module = load_tokenizer(model_args)
+    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    dataset_module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+    seconds = time.perf_counter() - start
+    train = dataset_module["train_dataset"]
+    tokens = sum(len(ids) for ids in train["input_ids"])
+    return {"seconds": round(seconds, 3), "rows_out": len(train), "tokens": tokens}
+
+
+def train(args: dict) -> dict:
+    import trainer_probe
+    from llamafactory.train.tuner import run_exp
+
+    probe = trainer_probe.install()
+    start = time.perf_counter()
+    run_exp(dict(args))
+    result = probe.summary()
+    result["run_exp_s"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def main() -> int:
+    command, args_path = sys.argv[1], sys.argv[2]
+    args = json.loads(Path(args_path).read_text(encoding="utf-8"))
+    result = {"tokenize": tokenize, "train": train}[command](args)
+    import llamafactory
+    import torch
+    import transformers
+
+    result["versions"] = {"llamafactory": llamafactory.__version__, "torch": torch.__version__,
+                          "transformers": transformers.__version__}
+    emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

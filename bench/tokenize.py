@@ -1,0 +1,141 @@
+"""Benchmark: rows/s of tunepipe validate + tokenize vs LLaMA-Factory 0.9.5's own preprocessing.
+
+Data: ../shared/datasets/llamafactory-demo/alpaca_en_demo.json repeated 20 times (19,980
+rows), written to a temporary folder with its dataset_info.json; both sides read that same
+folder with the SmolLM2-135M-Instruct tokenizer, `template: chatml`, `cutoff_len: 1024`.
+LLaMA-Factory uses 2 preprocessing workers (the machine has 2 cores) and a fresh cache.
+Each side runs in its own subprocess; the rounds alternate which side goes first, because
+other work on the machine makes timings drift.
+
+    .venv/bin/python bench/tokenize.py [--rounds 2] [--repeat 20] [--own-template]
+
+Needs `make setup` and `bash bench/setup_llamafactory.sh`. Timed: from the start of the
+work to the tokenized dataset (interpreter start-up and imports are not counted on
+either side).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as `python bench/tokenize.py`, this folder would come first on sys.path and this file
+# would shadow the standard library's tokenize module for everything imported later.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from _common import (
+    BENCH,
+    DEFAULT_WORK,
+    LF_DRIVER,
+    LF_PYTHON,
+    TUNEPIPE_PYTHON,
+    base_model_dir,
+    check_prerequisites,
+    machine_summary,
+    print_machine,
+    repeated_alpaca_dir,
+    require_ok,
+    run_measured,
+)
+
+
+def tunepipe_config(base: Path, data_dir: Path, dataset: str, out: Path, cutoff_len: int,
+                    own_template: bool) -> dict:
+    cfg = {"model_name_or_path": str(base), "dataset": dataset, "dataset_dir": str(data_dir),
+           "cutoff_len": cutoff_len, "output_dir": str(out), "overwrite_output_dir": True,
+           "report_to": "none"}
+    if not own_template:
+        cfg["template"] = "chatml"
+    return cfg
+
+
+def lf_args(base: Path, data_dir: Path, dataset: str, out: Path, cutoff_len: int, workers: int) -> dict:
+    return {"model_name_or_path": str(base), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+            "dataset": dataset, "dataset_dir": str(data_dir), "template": "chatml",
+            "cutoff_len": cutoff_len, "preprocessing_num_workers": workers, "overwrite_cache": True,
+            "cache_dir": str(out / "hf-cache"), "output_dir": str(out), "report_to": "none",
+            "use_cpu": True}
+
+
+def run_side(side: str, round_no: int, tmp: Path, base: Path, data_dir: Path, dataset: str,
+             args: argparse.Namespace) -> dict:
+    out = tmp / f"{side}-{round_no}"
+    out.mkdir(parents=True)
+    config = out.parent / f"{side}-{round_no}.json"  # JSON is YAML, so one file serves both sides
+    if side == "llamafactory":
+        config.write_text(json.dumps(lf_args(base, data_dir, dataset, out, args.cutoff_len, args.workers)))
+        cmd = [str(LF_PYTHON), "-P", str(LF_DRIVER), "tokenize", str(config)]
+        env = {"HF_DATASETS_CACHE": str(out / "hf-cache")}
+    else:
+        own = side == "tunepipe-own-template"
+        config.write_text(json.dumps(tunepipe_config(base, data_dir, dataset, out, args.cutoff_len, own)))
+        cmd = [str(TUNEPIPE_PYTHON), "-P", str(BENCH / "tp_driver.py"), "tokenize", str(config)]
+        env = {"HF_DATASETS_CACHE": str(out / "hf-cache")}
+    measured = run_measured(cmd, tmp / "logs" / f"{side}-{round_no}.log", env=env)
+    require_ok(f"{side} round {round_no}", measured)
+    result = dict(measured.result)
+    result["rows_per_s"] = round(result["rows_out"] / result["seconds"], 1)
+    result["process_wall_s"] = round(measured.wall_s, 2)
+    result["max_rss_mib"] = round(measured.max_rss_mib)
+    print(f"[bench] round {round_no} {side:<22} {result['seconds']:8.2f} s  {result['rows_per_s']:9.1f} rows/s  "
+          f"rows {result['rows_out']}  tokens {result['tokens']}", flush=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per side")
+    parser.add_argument("--repeat", type=int, default=20, help="copies of alpaca_en_demo.json")
+    parser.add_argument("--cutoff-len", type=int, default=1024)
+    parser.add_argument("--workers", type=int, default=2, help="LLaMA-Factory preprocessing_num_workers")
+    parser.add_argument("--own-template", action="store_true",
+                        help="also time tunepipe with the tokenizer's own chat template (its default)")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help="where the converted model is kept")
+    parser.add_argument("--json", type=Path, default=None, help="write all figures to this file")
+    args = parser.parse_args()
+
+    check_prerequisites()
+    machine = machine_summary()
+    print_machine(machine)
+    base = base_model_dir(args.work_dir)
+    sides = ["tunepipe", "llamafactory"] + (["tunepipe-own-template"] if args.own_template else [])
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    with tempfile.TemporaryDirectory(prefix="tunepipe-bench-tok-") as tmp_name:
+        tmp = Path(tmp_name)
+        data_dir, dataset, rows = repeated_alpaca_dir(tmp, args.repeat)
+        print(f"[bench] {rows} rows in {data_dir}; cutoff_len {args.cutoff_len}", flush=True)
+        for round_no in range(1, args.rounds + 1):
+            order = sides if round_no % 2 else list(reversed(sides))
+            for side in order:
+                runs[side].append(run_side(side, round_no, tmp, base, data_dir, dataset, args))
+    report(runs, machine, args)
+    return 0
+
+
+def report(runs: dict[str, list[dict]], machine: dict, args: argparse.Namespace) -> None:
+    median = {side: statistics.median(r["rows_per_s"] for r in results) for side, results in runs.items()}
+    print("\n| side | seconds (median) | rows/s (median) | rows out | tokens | peak RSS MiB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for side, results in runs.items():
+        seconds = statistics.median(r["seconds"] for r in results)
+        print(f"| {side} | {seconds:.2f} | {median[side]:.1f} | {results[0]['rows_out']} | "
+              f"{results[0]['tokens']} | {max(r['max_rss_mib'] for r in results)} |")
+    ratio = median["tunepipe"] / median["llamafactory"]
+    print(f"\nratio tunepipe / LLaMA-Factory rows/s: {ratio:.2f}x (target >= 5x)")
+    same = runs["tunepipe"][0]["tokens"] == runs["llamafactory"][0]["tokens"]
+    print(f"same token count on both sides: {same}")
+    machine["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "runs": runs, "ratio": ratio}, indent=2) + "\n")
+        print(f"figures written to {args.json}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

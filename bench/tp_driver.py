@@ -1,0 +1,81 @@
+"""Runs tunepipe for the benchmarks, inside the project's .venv.
+
+    python -P tp_driver.py tokenize CONFIG.yaml   # run_validate + run_tokenize, timed
+    python -P tp_driver.py train CONFIG.yaml      # `tunepipe train CONFIG.yaml`, probed
+
+The last line printed is `BENCH_RESULT {json}` with what was measured in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+# Appended, not prepended: bench/tokenize.py must never shadow the standard library's tokenize.
+sys.path.append(str(Path(__file__).resolve().parent))
+
+from _common import emit
+
+
+def tokenize(config_path: str) -> dict:
+    from datasets import load_from_disk
+    from tunepipe.tokenize import run_tokenize
+    from tunepipe.validate import run_validate
+
+    from tunepipe.config_loader import load_config
+    from tunepipe.layout import Layout
+    from tunepipe.modeling import ensure_base_model
+
+    cfg = load_config(config_path)
+    layout = Layout.at(cfg.train.output_dir)
+    ensure_base_model(cfg.model, layout.base_model)  # a manifest + hash, not part of the timing
+    start = time.perf_counter()
+    run_validate(cfg, layout)
+    validated = time.perf_counter()
+    run_tokenize(cfg, layout)
+    end = time.perf_counter()
+    train = load_from_disk(str(layout.tokenized / "train"))
+    tokens = sum(len(ids) for ids in train["input_ids"])
+    return {"seconds": round(end - start, 3), "validate_s": round(validated - start, 3),
+            "tokenize_s": round(end - validated, 3), "rows_out": len(train), "tokens": tokens}
+
+
+def train(config_path: str) -> dict:
+    import trainer_probe
+
+    from tunepipe.cli import main as tunepipe_main
+
+    probe = trainer_probe.install()
+    start = time.perf_counter()
+    code = tunepipe_main(["train", config_path])
+    if code:
+        raise SystemExit(f"tunepipe train exited {code}")
+    result = probe.summary()
+    result["run_s"] = round(time.perf_counter() - start, 3)
+    result["own_metrics"] = own_train_metrics(config_path)
+    return result
+
+
+def own_train_metrics(config_path: str) -> dict:
+    """tunepipe's metrics/train.json, to cross-check the probe's counts."""
+    from tunepipe.config_loader import load_config
+
+    path = Path(load_config(config_path).train.output_dir) / "metrics" / "train.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def main() -> int:
+    command, config_path = sys.argv[1], sys.argv[2]
+    result = {"tokenize": tokenize, "train": train}[command](config_path)
+    import torch
+    import transformers
+
+    result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

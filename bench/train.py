@@ -1,0 +1,142 @@
+"""Benchmark: LoRA SFT real tokens/s and peak memory, tunepipe vs LLaMA-Factory 0.9.5, CPU.
+
+SmolLM2-135M-Instruct (the embedded GGUF converted once to a float32 HF dir that both
+sides load), `alpaca_en_demo` read in place from ../shared/datasets/llamafactory-demo,
+LoRA rank 8 on every linear layer, `cutoff_len: 512`, batch 4, gradient accumulation 1,
+8 optimizer steps, `template: chatml`, at float32 and at bf16, each precision run side by
+side (alternating which side goes first). Both sides get the same flat YAML; each keeps
+its own defaults for everything else (LLaMA-Factory: gradient checkpointing on, padded
+batches; tunepipe: whatever `tunepipe train` does by default).
+
+Measured by bench/trainer_probe.py inside each training process: real (non-pad) tokens
+and the time from the first optimizer step's start to the last one's end; the loss of the
+first batch (logging_steps 1) and a fingerprint of its rows, so the two losses are only
+compared when both sides trained on the same rows; peak resident memory is `ru_maxrss` of
+the whole training process (model load and tokenization included).
+
+    .venv/bin/python bench/train.py [--precision fp32 bf16] [--rounds 1] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+
+from _common import (
+    BENCH,
+    DEFAULT_WORK,
+    LF_DEMO,
+    LF_DRIVER,
+    LF_PYTHON,
+    TUNEPIPE_PYTHON,
+    base_model_dir,
+    check_prerequisites,
+    machine_summary,
+    print_machine,
+    require_ok,
+    run_measured,
+)
+
+SIDES = ("tunepipe", "llamafactory")
+
+
+def shared_yaml(base: Path, out: Path, precision: str, steps: int) -> dict:
+    """The one flat LLaMA-Factory YAML both sides read (tunepipe warns about use_cpu and ignores it)."""
+    return {
+        "model_name_or_path": str(base), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "lora_rank": 8, "lora_target": "all", "dataset": "alpaca_en_demo", "dataset_dir": str(LF_DEMO),
+        "template": "chatml", "cutoff_len": 512, "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1, "max_steps": steps, "learning_rate": 1.0e-4,
+        "lr_scheduler_type": "cosine", "logging_steps": 1, "seed": 42, "output_dir": str(out),
+        "overwrite_output_dir": True, "report_to": "none", "use_cpu": True, "bf16": precision == "bf16",
+    }
+
+
+def run_side(side: str, precision: str, round_no: int, tmp: Path, base: Path, steps: int) -> dict:
+    name = f"{side}-{precision}-{round_no}"
+    out = tmp / name
+    config = tmp / f"{name}.json"  # JSON is YAML: the same text serves both sides
+    config.write_text(json.dumps(shared_yaml(base, out, precision, steps), indent=2))
+    if side == "llamafactory":
+        cmd = [str(LF_PYTHON), "-P", str(LF_DRIVER), "train", str(config)]
+    else:
+        cmd = [str(TUNEPIPE_PYTHON), "-P", str(BENCH / "tp_driver.py"), "train", str(config)]
+    env = {"HF_DATASETS_CACHE": str(tmp / f"{name}-hf-cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+    measured = run_measured(cmd, tmp / "logs" / f"{name}.log", env=env)
+    require_ok(name, measured)
+    result = dict(measured.result)
+    result["process_wall_s"] = round(measured.wall_s, 1)
+    result["max_rss_mib"] = round(measured.max_rss_mib)
+    print(f"[bench] {name:<22} {result['real_tokens_per_s']:8.1f} real tok/s  train {result['train_s']:7.1f} s  "
+          f"real {result['real_tokens']} / slots {result['slot_tokens']}  peak RSS {result['max_rss_mib']} MiB  "
+          f"first loss {result['first_loss']}", flush=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds per side and precision")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps")
+    parser.add_argument("--only", choices=SIDES, default=None, help="run one side only (profiling)")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help="where the converted model is kept")
+    parser.add_argument("--json", type=Path, default=None, help="write all figures to this file")
+    args = parser.parse_args()
+
+    check_prerequisites()
+    machine = machine_summary()
+    print_machine(machine)
+    base = base_model_dir(args.work_dir)
+    sides = [args.only] if args.only else list(SIDES)
+    runs: dict[str, dict[str, list[dict]]] = {p: {s: [] for s in sides} for p in args.precision}
+    with tempfile.TemporaryDirectory(prefix="tunepipe-bench-train-") as tmp_name:
+        tmp = Path(tmp_name)
+        turn = 0
+        for precision in args.precision:
+            for round_no in range(1, args.rounds + 1):
+                order = sides if turn % 2 == 0 else list(reversed(sides))
+                turn += 1
+                for side in order:
+                    runs[precision][side].append(run_side(side, precision, round_no, tmp, base, args.steps))
+    report(runs, machine, args)
+    return 0
+
+
+def report(runs: dict, machine: dict, args: argparse.Namespace) -> None:
+    print("\n| precision | side | real tokens/s | train s (8 steps) | real / slot tokens | peak RSS MiB "
+          "| first-batch loss |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for precision, by_side in runs.items():
+        for side, results in by_side.items():
+            tps = statistics.median(r["real_tokens_per_s"] for r in results)
+            train_s = statistics.median(r["train_s"] for r in results)
+            first = results[0]
+            print(f"| {precision} | {side} | {tps:.1f} | {train_s:.1f} | {first['real_tokens']} / "
+                  f"{first['slot_tokens']} | {max(r['max_rss_mib'] for r in results)} | {first['first_loss']} |")
+    if len(next(iter(runs.values()))) == 2:
+        for precision, by_side in runs.items():
+            tp, lf = by_side["tunepipe"], by_side["llamafactory"]
+            speedup = (statistics.median(r["real_tokens_per_s"] for r in tp)
+                       / statistics.median(r["real_tokens_per_s"] for r in lf))
+            mem = max(r["max_rss_mib"] for r in tp) / max(r["max_rss_mib"] for r in lf)
+            same_rows = tp[0]["first_batch"] == lf[0]["first_batch"]
+            loss_diff = abs(tp[0]["first_loss"] - lf[0]["first_loss"]) / lf[0]["first_loss"]
+            print(f"{precision}: tunepipe / LLaMA-Factory real tokens/s {speedup:.2f}x (target >= 3x); "
+                  f"peak RSS ratio {mem:.2f} (target <= 1); same first-batch rows: {same_rows}; "
+                  f"first-batch loss differs by {100 * loss_diff:.2f}% (target <= 1%)")
+    machine["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
+        print(f"figures written to {args.json}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
