@@ -78,13 +78,13 @@ def generate(model, tokenizer, prompts: list[list[int]], eval_cfg: EvalConfig, b
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device),
                 max_new_tokens=eval_cfg.max_new_tokens, do_sample=eval_cfg.do_sample,
-                **_sampling_kwargs(eval_cfg), eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+                **sampling_kwargs(eval_cfg), eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
         new_tokens = out[:, ids.shape[1]:]
         answers.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return answers
 
 
-def _sampling_kwargs(eval_cfg: EvalConfig) -> dict:
+def sampling_kwargs(eval_cfg: EvalConfig) -> dict:
     # Passing temperature/top_p with greedy decoding makes transformers warn on every call.
     if not eval_cfg.do_sample:
         return {"temperature": None, "top_p": None, "top_k": None}

@@ -1,0 +1,141 @@
+"""`tunepipe chat CONFIG.yaml`: talk to the base, base + adapter, or an exported model.
+
+Which model: `model_name_or_path` (a base, or an export dir) plus `adapter_name_or_path`
+when set, else the train output under `output_dir` when there is one (as for `eval`
+and `export`). Answers stream token by token through transformers'
+`TextIteratorStreamer`, rendered with the tokenizer's chat template. Decoding uses the
+`eval` group's knobs (`max_new_tokens`, `do_sample`, `temperature`, `top_p`, `top_k`).
+
+Lines starting with `/` are commands: `/reset` forgets the conversation, `/exit` quits.
+Standard input may be a terminal or a pipe: each line is one user turn, so
+`printf 'Who are you?\n/exit\n' | tunepipe chat cfg.yaml` works in scripts.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from tunepipe.chat_format import stop_token_ids
+from tunepipe.config import Config
+from tunepipe.errors import TunepipeError
+from tunepipe.generation import sampling_kwargs
+from tunepipe.loading import base_dir_for, cli_config, device_for, load_trained, tokenizer_for, trained_source
+
+log = logging.getLogger(__name__)
+
+HELP = "commands: /reset forgets the conversation, /exit quits"
+
+
+@dataclass
+class ChatSession:
+    """A model, its tokenizer, and the conversation so far."""
+
+    model: object
+    tokenizer: object
+    cfg: Config
+    system: str | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def messages(self) -> list[dict]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.history
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def reply(self, text: str, out: TextIO) -> str:
+        """Add the user turn, stream the answer to `out`, remember it, return it."""
+        self.history.append({"role": "user", "content": text})
+        answer = stream_answer(self.model, self.tokenizer, self.messages(), self.cfg, out)
+        self.history.append({"role": "assistant", "content": answer})
+        return answer
+
+
+def stream_answer(model, tokenizer, messages: list[dict], cfg: Config, out: TextIO) -> str:
+    """Generate in a worker thread and write each decoded piece as soon as it arrives."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=False)
+    input_ids = torch.tensor([ids], device=next(model.parameters()).device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "streamer": streamer,
+              "max_new_tokens": cfg.eval.max_new_tokens, "do_sample": cfg.eval.do_sample,
+              "eos_token_id": stop_token_ids(tokenizer, model.generation_config),
+              "pad_token_id": tokenizer.pad_token_id, **sampling_kwargs(cfg.eval)}
+    worker = threading.Thread(target=_generate, args=(model, kwargs), daemon=True)
+    worker.start()
+    pieces = []
+    for piece in streamer:
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    worker.join()
+    return "".join(pieces).strip()
+
+
+def _generate(model, kwargs: dict) -> None:
+    import torch
+
+    with torch.inference_mode():
+        model.generate(**kwargs)
+
+
+def load_session(cfg: Config, layout, system: str | None) -> tuple[ChatSession, str]:
+    """The session, and a line describing which weights it runs."""
+    base_dir = base_dir_for(cfg, layout)
+    source = trained_source(cfg, layout)
+    tokenizer = tokenizer_for(cfg, base_dir, source)
+    if not tokenizer.chat_template:
+        raise TunepipeError(f"{base_dir}: the tokenizer has no chat template, so there is no chat format",
+                            hint="chat with an instruct model, or with the export of a tuned one")
+    model = load_trained(cfg, base_dir, source, device_for())
+    described = {"none": f"{base_dir}", "full": f"{source.record_dir}",
+                 "adapters": f"{base_dir} + " + " + ".join(str(p) for p in source.paths)}[source.kind]
+    return ChatSession(model, tokenizer, cfg, system=system), described
+
+
+def repl(session: ChatSession, lines: TextIO, out: TextIO, interactive: bool) -> int:
+    """Read user turns until /exit or end of input; returns the number of answers given."""
+    answers = 0
+    while True:
+        if interactive:
+            out.write("\nUser: ")
+            out.flush()
+        line = lines.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            out.write("(conversation reset)\n")
+            continue
+        if text.startswith("/"):
+            out.write(f"unknown command {text}; {HELP}\n")
+            continue
+        out.write("Assistant: ")
+        session.reply(text, out)
+        out.write("\n")
+        out.flush()
+        answers += 1
+    return answers
+
+
+def chat_command(args) -> int:
+    cfg, layout = cli_config(args)
+    session, described = load_session(cfg, layout, args.system)
+    interactive = sys.stdin.isatty()
+    print(f"chatting with {described}", file=sys.stderr)
+    if interactive:
+        print(HELP, file=sys.stderr)
+    repl(session, sys.stdin, sys.stdout, interactive)
+    return 0
