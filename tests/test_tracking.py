@@ -296,3 +296,34 @@ def test_context_manager_marks_failed_runs(store_uri, tmp_path):
         raise RuntimeError("training crashed")
     assert client(store_uri).get_run(tracker.run_id).info.status == "FAILED"
     assert RUN_RECORD == "tunepipe_run.json"
+
+
+def test_callback_in_a_real_trainer_counts_real_tokens(store_uri, tmp_path, tiny_model_dir):
+    """transformers' own Trainer loop: one point per logging step, tokens = non-padding tokens."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [{"input_ids": list(range(10, 14 + 3 * i)), "labels": list(range(10, 14 + 3 * i))} for i in range(12)]
+    tracker = Tracker.start(make_config(store_uri), make_layout(tmp_path))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=6,
+                             logging_steps=2, save_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=True, seed=0)
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                      train_dataset=rows, data_collator=DataCollatorForSeq2Seq(tokenizer),
+                      callbacks=[tracker.callback()])
+    trainer.train()
+    mlflow = client(store_uri)
+    losses = sorted(mlflow.get_metric_history(tracker.run_id, "loss"), key=lambda m: m.step)
+    logged = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    assert [m.step for m in losses] == [step for step, _ in logged] == [2, 4, 6]
+    assert [m.value for m in losses] == pytest.approx([loss for _, loss in logged])
+    tokens = mlflow.get_metric_history(tracker.run_id, "tokens_seen")
+    # one epoch of 12 rows: every real token once, and no padding
+    assert max(m.value for m in tokens) == sum(len(row["input_ids"]) for row in rows)
+    assert len(mlflow.get_metric_history(tracker.run_id, "tokens_per_second")) == 3

@@ -75,15 +75,16 @@ def artifact_location(resolved_uri: str, experiment_name: str) -> str | None:
 
 def _quiet_mlflow() -> None:
     # Store creation logs alembic migrations and "creating tables" at INFO on every fresh db.
+    # Called after `import mlflow`, which sets its own logger's level when imported.
     for name in ("mlflow", "alembic", "sqlalchemy"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _client(resolved_uri: str):
-    _quiet_mlflow()
     from mlflow import MlflowClient
 
+    _quiet_mlflow()
     return MlflowClient(tracking_uri=resolved_uri)
 
 
