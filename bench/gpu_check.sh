@@ -31,6 +31,10 @@ repo="$(dirname "$here")"
 gpu="$here/.gpu"
 gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf"
 steps="${GPU_CHECK_STEPS:-30}"
+py="${PYTHON:-python3}"  # the GPU image's python3 holds torch
+# GPU_CHECK_DRY=1: rehearse `run` on a CPU machine with the project's venv (PYTHON=.venv/bin/python,
+# GPU_CHECK_STEPS=2): no wheel install, no CUDA check. Only for checking this script.
+dry="${GPU_CHECK_DRY:-0}"
 # Wheels the GPU image lacks; versions are the ones the project's CPU venv runs.
 wheels=(bitsandbytes==0.50.2 datasets==5.2.0 "dill>=0.3.0,<0.4.2" "multiprocess<0.70.20" trl==1.16.0
         gguf==0.19.0 jsonschema==4.26.0 jsonschema-specifications referencing rpds-py)
@@ -64,7 +68,7 @@ prepare() {
 }
 
 preflight() {
-  python3 - <<'PY'
+  "$py" - <<'PY'
 import importlib.metadata as md
 import sys
 
@@ -123,14 +127,16 @@ run() {
   rm -rf "$work" && mkdir -p "$work"
   local start=$SECONDS
 
-  echo "[gpu_check] installing the carried wheels into $work/site"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" \
-    "$gpu"/bundle-2/wheels/*.whl "$gpu"/bundle-3/wheels/*.whl
+  if [[ "$dry" != 1 ]]; then
+    echo "[gpu_check] installing the carried wheels into $work/site"
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" \
+      "$gpu"/bundle-2/wheels/*.whl "$gpu"/bundle-3/wheels/*.whl
+  fi
   # tunepipe itself runs from the tree (pure Python); the carried wheels shadow older copies.
   export PYTHONPATH="$repo/src:$work/site${PYTHONPATH:+:$PYTHONPATH}"
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
   export PYTHONUNBUFFERED=1
-  preflight
+  [[ "$dry" == 1 ]] || preflight
 
   echo "[gpu_check] reassembling the model file"
   cat "$gpu/bundle-1/model.part-0" "$gpu/bundle-2/model.part-1" > "$work/$gguf_name"
@@ -139,7 +145,7 @@ run() {
   echo "[gpu_check] converting it once to a bf16 HF dir"
   printf 'model_name_or_path: %s\ndtype: bfloat16\noutput_dir: %s\nreport_to: none\n' \
     "$work/$gguf_name" "$work/convert" > "$work/convert.yaml"
-  python3 -m tunepipe.cli base-model "$work/convert.yaml"
+  "$py" -m tunepipe.cli base-model "$work/convert.yaml"
   mv "$work/convert/models/base" "$work/base"
 
   write_config lora ""
@@ -147,7 +153,7 @@ run() {
   local results=()
   for name in lora qlora; do
     echo "[gpu_check] == $name: $steps steps, bf16 =="
-    python3 -P "$here/tp_driver.py" train "$work/$name.yaml" 2>&1 | tee "$work/$name.log"
+    "$py" -P "$here/tp_driver.py" train "$work/$name.yaml" 2>&1 | tee "$work/$name.log"
     results+=("$name $(grep '^BENCH_RESULT ' "$work/$name.log" | tail -1 | cut -d' ' -f2-)")
   done
 
@@ -155,7 +161,7 @@ run() {
   echo "| method | GPU | steps | real tokens | train s | real tokens/s | peak GPU MiB (allocated / reserved) | first loss |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
   for line in "${results[@]}"; do
-    python3 - "$line" <<'PY'
+    "$py" - "$line" <<'PY'
 import json
 import sys
 
