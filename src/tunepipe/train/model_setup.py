@@ -1,0 +1,172 @@
+"""The model a trainer trains: base loaded from `models/base/`, then lora / freeze / full.
+
+For the preference trainers: call `build_trainable_model(cfg, layout)` for the policy
+(it seeds, loads the base with the configured attention kernel and quantization, and
+applies `finetuning_type`), and `load_base_for_training(cfg, layout)` for a frozen
+reference copy. Everything user-fixable raises a TunepipeError naming the key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+from tunepipe.config import Config, ModelConfig, TrainConfig
+from tunepipe.errors import TunepipeError
+from tunepipe.layout import Layout
+from tunepipe.modeling import load_causal_lm
+from tunepipe.train.adapters import attach_lora, name_list
+
+log = logging.getLogger(__name__)
+
+
+def build_trainable_model(cfg: Config, layout: Layout):
+    """Seeded base load + the configured fine-tuning method; returns the model to train."""
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)  # LoRA / PiSSA init must be the same on a resumed run
+    model = load_base_for_training(cfg, layout)
+    model = apply_finetuning(model, cfg.train, quantized=cfg.model.quantization_bit is not None)
+    log.info("%s", trainable_summary(model))
+    return model
+
+
+def load_base_for_training(cfg: Config, layout: Layout, quantize: bool = True):
+    """The base causal LM with the chosen attention kernel (and bitsandbytes quantization)."""
+    kwargs = {"attn_implementation": attention_implementation(cfg.model)}
+    if quantize and cfg.model.quantization_bit is not None:
+        kwargs["quantization_config"] = quantization_config(cfg.model, cfg.train)
+        kwargs["device_map"] = {"": _default_device()}
+    model = load_causal_lm(layout.base_model, trust_remote_code=cfg.model.trust_remote_code, **kwargs)
+    model.config.use_cache = False  # a KV cache is useless in training and disables packed masks
+    return model
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def attention_implementation(model_cfg: ModelConfig) -> str:
+    """`flash_attn` -> a transformers attn_implementation; fa2 only where it can run."""
+    import torch
+
+    fa2_ready = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    choice = model_cfg.flash_attn
+    if choice == "disabled":
+        return "eager"
+    if choice == "fa2":
+        if not fa2_ready:
+            raise TunepipeError("model.flash_attn='fa2' needs a CUDA GPU and the flash-attn package",
+                                hint="use flash_attn: auto (SDPA where flash attention cannot run)")
+        return "flash_attention_2"
+    if choice == "auto" and fa2_ready:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def compute_dtype(train: TrainConfig):
+    import torch
+
+    return torch.bfloat16 if train.bf16 else torch.float16 if train.fp16 else torch.float32
+
+
+def quantization_config(model_cfg: ModelConfig, train: TrainConfig):
+    """bitsandbytes 4-bit (nf4 / fp4, double quantization) or 8-bit loading for QLoRA."""
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TunepipeError(f"model.quantization_bit={model_cfg.quantization_bit} needs bitsandbytes",
+                            hint="pip install bitsandbytes")
+    if model_cfg.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_cfg.quantization_type,
+                              bnb_4bit_use_double_quant=model_cfg.double_quantization,
+                              bnb_4bit_compute_dtype=compute_dtype(train),
+                              bnb_4bit_quant_storage=compute_dtype(train))
+
+
+def apply_finetuning(model, train: TrainConfig, quantized: bool = False, task_type: str = "CAUSAL_LM"):
+    """lora -> PeftModel; freeze -> last/first layers trainable; full -> everything trainable."""
+    if train.finetuning_type == "lora":
+        if quantized:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=train.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        return attach_lora(model, train, task_type)
+    if train.finetuning_type == "freeze":
+        freeze_all_but(model, trainable_layer_params(model, train))
+    else:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    _upcast_trainable(model)
+    return model
+
+
+def decoder_layers(model):
+    """The ModuleList of transformer blocks (the model's `get_decoder().layers`)."""
+    import torch
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList):
+        return layers
+    count = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise TunepipeError(f"train.finetuning_type=freeze: cannot find the decoder layers of "
+                        f"{type(model).__name__}", hint="use finetuning_type lora or full")
+
+
+def trainable_layer_params(model, train: TrainConfig) -> set[int]:
+    """ids of the parameters freeze fine-tuning trains (LLaMA-Factory's layer/module rule)."""
+    layers = decoder_layers(model)
+    count, wanted = len(layers), train.freeze_trainable_layers
+    if wanted == 0 or abs(wanted) > count:
+        raise TunepipeError(f"train.freeze_trainable_layers={wanted}: the model has {count} layers",
+                            hint=f"use 1..{count} (last layers) or -1..-{count} (first layers)")
+    indices = range(count - wanted, count) if wanted > 0 else range(-wanted)
+    modules = name_list(train.freeze_trainable_modules) or ["all"]
+    _check_module_names(layers[0], modules)
+    chosen = set()
+    for index in indices:
+        for name, param in layers[index].named_parameters():
+            if modules == ["all"] or any(name == m or name.startswith(m + ".") for m in modules):
+                chosen.add(id(param))
+    return chosen
+
+
+def _check_module_names(layer, modules: list[str]) -> None:
+    if modules == ["all"]:
+        return
+    known = {name for name, _ in layer.named_modules() if name}
+    unknown = [m for m in modules if m not in known]
+    if unknown:
+        top = sorted({name.split(".")[0] for name in known})
+        raise TunepipeError(f"train.freeze_trainable_modules: {', '.join(unknown)} not in a decoder layer",
+                            hint=f"modules of each layer: all, {', '.join(top)} (or dotted names like mlp.down_proj)")
+
+
+def freeze_all_but(model, trainable_ids: set[int]) -> None:
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trainable_ids)
+
+
+def _upcast_trainable(model) -> None:
+    """Half-precision weights that train are kept in float32 (LLaMA-Factory does the same):
+    AdamW updates are far below bf16's resolution for most weights."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+
+
+def trainable_summary(model) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4f}%)"
