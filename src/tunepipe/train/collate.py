@@ -1,0 +1,138 @@
+"""Batches for causal-LM training: no padding to cutoff_len, attention kept inside each sample.
+
+For the preference trainers: `SegmentCollator` takes rows with `input_ids` and `labels`
+(and, for packed rows, `seq_lens`) and returns a batch whose `model_inputs(batch)` are
+what the model's forward takes; `shift_labels` are the next-token targets. Rows of other
+shapes (chosen/rejected pairs) can be turned into such rows first, one segment each.
+
+Layouts (each row of the batch is a list of segments, one per sample):
+- `flatten=False`: one dataset row per batch row, right-padded to the longest row.
+- `flatten=True`: every sample of the batch concatenated into a single row (padding-free),
+  so no step pays for pad tokens.
+Samples sharing a row get position ids restarting at 0 and must not attend to each other.
+transformers builds that isolation from position ids alone only when no attention mask
+and no cache are passed; with SDPA or eager attention on CPU the reliable form is an
+explicit block-diagonal causal 4-D mask (measured: it reproduces the unpacked logits).
+With flash attention 2 the same isolation comes from varlen `cu_seq_lens` kwargs instead.
+
+Batch keys: `input_ids`, `labels`, `shift_labels` (targets of each position, -100 across a
+sample boundary and on padding), `position_ids`, `attention_mask` (2-D, 1 = real token:
+the Trainer counts real tokens with it), and for rows holding several samples either
+`segment_mask` (the 4-D mask) or the flash-attention varlen kwargs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def row_segments(row: dict) -> list[int]:
+    """Lengths of the samples a tokenized row holds (`seq_lens` for packed rows)."""
+    length = len(row["input_ids"])
+    lens = row.get("seq_lens")
+    if not lens:
+        return [length]
+    lens = [int(n) for n in lens]
+    if sum(lens) != length:
+        raise ValueError(f"seq_lens {lens} sum to {sum(lens)}, but the row holds {length} tokens")
+    return lens
+
+
+def shifted_labels(labels: list[int], segments: list[int]) -> list[int]:
+    """Next-token targets per segment: the last token of a sample predicts nothing."""
+    out, start = [], 0
+    for length in segments:
+        out.extend(labels[start + 1:start + length])
+        out.append(IGNORE_INDEX)
+        start += length
+    return out
+
+
+@dataclass
+class SegmentCollator:
+    pad_token_id: int
+    attn_implementation: str = "sdpa"
+    flatten: bool = False
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        rows_segments = [row_segments(row) for row in rows]
+        if self.flatten and len(rows) > 1:
+            rows = [{"input_ids": [t for row in rows for t in row["input_ids"]],
+                     "labels": [t for row in rows for t in row["labels"]]}]
+            rows_segments = [[n for segs in rows_segments for n in segs]]
+        width = self._padded_width(max(len(row["input_ids"]) for row in rows))
+        batch = {key: torch.full((len(rows), width), fill, dtype=torch.long)
+                 for key, fill in (("input_ids", self.pad_token_id), ("labels", IGNORE_INDEX),
+                                   ("shift_labels", IGNORE_INDEX), ("position_ids", 0),
+                                   ("attention_mask", 0))}
+        for i, (row, segments) in enumerate(zip(rows, rows_segments)):
+            n = len(row["input_ids"])
+            batch["input_ids"][i, :n] = torch.as_tensor(row["input_ids"])
+            batch["labels"][i, :n] = torch.as_tensor(row["labels"])
+            batch["shift_labels"][i, :n] = torch.as_tensor(shifted_labels(list(row["labels"]), segments))
+            batch["position_ids"][i] = positions(segments, width)
+            batch["attention_mask"][i, :n] = 1
+        if any(len(segments) > 1 for segments in rows_segments):
+            batch.update(self._isolation(rows_segments, width))
+        return batch
+
+    def _padded_width(self, longest: int) -> int:
+        multiple = self.pad_to_multiple_of
+        return longest if not multiple else -(-longest // multiple) * multiple
+
+    def _isolation(self, rows_segments: list[list[int]], width: int) -> dict[str, torch.Tensor]:
+        if self.attn_implementation.startswith("flash_attention"):
+            return varlen_kwargs(rows_segments, width)
+        mask = torch.stack([block_causal_mask(with_tail(segments, width)) for segments in rows_segments])
+        if self.attn_implementation == "sdpa":
+            return {"segment_mask": mask[:, None]}
+        # eager and other kernels add the mask to the attention scores
+        additive = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, torch.finfo(torch.float32).min)
+        return {"segment_mask": additive[:, None]}
+
+
+def with_tail(segments: list[int], width: int) -> list[int]:
+    """Padding after the samples forms a segment of its own, so no query row is fully masked
+    (a fully masked softmax row is NaN, and NaN times a zero gradient is still NaN)."""
+    tail = width - sum(segments)
+    return segments + [tail] if tail > 0 else list(segments)
+
+
+def positions(segments: list[int], width: int) -> torch.Tensor:
+    return torch.cat([torch.arange(n) for n in with_tail(segments, width)])
+
+
+def block_causal_mask(segments: list[int]) -> torch.Tensor:
+    """[T, T] bool: query i may attend key j when j <= i inside the same segment."""
+    ids = torch.repeat_interleave(torch.arange(len(segments)), torch.as_tensor(segments))
+    width = ids.numel()
+    causal = torch.ones(width, width, dtype=torch.bool).tril_()
+    return causal & (ids[:, None] == ids[None, :])
+
+
+def varlen_kwargs(rows_segments: list[list[int]], width: int) -> dict[str, torch.Tensor | int]:
+    """flash-attention varlen boundaries over the flattened batch (rows laid end to end)."""
+    lengths = [n for segments in rows_segments for n in with_tail(segments, width)]
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.as_tensor(lengths), 0)
+    longest = max(lengths)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(), "max_length_q": longest, "max_length_k": longest}
+
+
+def model_inputs(batch: dict) -> dict:
+    """The forward kwargs of a collated batch: the 4-D mask replaces the 2-D one when present;
+    no mask at all when nothing is padded (SDPA then runs its fast causal path)."""
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if "segment_mask" in batch:
+        inputs["attention_mask"] = batch["segment_mask"]
+    elif "cu_seq_lens_q" in batch:
+        inputs.update({key: batch[key] for key in FLASH_KWARGS})
+    elif not bool(batch["attention_mask"].all()):
+        inputs["attention_mask"] = batch["attention_mask"]
+    return inputs
