@@ -91,34 +91,25 @@ def gpu_peak_memory() -> dict:
 
 
 def first_batch_fingerprint(inputs, padded: bool) -> dict:
-    """Which rows the first batch holds, comparable across padded and padding-free batches.
+    """Which samples the first batch holds, comparable across padded and padding-free batches.
 
-    The first-batch losses of two trainers are only comparable when both saw the same rows:
-    this gives the sorted real lengths and a hash of the real token ids of each row.
+    The first-batch losses of two trainers are only comparable when both saw the same samples:
+    this gives the sorted sample lengths and a hash of each sample's real token ids. A batch
+    row holding several samples (padding-free) is cut where its position ids restart at 0.
     """
     import hashlib
 
-    input_ids = inputs["input_ids"]
-    if padded:
-        rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, inputs["attention_mask"])]
-    elif "seq_lens" in inputs or "cu_seq_lens_q" in inputs:
-        flat = input_ids.reshape(-1).tolist()
-        lens = _sample_lengths(inputs)
-        rows, start = [], 0
-        for length in lens:
-            rows.append(flat[start:start + length])
-            start += length
-    else:
-        rows = [ids.tolist() for ids in input_ids]
-    digests = sorted(hashlib.sha256(json.dumps(row).encode()).hexdigest()[:12] for row in rows)
-    return {"lengths": sorted(len(row) for row in rows), "rows": digests}
+    import torch
 
-
-def _sample_lengths(inputs) -> list[int]:
-    if "seq_lens" in inputs:
-        return [int(x) for x in inputs["seq_lens"].reshape(-1) if int(x) > 0]
-    cu = inputs["cu_seq_lens_q"].reshape(-1).tolist()
-    return [b - a for a, b in itertools.pairwise(cu)]
+    samples = []
+    for index, ids in enumerate(inputs["input_ids"]):
+        keep = inputs["attention_mask"][index].bool() if padded else torch.ones_like(ids, dtype=torch.bool)
+        ids = ids[keep].tolist()
+        positions = inputs["position_ids"][index][keep].tolist() if "position_ids" in inputs else [1] * len(ids)
+        starts = [0] + [i for i, p in enumerate(positions) if p == 0 and i > 0] + [len(ids)]
+        samples.extend(ids[a:b] for a, b in itertools.pairwise(starts))
+    digests = sorted(hashlib.sha256(json.dumps(sample).encode()).hexdigest()[:12] for sample in samples)
+    return {"lengths": sorted(len(sample) for sample in samples), "samples": digests}
 
 
 PROBE = TrainerProbe()
