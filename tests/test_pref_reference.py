@@ -127,7 +127,7 @@ def test_precomputed_reference_is_cached_and_keyed(tiny_model_dir, tokenizer, tm
     columns = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
     key = ref_cache.cache_key(tiny_model_dir, dataset, columns, cfg)
     tokenized = tmp_path / "data" / "tokenized"
-    kwargs = dict(split="train", tokenized_dir=tokenized, out_columns=("ref_chosen_logps", "ref_rejected_logps"))
+    kwargs = {"split": "train", "tokenized_dir": tokenized, "out_columns": ("ref_chosen_logps", "ref_rejected_logps")}
     first = ref_cache.attach_reference_log_probs(dataset, key=key, compute=compute, **kwargs)
     again = ref_cache.attach_reference_log_probs(dataset, key=key, compute=compute, **kwargs)
     assert calls == [len(dataset)]  # the second run read the cache
@@ -144,3 +144,15 @@ def test_precomputed_reference_is_cached_and_keyed(tiny_model_dir, tokenizer, tm
     assert ref_cache.cache_key(tiny_model_dir, dataset, columns, other_cfg) != key
     other_base = build_tiny_model_dir(tmp_path / "other-base", seed=1)
     assert ref_cache.cache_key(other_base, dataset, columns, cfg) != key
+
+
+def test_answer_only_projection_equals_full_logits(tiny_model_dir, tokenizer):
+    from tunepipe.train.pref_losses import sequence_log_probs
+
+    model = lora_model(tiny_model_dir, nonzero=True)
+    batch = batch_of(tokenizer, rows=4)
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected, expected_counts = sequence_log_probs(full, batch["labels"])
+    logps, counts = forward_log_probs(model, batch)
+    assert torch.equal(counts, expected_counts)
+    assert torch.allclose(logps, expected, atol=1e-5)

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import Trainer
 
 from tunepipe.errors import TunepipeError
-from tunepipe.train.pref_losses import sequence_log_probs
+from tunepipe.train.pref_losses import IGNORE_INDEX
 
 # objective(model, batch) -> (loss, {metric name: (sum over rows, row count)})
 Objective = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, tuple[float, int]]]]
@@ -25,9 +26,22 @@ MODEL_INPUTS = ("input_ids", "attention_mask")
 
 
 def forward_log_probs(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed answer log-probs and answer token counts of every row in `batch`."""
-    logits = model(**{k: batch[k] for k in MODEL_INPUTS}, use_cache=False).logits
-    return sequence_log_probs(logits, batch["labels"])
+    """Summed answer log-probs and answer token counts of every row in `batch`.
+
+    Equal to `sequence_log_probs(model(...).logits, labels)`, but the vocabulary projection
+    runs only at positions that predict an answer token (transformers' boolean
+    `logits_to_keep`): prompts are often most of a preference row, and with a large
+    vocabulary the logits are the biggest tensor of the step.
+    """
+    labels = batch["labels"]
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    selected = targets != IGNORE_INDEX
+    logits = model(**{k: batch[k] for k in MODEL_INPUTS}, use_cache=False, logits_to_keep=selected).logits
+    token_logps = -F.cross_entropy(logits.float(), targets[selected], reduction="none")
+    rows = selected.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    return sums.index_add(0, rows, token_logps), selected.sum(-1)
 
 
 def peft_model_of(model: torch.nn.Module):
