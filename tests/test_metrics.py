@@ -107,7 +107,6 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny, tiny_m
     from peft import PeftModel
 
     from tests.fixtures.adapters import make_adapter
-
     from tunepipe.modeling import load_causal_lm
 
     _, tokenizer = tiny

@@ -22,7 +22,7 @@ from tunepipe.config import Config
 from tunepipe.errors import TunepipeError
 from tunepipe.gen_metrics import corpus_scores, identity_accuracy
 from tunepipe.generation import Example, generate, generation_examples
-from tunepipe.io_utils import write_json_atomic, write_text_atomic
+from tunepipe.io_utils import read_json, write_json_atomic, write_text_atomic
 from tunepipe.layout import Layout
 from tunepipe.lm_metrics import token_metrics
 from tunepipe.loading import (
@@ -86,8 +86,11 @@ def load_eval_split(layout: Layout):
     path = layout.tokenized / "eval"
     if not path.is_dir():
         raise TunepipeError(f"{path}: no tokenized eval split", hint="run the tokenize stage first")
-    dataset = load_from_disk(str(path))
-    if len(dataset) == 0:
+    # datasets 5 saves a zero-row split without data files and then cannot load it back,
+    # so an empty split is recognised from its state file before loading.
+    state = path / "state.json"
+    empty = state.is_file() and not read_json(state).get("_data_files")
+    if empty or len(dataset := load_from_disk(str(path))) == 0:
         raise TunepipeError(f"{path}: the eval split is empty",
                             hint="set data.val_size (e.g. 0.1) or data.eval_dataset")
     return dataset

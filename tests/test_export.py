@@ -1,0 +1,199 @@
+"""merge / export on the tiny model: equivalence for LoRA, DoRA and a QLoRA-trained adapter,
+reload + greedy tokens, shard limits and index, ordered merges, full fine-tunes, refusals,
+atomicity, the Modelfile and the LLaMA-Factory-style CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fixtures.adapters import make_adapter
+from tunepipe import export as export_module
+from tunepipe.config_loader import load_config
+from tunepipe.errors import TunepipeError
+from tunepipe.export import run_export
+from tunepipe.layout import Layout
+from tunepipe.shards import export_size_bytes
+
+LIMIT = "200KB"  # the tiny model is ~430 KB in float32: several shards; its largest tensor is ~140 KB
+
+
+def export_config(tiny_model_dir, export_dir: Path, *overrides):
+    return load_config(None, [f"model.model_name_or_path={tiny_model_dir}", f"export.export_dir={export_dir}",
+                              f"export.export_size={LIMIT}", "tracking.report_to=none", *overrides])
+
+
+def greedy_tokens(model, tokenizer, prompts=("Who are you?", "你好")) -> list[list[int]]:
+    out = []
+    for text in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        with torch.no_grad():
+            generated = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                       pad_token_id=tokenizer.pad_token_id)
+        out.append(generated[0, len(ids):].tolist())
+    return out
+
+
+def unmerged(tiny_model_dir, adapters: list[Path]):
+    """base + adapters the slow way: PEFT layers on the unquantized float32 base."""
+    from tunepipe.loading import apply_adapters
+    from tunepipe.modeling import load_causal_lm
+
+    return apply_adapters(load_causal_lm(tiny_model_dir, dtype="float32"), adapters)
+
+
+def assert_index_names_every_tensor_once(export_dir: Path, limit: int) -> None:
+    from safetensors import safe_open
+
+    index = json.loads((export_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(export_dir.glob("*.safetensors"))
+    assert set(index.values()) == {shard.name for shard in shards}
+    names = []
+    for shard in shards:
+        assert shard.stat().st_size <= limit
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                names.append(name)
+                assert index[name] == shard.name
+    assert len(names) == len(set(names)) == len(index)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "qlora"])
+def test_merged_export_matches_base_plus_adapter(kind, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunepipe.modeling import load_tokenizer
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", dora=kind == "dora", quantized=kind == "qlora",
+                           scale=1.0)
+    extra = ["model.quantization_bit=4"] if kind == "qlora" else []
+    cfg = export_config(tiny_model_dir, tmp_path / "export", f"model.adapter_name_or_path={adapter}", *extra)
+    metrics = run_export(cfg, Layout.at(tmp_path))
+
+    assert metrics["max_abs_logit_diff"] <= metrics["logit_tolerance"] <= 1e-3
+    assert metrics["merged_adapters"] == 1 and metrics["shards"] >= 2
+    assert json.loads((tmp_path / "metrics" / "export.json").read_text()) == metrics
+    assert_index_names_every_tensor_once(tmp_path / "export", export_size_bytes(LIMIT))
+
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+    assert exported.dtype == torch.float32 and getattr(exported.config, "quantization_config", None) is None
+    tokenizer = load_tokenizer(tmp_path / "export")
+    reference = unmerged(tiny_model_dir, [adapter])
+    assert greedy_tokens(exported, tokenizer) == greedy_tokens(reference, tokenizer)
+    base_only = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    probe = torch.tensor([[1, 5, 9, 30, 2]])
+    with torch.no_grad():  # the adapter really changes the model
+        assert (base_only(probe).logits - exported(probe).logits).abs().max().item() > 1e-2
+    if kind == "qlora":
+        # Merged into the full-precision base: the 4-bit model it trained on differs by more than rounding.
+        assert metrics["qlora_gap_max_abs_logit_diff"] > metrics["logit_tolerance"]
+
+
+def test_several_adapters_merge_in_order(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    first = make_adapter(tiny_model_dir, tmp_path / "a1", seed=1, scale=0.3)
+    second = make_adapter(tiny_model_dir, tmp_path / "a2", seed=2, scale=0.3, dora=True)
+    cfg = export_config(tiny_model_dir, tmp_path / "export", f"model.adapter_name_or_path={first},{second}")
+    metrics = run_export(cfg, Layout.at(tmp_path))
+    assert metrics["merged_adapters"] == 2
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+    probe = torch.tensor([[1, 5, 9, 30, 2]])
+    with torch.no_grad():
+        want = unmerged(tiny_model_dir, [first, second])(probe).logits
+        got = exported(probe).logits
+        single = unmerged(tiny_model_dir, [second])(probe).logits
+    assert (got - want).abs().max().item() < 1e-4
+    assert (got - single).abs().max().item() > 1e-2  # the first adapter is really in there
+
+
+def test_full_finetune_is_exported_without_merge(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    layout = Layout.at(tmp_path)
+    full = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    with torch.no_grad():
+        full.model.layers[0].mlp.down_proj.weight.add_(0.5)
+    full.save_pretrained(str(layout.full))
+    from tunepipe.modeling import load_tokenizer
+
+    load_tokenizer(tiny_model_dir).save_pretrained(str(layout.full))
+    cfg = export_config(tiny_model_dir, tmp_path / "export", "train.finetuning_type=full")
+    metrics = run_export(cfg, layout)
+    assert metrics["merged_adapters"] == 0 and metrics["max_abs_logit_diff"] == 0.0
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"))
+    for name, tensor in full.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], tensor), name
+
+
+@pytest.fixture
+def adapter_dir(tiny_model_dir, tmp_path):
+    return make_adapter(tiny_model_dir, tmp_path / "adapter")
+
+
+def test_refuses_a_non_empty_export_dir_unless_overwrite(tiny_model_dir, tmp_path, adapter_dir):
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "keep.txt").write_text("user data")
+    cfg = export_config(tiny_model_dir, target, f"model.adapter_name_or_path={adapter_dir}")
+    with pytest.raises(TunepipeError, match="not empty"):
+        run_export(cfg, Layout.at(tmp_path))
+    assert (target / "keep.txt").read_text() == "user data"
+    cfg.train.overwrite_output_dir = True
+    run_export(cfg, Layout.at(tmp_path))
+    assert not (target / "keep.txt").exists() and (target / "Modelfile").is_file()
+
+
+def test_a_failed_check_leaves_nothing_behind(tiny_model_dir, tmp_path, adapter_dir, monkeypatch):
+    monkeypatch.setitem(export_module.RELATIVE_TOLERANCE, "float32", -1.0)
+    cfg = export_config(tiny_model_dir, tmp_path / "out" / "export", f"model.adapter_name_or_path={adapter_dir}")
+    with pytest.raises(TunepipeError, match="export check failed"):
+        run_export(cfg, Layout.at(tmp_path))
+    assert list((tmp_path / "out").iterdir()) == []  # no export, no temporary sibling
+    assert not (tmp_path / "metrics" / "export.json").exists()
+
+
+def test_export_size_in_gb_or_with_a_unit(tiny_model_dir, tmp_path, adapter_dir):
+    assert export_size_bytes(2) == 2 * 10**9 and export_size_bytes("200MB") == 200 * 10**6
+    assert export_size_bytes("1.5") == 1_500_000_000
+    with pytest.raises(TunepipeError, match="export_size"):
+        export_size_bytes("lots")
+    cfg = export_config(tiny_model_dir, tmp_path / "export", f"model.adapter_name_or_path={adapter_dir}",
+                        "export.export_size=50KB")
+    with pytest.raises(TunepipeError, match="too small: tensor model.embed_tokens.weight"):
+        run_export(cfg, Layout.at(tmp_path))
+    assert not (tmp_path / "export").exists()
+
+
+def test_modelfile_carries_template_system_and_stop_token(tiny_model_dir, tmp_path, adapter_dir):
+    cfg = export_config(tiny_model_dir, tmp_path / "export", f"model.adapter_name_or_path={adapter_dir}",
+                        "export.export_size=1")
+    metrics = run_export(cfg, Layout.at(tmp_path))
+    assert metrics["shards"] == 1 and metrics["modelfile_template"] == 1
+    text = (tmp_path / "export" / "Modelfile").read_text()
+    assert text.splitlines()[1] == "FROM ."
+    assert 'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}' in text
+    assert '{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n<|im_start|>assistant\n' in text
+    assert 'SYSTEM """You are a tiny test assistant."""' in text
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    saved = json.loads((tmp_path / "export" / "generation_config.json").read_text())
+    assert 2 in (saved["eos_token_id"] if isinstance(saved["eos_token_id"], list) else [saved["eos_token_id"]])
+    assert (tmp_path / "export" / "chat_template.jinja").is_file() or \
+        "chat_template" in json.loads((tmp_path / "export" / "tokenizer_config.json").read_text())
+
+
+def test_llamafactory_style_export_command(tiny_model_dir, tmp_path, adapter_dir, monkeypatch):
+    from tunepipe.cli import main
+
+    flat = tmp_path / "merge.yaml"
+    flat.write_text(f"model_name_or_path: {tiny_model_dir}\nadapter_name_or_path: {adapter_dir}\n"
+                    f"template: chatml\nfinetuning_type: lora\nexport_dir: {tmp_path / 'merged'}\n"
+                    "export_size: 1\nexport_device: cpu\nexport_legacy_format: false\nreport_to: none\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(flat)]) == 0
+    assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+    assert main(["export", str(flat)]) == 2  # second time: the export dir is not empty
