@@ -115,6 +115,22 @@ def require_ok(name: str, measured: Measured) -> None:
         sys.exit(f"[bench] {name} failed (exit {measured.returncode}); log {measured.log}:\n{tail}")
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (user + system), all threads.
+
+    Reported beside wall time because the 2 shared cores are often busy with other work:
+    CPU seconds drift less with that load than wall seconds do (they still grow somewhat,
+    since contended threads spin and miss caches).
+    """
+    import resource
+
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
 def emit(result: dict) -> None:
     """What a measured child prints last, for `run_measured` to read."""
     print(RESULT_PREFIX + json.dumps(result), flush=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 # (The parent starts this file with `python -P`, so its folder is not put first either.)
 sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import emit
+from _common import cpu_seconds, emit
 
 
 def tokenize(args: dict) -> dict:
@@ -28,14 +28,14 @@ def tokenize(args: dict) -> dict:
     from llamafactory.model import load_tokenizer
 
     model_args, data_args, training_args, _, _ = get_train_args(dict(args))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     tokenizer_module = load_tokenizer(model_args)
     template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     train = dataset_module["train_dataset"]
     tokens = sum(len(ids) for ids in train["input_ids"])
-    return {"seconds": round(seconds, 3), "rows_out": len(train), "tokens": tokens}
+    return {"seconds": round(seconds, 3), "cpu_s": round(cpu, 3), "rows_out": len(train), "tokens": tokens}
 
 
 def train(args: dict) -> dict:

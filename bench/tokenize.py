@@ -85,6 +85,7 @@ def run_side(side: str, round_no: int, tmp: Path, base: Path, data_dir: Path, da
     result["process_wall_s"] = round(measured.wall_s, 2)
     result["max_rss_mib"] = round(measured.max_rss_mib)
     print(f"[bench] round {round_no} {side:<22} {result['seconds']:8.2f} s  {result['rows_per_s']:9.1f} rows/s  "
+          f"CPU {result['cpu_s']:7.2f} s  "
           f"rows {result['rows_out']}  tokens {result['tokens']}", flush=True)
     return result
 
@@ -121,14 +122,16 @@ def main() -> int:
 
 def report(runs: dict[str, list[dict]], machine: dict, args: argparse.Namespace) -> None:
     median = {side: statistics.median(r["rows_per_s"] for r in results) for side, results in runs.items()}
-    print("\n| side | seconds (median) | rows/s (median) | rows out | tokens | peak RSS MiB |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    cpu = {side: statistics.median(r["cpu_s"] for r in results) for side, results in runs.items()}
+    print("\n| side | seconds (median) | rows/s (median) | CPU s (median) | rows out | tokens | peak RSS MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for side, results in runs.items():
         seconds = statistics.median(r["seconds"] for r in results)
-        print(f"| {side} | {seconds:.2f} | {median[side]:.1f} | {results[0]['rows_out']} | "
+        print(f"| {side} | {seconds:.2f} | {median[side]:.1f} | {cpu[side]:.2f} | {results[0]['rows_out']} | "
               f"{results[0]['tokens']} | {max(r['max_rss_mib'] for r in results)} |")
     ratio = median["tunepipe"] / median["llamafactory"]
-    print(f"\nratio tunepipe / LLaMA-Factory rows/s: {ratio:.2f}x (target >= 5x)")
+    print(f"\nratio tunepipe / LLaMA-Factory rows/s: {ratio:.2f}x (target >= 5x); "
+          f"CPU-time ratio LLaMA-Factory / tunepipe: {cpu['llamafactory'] / cpu['tunepipe']:.2f}x")
     same = runs["tunepipe"][0]["tokens"] == runs["llamafactory"][0]["tokens"]
     print(f"same token count on both sides: {same}")
     machine["load_avg_1m_end"] = round(os.getloadavg()[0], 2)

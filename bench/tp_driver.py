@@ -16,29 +16,29 @@ from pathlib import Path
 # Appended, not prepended: bench/tokenize.py must never shadow the standard library's tokenize.
 sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import emit
+from _common import cpu_seconds, emit
 
 
 def tokenize(config_path: str) -> dict:
     from datasets import load_from_disk
-    from tunepipe.tokenize import run_tokenize
-    from tunepipe.validate import run_validate
 
     from tunepipe.config_loader import load_config
     from tunepipe.layout import Layout
     from tunepipe.modeling import ensure_base_model
+    from tunepipe.tokenize import run_tokenize
+    from tunepipe.validate import run_validate
 
     cfg = load_config(config_path)
     layout = Layout.at(cfg.train.output_dir)
     ensure_base_model(cfg.model, layout.base_model)  # a manifest + hash, not part of the timing
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     run_validate(cfg, layout)
     validated = time.perf_counter()
     run_tokenize(cfg, layout)
-    end = time.perf_counter()
+    end, cpu = time.perf_counter(), cpu_seconds() - cpu_start
     train = load_from_disk(str(layout.tokenized / "train"))
     tokens = sum(len(ids) for ids in train["input_ids"])
-    return {"seconds": round(end - start, 3), "validate_s": round(validated - start, 3),
+    return {"seconds": round(end - start, 3), "cpu_s": round(cpu, 3), "validate_s": round(validated - start, 3),
             "tokenize_s": round(end - validated, 3), "rows_out": len(train), "tokens": tokens}
 
 

@@ -76,7 +76,8 @@ def run_side(side: str, precision: str, round_no: int, tmp: Path, base: Path, st
     result["process_wall_s"] = round(measured.wall_s, 1)
     result["max_rss_mib"] = round(measured.max_rss_mib)
     print(f"[bench] {name:<22} {result['real_tokens_per_s']:8.1f} real tok/s  train {result['train_s']:7.1f} s  "
-          f"real {result['real_tokens']} / slots {result['slot_tokens']}  peak RSS {result['max_rss_mib']} MiB  "
+          f"CPU {result['train_cpu_s']:7.1f} s  real {result['real_tokens']} / slots {result['slot_tokens']}  "
+          f"peak RSS {result['max_rss_mib']} MiB  "
           f"first loss {result['first_loss']}", flush=True)
     return result
 
@@ -111,15 +112,16 @@ def main() -> int:
 
 
 def report(runs: dict, machine: dict, args: argparse.Namespace) -> None:
-    print("\n| precision | side | real tokens/s | train s (8 steps) | real / slot tokens | peak RSS MiB "
+    print("\n| precision | side | real tokens/s | train s | train CPU s | real / slot tokens | peak RSS MiB "
           "| first-batch loss |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for precision, by_side in runs.items():
         for side, results in by_side.items():
             tps = statistics.median(r["real_tokens_per_s"] for r in results)
             train_s = statistics.median(r["train_s"] for r in results)
+            cpu_s = statistics.median(r["train_cpu_s"] for r in results)
             first = results[0]
-            print(f"| {precision} | {side} | {tps:.1f} | {train_s:.1f} | {first['real_tokens']} / "
+            print(f"| {precision} | {side} | {tps:.1f} | {train_s:.1f} | {cpu_s:.1f} | {first['real_tokens']} / "
                   f"{first['slot_tokens']} | {max(r['max_rss_mib'] for r in results)} | {first['first_loss']} |")
     if len(next(iter(runs.values()))) == 2:
         for precision, by_side in runs.items():
@@ -127,9 +129,12 @@ def report(runs: dict, machine: dict, args: argparse.Namespace) -> None:
             speedup = (statistics.median(r["real_tokens_per_s"] for r in tp)
                        / statistics.median(r["real_tokens_per_s"] for r in lf))
             mem = max(r["max_rss_mib"] for r in tp) / max(r["max_rss_mib"] for r in lf)
+            cpu = (statistics.median(r["train_cpu_s"] / r["real_tokens"] for r in lf)
+                   / statistics.median(r["train_cpu_s"] / r["real_tokens"] for r in tp))
             same_rows = tp[0]["first_batch"] == lf[0]["first_batch"]
             loss_diff = abs(tp[0]["first_loss"] - lf[0]["first_loss"]) / lf[0]["first_loss"]
-            print(f"{precision}: tunepipe / LLaMA-Factory real tokens/s {speedup:.2f}x (target >= 3x); "
+            print(f"{precision}: tunepipe / LLaMA-Factory real tokens/s {speedup:.2f}x (target >= 3x), "
+                  f"per CPU second {cpu:.2f}x; "
                   f"peak RSS ratio {mem:.2f} (target <= 1); same first-batch rows: {same_rows}; "
                   f"first-batch loss differs by {100 * loss_diff:.2f}% (target <= 1%)")
     machine["load_avg_1m_end"] = round(os.getloadavg()[0], 2)

@@ -37,6 +37,7 @@ class TrainerProbe(TrainerCallback):
         self.log_history: list[dict] = []
         self.first_batch: dict = {}
         self.gpu_peak: dict = {}
+        self.cpu_begin = self.cpu_end = 0.0
 
     def count(self, inputs) -> None:
         input_ids = inputs["input_ids"]
@@ -52,9 +53,11 @@ class TrainerProbe(TrainerCallback):
         self._step_begin = time.perf_counter()
         if self.first_step_begin is None:
             self.first_step_begin = self._step_begin
+            self.cpu_begin = process_cpu_seconds()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.last_step_end = time.perf_counter()
+        self.cpu_end = process_cpu_seconds()
         self.step_times.append(self.last_step_end - self._step_begin)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -72,11 +75,20 @@ class TrainerProbe(TrainerCallback):
             "real_tokens": self.real_tokens,
             "slot_tokens": self.slot_tokens,
             "real_tokens_per_s": round(self.real_tokens / train_s, 2) if train_s > 0 else None,
+            "train_cpu_s": round(self.cpu_end - self.cpu_begin, 3),
             "first_loss": losses[0] if losses else None,
             "first_batch": self.first_batch,
             "losses": losses,
             **self.gpu_peak,
         }
+
+
+def process_cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (see _common.cpu_seconds for why)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def gpu_peak_memory() -> dict:
