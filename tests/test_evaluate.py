@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from tests.fixtures.adapters import QUESTIONS, make_adapter, pair_row, save_split, write_sft_eval_split
+from tests.fixtures.adapters import (
+    QUESTIONS,
+    make_adapter,
+    make_reward_adapter,
+    pair_row,
+    save_split,
+    write_sft_eval_split,
+)
 from tunepipe.config_loader import load_config
 from tunepipe.errors import TunepipeError
 from tunepipe.evaluate import run_evaluate
@@ -114,6 +121,32 @@ def test_preference_eval_reports_reward_margins(tiny_model_dir, tmp_path):
     assert report["predict_samples"] == 2 and "rouge-1" in report["tuned"]
     predictions = (tmp_path / "reports" / "predictions.jsonl").read_text().splitlines()
     assert json.loads(predictions[0])["label"] == QUESTIONS[0][1]
+
+
+def test_reward_model_eval_reports_pairwise_accuracy(tiny_model_dir, tmp_path):
+    import torch
+
+    from tunepipe.modeling import load_tokenizer
+    from tunepipe.scoring import load_reward_model
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    rows = [pair_row(tokenizer, q, a, "I do not know.") for q, a in QUESTIONS]
+    save_split(rows, tmp_path / "data" / "tokenized" / "eval")
+    layout = Layout.at(tmp_path)
+    make_reward_adapter(tiny_model_dir, layout.adapter)
+    report = run_evaluate(config(tiny_model_dir, "train.stage=rm"), layout)
+    # The same scores one unpadded row at a time.
+    model = load_reward_model(layout.adapter, tiny_model_dir, tokenizer.pad_token_id)
+    with torch.no_grad():
+        def score(ids):
+            return model(input_ids=torch.tensor([ids])).logits.item()
+
+        wins = [score(r["chosen_input_ids"]) > score(r["rejected_input_ids"]) for r in rows]
+    tuned = report["tuned"]
+    assert tuned["pairwise_accuracy"] == pytest.approx(sum(wins) / len(rows))
+    assert tuned["score_margin"] == pytest.approx(tuned["score_chosen"] - tuned["score_rejected"], abs=1e-6)
+    assert "base" not in report and report["eval_rows"] == len(rows)
+    assert (tmp_path / "reports" / "predictions.jsonl").read_text() == ""
 
 
 def test_missing_eval_split_and_missing_training_are_user_errors(tiny_model_dir, tmp_path):

@@ -143,7 +143,7 @@ def test_dpo_rewards_are_beta_times_log_ratio_to_the_base():
     assert metrics["rewards/margins"] == pytest.approx(0.0)
     assert metrics["rewards/accuracies"] == pytest.approx(0.5)
     same = preference_metrics(cfg, base, base)
-    assert same["rewards/margins"] == 0.0 and same["pref_loss"] == pytest.approx(math.log(2))
+    assert same["rewards/margins"] == 0.0 and same["rewards/accuracies"] == 0.0
 
 
 def test_simpo_rewards_use_mean_log_probs_without_reference():
@@ -153,6 +153,30 @@ def test_simpo_rewards_use_mean_log_probs_without_reference():
     assert metrics["rewards/chosen"] == pytest.approx(-1.0)
     assert metrics["rewards/rejected"] == pytest.approx(-3.0)
     assert metrics["rewards/accuracies"] == 1.0
+
+
+@pytest.mark.parametrize("pref_loss", ["sigmoid", "hinge", "ipo", "orpo", "simpo"])
+def test_eval_rewards_equal_the_trainers_rewards(pref_loss):
+    from tunepipe.pref_metrics import MEAN_LOGPS, REFERENCE_FREE, pair_rewards
+    from tunepipe.train import pref_losses
+
+    assert pref_losses.USES_MEAN_LOGPS == MEAN_LOGPS
+    cfg = TrainConfig(stage="dpo", pref_loss=pref_loss, pref_beta=0.3)
+    tuned = {"chosen": [(-2.0, 4), (-1.0, 2)], "rejected": [(-6.0, 3), (-0.5, 1)]}
+    base = {"chosen": [(-3.0, 4), (-1.5, 2)], "rejected": [(-5.0, 3), (-1.0, 1)]}
+    chosen, rejected = pair_rewards(cfg, tuned, base)
+
+    def logps(side, source):
+        return torch.tensor([t / n if pref_loss in MEAN_LOGPS else t for t, n in source[side]], dtype=torch.float64)
+
+    args = [logps("chosen", tuned), logps("rejected", tuned)]
+    if pref_loss not in REFERENCE_FREE:
+        args += [logps("chosen", base), logps("rejected", base)]
+    loss = {"sigmoid": pref_losses.dpo_sigmoid_loss, "hinge": pref_losses.dpo_hinge_loss,
+            "ipo": pref_losses.ipo_loss, "orpo": pref_losses.orpo_loss,
+            "simpo": lambda pc, pr, beta: pref_losses.simpo_loss(pc, pr, beta, 0.5)}[pref_loss](*args, beta=0.3)
+    assert chosen == pytest.approx(loss.chosen_rewards.tolist())
+    assert rejected == pytest.approx(loss.rejected_rewards.tolist())
 
 
 def test_kto_reward_margin_separates_desirable_from_undesirable():

@@ -1,11 +1,14 @@
 """Preference metrics on eval pairs: implicit rewards, their margins and accuracy.
 
-The rewards are the ones the preference trainers optimise, computed by the same loss
-functions (`tunepipe.train.pref_losses`) on the eval split: DPO / hinge / IPO reward a
-sequence by beta x its log-prob ratio to the reference (the base), ORPO and SimPO by
-beta x its mean log-prob (no reference), KTO by beta x its log-prob ratio. A preference
-fine-tune worked when `rewards/margins` (chosen - rejected) is positive and
-`rewards/accuracies` (pairs whose chosen reward is higher) is above one half.
+The rewards are the ones the preference trainers log (`tunepipe.train.pref_losses`),
+recomputed on the eval split: DPO (`sigmoid`, `hinge`) rewards a sequence by beta x
+its summed log-prob ratio to the reference (the base), IPO the same on mean log-probs,
+ORPO and SimPO by beta x the mean log-prob (no reference), KTO by beta x the summed
+ratio. A preference fine-tune worked when `rewards/margins` (chosen - rejected) is
+positive and `rewards/accuracies` (pairs whose chosen reward is higher) is above one
+half. The formulas are one line each, so they are restated here rather than imported:
+importing `tunepipe.train` would load the whole training stack (and make every training
+module a DVC dependency of evaluate); a test checks they equal the trainers' rewards.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from tunepipe.config import TrainConfig
 from tunepipe.lm_metrics import sequence_logps
 
 REFERENCE_FREE = frozenset({"orpo", "simpo"})
+# Losses computed on log-probs averaged over the answer tokens (pref_losses.USES_MEAN_LOGPS).
+MEAN_LOGPS = frozenset({"ipo", "orpo", "simpo"})
 
 
 def split_kind(dataset) -> str:
@@ -46,55 +51,46 @@ def preference_logps(model, dataset, pad_id: int, batch_size: int, desc: str) ->
             "tags": list(dataset["kto_tag"])}
 
 
-def _values(logps, mean: bool):
-    import torch
-
-    return torch.tensor([total / max(count, 1) if mean else total for total, count in logps],
-                        dtype=torch.float64)
+def _values(logps, mean: bool) -> list[float]:
+    return [total / max(count, 1) if mean else total for total, count in logps]
 
 
-def pair_rewards(train_cfg: TrainConfig, tuned: dict, base: dict | None):
-    """(chosen rewards, rejected rewards, per-pair loss) with the trained objective's formula."""
-    from tunepipe.train import pref_losses as losses
-
-    kind = train_cfg.pref_loss
-    mean = kind in losses.USES_MEAN_LOGPS
-    pc, pr = _values(tuned["chosen"], mean), _values(tuned["rejected"], mean)
+def pair_rewards(train_cfg: TrainConfig, tuned: dict, base: dict | None) -> tuple[list[float], list[float]]:
+    """Per pair: (chosen reward, rejected reward) as the trained objective defines them."""
+    mean = train_cfg.pref_loss in MEAN_LOGPS
     beta = train_cfg.pref_beta
-    if kind == "orpo":
-        return losses.orpo_loss(pc, pr, beta)
-    if kind == "simpo":
-        return losses.simpo_loss(pc, pr, beta, train_cfg.simpo_gamma)
-    rc, rr = _values(base["chosen"], mean), _values(base["rejected"], mean)
-    if kind == "hinge":
-        return losses.dpo_hinge_loss(pc, pr, rc, rr, beta)
-    if kind == "ipo":
-        return losses.ipo_loss(pc, pr, rc, rr, beta)
-    return losses.dpo_sigmoid_loss(pc, pr, rc, rr, beta, train_cfg.dpo_label_smoothing)
+    rewards = []
+    for side in ("chosen", "rejected"):
+        policy = _values(tuned[side], mean)
+        if train_cfg.pref_loss in REFERENCE_FREE:
+            rewards.append([beta * p for p in policy])
+        else:
+            rewards.append([beta * (p - r) for p, r in zip(policy, _values(base[side], mean), strict=True)])
+    return rewards[0], rewards[1]
 
 
 def preference_metrics(train_cfg: TrainConfig, tuned: dict, base: dict | None) -> dict[str, float]:
-    """rewards/{chosen,rejected,margins,accuracies} and the objective's eval loss."""
+    """rewards/{chosen,rejected,margins,accuracies} over the eval pairs (or KTO rows)."""
     if "tags" in tuned:
         return _kto_metrics(train_cfg, tuned, base)
-    result = pair_rewards(train_cfg, tuned, base)
-    chosen, rejected = result.chosen_rewards, result.rejected_rewards
-    return {"rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
-            "rewards/margins": (chosen - rejected).mean().item(),
-            "rewards/accuracies": (chosen > rejected).double().mean().item(),
-            "pref_loss": result.losses.mean().item(), "eval_pairs": len(chosen)}
+    chosen, rejected = pair_rewards(train_cfg, tuned, base)
+    count = len(chosen)
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    return {"rewards/chosen": sum(chosen) / count, "rewards/rejected": sum(rejected) / count,
+            "rewards/margins": sum(margins) / count,
+            "rewards/accuracies": sum(m > 0 for m in margins) / count, "eval_pairs": count}
 
 
 def _kto_metrics(train_cfg: TrainConfig, tuned: dict, base: dict) -> dict[str, float]:
-    import torch
-
-    rewards = train_cfg.pref_beta * (_values(tuned["rows"], False) - _values(base["rows"], False))
-    tags = torch.tensor(tuned["tags"], dtype=torch.bool)
-    metrics = {"eval_rows": len(rewards)}
-    if tags.any():
-        metrics["rewards/chosen"] = rewards[tags].mean().item()
-    if (~tags).any():
-        metrics["rewards/rejected"] = rewards[~tags].mean().item()
-    if tags.any() and (~tags).any():
+    rewards = [train_cfg.pref_beta * (p - r)
+               for p, r in zip(_values(tuned["rows"], False), _values(base["rows"], False), strict=True)]
+    good = [r for r, tag in zip(rewards, tuned["tags"], strict=True) if tag]
+    bad = [r for r, tag in zip(rewards, tuned["tags"], strict=True) if not tag]
+    metrics: dict[str, float] = {"eval_rows": len(rewards)}
+    if good:
+        metrics["rewards/chosen"] = sum(good) / len(good)
+    if bad:
+        metrics["rewards/rejected"] = sum(bad) / len(bad)
+    if good and bad:
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return metrics
