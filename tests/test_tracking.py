@@ -163,6 +163,7 @@ def test_callback_logs_one_point_per_logging_step(store_uri, tmp_path):
     assert [step for step, value in history("tokens_per_second") if value > 0] == [2, 4, 6]
     assert history("eval_loss") == [(6, 0.7)]
     assert history("train_loss") == [(6, 1.1)]
+    assert history("num_input_tokens_seen") == []  # logged once, as tokens_seen
 
 
 def test_callback_is_silent_on_other_ranks(store_uri, tmp_path):

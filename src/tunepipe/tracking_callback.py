@@ -51,7 +51,8 @@ class TrackingCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        metrics = {key: value for key, value in logs.items() if key != "step"}
+        # the trainer's own num_input_tokens_seen is logged once, as tokens_seen, on training logs
+        metrics = {key: value for key, value in logs.items() if key not in ("step", "num_input_tokens_seen")}
         if "loss" in logs:  # a training log (eval and end-of-training logs have other keys)
             metrics.update(self._throughput(state.num_input_tokens_seen))
         self.tracker.log_metrics(metrics, step=state.global_step)
