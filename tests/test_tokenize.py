@@ -19,7 +19,8 @@ from tunepipe.modeling import load_tokenizer
 from tunepipe.packing import unpack
 from tunepipe.templates import ChatFormat
 from tunepipe.tokenize import run_tokenize
-from tunepipe.validate import read_manifest, read_validated, run_validate
+from tunepipe.validate import run_validate
+from tunepipe.validated import read_manifest, read_validated
 
 SFT_DEMO = "identity,alpaca_en_demo,glaive_toolcall_en_demo"
 

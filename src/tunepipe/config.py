@@ -99,6 +99,8 @@ class DataConfig:
         _require(self.max_samples is None or self.max_samples > 0, "data", "max_samples",
                  self.max_samples, "must be > 0")
         _require(bool(self.datasets()), "data", "dataset", self.dataset, "names no dataset")
+        _require(not (self.eval_datasets() and self.val_size), "data", "val_size", self.val_size,
+                 "must be 0 when eval_dataset is set (the eval split is that dataset)")
         if self.neat_packing:
             self.packing = True
 

@@ -25,7 +25,7 @@ from tunepipe.mixing import mix, sample_rows, split_eval
 from tunepipe.modeling import load_tokenizer
 from tunepipe.packing import pack, pretrain_blocks
 from tunepipe.templates import ChatFormat
-from tunepipe.validate import KINDS_FOR_STAGE, read_manifest, read_validated
+from tunepipe.validated import KINDS_FOR_STAGE, read_manifest, read_validated
 
 log = logging.getLogger(__name__)
 

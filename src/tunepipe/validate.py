@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,20 +21,19 @@ from tqdm.auto import tqdm
 from tunepipe.config import Config
 from tunepipe.errors import TunepipeError
 from tunepipe.formats import Mapper
-from tunepipe.io_utils import atomic_dir, write_json_atomic, write_text_atomic
+from tunepipe.io_utils import write_json_atomic, write_text_atomic
 from tunepipe.layout import Layout
 from tunepipe.readers import RawRow, read_rows
 from tunepipe.registry import DatasetEntry, get_entries
 from tunepipe.row_checks import check_view, problem_record
+from tunepipe.validated import KINDS_FOR_STAGE, write_validated
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 REPORT = "validation.json"
 REJECTED = "rejected.jsonl"
 ERRORS_IN_FULL = 100
 ERRORS_SHOWN = 5
-KINDS_FOR_STAGE = {"sft": "sft", "pt": "pretrain", "dpo": "preference", "rm": "preference", "kto": "kto"}
 KIND_HINT = {"preference": "a preference dataset has \"ranking\": true and chosen/rejected columns",
              "kto": "a KTO dataset maps a kto_tag column (\"columns\": {\"kto_tag\": ...})",
              "sft": "an SFT dataset has neither \"ranking\" nor a kto_tag column",
@@ -79,7 +77,8 @@ def run_validate(cfg: Config, layout: Layout) -> dict:
             raise TunepipeError(f"dataset {name!r}: no valid rows left out of {result.rows_read} "
                                 f"(see {layout.reports / REPORT})")
     write_rejected(layout.reports / REJECTED, results)
-    write_validated(layout.validated, stage, splits, results)
+    write_validated(layout.validated, stage, splits, {name: r.rows for name, r in results.items()},
+                    {name: {"kind": r.kind, "num_samples": r.entry.num_samples} for name, r in results.items()})
     for name, result in results.items():
         log.info("%s: %d rows valid, %d dropped", name, len(result.rows), len(result.invalid))
     return report
@@ -178,36 +177,6 @@ def error_summary(bad: dict[str, DatasetResult], layout: Layout) -> str:
 def write_rejected(path: Path, results: dict[str, DatasetResult]) -> None:
     lines = [json.dumps(rec, ensure_ascii=False) for r in results.values() for rec in r.rejected]
     write_text_atomic(path, "".join(line + "\n" for line in lines))
-
-
-def write_validated(target: Path, stage: str, splits: dict, results: dict[str, DatasetResult]) -> None:
-    files = {name: f"{safe_name(name)}.jsonl" for name in results}
-    with atomic_dir(target) as tmp:
-        for name, result in results.items():
-            dumps = json.dumps
-            with open(tmp / files[name], "w", encoding="utf-8") as handle:
-                handle.writelines(dumps(row, ensure_ascii=False) + "\n" for row in result.rows)
-        manifest = {"stage": stage, **{split: [
-            {"name": name, "kind": results[name].kind, "rows": len(results[name].rows), "file": files[name],
-             "num_samples": results[name].entry.num_samples} for name in names] for split, names in splits.items()}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-
-
-def read_manifest(validated: Path) -> dict:
-    path = validated / MANIFEST
-    if not path.is_file():
-        raise TunepipeError(f"{path} not found", hint="run the validate stage first (tunepipe validate CONFIG)")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def read_validated(validated: Path, item: dict) -> list[dict]:
-    """The canonical rows of one manifest item."""
-    with open(validated / item["file"], encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle]
-
-
-def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 def _relative_files(entry: DatasetEntry, dataset_dir: Path) -> list[str]:

@@ -1,0 +1,29 @@
+"""tokenize stage: validated rows -> tokenized Arrow shards for the train stage.
+
+Reads:   data/validated/, models/base (the tokenizer and its chat template), params.yaml
+         data.template, cutoff_len, overlong, max_samples, val_size, split_seed,
+         mix_strategy, interleave_probs, train_on_prompt, mask_history, packing,
+         neat_packing, tool_format, train.stage, model.trust_remote_code
+Writes:  data/tokenized/{train,eval} (HF datasets, load_from_disk) + meta.json,
+         metrics/data.json (rows in/out, tokens, truncated, dropped, mean/max length,
+         packing efficiency)
+Command: dvc repro tokenize   (or: tunepipe tokenize params.yaml)
+"""
+
+from tunepipe.config_loader import load_config
+from tunepipe.errors import stage_main
+from tunepipe.layout import Layout
+from tunepipe.tokenize import run_tokenize
+
+
+def main() -> None:
+    cfg = load_config("params.yaml")
+    metrics = run_tokenize(cfg, Layout.at("."))
+    for split in ("train", "eval"):
+        stats = metrics[split]
+        print(f"tokenize: {split}: {stats['rows_out']} rows of {stats['rows_in']}, {stats['tokens']} tokens, "
+              f"{stats['truncated']} truncated, {stats['dropped']} dropped")
+
+
+if __name__ == "__main__":
+    stage_main(main)
