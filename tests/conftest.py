@@ -43,3 +43,24 @@ def lf_demo_dir() -> Path:
     if not (LF_DEMO / "dataset_info.json").is_file():
         pytest.skip(f"LLaMA-Factory demo data not found at {LF_DEMO}")
     return LF_DEMO
+
+
+@pytest.fixture(scope="session")
+def mlflow_template_db(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store, migrated once per session (migrations take seconds)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_uri(mlflow_template_db, tmp_path) -> str:
+    """A fresh temporary MLflow store for one test (a copy of the migrated template)."""
+    import shutil
+
+    path = tmp_path / "mlflow-store" / "mlflow.db"
+    path.parent.mkdir()
+    shutil.copy(mlflow_template_db, path)
+    return f"sqlite:///{path}"

@@ -8,7 +8,6 @@ in test_tracking_train.py.
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
 from dataclasses import fields
 from pathlib import Path
@@ -26,30 +25,12 @@ from tunepipe.tracking import (
     configured_tracking_uri,
     read_run_record,
     resolve_tracking_uri,
+    run_record,
     write_run_record,
 )
 from tunepipe.tracking_tags import data_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def migrated_store(tmp_path_factory) -> Path:
-    """An empty MLflow sqlite store, migrated once per session (migrations take seconds)."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def store_uri(migrated_store, tmp_path) -> str:
-    """A fresh temporary store per test: a copy of the migrated template."""
-    path = tmp_path / "store" / "mlflow.db"
-    path.parent.mkdir()
-    shutil.copy(migrated_store, path)
-    return f"sqlite:///{path}"
 
 
 def client(uri):
@@ -58,8 +39,8 @@ def client(uri):
     return MlflowClient(tracking_uri=uri)
 
 
-def make_config(store_uri: str, *overrides: str):
-    return load_config(None, [f"tracking.tracking_uri={store_uri}", *overrides])
+def make_config(mlflow_uri: str, *overrides: str):
+    return load_config(None, [f"tracking.tracking_uri={mlflow_uri}", *overrides])
 
 
 def make_layout(tmp_path: Path) -> Layout:
@@ -75,11 +56,11 @@ def fake_args():
     return SimpleNamespace(include_num_input_tokens_seen="no")
 
 
-def test_start_logs_every_group_flattened(store_uri, tmp_path):
-    cfg = make_config(store_uri, "train.lora_rank=4", "data.dataset=identity,alpaca_en_demo")
+def test_start_logs_every_group_flattened(mlflow_uri, tmp_path):
+    cfg = make_config(mlflow_uri, "train.lora_rank=4", "data.dataset=identity,alpaca_en_demo")
     tracker = Tracker.start(cfg, make_layout(tmp_path))
     assert tracker.enabled
-    params = client(store_uri).get_run(tracker.run_id).data.params
+    params = client(mlflow_uri).get_run(tracker.run_id).data.params
     expected = {f"{group}.{f.name}" for group, cls in GROUPS.items() for f in fields(cls)}
     assert set(params) == expected
     assert params["train.lora_rank"] == "4"
@@ -88,23 +69,23 @@ def test_start_logs_every_group_flattened(store_uri, tmp_path):
     assert params["model.quantization_bit"] == "None"
 
 
-def test_overlong_param_is_truncated_not_rejected(store_uri, tmp_path):
+def test_overlong_param_is_truncated_not_rejected(mlflow_uri, tmp_path):
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
     keywords = "[" + ",".join(f"name{i:05d}" for i in range(1000)) + "]"
-    cfg = make_config(store_uri, f"eval.identity_keywords={keywords}")
+    cfg = make_config(mlflow_uri, f"eval.identity_keywords={keywords}")
     tracker = Tracker.start(cfg, make_layout(tmp_path))
-    value = client(store_uri).get_run(tracker.run_id).data.params["eval.identity_keywords"]
+    value = client(mlflow_uri).get_run(tracker.run_id).data.params["eval.identity_keywords"]
     assert len(value) == MAX_PARAM_VAL_LENGTH
     assert value.startswith('["name00000", "name00001"') and value.endswith("...[truncated]")
 
 
-def test_tags_name_commit_dvc_experiment_and_data(store_uri, tmp_path, monkeypatch):
+def test_tags_name_commit_dvc_experiment_and_data(mlflow_uri, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("DVC_EXP_NAME", "plumy-tram")
     layout = make_layout(tmp_path)
-    tracker = Tracker.start(make_config(store_uri), layout)
-    run = client(store_uri).get_run(tracker.run_id)
+    tracker = Tracker.start(make_config(mlflow_uri), layout)
+    run = client(mlflow_uri).get_run(tracker.run_id)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                           check=True).stdout.strip()
     assert run.data.tags["git_commit"] == head
@@ -146,11 +127,11 @@ def run_fake_training(callback, tokens_per_step=(30, 50, 40, 60, 20, 10), loggin
     return args, state
 
 
-def test_callback_logs_one_point_per_logging_step(store_uri, tmp_path):
-    tracker = Tracker.start(make_config(store_uri), make_layout(tmp_path))
+def test_callback_logs_one_point_per_logging_step(mlflow_uri, tmp_path):
+    tracker = Tracker.start(make_config(mlflow_uri), make_layout(tmp_path))
     args, _ = run_fake_training(tracker.callback())
     assert args.include_num_input_tokens_seen == "non_padding"  # the trainer now counts tokens
-    mlflow = client(store_uri)
+    mlflow = client(mlflow_uri)
 
     def history(key):
         return [(m.step, m.value) for m in sorted(mlflow.get_metric_history(tracker.run_id, key),
@@ -166,19 +147,19 @@ def test_callback_logs_one_point_per_logging_step(store_uri, tmp_path):
     assert history("num_input_tokens_seen") == []  # logged once, as tokens_seen
 
 
-def test_callback_is_silent_on_other_ranks(store_uri, tmp_path):
-    tracker = Tracker.start(make_config(store_uri), make_layout(tmp_path))
+def test_callback_is_silent_on_other_ranks(mlflow_uri, tmp_path):
+    tracker = Tracker.start(make_config(mlflow_uri), make_layout(tmp_path))
     callback = tracker.callback()
     from transformers import TrainerState
 
     state = TrainerState(is_world_process_zero=False, global_step=1)
     callback.on_train_begin(fake_args(), state, None)
     callback.on_log(fake_args(), state, None, logs={"loss": 1.0})
-    assert client(store_uri).get_run(tracker.run_id).data.metrics == {}
+    assert client(mlflow_uri).get_run(tracker.run_id).data.metrics == {}
 
 
-def test_artifacts_are_files_only(store_uri, tmp_path):
-    tracker = Tracker.start(make_config(store_uri), make_layout(tmp_path))
+def test_artifacts_are_files_only(mlflow_uri, tmp_path):
+    tracker = Tracker.start(make_config(mlflow_uri), make_layout(tmp_path))
     stats = tmp_path / "data.json"
     stats.write_text('{"rows": 3}')
     checkpoint = tmp_path / "checkpoint-5"
@@ -188,21 +169,21 @@ def test_artifacts_are_files_only(store_uri, tmp_path):
     tracker.log_artifact(checkpoint)
     tracker.log_artifact(tmp_path / "absent.png")
     assert tracker.enabled
-    listed = client(store_uri).list_artifacts(tracker.run_id, "metrics")
+    listed = client(mlflow_uri).list_artifacts(tracker.run_id, "metrics")
     assert [a.path for a in listed] == ["metrics/data.json"]
-    assert [a.path for a in client(store_uri).list_artifacts(tracker.run_id)] == ["metrics"]
+    assert [a.path for a in client(mlflow_uri).list_artifacts(tracker.run_id)] == ["metrics"]
     # a sqlite store keeps its artifacts beside the .db file, not in the cwd's ./mlruns
-    store_dir = Path(store_uri[len("sqlite:///"):]).parent
+    store_dir = Path(mlflow_uri[len("sqlite:///"):]).parent
     assert (store_dir / "mlartifacts" / "tunepipe" / tracker.run_id / "artifacts" / "metrics" / "data.json").is_file()
 
 
-def test_join_logs_into_the_recorded_run(store_uri, tmp_path):
-    cfg = make_config(store_uri)
+def test_join_logs_into_the_recorded_run(mlflow_uri, tmp_path):
+    cfg = make_config(mlflow_uri)
     tracker = Tracker.start(cfg, make_layout(tmp_path))
     trained = tmp_path / "adapter"
     write_run_record(trained, cfg, tracker)
     record = read_run_record(trained)
-    assert record == {"mlflow_run_id": tracker.run_id, "tracking_uri": store_uri, "stage": "sft",
+    assert record == {"mlflow_run_id": tracker.run_id, "tracking_uri": mlflow_uri, "stage": "sft",
                       "finetuning_type": "lora", "quantization_bit": None,
                       "base_model": cfg.model.model_name_or_path}
     tracker.end("FINISHED")
@@ -212,35 +193,35 @@ def test_join_logs_into_the_recorded_run(store_uri, tmp_path):
     joined.log_metrics({"eval/loss": 0.5, "eval/identity_accuracy": 1.0})
     joined.set_tags({"export.dir": "models/export"})
     joined.end("FINISHED")
-    run = client(store_uri).get_run(tracker.run_id)
+    run = client(mlflow_uri).get_run(tracker.run_id)
     assert run.data.metrics["eval/identity_accuracy"] == 1.0
     assert run.data.tags["export.dir"] == "models/export"
     assert run.info.status == "FINISHED"
 
 
-def test_join_without_a_recorded_run_is_a_noop(store_uri, tmp_path):
-    cfg = make_config(store_uri, "tracking.report_to=none")
+def test_join_without_a_recorded_run_is_a_noop(mlflow_uri, tmp_path):
+    cfg = make_config(mlflow_uri, "tracking.report_to=none")
     trained = tmp_path / "adapter"
     write_run_record(trained, cfg, Tracker.start(cfg, make_layout(tmp_path)))
     assert read_run_record(trained)["mlflow_run_id"] is None
-    assert not Tracker.join(make_config(store_uri), trained).enabled
-    assert not Tracker.join(make_config(store_uri), tmp_path / "nothing-here").enabled
+    assert not Tracker.join(make_config(mlflow_uri), trained).enabled
+    assert not Tracker.join(make_config(mlflow_uri), tmp_path / "nothing-here").enabled
 
 
-def test_report_to_none_logs_nothing(store_uri, tmp_path):
-    tracker = Tracker.start(make_config(store_uri, "tracking.report_to=none"), make_layout(tmp_path))
+def test_report_to_none_logs_nothing(mlflow_uri, tmp_path):
+    tracker = Tracker.start(make_config(mlflow_uri, "tracking.report_to=none"), make_layout(tmp_path))
     assert not tracker.enabled and tracker.run_id is None
     run_fake_training(tracker.callback())
     tracker.log_artifact(__file__)
     tracker.end("FINISHED")
-    assert client(store_uri).search_runs(
-        [e.experiment_id for e in client(store_uri).search_experiments()]) == []
+    assert client(mlflow_uri).search_runs(
+        [e.experiment_id for e in client(mlflow_uri).search_experiments()]) == []
 
 
-def test_only_rank_zero_creates_a_run(store_uri, tmp_path, monkeypatch):
+def test_only_rank_zero_creates_a_run(mlflow_uri, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
-    assert not Tracker.start(make_config(store_uri), make_layout(tmp_path)).enabled
-    assert client(store_uri).get_experiment_by_name("tunepipe") is None
+    assert not Tracker.start(make_config(mlflow_uri), make_layout(tmp_path)).enabled
+    assert client(mlflow_uri).get_experiment_by_name("tunepipe") is None
 
 
 def test_unusable_store_costs_one_warning(tmp_path, caplog):
@@ -257,8 +238,9 @@ def test_unusable_store_costs_one_warning(tmp_path, caplog):
     assert len(warnings) == 1 and "MLflow tracking disabled" in warnings[0] and str(blocker) in warnings[0]
 
 
-def test_store_failing_mid_run_costs_one_warning(store_uri, tmp_path, caplog, monkeypatch):
-    tracker = Tracker.start(make_config(store_uri), make_layout(tmp_path))
+def test_store_failing_mid_run_costs_one_warning(mlflow_uri, tmp_path, caplog, monkeypatch):
+    cfg = make_config(mlflow_uri)
+    tracker = Tracker.start(cfg, make_layout(tmp_path))
     assert tracker.enabled
 
     def broken(*args, **kwargs):
@@ -271,6 +253,8 @@ def test_store_failing_mid_run_costs_one_warning(store_uri, tmp_path, caplog, mo
     warnings = [r.getMessage() for r in caplog.records if r.name == "tunepipe.tracking"]
     assert len(warnings) == 1 and "disk full" in warnings[0]
     assert not tracker.enabled
+    # the run exists in the store, so the record still names it for evaluate to join
+    assert run_record(cfg, tracker)["mlflow_run_id"] == tracker.run_id
 
 
 def test_tracking_uri_precedence_and_resolution(tmp_path, monkeypatch):
@@ -291,15 +275,15 @@ def test_tracking_uri_precedence_and_resolution(tmp_path, monkeypatch):
     assert resolve_tracking_uri("http://host:5000") == "http://host:5000"
 
 
-def test_context_manager_marks_failed_runs(store_uri, tmp_path):
-    tracker = Tracker.start(make_config(store_uri), make_layout(tmp_path))
+def test_context_manager_marks_failed_runs(mlflow_uri, tmp_path):
+    tracker = Tracker.start(make_config(mlflow_uri), make_layout(tmp_path))
     with pytest.raises(RuntimeError), tracker:
         raise RuntimeError("training crashed")
-    assert client(store_uri).get_run(tracker.run_id).info.status == "FAILED"
+    assert client(mlflow_uri).get_run(tracker.run_id).info.status == "FAILED"
     assert RUN_RECORD == "tunepipe_run.json"
 
 
-def test_callback_in_a_real_trainer_counts_real_tokens(store_uri, tmp_path, tiny_model_dir):
+def test_callback_in_a_real_trainer_counts_real_tokens(mlflow_uri, tmp_path, tiny_model_dir):
     """transformers' own Trainer loop: one point per logging step, tokens = non-padding tokens."""
     from transformers import (
         AutoModelForCausalLM,
@@ -311,7 +295,7 @@ def test_callback_in_a_real_trainer_counts_real_tokens(store_uri, tmp_path, tiny
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = [{"input_ids": list(range(10, 14 + 3 * i)), "labels": list(range(10, 14 + 3 * i))} for i in range(12)]
-    tracker = Tracker.start(make_config(store_uri), make_layout(tmp_path))
+    tracker = Tracker.start(make_config(mlflow_uri), make_layout(tmp_path))
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=6,
                              logging_steps=2, save_strategy="no", report_to=[], use_cpu=True,
                              disable_tqdm=True, seed=0)
@@ -319,7 +303,7 @@ def test_callback_in_a_real_trainer_counts_real_tokens(store_uri, tmp_path, tiny
                       train_dataset=rows, data_collator=DataCollatorForSeq2Seq(tokenizer),
                       callbacks=[tracker.callback()])
     trainer.train()
-    mlflow = client(store_uri)
+    mlflow = client(mlflow_uri)
     losses = sorted(mlflow.get_metric_history(tracker.run_id, "loss"), key=lambda m: m.step)
     logged = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     assert [m.step for m in losses] == [step for step, _ in logged] == [2, 4, 6]

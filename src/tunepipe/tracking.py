@@ -324,10 +324,14 @@ def _tag(key, value):
 
 
 def run_record(cfg: Config, tracker: Tracker) -> dict[str, Any]:
-    """What `tunepipe_run.json` holds: the run to join and what was trained."""
+    """What `tunepipe_run.json` holds: the run to join and what was trained.
+
+    A run the store created keeps its id here even if the store failed later in training:
+    the run exists, and evaluate may reach the store again.
+    """
     return {
-        "mlflow_run_id": tracker.run_id if tracker.enabled else None,
-        "tracking_uri": tracker.configured_uri if tracker.enabled else None,
+        "mlflow_run_id": tracker.run_id,
+        "tracking_uri": tracker.configured_uri if tracker.run_id else None,
         "stage": cfg.train.stage,
         "finetuning_type": cfg.train.finetuning_type,
         "quantization_bit": cfg.model.quantization_bit,
