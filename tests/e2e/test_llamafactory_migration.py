@@ -87,7 +87,7 @@ def test_llamafactory_yaml_trains_and_exports_through_tunepipe(tmp_path, smollm2
     adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 32 and adapter_cfg["lora_alpha"] == 64  # LLaMA-Factory's 2 x rank
     assert set(adapter_cfg["target_modules"]) == LINEAR_MODULES  # lora_target: all
-    assert json.loads((out / "metrics" / "train.json").read_text())["global_step"] == 2
+    assert json.loads((out / "metrics" / "train.json").read_text())["steps"] == 2
 
     export_dir = tmp_path / "export"
     merge_cfg = tmp_path / "merge.yaml"
