@@ -9,7 +9,20 @@ forward (a 2B-row batch). Loss formulas live in pref_losses.py.
 
 from __future__ import annotations
 
-from tunepipe.train.pref_common import Objective, Reference, forward_log_probs, reward_metrics
+from tunepipe.config import Config
+from tunepipe.layout import Layout
+from tunepipe.modeling import load_tokenizer
+from tunepipe.train.model_setup import build_trainable_model
+from tunepipe.train.pref_common import (
+    Objective,
+    ObjectiveTrainer,
+    Reference,
+    add_objective_metrics,
+    build_reference,
+    forward_log_probs,
+    reward_metrics,
+)
+from tunepipe.train.pref_data import PREFERENCE_COLUMNS, REF_COLUMNS, PreferenceCollator
 from tunepipe.train.pref_losses import (
     USES_MEAN_LOGPS,
     dpo_hinge_loss,
@@ -18,6 +31,10 @@ from tunepipe.train.pref_losses import (
     orpo_loss,
     simpo_loss,
 )
+from tunepipe.train.ref_cache import precompute_reference
+from tunepipe.train.session import run_session
+from tunepipe.train.tokenized import load_tokenized
+from tunepipe.train.trainer_setup import optimizer_for
 
 REFERENCE_FREE = frozenset({"orpo", "simpo"})
 
@@ -62,3 +79,29 @@ def dpo_objective(train_cfg, reference: Reference | None) -> Objective:
         return loss, metrics
 
     return objective
+
+
+def train(cfg: Config, layout: Layout) -> dict:
+    """Train on the preference shards, write the adapter or full model; returns metrics/train.json."""
+    splits = load_tokenized(layout, cfg.train.stage, PREFERENCE_COLUMNS)
+    tokenizer = load_tokenizer(layout.base_model, trust_remote_code=cfg.model.trust_remote_code)
+    model = build_trainable_model(cfg, layout)
+    collator = PreferenceCollator(tokenizer.pad_token_id)
+    reference = None
+    if needs_reference(cfg.train):
+        if cfg.train.precompute_ref_log_probs:
+            splits = precompute_reference(cfg, layout, model, splits, collator, PREFERENCE_COLUMNS, REF_COLUMNS)
+            reference = Reference("precomputed")
+        else:
+            reference = build_reference(model, cfg.train)
+    built = []
+
+    def make_trainer(args, callbacks):
+        built.append(ObjectiveTrainer(
+            model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
+            data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
+            optimizers=(optimizer_for(model, cfg.train), None), objective=dpo_objective(cfg.train, reference)))
+        return built[-1]
+
+    summary = run_session(cfg, layout, model, tokenizer, splits.eval is not None, make_trainer)
+    return add_objective_metrics(layout, summary, built[-1])

@@ -11,8 +11,27 @@ from __future__ import annotations
 
 import torch
 
-from tunepipe.train.pref_common import Objective, Reference, forward_log_probs
+from tunepipe.config import Config
+from tunepipe.layout import Layout
+from tunepipe.modeling import load_tokenizer
+from tunepipe.train.model_setup import build_trainable_model
+from tunepipe.train.pref_common import (
+    Objective,
+    ObjectiveTrainer,
+    Reference,
+    add_objective_metrics,
+    build_reference,
+    forward_log_probs,
+)
+from tunepipe.train.pref_data import KTO_COLUMNS, KTO_REF_COLUMNS, KtoCollator, add_kto_kl_pairs
 from tunepipe.train.pref_losses import kto_kl_estimate, kto_loss
+from tunepipe.train.ref_cache import precompute_reference
+from tunepipe.train.session import run_session
+from tunepipe.train.tokenized import load_tokenized
+from tunepipe.train.trainer_setup import optimizer_for
+
+# The reference columns are keyed on the rows as batched, KL pairs included.
+KEYED_COLUMNS = ("input_ids", "labels", "kto_tag", "kl_input_ids", "kl_labels")
 
 
 def kto_metrics(rewards: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor) -> dict:
@@ -51,3 +70,34 @@ def with_margin(logs: dict[str, float]) -> dict[str, float]:
         if chosen is not None and rejected is not None:
             logs[f"{prefix}rewards/margins"] = chosen - rejected
     return logs
+
+
+def train(cfg: Config, layout: Layout) -> dict:
+    """Train on the KTO shards, write the adapter or full model; returns metrics/train.json."""
+    splits = load_tokenized(layout, cfg.train.stage, KTO_COLUMNS)
+    max_length = splits.meta.get("cutoff_len")
+    splits.train = add_kto_kl_pairs(splits.train, max_length)
+    if splits.eval is not None and len(splits.eval) >= 2:
+        splits.eval = add_kto_kl_pairs(splits.eval, max_length)
+    elif splits.eval is not None:  # one row has no other row to pair with
+        splits.eval = None
+    tokenizer = load_tokenizer(layout.base_model, trust_remote_code=cfg.model.trust_remote_code)
+    model = build_trainable_model(cfg, layout)
+    collator = KtoCollator(tokenizer.pad_token_id)
+    if cfg.train.precompute_ref_log_probs:
+        splits = precompute_reference(cfg, layout, model, splits, collator, KEYED_COLUMNS, KTO_REF_COLUMNS)
+        reference = Reference("precomputed")
+    else:
+        reference = build_reference(model, cfg.train)
+    built = []
+
+    def make_trainer(args, callbacks):
+        built.append(ObjectiveTrainer(
+            model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
+            data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
+            optimizers=(optimizer_for(model, cfg.train), None), objective=kto_objective(cfg.train, reference),
+            derive_metrics=with_margin))
+        return built[-1]
+
+    summary = run_session(cfg, layout, model, tokenizer, splits.eval is not None, make_trainer)
+    return add_objective_metrics(layout, summary, built[-1])

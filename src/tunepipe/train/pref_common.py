@@ -67,6 +67,9 @@ class Reference:
         if self.kind == "precomputed":
             return batch["ref_logps"].to(torch.float32)
         if self.kind == "frozen_copy":
+            device = batch["input_ids"].device
+            if next(self.frozen.parameters()).device != device:  # the Trainer moved only the policy
+                self.frozen.to(device)
             return forward_log_probs(self.frozen, batch)[0]
         peft_model = peft_model_of(model)
         with peft_model.disable_adapter():
@@ -168,3 +171,21 @@ class ObjectiveTrainer(Trainer):
         if self.derive_metrics is not None:
             logs = self.derive_metrics(logs)
         super().log(logs, start_time)
+
+
+OBJECTIVE_METRIC_PREFIXES = ("rewards/", "logps/", "kl", "sft_loss")
+
+
+def add_objective_metrics(layout, summary: dict, trainer) -> dict:
+    """metrics/train.json gains the last logged value of each objective metric (rewards/*,
+    logps/*, kl, sft_loss): the shared session writes only the loss figures."""
+    from tunepipe.io_utils import write_json_atomic
+    from tunepipe.train.outputs import TRAIN_METRICS
+
+    last = {}
+    for entry in trainer.state.log_history:
+        last.update({key: value for key, value in entry.items() if key.startswith(OBJECTIVE_METRIC_PREFIXES)})
+    summary = {**summary, **last}
+    if last and trainer.is_world_process_zero():
+        write_json_atomic(layout.metrics / TRAIN_METRICS, summary)
+    return summary

@@ -105,3 +105,42 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     os.close(fd)
     feather.write_feather(table, tmp)
     os.replace(tmp, path)
+
+
+def precompute_reference(cfg, layout, model, splits, collator, columns: tuple[str, ...],
+                         out_columns: tuple[str, str]):
+    """`splits` with the reference columns attached to train (and eval), each computed once
+    from the not-yet-trained policy and cached under a key of its own."""
+    import contextlib
+
+    from accelerate import PartialState
+
+    from tunepipe.train.pref_common import step_zero_log_probs
+
+    device = PartialState().device  # this process's training device (its GPU under DDP)
+    if cfg.model.quantization_bit is None:  # bitsandbytes placed quantized weights already
+        model.to(device)
+    if cfg.train.bf16 or cfg.train.fp16:
+        dtype = torch.bfloat16 if cfg.train.bf16 else torch.float16
+
+        def autocast():
+            return torch.autocast(device.type, dtype=dtype)
+    else:
+        autocast = contextlib.nullcontext
+    was_training = model.training
+    model.eval()
+
+    def compute(dataset):
+        return compute_log_probs(dataset, collator, cfg.train.per_device_eval_batch_size,
+                                 lambda batch: step_zero_log_probs(model, batch), device, autocast)
+
+    for split in ("train", "eval"):
+        dataset = getattr(splits, split)
+        if dataset is None:
+            continue
+        key = cache_key(layout.base_model, dataset, columns, cfg)
+        setattr(splits, split, attach_reference_log_probs(
+            dataset, key=key, split=split, tokenized_dir=layout.tokenized, out_columns=out_columns,
+            compute=compute))
+    model.train(was_training)
+    return splits

@@ -13,13 +13,53 @@ only a column rename. It adds the same `rewards/*` metrics the other objectives 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from trl import RewardTrainer
 
-from tunepipe.train.pref_common import reward_metrics
+from tunepipe.config import Config
+from tunepipe.layout import Layout
+from tunepipe.modeling import load_tokenizer
+from tunepipe.train.pref_common import add_objective_metrics, reward_metrics
+from tunepipe.train.pref_data import PREFERENCE_COLUMNS
+from tunepipe.train.session import run_session
+from tunepipe.train.tokenized import load_tokenized
+from tunepipe.train.trainer_setup import optimizer_for
 
 log = logging.getLogger(__name__)
+
+
+def train(cfg: Config, layout: Layout) -> dict:
+    """Train the reward model on the preference shards; returns metrics/train.json."""
+    splits = load_tokenized(layout, cfg.train.stage, PREFERENCE_COLUMNS)
+    tokenizer = load_tokenizer(layout.base_model, trust_remote_code=cfg.model.trust_remote_code)
+    model = build_reward_model(cfg, layout, tokenizer.pad_token_id)
+    train_rows = reward_dataset(splits.train)
+    eval_rows = reward_dataset(splits.eval) if splits.eval is not None else None
+    built = []
+
+    def make_trainer(args, callbacks):
+        built.append(RewardModelTrainer(
+            model=model, args=reward_config(args), train_dataset=train_rows, eval_dataset=eval_rows,
+            processing_class=tokenizer, callbacks=callbacks, optimizers=(optimizer_for(model, cfg.train), None)))
+        return built[-1]
+
+    summary = run_session(cfg, layout, model, tokenizer, eval_rows is not None, make_trainer)
+    return add_objective_metrics(layout, summary, built[-1])
+
+
+def reward_config(args):
+    """The session's TrainingArguments as TRL's RewardConfig, every field carried over.
+
+    RewardConfig's own defaults differ (bf16 and gradient checkpointing on, dropout off);
+    the user's config decides those here. No length filter: the tokenizer already applied
+    cutoff_len."""
+    from transformers import TrainingArguments
+    from trl import RewardConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    return RewardConfig(**values, max_length=None, disable_dropout=False)
 
 
 def reward_dataset(dataset):
@@ -42,3 +82,42 @@ class RewardModelTrainer(RewardTrainer):
         for duplicate in ("accuracy", "margin"):  # TRL's names for rewards/accuracies, rewards/margins
             self._metrics[mode].pop(duplicate, None)
         return (loss, outputs) if return_outputs else loss
+
+
+def build_reward_model(cfg, layout, pad_token_id: int):
+    """The base as a one-label sequence classifier (new value head), with `finetuning_type`
+    applied: LoRA trains the head in full (PEFT's SEQ_CLS saves it with the adapter),
+    freeze trains the head besides the chosen layers, full trains everything."""
+    from transformers import AutoModelForSequenceClassification, set_seed
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    from tunepipe.modeling import base_dtype, follow_manifest, torch_dtype
+    from tunepipe.train.model_setup import apply_finetuning, attention_implementation, quantization_config
+
+    set_seed(cfg.train.seed)  # the head's random init must be the same on a resumed run
+    quantized = cfg.model.quantization_bit is not None
+    kwargs = {"attn_implementation": attention_implementation(cfg.model)}
+    if quantized:
+        kwargs["quantization_config"] = quantization_config(cfg.model, cfg.train)
+    with suppress_seqcls_warning():  # "score.weight newly initialized" is the point here
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(follow_manifest(layout.base_model)), num_labels=1, use_safetensors=True,
+            dtype=torch_dtype(base_dtype(layout.base_model)), trust_remote_code=cfg.model.trust_remote_code,
+            **kwargs)
+    model.config.pad_token_id = pad_token_id  # the head reads the last non-pad token
+    model.config.use_cache = False
+    model = apply_finetuning(model, cfg.train, quantized=quantized, task_type="SEQ_CLS")
+    if cfg.train.finetuning_type == "freeze":
+        for param in value_head(model).parameters():
+            param.data = param.data.float()  # trained weights stay float32, as model_setup keeps them
+            param.requires_grad_(True)
+    return model
+
+
+def value_head(model):
+    """The classification head of a transformers sequence classifier (`score` or `classifier`)."""
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if head is not None:
+            return head
+    raise TypeError(f"{type(model).__name__} has no score / classifier head")
