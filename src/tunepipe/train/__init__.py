@@ -1,0 +1,35 @@
+"""Training: one module per objective, chosen by `train.stage` through a dict.
+
+`run_train(cfg, layout)` is what the DVC train stage and `tunepipe train` call. With
+`train.num_processes > 1` (or an accelerate config) it re-launches itself through
+torchrun / accelerate (`tunepipe.launch`); each launched process lands here again and
+trains its rank in-process.
+"""
+
+from __future__ import annotations
+
+from tunepipe.config import Config
+from tunepipe.errors import TunepipeError
+from tunepipe.layout import Layout
+from tunepipe.train import sft
+
+# train.stage -> the objective's train(cfg, layout); sft and continued pretraining share one.
+TRAINERS = {
+    "sft": sft.train,
+    "pt": sft.train,
+}
+
+
+def run_train(cfg: Config, layout: Layout) -> dict | None:
+    """Train `train.stage` on the shards under `layout`; returns the metrics/train.json summary
+    (None in the parent of a multi-process launch, whose children wrote it)."""
+    from tunepipe.launch import relaunch_train, should_relaunch
+
+    if should_relaunch(cfg):
+        relaunch_train(cfg, layout)
+        return None
+    trainer = TRAINERS.get(cfg.train.stage)
+    if trainer is None:
+        raise TunepipeError(f"train.stage={cfg.train.stage!r} is not available",
+                            hint=f"stages: {', '.join(sorted(TRAINERS))}")
+    return trainer(cfg, layout)

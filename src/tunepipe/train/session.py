@@ -1,0 +1,67 @@
+"""One training session, the same for every objective: resume point, tracking run, Trainer, outputs.
+
+For the preference trainers: build the model and datasets, then call
+`run_session(cfg, layout, model, tokenizer, has_eval, make_trainer)` where
+`make_trainer(args, callbacks)` returns your transformers Trainer (TRL's included) built
+with those TrainingArguments and callbacks. The session resumes from the last matching
+checkpoint, opens the MLflow run, trains, writes every output and closes the run
+(FAILED when training raised; a tracking failure itself never stops training).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from tunepipe.config import Config
+from tunepipe.layout import Layout
+from tunepipe.train.outputs import LOSS_CSV, LOSS_PNG, TRAIN_METRICS, train_summary, write_outputs
+from tunepipe.train.trainer_setup import ProgressBar, check_precision, resume_checkpoint, training_arguments
+
+log = logging.getLogger(__name__)
+
+
+def run_session(cfg: Config, layout: Layout, model, tokenizer, has_eval: bool,
+                make_trainer: Callable[..., object]) -> dict:
+    """Train and write the outputs; returns the metrics/train.json summary."""
+    from transformers import PrinterCallback
+
+    from tunepipe.tracking import Tracker
+    from tunepipe.tracking_tags import data_fingerprint
+
+    check_precision(cfg.train)
+    resume = resume_checkpoint(cfg, layout, data_fingerprint(layout.tokenized))
+    args = training_arguments(cfg, layout, has_eval)
+    tracker = Tracker.start(cfg, layout)
+    progress = ProgressBar()
+    trainer = make_trainer(args, [progress, tracker.callback()])
+    trainer.remove_callback(PrinterCallback)  # the progress bar shows the logs
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+        summary = train_summary(result, trainer.state, progress.tokens_at_start)
+        if trainer.is_world_process_zero():
+            trained = write_outputs(cfg, layout, trainer.model, tokenizer, summary,
+                                    trainer.state.log_history, tracker)
+            log_results(tracker, layout, trained, summary)
+        trainer.accelerator.wait_for_everyone()
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    finally:
+        _discard_pissa_snapshot(trainer.model)
+    tracker.end("FINISHED")
+    return summary
+
+
+def log_results(tracker, layout: Layout, trained, summary: dict) -> None:
+    """Final metrics and the small artifacts (never weights or checkpoints)."""
+    tracker.log_metrics({f"final_{key}": value for key, value in summary.items()}, step=summary["steps"])
+    for path in (layout.plots / LOSS_CSV, layout.metrics / TRAIN_METRICS, layout.metrics / "data.json",
+                 trained / LOSS_PNG, trained / "adapter_config.json", trained / "tunepipe_run.json"):
+        tracker.log_artifact(path)
+
+
+def _discard_pissa_snapshot(model) -> None:
+    from tunepipe.train.adapters import discard_pissa_snapshot
+
+    discard_pissa_snapshot(model)

@@ -1,0 +1,70 @@
+"""Supervised fine-tuning and continued pretraining (`stage: sft` / `stage: pt`).
+
+Both are next-token prediction on `input_ids` / `labels` shards (pt rows simply train on
+every token); the difference lives in the tokenizer stage, so one trainer serves both.
+The story: load shards, build the trainable model, pick the batch layout, train, save.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from transformers import Trainer
+
+from tunepipe.config import Config
+from tunepipe.layout import Layout
+from tunepipe.modeling import load_tokenizer
+from tunepipe.train.collate import SegmentCollator
+from tunepipe.train.loss import causal_lm_loss
+from tunepipe.train.model_setup import build_trainable_model
+from tunepipe.train.session import run_session
+from tunepipe.train.tokenized import load_tokenized
+from tunepipe.train.trainer_setup import optimizer_for
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: Config, layout: Layout) -> dict:
+    """Train on `data/tokenized/`, write the adapter or full model; returns metrics/train.json."""
+    splits = load_tokenized(layout, cfg.train.stage, ("input_ids", "labels"))
+    tokenizer = load_tokenizer(layout.base_model, trust_remote_code=cfg.model.trust_remote_code)
+    model = build_trainable_model(cfg, layout)
+    collator = batch_layout(model, tokenizer.pad_token_id)
+
+    def make_trainer(args, callbacks):
+        return CausalLMTrainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
+                               data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
+                               optimizers=(optimizer_for(model, cfg.train), None))
+
+    return run_session(cfg, layout, model, tokenizer, splits.eval is not None, make_trainer)
+
+
+def batch_layout(model, pad_token_id: int) -> SegmentCollator:
+    """Every batch is padding-free: its samples are laid end to end in one row, each sample
+    isolated (block-diagonal mask on SDPA / eager, varlen boundaries on flash attention), so
+    no step computes pad tokens and no batch is padded to cutoff_len."""
+    attn = model.config._attn_implementation
+    return SegmentCollator(pad_token_id=pad_token_id, attn_implementation=attn, flatten=True)
+
+
+class CausalLMTrainer(Trainer):
+    """transformers' Trainer with `loss.causal_lm_loss` as its loss.
+
+    The Trainer counts the trained tokens of a whole optimizer step (every accumulation
+    micro-batch, every process) from `shift_labels` and passes the count as
+    `num_items_in_batch`; the loss divides by it, so it is already scaled for accumulation.
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = causal_lm_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every process's tokens and DDP averages gradients
+            # over processes: scale back up, as transformers does for its own loss.
+            loss = loss * self.accelerator.num_processes
+        return (loss, {"loss": loss}) if return_outputs else loss

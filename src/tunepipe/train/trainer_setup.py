@@ -1,0 +1,222 @@
+"""transformers' Trainer configured from `train.*`: arguments, precision, resume, progress.
+
+For the preference trainers: `training_arguments(cfg, layout, has_eval)` gives the
+TrainingArguments (checkpoints in `layout.checkpoints`, LLaMA-Factory knob names mapped,
+our own progress bar, no transformers reporting: tracking is `tunepipe.tracking`);
+`resume_checkpoint(cfg, layout)` says which checkpoint to resume from; `ProgressBar` and
+`optimizer_for(model, cfg.train)` go to the Trainer. `session.run_session` ties them together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from tunepipe.config import Config, TrainConfig
+from tunepipe.errors import TunepipeError
+from tunepipe.io_utils import read_json, write_json_atomic
+from tunepipe.layout import Layout
+
+log = logging.getLogger(__name__)
+
+RESUME_KEY = "tunepipe_resume.json"
+# train.* keys that do not change the optimisation trajectory: a checkpoint written under
+# other values of these is still a valid starting point.
+NOT_TRAJECTORY = {"output_dir", "overwrite_output_dir", "logging_steps", "save_steps", "save_total_limit",
+                  "eval_strategy", "eval_steps", "per_device_eval_batch_size", "plot_loss",
+                  "resume_from_checkpoint", "restore_callback_states_from_checkpoint", "do_train"}
+
+
+def check_precision(train: TrainConfig) -> None:
+    """bf16 / fp16 only where the device runs them; a clear error otherwise."""
+    import torch
+
+    if train.fp16 and not torch.cuda.is_available():
+        raise TunepipeError("train.fp16=true needs a CUDA GPU; CPU autocast has no float16 path",
+                            hint="use bf16: true on CPU, or neither")
+    if train.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise TunepipeError(f"train.bf16=true: {torch.cuda.get_device_name(0)} has no bfloat16 support",
+                            hint="use fp16: true on this GPU")
+    if train.bf16 and not torch.cuda.is_available() and not _cpu_has_bf16():
+        log.warning("train.bf16 on a CPU without AVX512-BF16 / AMX: bfloat16 matmuls are emulated "
+                    "and usually slower than float32 here")
+
+
+def _cpu_has_bf16() -> bool:
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
+    """TrainingArguments with LLaMA-Factory's knob names and meaning."""
+    from transformers import TrainingArguments
+
+    train = cfg.train
+    eval_strategy = train.eval_strategy if has_eval else "no"
+    if train.eval_strategy != "no" and not has_eval:
+        raise TunepipeError(f"train.eval_strategy={train.eval_strategy!r} needs an eval split, and it is empty",
+                            hint="set data.val_size or data.eval_dataset, or eval_strategy: no")
+    return TrainingArguments(
+        output_dir=str(layout.checkpoints),
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_eval_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        lr_scheduler_type=train.lr_scheduler_type,
+        # transformers 5 folds the ratio into warmup_steps (a float < 1 is a ratio)
+        warmup_steps=train.warmup_steps if train.warmup_steps > 0 else train.warmup_ratio,
+        max_grad_norm=train.max_grad_norm,
+        weight_decay=train.weight_decay,
+        optim=train.optim,
+        bf16=train.bf16,
+        fp16=train.fp16,
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        logging_strategy="steps",
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        eval_strategy=eval_strategy,
+        eval_steps=(train.eval_steps or train.logging_steps) if eval_strategy == "steps" else None,
+        seed=train.seed,
+        restore_callback_states_from_checkpoint=train.restore_callback_states_from_checkpoint,
+        report_to="none",  # tunepipe.tracking logs to MLflow itself
+        disable_tqdm=True,  # replaced by ProgressBar
+        remove_unused_columns=False,  # the collator picks its columns (seq_lens is not a forward arg)
+        prediction_loss_only=True,
+        include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def run_key(cfg: Config, data_fingerprint: str | None) -> str:
+    """What a checkpoint must share with this run to be resumed: model, trajectory knobs, data."""
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in NOT_TRAJECTORY}
+    payload = json.dumps({"model": asdict(cfg.model), "train": train, "data": data_fingerprint},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def resume_checkpoint(cfg: Config, layout: Layout, data_fingerprint: str | None) -> str | None:
+    """The checkpoint to continue from, or None to start fresh (stale checkpoints removed).
+
+    Default (`resume_from_checkpoint` unset): the last checkpoint in `checkpoints/` when it
+    was written by a run with the same model, trajectory knobs and data; a path resumes from
+    that checkpoint; `false` or `overwrite_output_dir: true` always start over."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    train, folder = cfg.train, layout.checkpoints
+    wanted = train.resume_from_checkpoint
+    if isinstance(wanted, str):
+        if not (Path(wanted) / "trainer_state.json").is_file():
+            raise TunepipeError(f"train.resume_from_checkpoint={wanted!r}: not a checkpoint dir "
+                                "(no trainer_state.json)")
+        return wanted
+    key = run_key(cfg, data_fingerprint)
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    recorded = _recorded_key(folder)
+    if last and wanted is not False and not train.overwrite_output_dir and recorded == key:
+        log.info("resuming from %s", last)
+        return last
+    if wanted is True:
+        raise TunepipeError(f"train.resume_from_checkpoint=true: no checkpoint of this run in {folder}")
+    if last:
+        why = "overwrite requested" if (wanted is False or train.overwrite_output_dir) else \
+            "they belong to a run with other params or data"
+        log.info("not resuming from %s (%s): starting over", folder, why)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / RESUME_KEY, {"run_key": key})
+    return None
+
+
+def _recorded_key(folder: Path) -> str | None:
+    try:
+        return read_json(folder / RESUME_KEY).get("run_key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+class ProgressBar(TrainerCallback):
+    """One tqdm bar over optimizer steps, showing the last loss and real tokens/s.
+
+    Replaces transformers' bar + dict printer, so the log shows one line that updates."""
+
+    def __init__(self):
+        self.bar = None
+        self.tokens_at_start = 0  # tokens seen before this session (a resumed run's)
+        self._tokens = 0
+        self._clock = 0.0
+        self._postfix: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train",
+                            unit="step", dynamic_ncols=True)
+        self.tokens_at_start = state.num_input_tokens_seen
+        self._tokens, self._clock = state.num_input_tokens_seen, time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._restart_clock(state)  # evaluation and checkpoint writing are not training time
+
+    def on_save(self, args, state, control, **kwargs):
+        self._restart_clock(state)
+
+    def _restart_clock(self, state) -> None:
+        self._tokens, self._clock = state.num_input_tokens_seen, time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        postfix = self._postfix
+        if "loss" in logs:
+            postfix["loss"] = f"{logs['loss']:.4f}"
+            if now > self._clock and tokens > self._tokens:
+                postfix["tok/s"] = f"{(tokens - self._tokens) / (now - self._clock):.0f}"
+            self._tokens, self._clock = tokens, now
+        if "eval_loss" in logs:
+            postfix["eval_loss"] = f"{logs['eval_loss']:.4f}"
+        self.bar.set_postfix(postfix, refresh=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def optimizer_for(model, train: TrainConfig):
+    """A LoRA+ optimizer when `loraplus_lr_ratio` is set, else None (the Trainer builds one)."""
+    if train.loraplus_lr_ratio is None:
+        return None
+    if train.finetuning_type != "lora":
+        raise TunepipeError(f"train.loraplus_lr_ratio needs finetuning_type lora, not {train.finetuning_type!r}")
+    from tunepipe.train.adapters import loraplus_optimizer
+
+    return loraplus_optimizer(model, train)
