@@ -302,7 +302,7 @@ def test_val_size_fraction_or_count_is_seeded():
 
 
 def test_prefix_shortcut_agrees_with_tokenizing_each_prefix(tiny_model_dir, lf_demo_dir):
-    from tunepipe.encoding import encode_texts
+    from tunepipe.batching import BatchEncoder
     from tunepipe.prefix_ids import PrefixResolver
 
     tokenizer = load_tokenizer(tiny_model_dir)
@@ -319,8 +319,9 @@ def test_prefix_shortcut_agrees_with_tokenizing_each_prefix(tiny_model_dir, lf_d
             requests += [(len(fulls) - 1, fmt.render(chat, j, add_generation_prompt=True)),
                          (len(fulls) - 1, fmt.render(chat, j + 1)),
                          (len(fulls) - 1, fmt.render(chat, j)[:-3])]  # cut inside a special token
-    full_ids = encode_texts(tokenizer, fulls)
-    resolver = PrefixResolver(tokenizer, lambda texts: encode_texts(tokenizer, texts))
+    encoder = BatchEncoder(tokenizer)
+    full_ids = encoder(fulls)
+    resolver = PrefixResolver(tokenizer, encoder)
     fast = resolver.prefix_lengths(fulls, full_ids, requests)
     assert resolver.trusted and len(resolver.tail_cache) <= 3
     assert fast == resolver.slow(full_ids, requests)

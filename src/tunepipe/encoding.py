@@ -19,15 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tqdm.auto import tqdm
-
+from tunepipe.batching import BatchEncoder, pipelined
 from tunepipe.config import DataConfig
 from tunepipe.errors import TunepipeError
 from tunepipe.prefix_ids import PrefixResolver
 from tunepipe.templates import ChatFormat
 
 IGNORE = -100
-CHUNK = 2048  # rows rendered and tokenized per batch call
 
 
 @dataclass
@@ -46,25 +44,6 @@ class Stats:
                 "dropped_overlong": self.dropped_overlong, "dropped_no_labels": self.dropped_no_labels,
                 "tokens": sum(self.lengths), "mean_length": round(sum(self.lengths) / n, 2) if n else 0.0,
                 "max_length": max(self.lengths, default=0)}
-
-
-def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text exactly as apply_chat_template tokenizes a rendered chat
-    (no special tokens added), through the Rust tokenizer's batch call when there is one."""
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is None or getattr(tokenizer, "split_special_tokens", False):
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
-    backend.no_truncation()
-    backend.no_padding()
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets computed
-    return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
-
-
-def chunks(rows: list, desc: str):
-    with tqdm(total=len(rows), desc=desc, unit="row", disable=None, mininterval=2) as bar:
-        for start in range(0, len(rows), CHUNK):
-            yield rows[start:start + CHUNK]
-            bar.update(min(CHUNK, len(rows) - start))
 
 
 def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
@@ -92,20 +71,25 @@ def encode_conversations(rows: list[dict], fmt: ChatFormat, data: DataConfig, ki
         columns.update(prompt_ids=[], label_text=[])
     if kind == "kto":
         columns["kto_tag"] = []
-    resolver = PrefixResolver(fmt.tokenizer, lambda texts: encode_texts(fmt.tokenizer, texts))
-    for chunk in chunks(rows, f"tokenize {kind}"):
+    encoder = BatchEncoder(fmt.tokenizer)
+    resolver = PrefixResolver(fmt.tokenizer, encoder)
+    last_only = kind == "kto" or data.mask_history
+
+    def prepare(chunk: list[dict]):
         fulls: list[str] = []
         requests: list[tuple[int, str]] = []
         bounds = [plan_row(row, fmt, kind, fulls, requests) for row in chunk]
-        full_ids = encode_texts(fmt.tokenizer, fulls)
+        return (fulls, requests, bounds), fulls
+
+    def finish(chunk: list[dict], state, full_ids: list[list[int]]) -> None:
+        fulls, requests, bounds = state
         ends = resolver.prefix_lengths(fulls, full_ids, requests)
-        for r, (row, row_bounds) in enumerate(zip(chunk, bounds)):
-            full = full_ids[r]
+        for full, row, row_bounds in zip(full_ids, chunk, bounds):
             spans = [(checked(ends[p], row, f"the prompt of answer {k + 1}", fmt),
                       len(full) if e is None else checked(ends[e], row, f"the conversation up to answer {k + 1}", fmt))
                      for k, (p, e) in enumerate(row_bounds)]
             stats.rows_in += 1
-            sample = build_sample(full, spans, data, last_only=(kind == "kto" or data.mask_history), stats=stats)
+            sample = build_sample(full, spans, data, last_only, stats)
             if sample is None:
                 continue
             columns["input_ids"].append(sample[0])
@@ -115,6 +99,8 @@ def encode_conversations(rows: list[dict], fmt: ChatFormat, data: DataConfig, ki
                 columns["label_text"].append(row["messages"][-1]["content"])
             if kind == "kto":
                 columns["kto_tag"].append(bool(row["kto_tag"]))
+
+    pipelined(rows, f"tokenize {kind}", encoder, prepare, finish)
     return columns
 
 
@@ -219,15 +205,20 @@ def encode_preference(rows: list[dict], fmt: ChatFormat, data: DataConfig, stats
     """Preference rows -> chosen/rejected ids, both sharing the prompt, prompt labels -100."""
     names = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
     columns: dict[str, list] = {name: [] for name in names}
-    resolver = PrefixResolver(fmt.tokenizer, lambda texts: encode_texts(fmt.tokenizer, texts))
-    for chunk in chunks(rows, "tokenize preference"):
+    encoder = BatchEncoder(fmt.tokenizer)
+    resolver = PrefixResolver(fmt.tokenizer, encoder)
+
+    def prepare(chunk: list[dict]):
         fulls, requests = [], []
         for row in chunk:
             chosen, rejected = fmt.chat(row, row["chosen"]), fmt.chat(row, row["rejected"])
             prompt = fmt.render(chosen, chosen.answers[-1], add_generation_prompt=True)
             requests += [(len(fulls), prompt), (len(fulls) + 1, prompt)]
             fulls += [fmt.render(chosen), fmt.render(rejected)]
-        full_ids = encode_texts(fmt.tokenizer, fulls)
+        return (fulls, requests), fulls
+
+    def finish(chunk: list[dict], state, full_ids: list[list[int]]) -> None:
+        fulls, requests = state
         ends = resolver.prefix_lengths(fulls, full_ids, requests)
         for i, row in enumerate(chunk):
             chosen_full, rejected_full = full_ids[2 * i], full_ids[2 * i + 1]
@@ -235,10 +226,11 @@ def encode_preference(rows: list[dict], fmt: ChatFormat, data: DataConfig, stats
             checked(ends[2 * i + 1], row, "the prompt (before rejected)", fmt)
             stats.rows_in += 1
             pair = build_pair(chosen_full[:n], chosen_full[n:], rejected_full[n:], data, stats)
-            if pair is None:
-                continue
-            for name, value in zip(names, pair):
-                columns[name].append(value)
+            if pair is not None:
+                for name, value in zip(names, pair):
+                    columns[name].append(value)
+
+    pipelined(rows, "tokenize preference", encoder, prepare, finish)
     return columns
 
 

@@ -9,15 +9,13 @@ byte-identical shards, so DVC's hash does not change on a rerun.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
+from tunepipe.batching import BatchEncoder
 from tunepipe.config import Config, DataConfig
-from tunepipe.encoding import Stats, encode_conversations, encode_preference, encode_texts
+from tunepipe.encoding import Stats, encode_conversations, encode_preference
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import atomic_dir, write_json_atomic
 from tunepipe.layout import Layout
@@ -104,7 +102,7 @@ def encode_pretrain(rows: list[dict], tokenizer, data: DataConfig, packed: bool,
     """Text + EOS per document, concatenated and cut into cutoff_len blocks."""
     if tokenizer.eos_token_id is None:
         raise TunepipeError("stage pt needs an EOS token between documents; the tokenizer has none")
-    documents = [ids + [tokenizer.eos_token_id] for ids in encode_texts(tokenizer, [r["text"] for r in rows])]
+    documents = [ids + [tokenizer.eos_token_id] for ids in BatchEncoder(tokenizer)([r["text"] for r in rows])]
     columns = pretrain_blocks(documents, data.cutoff_len, with_seq_lens=packed)
     stats.rows_in, stats.rows_out = len(rows), len(columns["input_ids"])
     stats.lengths = [len(block) for block in columns["input_ids"]]
@@ -132,23 +130,13 @@ def save_split(columns: dict[str, list], kind: str, split: str, packing: bool, p
     for name in column_names(kind, split, packing):
         values = columns.get(name, [])
         if name in ID_COLUMNS:
-            arrays[name] = int32_lists(values)
+            arrays[name] = pa.array(values, type=pa.list_(pa.int32()))
         else:
             arrays[name] = pa.array(values, type=pa.bool_() if name == "kto_tag" else pa.string())
     dataset = Dataset(pa.table(arrays))
     # datasets writes zero shards for an empty dataset, which it then cannot load back
     shards = {"max_shard_size": MAX_SHARD_SIZE} if len(dataset) else {"num_shards": 1}
     dataset.save_to_disk(str(path), **shards)
-
-
-def int32_lists(lists: list[list[int]]):
-    """A list<int32> Arrow column built from one flat buffer (no per-row Arrow objects)."""
-    import pyarrow as pa
-
-    offsets = np.zeros(len(lists) + 1, dtype=np.int32)
-    np.cumsum([len(x) for x in lists], out=offsets[1:])
-    values = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=int(offsets[-1]))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 def build_meta(cfg: Config, kind: str, tokenizer, fmt: ChatFormat | None, splits: dict) -> dict:
