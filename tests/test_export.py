@@ -5,6 +5,8 @@ atomicity, the Modelfile and the LLaMA-Factory-style CLI."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -146,6 +148,11 @@ def test_refuses_a_non_empty_export_dir_unless_overwrite(tiny_model_dir, tmp_pat
     cfg.train.overwrite_output_dir = True
     run_export(cfg, Layout.at(tmp_path))
     assert not (target / "keep.txt").exists() and (target / "Modelfile").is_file()
+    # Modes follow the umask, not the private 0700 of the temporary dir it was built in.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((target / "model.safetensors.index.json").stat().st_mode) == 0o666 & ~umask
 
 
 def test_a_failed_check_leaves_nothing_behind(tiny_model_dir, tmp_path, adapter_dir, monkeypatch):
