@@ -28,6 +28,11 @@ def tokenize(args: dict) -> dict:
     from llamafactory.model import load_tokenizer
 
     model_args, data_args, training_args, _, _ = get_train_args(dict(args))
+    # Imports are not timed on either side: the first AutoConfig lookup imports the model's
+    # modules lazily, so resolve it once before the timer (tp_driver.py does the same).
+    from transformers import AutoConfig
+
+    AutoConfig.from_pretrained(model_args.model_name_or_path)
     start, cpu_start = time.perf_counter(), cpu_seconds()
     tokenizer_module = load_tokenizer(model_args)
     template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
