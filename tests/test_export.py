@@ -204,3 +204,8 @@ def test_llamafactory_style_export_command(tiny_model_dir, tmp_path, adapter_dir
     assert main(["export", str(flat)]) == 0
     assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
     assert main(["export", str(flat)]) == 2  # second time: the export dir is not empty
+
+
+def test_legacy_pickle_format_is_refused_with_a_reason():
+    with pytest.raises(TunepipeError, match="safetensors only"):
+        load_config(None, ["export.export_legacy_format=true"])
