@@ -43,9 +43,11 @@ def pair_figures(train_cfg, policy, base, rows, tokenizer) -> tuple[float, float
 
 
 @pytest.mark.parametrize("pref_loss,beta", [("sigmoid", 0.1), ("orpo", 0.1), ("simpo", 2.0)])
-def test_short_run_raises_margin_and_accuracy(tiny_model_dir, tokenizer, tmp_path, pref_loss, beta):
-    cfg = pref_config(tiny_model_dir, tmp_path, stage="dpo", pref_loss=pref_loss, pref_beta=beta,
-                      finetuning_type="lora", max_steps=8)
+def test_short_run_raises_margin_and_accuracy(tiny_model_dir, tokenizer, tmp_path, pref_loss, beta, request):
+    # One of the runs also goes to MLflow, to check the rewards reach it at every logging step.
+    tracking_uri = request.getfixturevalue("mlflow_uri") if pref_loss == "sigmoid" else None
+    cfg = pref_config(tiny_model_dir, tmp_path, tracking_uri, stage="dpo", pref_loss=pref_loss,
+                      pref_beta=beta, finetuning_type="lora", max_steps=8)
     rows = preference_dataset(tokenizer)
     layout = write_tree(cfg, rows)
     summary = dpo.train(cfg, layout)
@@ -60,6 +62,20 @@ def test_short_run_raises_margin_and_accuracy(tiny_model_dir, tokenizer, tmp_pat
     written = json.loads((layout.metrics / "train.json").read_text())
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert written[key] == summary[key]
+    if tracking_uri:
+        assert_rewards_in_mlflow(tracking_uri, layout, steps=8, logging_steps=2)
+
+
+def assert_rewards_in_mlflow(uri: str, layout, steps: int, logging_steps: int) -> None:
+    from mlflow import MlflowClient
+
+    run_id = json.loads((layout.adapter / "tunepipe_run.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=uri)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        history = client.get_metric_history(run_id, key)
+        assert [point.step for point in history] == list(range(logging_steps, steps + 1, logging_steps))
+    margins = [point.value for point in client.get_metric_history(run_id, "rewards/margins")]
+    assert margins[-1] > margins[0]
 
 
 def test_full_finetune_with_precomputed_reference(tiny_model_dir, tokenizer, tmp_path):
