@@ -11,12 +11,13 @@ from __future__ import annotations
 from tunepipe.config import Config
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
-from tunepipe.train import sft
+from tunepipe.train import dpo, kto, rm, sft
 
 # train.stage -> the objective's train(cfg, layout); sft and continued pretraining share one.
 TRAINERS = {
     "sft": sft.train,
     "pt": sft.train,
+    "dpo": dpo.train, "kto": kto.train, "rm": rm.train,  # preference objectives (dpo: pref_loss)
 }
 
 
