@@ -1,5 +1,8 @@
 """tokenize stage: validated rows -> tokenized Arrow shards for the train stage.
 
+(Named tokenize_data.py, not tokenize.py: `python stages/x.py` puts stages/ first on
+sys.path, where a tokenize.py would shadow the standard library's `tokenize` module.)
+
 Reads:   data/validated/, models/base (the tokenizer and its chat template), params.yaml
          data.template, cutoff_len, overlong, max_samples, val_size, split_seed,
          mix_strategy, interleave_probs, train_on_prompt, mask_history, packing,
