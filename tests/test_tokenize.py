@@ -326,3 +326,13 @@ def test_prefix_shortcut_agrees_with_tokenizing_each_prefix(tiny_model_dir, lf_d
     assert resolver.trusted and len(resolver.tail_cache) <= 3
     assert fast == resolver.slow(full_ids, requests)
     assert all(n is not None for n in fast[0::3])
+
+
+def test_num_samples_from_dataset_info_reaches_the_shards(tmp_path, tiny_model_dir):
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(6)]
+    folder = write_info(tmp_path / "d", {"few": {"file_name": "few.json", "num_samples": 15},
+                                         "other": {"file_name": "few.json"}},
+                        {"few.json": json.dumps(rows)})
+    _, layout, metrics = run_stages(tmp_path / "r", tiny_model_dir, folder, "few,other")
+    assert [i["num_samples"] for i in read_manifest(layout.validated)["train"]] == [15, None]
+    assert metrics["train"]["rows_in"] == 15 + 6
