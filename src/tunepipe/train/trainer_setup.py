@@ -32,6 +32,8 @@ RESUME_KEY = "tunepipe_resume.json"
 NOT_TRAJECTORY = {"output_dir", "overwrite_output_dir", "logging_steps", "save_steps", "save_total_limit",
                   "eval_strategy", "eval_steps", "per_device_eval_batch_size", "plot_loss",
                   "resume_from_checkpoint", "restore_callback_states_from_checkpoint", "do_train"}
+# model.* keys the train stage reads (the base model itself is identified by its manifest)
+MODEL_KEYS = ("quantization_bit", "quantization_type", "double_quantization", "flash_attn", "trust_remote_code")
 
 
 def check_precision(train: TrainConfig) -> None:
@@ -106,10 +108,16 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
 # ---------------------------------------------------------------------------- resume
 
 
-def run_key(cfg: Config, data_fingerprint: str | None) -> str:
-    """What a checkpoint must share with this run to be resumed: model, trajectory knobs, data."""
+def run_key(cfg: Config, layout: Layout, data_fingerprint: str | None) -> str:
+    """What a checkpoint must share with this run to be resumed: the base model, the model
+    and trajectory knobs, and the data (fingerprint of the tokenized shards)."""
+    from tunepipe.modeling import MANIFEST
+
+    manifest = layout.base_model / MANIFEST
     train = {k: v for k, v in asdict(cfg.train).items() if k not in NOT_TRAJECTORY}
-    payload = json.dumps({"model": asdict(cfg.model), "train": train, "data": data_fingerprint},
+    model = {k: getattr(cfg.model, k) for k in MODEL_KEYS}
+    payload = json.dumps({"base": manifest.read_text(encoding="utf-8") if manifest.is_file() else None,
+                          "model": model, "train": train, "data": data_fingerprint},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -120,8 +128,6 @@ def resume_checkpoint(cfg: Config, layout: Layout, data_fingerprint: str | None)
     Default (`resume_from_checkpoint` unset): the last checkpoint in `checkpoints/` when it
     was written by a run with the same model, trajectory knobs and data; a path resumes from
     that checkpoint; `false` or `overwrite_output_dir: true` always start over."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     train, folder = cfg.train, layout.checkpoints
     wanted = train.resume_from_checkpoint
     if isinstance(wanted, str):
@@ -129,8 +135,8 @@ def resume_checkpoint(cfg: Config, layout: Layout, data_fingerprint: str | None)
             raise TunepipeError(f"train.resume_from_checkpoint={wanted!r}: not a checkpoint dir "
                                 "(no trainer_state.json)")
         return wanted
-    key = run_key(cfg, data_fingerprint)
-    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    key = run_key(cfg, layout, data_fingerprint)
+    last = last_complete_checkpoint(folder)
     recorded = _recorded_key(folder)
     if last and wanted is not False and not train.overwrite_output_dir and recorded == key:
         log.info("resuming from %s", last)
@@ -145,6 +151,25 @@ def resume_checkpoint(cfg: Config, layout: Layout, data_fingerprint: str | None)
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / RESUME_KEY, {"run_key": key})
     return None
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint the Trainer finished writing (trainer_state.json is its last
+    file); half-written ones, left by a run killed while saving, are removed."""
+    if not folder.is_dir():
+        return None
+    steps = {}
+    for path in folder.glob("checkpoint-*"):
+        if path.is_dir() and path.name.split("-", 1)[1].isdigit():
+            steps[int(path.name.split("-", 1)[1])] = path
+    complete = None
+    for step in sorted(steps, reverse=True):
+        if (steps[step] / "trainer_state.json").is_file():
+            complete = complete or steps[step]
+        else:
+            log.info("removing incomplete checkpoint %s", steps[step])
+            shutil.rmtree(steps[step], ignore_errors=True)
+    return str(complete) if complete else None
 
 
 def _recorded_key(folder: Path) -> str | None:
