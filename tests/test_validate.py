@@ -267,3 +267,13 @@ def test_validated_rows_are_identical_on_rerun(tmp_path, lf_demo_dir):
         first = (tmp_path / "a/out/data/validated" / name).read_bytes()
         assert first == (tmp_path / "b/out/data/validated" / name).read_bytes()
     assert Path(tmp_path / "a/out/reports/rejected.jsonl").read_text() == ""
+
+
+def test_openai_preference_rows_need_both_answers(tmp_path):
+    entry = {"file_name": "o.jsonl", "formatting": "openai", "ranking": True,
+             "columns": {"chosen": "chosen", "rejected": "rejected"}}
+    good = {"messages": [{"role": "user", "content": "q"}], "chosen": {"role": "assistant", "content": "a"},
+            "rejected": {"role": "assistant", "content": "b"}}
+    no_rejected = {"messages": [{"role": "user", "content": "q"}], "chosen": {"role": "assistant", "content": "a"}}
+    _, errors = bad_row_report(tmp_path, [good, no_rejected], entry, "dpo", "o.jsonl")
+    assert [(e["row"], e["pointer"], e["message"]) for e in errors] == [(1, "", "missing column 'rejected' (rejected)")]

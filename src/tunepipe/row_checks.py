@@ -74,6 +74,9 @@ def chat_problems(mapper: Mapper, view: dict) -> list[Problem]:
     if problems:
         return problems
     if mapper.kind == "preference":
+        missing = [side for side in ("chosen", "rejected") if not isinstance(view.get(side), dict)]
+        if missing:  # the openai schema leaves them optional (it also describes SFT rows)
+            return [([], f"missing column {mapper.entry.columns.get(side, side)!r} ({side})") for side in missing]
         if len(turns) % 2 == 0:
             problems.append((["messages"], ("a preference conversation must end with the user (or observation) "
                                            "turn that chosen and rejected answer")))
