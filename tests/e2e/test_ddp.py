@@ -1,0 +1,81 @@
+"""Two processes (DDP over gloo on CPU) train like one process with doubled accumulation.
+
+8 rows, batch 1: 2 processes x accumulation 4 and 1 process x accumulation 8 both make one
+optimizer step per epoch over every row, so with the same seed the steps must agree: same
+loss per step, same adapter, same token count. `tunepipe train ... train.num_processes=2`
+runs as a user runs it (the CLI re-launches its train step through torchrun); the reference
+trains in this process. Only rank 0 creates an MLflow run.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tunepipe.config_loader import load_config
+from tunepipe.io_utils import read_json
+from tunepipe.layout import Layout
+from tunepipe.pipeline import run_train_pipeline
+
+
+def settings(tiny_model_dir, lf_demo_dir, mlflow_uri) -> dict:
+    return {
+        "model": {"model_name_or_path": str(tiny_model_dir)},
+        "data": {"dataset": "identity", "dataset_dir": str(lf_demo_dir), "max_samples": 8,
+                 "cutoff_len": 64, "val_size": 0.0},
+        "train": {"per_device_train_batch_size": 1, "num_train_epochs": 3.0, "logging_steps": 1,
+                  "learning_rate": 1.0e-3, "lr_scheduler_type": "cosine", "save_steps": 100, "seed": 7},
+        "tracking": {"tracking_uri": mlflow_uri},
+    }
+
+
+def loss_points(layout: Layout) -> list[tuple[int, float]]:
+    with (layout.plots / "train_loss.csv").open() as handle:
+        return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
+
+
+def adapter_tensors(layout: Layout) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(layout.adapter / "adapter_model.safetensors"))
+
+
+def test_two_processes_match_one_with_doubled_accumulation(tmp_path, tiny_model_dir, lf_demo_dir, mlflow_uri):
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(settings(tiny_model_dir, lf_demo_dir, mlflow_uri)))
+    ddp, single = Layout.at(tmp_path / "ddp"), Layout.at(tmp_path / "single")
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tunepipe.cli", "train", str(config), "train.num_processes=2",
+         "train.gradient_accumulation_steps=4", f"train.output_dir={ddp.root}"],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "launching 2 training processes" in done.stderr
+    run_train_pipeline(load_config(config, ["train.gradient_accumulation_steps=8",
+                                            f"train.output_dir={single.root}"]), single)
+
+    ddp_points, single_points = loss_points(ddp), loss_points(single)
+    assert [step for step, _ in ddp_points] == [step for step, _ in single_points] == [1, 2, 3]
+    assert [loss for _, loss in ddp_points] == pytest.approx([loss for _, loss in single_points], rel=1e-5)
+    assert single_points[-1][1] < single_points[0][1]  # it trained
+    ddp_weights, single_weights = adapter_tensors(ddp), adapter_tensors(single)
+    assert ddp_weights.keys() == single_weights.keys()
+    for name, tensor in single_weights.items():
+        assert (ddp_weights[name] - tensor).abs().max().item() < 1e-6, name
+    # the token count covers both processes
+    assert read_json(ddp.metrics / "train.json")["tokens_seen"] == \
+        read_json(single.metrics / "train.json")["tokens_seen"]
+
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=mlflow_uri)
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("tunepipe").experiment_id])
+    assert sorted(run.data.params["train.num_processes"] for run in runs) == ["1", "2"]  # rank 1 logged nothing
+    (ddp_run,) = [run for run in runs if run.data.params["train.num_processes"] == "2"]
+    assert read_json(ddp.adapter / "tunepipe_run.json")["mlflow_run_id"] == ddp_run.info.run_id
+    history = sorted((m.step, m.value) for m in mlflow.get_metric_history(ddp_run.info.run_id, "loss"))
+    assert history == ddp_points
