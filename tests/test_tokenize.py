@@ -221,21 +221,40 @@ def test_empty_eval_split_still_exists(tmp_path, tiny_model_dir, lf_demo_dir):
     assert len(evals) == 0 and evals.column_names == ["input_ids", "labels", "prompt_ids", "label_text"]
 
 
-def test_a_prompt_that_is_not_a_token_prefix_names_the_row(tmp_path, tiny_model_dir, lf_demo_dir):
-    odd = tmp_path / "odd-model"
-    odd.mkdir()
+def model_with_template(folder: Path, tiny_model_dir: Path, template: str) -> Path:
+    """The tiny model with another chat template (files linked, tokenizer re-saved)."""
+    folder.mkdir()
     for item in tiny_model_dir.iterdir():
-        (odd / item.name).symlink_to(item)
-    (odd / "chat_template.jinja").unlink(missing_ok=True)
+        if item.name not in ("tokenizer_config.json", "chat_template.jinja", "tokenizer.json"):
+            (folder / item.name).symlink_to(item)
     tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_prompt_that_is_not_a_token_prefix_names_the_row(tmp_path, tiny_model_dir, lf_demo_dir):
     # renders the final message in brackets: a prompt is then never a prefix of the whole chat
-    tokenizer.chat_template = ("{% for m in messages %}{% if loop.last %}[{{ m.content }}]{% else %}"
-                               "{{ m.content }}{% endif %}{% endfor %}")
-    for name in ("tokenizer_config.json", "chat_template.jinja"):
-        (odd / name).unlink(missing_ok=True)
-    tokenizer.save_pretrained(odd)
+    odd = model_with_template(tmp_path / "odd", tiny_model_dir, "{% for m in messages %}{% if loop.last %}"
+                              "[{{ m.content }}]{% else %}{{ m.content }}{% endif %}{% endfor %}")
     with pytest.raises(TunepipeError, match=r"identity.json:0: the prompt of answer 1 is not a token prefix"):
         run_stages(tmp_path / "run", odd, lf_demo_dir, "identity")
+
+
+def test_golden_with_a_template_that_renders_tools_itself(tmp_path, tiny_model_dir, lf_demo_dir):
+    from tests.test_templates import TOOL_TEMPLATE
+
+    model = model_with_template(tmp_path / "tools", tiny_model_dir, TOOL_TEMPLATE)
+    _, layout, _ = run_stages(tmp_path / "run", model, lf_demo_dir, "glaive_toolcall_en_demo",
+                              cutoff_len=100000, max_samples=40)
+    tokenizer = load_tokenizer(layout.base_model)
+    fmt = ChatFormat(tokenizer)
+    assert fmt.native_tools
+    rows = validated_rows(layout)[:40]
+    assert any(row["tools"] for row in rows)
+    for row, sample in zip(rows, load_from_disk(str(layout.tokenized / "train"))):
+        ids, labels = expected_sft(tokenizer, fmt, row)
+        assert (sample["input_ids"], sample["labels"]) == (ids, labels), row["_source"]
 
 
 def test_stage_and_packing_mismatches(tmp_path, tiny_model_dir, lf_demo_dir):
