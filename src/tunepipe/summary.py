@@ -52,7 +52,7 @@ def model_lines(cfg: Config, layout: Layout) -> str:
         shards = sorted(export_dir.glob("*.safetensors"))
         size_mb = sum(p.stat().st_size for p in shards) / 1e6
         lines.append(f"  merged model   {export_dir}/  ({len(shards)} safetensors shard(s), {size_mb:.0f} MB)")
-        lines.append(f"                 load it with AutoModelForCausalLM.from_pretrained({str(export_dir)!r})")
+        lines.append(f"                 chat with it: tunepipe chat params.yaml model_name_or_path={export_dir}")
     else:
         lines.append(f"  merged model   {export_dir}/ missing: the merge stage has not run")
     lines.append(f"  trained        {trained}/")

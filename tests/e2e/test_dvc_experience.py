@@ -2,9 +2,10 @@
 
 One repository is set up per module (git init + dvc init + a first `dvc repro`) and the
 tests run in file order on it, each leaving the pipeline up to date: a second repro
-skips everything; a new learning rate re-runs train, evaluate and merge only; a new
-cutoff_len re-runs from tokenize; a raw data file tracked with `dvc add` re-runs from
-validate and checks out with its adapter; `dvc exp run` / `exp show` / `plots show`.
+skips everything; `dvc exp run -S train.learning_rate=...` re-runs train, evaluate and
+merge only and shows up in `dvc exp show` and `dvc plots show`; a new cutoff_len re-runs
+from tokenize; a raw data file tracked with `dvc add` re-runs from validate and checks
+out together with its adapter.
 The static test checks every stage's `deps:` against the modules its script imports.
 """
 
@@ -85,9 +86,10 @@ def adapter_hash(repo: Path) -> str:
 
 
 def big_rows(tag: str, count: int = 24) -> list[dict]:
-    """A stand-in for a large raw dataset kept out of git with `dvc add`."""
-    return [{"instruction": f"Question {i} about {tag}?", "input": "",
-             "output": f"I am Tuney, and answer {i} is about {tag}."} for i in range(count)]
+    """A stand-in for a large raw dataset kept out of git with `dvc add`. The tag leads
+    both turns so that truncation to a short cutoff_len never hides the difference."""
+    return [{"instruction": f"{tag}: question {i}?", "input": "",
+             "output": f"{tag}: Tuney answers {i}."} for i in range(count)]
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +125,26 @@ def test_second_repro_runs_no_stage(dvc_repo):
 
 
 @pytest.mark.slow
-def test_learning_rate_change_reruns_train_evaluate_merge_only(dvc_repo):
+def test_learning_rate_experiment_reruns_only_train_evaluate_merge_and_shows_in_exp_show_and_plots(dvc_repo):
     before = adapter_hash(dvc_repo)
-    edit_params(dvc_repo, "train", "learning_rate", 5.0e-4)
-    assert repro(dvc_repo) == {"train", "evaluate", "merge"}
+    proc = dvc(dvc_repo, "exp", "run", "-S", "train.learning_rate=2e-4")
+    assert stages_run(proc) == {"train", "evaluate", "merge"}  # validate and tokenize are cached
     assert adapter_hash(dvc_repo) != before
+
+    shown = json.loads(dvc(dvc_repo, "exp", "show", "--json").stdout)
+    runs = [node for node in _walk(shown) if _learning_rate(node) == pytest.approx(2e-4)]
+    assert runs, "the experiment with learning_rate 2e-4 is not listed"
+    metrics = runs[0]["data"]["metrics"]
+    assert metrics["metrics/train.json"]["data"]["train_loss"] > 0
+    assert "metrics/eval.json" in metrics and metrics["metrics/eval.json"]["data"]
+
+    out = dvc_repo / "plots-html"
+    dvc(dvc_repo, "plots", "show", "-o", str(out))
+    html = (out / "index.html").read_text()
+    rows = (dvc_repo / "plots" / "train_loss.csv").read_text().strip().splitlines()
+    assert "train_loss" in html and len(rows) >= 3  # header + one row per logged step (2 steps)
+    first_loss = rows[1].split(",")[-1]
+    assert first_loss in html  # the plotted data is the training log
 
 
 @pytest.mark.slow
@@ -151,7 +168,7 @@ def test_raw_data_change_reruns_from_validate_and_checkout_restores_data_with_it
     git(dvc_repo, "add", "-A")
     git(dvc_repo, "commit", "-q", "-m", "big.json v2")
     new_data, new_adapter = sha(dvc_repo / "data/raw/big.json"), adapter_hash(dvc_repo)
-    assert (new_data, new_adapter) != (old_data, old_adapter) and new_adapter != old_adapter
+    assert new_data != old_data and new_adapter != old_adapter
 
     git(dvc_repo, "checkout", "-q", old_commit)
     dvc(dvc_repo, "checkout", "-q")
@@ -163,27 +180,6 @@ def test_raw_data_change_reruns_from_validate_and_checkout_restores_data_with_it
     dvc(dvc_repo, "checkout", "-q")
     assert adapter_hash(dvc_repo) == new_adapter
     assert stages_run(dvc(dvc_repo, "repro")) == set()
-
-
-@pytest.mark.slow
-def test_exp_run_then_exp_show_lists_its_metrics_and_plots_show_draws_the_loss(dvc_repo):
-    proc = dvc(dvc_repo, "exp", "run", "-S", "train.learning_rate=2e-4")
-    assert stages_run(proc) == {"train", "evaluate", "merge"}
-
-    shown = json.loads(dvc(dvc_repo, "exp", "show", "--json").stdout)
-    runs = [node for node in _walk(shown) if _learning_rate(node) == pytest.approx(2e-4)]
-    assert runs, "the experiment with learning_rate 2e-4 is not listed"
-    metrics = runs[0]["data"]["metrics"]
-    assert metrics["metrics/train.json"]["data"]["train_loss"] > 0
-    assert "metrics/eval.json" in metrics and metrics["metrics/eval.json"]["data"]
-
-    out = dvc_repo / "plots-html"
-    dvc(dvc_repo, "plots", "show", "-o", str(out))
-    html = (out / "index.html").read_text()
-    rows = (dvc_repo / "plots" / "train_loss.csv").read_text().strip().splitlines()
-    assert "train_loss" in html and len(rows) >= 3  # header + one row per logged step (2 steps)
-    first_loss = rows[1].split(",")[-1]
-    assert first_loss in html  # the plotted data is the training log
 
 
 def _walk(node):
