@@ -95,6 +95,27 @@ def test_merged_export_matches_base_plus_adapter(kind, tiny_model_dir, tmp_path)
         assert metrics["qlora_gap_max_abs_logit_diff"] > metrics["logit_tolerance"]
 
 
+def test_half_precision_export_is_merged_in_float32_and_rounded_once(tiny_model_dir, tmp_path):
+    from safetensors import safe_open
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", scale=1.0)
+    cfg = export_config(tiny_model_dir, tmp_path / "export", f"model.adapter_name_or_path={adapter}",
+                        "model.dtype=bfloat16")
+    metrics = run_export(cfg, Layout.at(tmp_path))
+    # Closer to base + adapter than plain bfloat16 inference of base + adapter is.
+    assert 0 < metrics["max_abs_logit_diff"] <= metrics["dtype_noise_max_abs_logit_diff"] == metrics["logit_tolerance"]
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["dtype"] == "bfloat16"
+    shard = min((tmp_path / "export").glob("*.safetensors"))
+    with safe_open(str(shard), framework="pt") as handle:
+        name = next(iter(handle.keys()))
+        assert handle.get_tensor(name).dtype == torch.bfloat16
+    # Each stored weight is the float32 merge rounded once: W + delta, then bfloat16.
+    merged = unmerged(tiny_model_dir, [adapter]).merge_and_unload().state_dict()
+    with safe_open(str(shard), framework="pt") as handle:
+        for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+            assert torch.equal(handle.get_tensor(name), merged[name].to(torch.bfloat16)), name
+
+
 def test_several_adapters_merge_in_order(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -156,7 +177,7 @@ def test_refuses_a_non_empty_export_dir_unless_overwrite(tiny_model_dir, tmp_pat
 
 
 def test_a_failed_check_leaves_nothing_behind(tiny_model_dir, tmp_path, adapter_dir, monkeypatch):
-    monkeypatch.setitem(export_module.RELATIVE_TOLERANCE, "float32", -1.0)
+    monkeypatch.setattr(export_module, "tolerance", lambda noise, reference: -1.0)
     cfg = export_config(tiny_model_dir, tmp_path / "out" / "export", f"model.adapter_name_or_path={adapter_dir}")
     with pytest.raises(TunepipeError, match="export check failed"):
         run_export(cfg, Layout.at(tmp_path))

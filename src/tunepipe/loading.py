@@ -101,12 +101,12 @@ def quantization_config(cfg: Config):
         bnb_4bit_compute_dtype=torch_dtype(cfg.model.dtype))
 
 
-def load_base(cfg: Config, base_dir: Path, device: str, quantized: bool = False):
-    """The base model in `model.dtype`; in 4/8 bits only when asked and configured."""
+def load_base(cfg: Config, base_dir: Path, device: str, quantized: bool = False, dtype: str | None = None):
+    """The base model in `dtype` (default `model.dtype`); in 4/8 bits only when asked and configured."""
     kwargs = {}
     if quantized and cfg.model.quantization_bit:
         kwargs["quantization_config"] = quantization_config(cfg)
-    model = load_causal_lm(base_dir, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+    model = load_causal_lm(base_dir, dtype=dtype or cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                            device_map=device, **kwargs)
     return model.eval()
 
