@@ -98,3 +98,13 @@ def test_packed_shards_train(tmp_path, tiny_model_dir):
                            per_device_train_batch_size=1)
     run_train(cfg, layout)
     assert_memorises(layout)
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path, tiny_model_dir):
+    curves = []
+    for checkpointing in (False, True):
+        cfg, layout = tiny_run(tmp_path / str(checkpointing), tiny_model_dir, rows=4, max_steps=3,
+                               per_device_train_batch_size=4, gradient_checkpointing=checkpointing)
+        run_train(cfg, layout)
+        curves.append(losses(layout))
+    assert curves[0] == pytest.approx(curves[1], rel=1e-5)

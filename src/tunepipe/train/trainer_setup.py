@@ -83,8 +83,8 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
         optim=train.optim,
         bf16=train.bf16,
         fp16=train.fp16,
-        gradient_checkpointing=train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        activation_checkpointing=train.gradient_checkpointing,  # transformers 5's name for it
+        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
         logging_strategy="steps",
         logging_steps=train.logging_steps,
         save_strategy="steps",
