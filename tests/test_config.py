@@ -152,6 +152,15 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     assert cfg.train.learning_rate == pytest.approx(1e-4)
 
 
+def test_unquoted_no_as_dvc_exp_run_writes_it_is_the_string_no(tmp_path):
+    # `dvc exp run -S` rewrites params.yaml as YAML 1.2, turning "no" into a bare no,
+    # which YAML 1.1 (PyYAML) reads as false; eval_strategy must still load as "no".
+    cfg = load_config(write(tmp_path, "train:\n  eval_strategy: no\n"), ["eval_strategy=no"])
+    assert cfg.train.eval_strategy == "no"
+    with pytest.raises(TunepipeError, match="eval_strategy"):
+        load_config(write(tmp_path, "train:\n  eval_strategy: yes\n"))
+
+
 def test_overrides_flat_and_grouped_with_checks(tmp_path):
     path = write(tmp_path, "train:\n  lora_rank: 8\n")
     cfg = load_config(path, ["lora_rank=16", "train.learning_rate=3e-4", "data.dataset=a,b"])

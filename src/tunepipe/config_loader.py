@@ -164,6 +164,10 @@ def _coerce(value: Any, annotation: Any) -> Any:
         return _coerce_union(value, get_args(annotation))
     if origin is Literal:
         choices = get_args(annotation)
+        if value is False and "no" in choices:
+            # `eval_strategy: no` unquoted reads as false in YAML 1.1 (PyYAML); DVC writes
+            # params.yaml as YAML 1.2 and drops the quotes on `dvc exp run -S`.
+            return "no"
         if value in choices and type(value) in {type(c) for c in choices}:
             return value
         raise ValueError(f"must be one of {', '.join(map(repr, choices))}")
