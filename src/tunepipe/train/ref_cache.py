@@ -23,7 +23,7 @@ from pyarrow import feather
 from torch.utils.data import DataLoader
 
 from tunepipe.io_utils import read_json
-from tunepipe.modeling import MANIFEST, follow_manifest, hash_model_dir
+from tunepipe.modeling import MANIFEST, base_dtype, follow_manifest, hash_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def cache_key(base_dir: str | Path, dataset, columns: tuple[str, ...], cfg) -> s
         "base": base_model_fingerprint(base_dir),
         "rows": rows_fingerprint(dataset, columns),
         "stage": cfg.train.stage,
-        "dtype": cfg.model.dtype,
+        "dtype": base_dtype(base_dir),
         "quantization": [cfg.model.quantization_bit, cfg.model.quantization_type,
                          cfg.model.double_quantization],
         "autocast": "bf16" if cfg.train.bf16 else "fp16" if cfg.train.fp16 else "none",
