@@ -100,3 +100,14 @@ def test_qlora_4bit_dpo_trains(tiny_model_dir, tokenizer, tmp_path):
     summary = dpo.train(cfg, layout)
     assert summary["rewards/margins"] > 0
     assert (layout.adapter / "adapter_model.safetensors").is_file()
+
+
+def test_eval_split_reports_rewards(tiny_model_dir, tokenizer, tmp_path):
+    rows = preference_dataset(tokenizer)
+    cfg = pref_config(tiny_model_dir, tmp_path, stage="dpo", pref_loss="ipo", finetuning_type="lora",
+                      max_steps=2, eval_strategy="steps", eval_steps=2)
+    layout = write_tree(cfg, rows.select(range(4)), eval_rows=rows.select(range(4, 6)))
+    summary = dpo.train(cfg, layout)
+    assert "eval_loss" in summary
+    for key in ("eval_rewards/margins", "eval_rewards/accuracies", "rewards/margins"):
+        assert key in summary, key

@@ -173,12 +173,14 @@ class ObjectiveTrainer(Trainer):
         super().log(logs, start_time)
 
 
-OBJECTIVE_METRIC_PREFIXES = ("rewards/", "logps/", "kl", "sft_loss")
+OBJECTIVE_METRICS = ("rewards/", "logps/", "kl", "sft_loss")
+OBJECTIVE_METRIC_PREFIXES = OBJECTIVE_METRICS + tuple(f"eval_{name}" for name in OBJECTIVE_METRICS)
 
 
 def add_objective_metrics(layout, summary: dict, trainer) -> dict:
     """metrics/train.json gains the last logged value of each objective metric (rewards/*,
-    logps/*, kl, sft_loss): the shared session writes only the loss figures."""
+    logps/*, kl, sft_loss, and their eval_ versions): the shared session writes only the
+    loss figures."""
     from tunepipe.io_utils import write_json_atomic
     from tunepipe.train.outputs import TRAIN_METRICS
 
