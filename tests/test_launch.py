@@ -105,3 +105,37 @@ def test_accelerate_configs_build_their_plugins(path):
             assert DeepSpeedPlugin().zero_stage == 2
         else:
             assert path.name == "ddp.yaml" and args.multi_gpu
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_launcher_stops_when_its_parent_is_killed():
+    """`kill -9` of the stage process must not leave training processes running as orphans."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    parent_code = (
+        "import subprocess, sys, time\n"
+        "from tunepipe.launch import _die_with_parent\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],"
+        " preexec_fn=_die_with_parent())\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    launcher = psutil.Process(int(parent.stdout.readline()))
+    assert launcher.is_running() and launcher.status() != psutil.STATUS_ZOMBIE
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if launcher.status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    else:
+        launcher.kill()
+        pytest.fail("the launcher outlived its killed parent")
