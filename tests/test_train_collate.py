@@ -9,6 +9,8 @@ from tests.fixtures.sft_shards import pack, sft_rows
 from tunepipe.modeling import load_causal_lm, load_tokenizer
 from tunepipe.train.collate import SegmentCollator, model_inputs, shifted_labels, varlen_kwargs
 from tunepipe.train.loss import causal_lm_loss
+from tunepipe.train.varlen_attention import NAME as VARLEN
+from tunepipe.train.varlen_attention import register
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +19,8 @@ def tokenizer(tiny_model_dir):
 
 
 def model_with(tiny_model_dir, attn: str):
+    if attn == VARLEN:
+        register()
     model = load_causal_lm(tiny_model_dir, attn_implementation=attn)
     for param in model.parameters():
         param.requires_grad_(True)
@@ -56,7 +60,7 @@ def test_packed_row_positions_and_mask(tokenizer):
     assert mask[first - 1, 0] and not mask[0, 1]  # causal inside sample 1
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", VARLEN])
 def test_packed_equals_unpacked_per_token_loss_and_gradients(tiny_model_dir, tokenizer, attn):
     rows = sft_rows(tokenizer, 5)
     packed_rows = pack(rows, cutoff=3 * max(len(r["input_ids"]) for r in rows))
@@ -73,12 +77,13 @@ def test_packed_equals_unpacked_per_token_loss_and_gradients(tiny_model_dir, tok
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_flattened_batch_equals_padded_batch(tiny_model_dir, tokenizer):
+@pytest.mark.parametrize("attn", ["sdpa", VARLEN])
+def test_flattened_batch_equals_padded_batch(tiny_model_dir, tokenizer, attn):
     rows = sft_rows(tokenizer, 4)
-    padded = SegmentCollator(pad_token_id=tokenizer.pad_token_id)(rows)
-    flat = SegmentCollator(pad_token_id=tokenizer.pad_token_id, flatten=True)(rows)
+    padded = SegmentCollator(pad_token_id=tokenizer.pad_token_id, attn_implementation=attn)(rows)
+    flat = SegmentCollator(pad_token_id=tokenizer.pad_token_id, attn_implementation=attn, flatten=True)(rows)
     assert flat["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
-    model = model_with(tiny_model_dir, "sdpa")
+    model = model_with(tiny_model_dir, attn)
     torch.testing.assert_close(per_token_losses(model, flat), per_token_losses(model, padded),
                                rtol=1e-5, atol=1e-5)
 

@@ -13,7 +13,8 @@ Samples sharing a row get position ids restarting at 0 and must not attend to ea
 transformers builds that isolation from position ids alone only when no attention mask
 and no cache are passed; with SDPA or eager attention on CPU the reliable form is an
 explicit block-diagonal causal 4-D mask (measured: it reproduces the unpacked logits).
-With flash attention 2 the same isolation comes from varlen `cu_seq_lens` kwargs instead.
+With flash attention 2, or tunepipe's per-sample SDPA (`varlen_attention`), the same
+isolation comes from varlen `cu_seq_lens` kwargs instead, at no [T, T] cost.
 
 Batch keys: `input_ids`, `labels`, `shift_labels` (targets of each position, -100 across a
 sample boundary and on padding), `position_ids`, `attention_mask` (2-D, 1 = real token:
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 IGNORE_INDEX = -100
+VARLEN = "tunepipe_sdpa_varlen"  # varlen_attention.NAME, spelled here to keep this module torch-only
 FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -87,7 +89,7 @@ class SegmentCollator:
         return longest if not multiple else -(-longest // multiple) * multiple
 
     def _isolation(self, rows_segments: list[list[int]], width: int) -> dict[str, torch.Tensor]:
-        if self.attn_implementation.startswith("flash_attention"):
+        if self.attn_implementation.startswith("flash_attention") or self.attn_implementation == VARLEN:
             return varlen_kwargs(rows_segments, width)
         mask = torch.stack([block_causal_mask(with_tail(segments, width)) for segments in rows_segments])
         if self.attn_implementation == "sdpa":

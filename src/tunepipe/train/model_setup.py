@@ -49,7 +49,8 @@ def _default_device() -> str:
 
 
 def attention_implementation(model_cfg: ModelConfig) -> str:
-    """`flash_attn` -> a transformers attn_implementation; fa2 only where it can run."""
+    """`flash_attn` -> a transformers attn_implementation: auto is flash attention 2 where it
+    can run, else SDPA run per sample (`varlen_attention`); sdpa is SDPA with 4-D masks."""
     import torch
 
     fa2_ready = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
@@ -61,8 +62,13 @@ def attention_implementation(model_cfg: ModelConfig) -> str:
             raise TunepipeError("model.flash_attn='fa2' needs a CUDA GPU and the flash-attn package",
                                 hint="use flash_attn: auto (SDPA where flash attention cannot run)")
         return "flash_attention_2"
-    if choice == "auto" and fa2_ready:
-        return "flash_attention_2"
+    if choice == "auto":
+        if fa2_ready:
+            return "flash_attention_2"
+        # SDPA per sample of a padding-free row (plain SDPA for everything else)
+        from tunepipe.train.varlen_attention import register
+
+        return register()
     return "sdpa"
 
 
