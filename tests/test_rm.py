@@ -26,10 +26,18 @@ def conversation(prompt: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
-@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
-def test_reward_model_ranks_its_training_pairs(tiny_model_dir, tokenizer, tmp_path, finetuning_type):
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_reward_model_ranks_its_training_pairs(tiny_model_dir, tokenizer, tmp_path, method):
+    finetuning_type = "full" if method == "full" else "lora"
     cfg = pref_config(tiny_model_dir, tmp_path, stage="rm", finetuning_type=finetuning_type, max_steps=10,
                       learning_rate=5e-3 if finetuning_type == "lora" else 1e-3)
+    quantization = None
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+        from tunepipe.loading import quantization_config
+
+        cfg.model.quantization_bit = 4
+        quantization = quantization_config(cfg)
     rows = preference_dataset(tokenizer)
     layout = write_tree(cfg, rows)
     summary = rm.train(cfg, layout)
@@ -38,7 +46,7 @@ def test_reward_model_ranks_its_training_pairs(tiny_model_dir, tokenizer, tmp_pa
     assert "accuracy" not in summary  # TRL's duplicate names are replaced by ours
 
     trained = layout.trained(finetuning_type)
-    model = load_reward_model(trained, layout.base_model, tokenizer.pad_token_id)
+    model = load_reward_model(trained, layout.base_model, tokenizer.pad_token_id, quantization_config=quantization)
     chosen = score_texts(model, tokenizer, [conversation(p, c) for p, c, _ in PAIRS])
     rejected = score_texts(model, tokenizer, [conversation(p, r) for p, _, r in PAIRS])
     accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(PAIRS)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import torch
 from trl import RewardTrainer
 
 from tunepipe.config import Config
@@ -71,6 +72,15 @@ def reward_dataset(dataset):
 
 class RewardModelTrainer(RewardTrainer):
     """TRL's RewardTrainer, also logging rewards/chosen, rejected, margins, accuracies."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # TRL casts a quantized model's trainable weights to bfloat16; tunepipe keeps trained
+        # weights in float32 as model_setup does for every objective (and the value head must
+        # match the precision of the hidden states it reads).
+        for param in self.model.parameters():
+            if param.requires_grad and param.dtype == torch.bfloat16:
+                param.data = param.data.float()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
