@@ -156,3 +156,22 @@ def test_answer_only_projection_equals_full_logits(tiny_model_dir, tokenizer):
     logps, counts = forward_log_probs(model, batch)
     assert torch.equal(counts, expected_counts)
     assert torch.allclose(logps, expected, atol=1e-5)
+
+
+def test_objective_normalises_per_loss_and_mixes_in_sft(tiny_model_dir, tokenizer):
+    from tunepipe.train.pref_losses import ipo_loss
+
+    policy, base = lora_model(tiny_model_dir, nonzero=True), load_model(tiny_model_dir)
+    batch = batch_of(tokenizer, rows=3)
+    logps, counts = forward_log_probs(policy, batch)
+    ref_logps = forward_log_probs(base, batch)[0]
+    mean, ref_mean = logps / counts, ref_logps / counts
+    expected = ipo_loss(mean[:3], mean[3:], ref_mean[:3], ref_mean[3:], 0.1).losses.mean()
+    chosen_nll = -mean[:3].mean()
+
+    frozen = build_reference(base, TrainConfig(stage="dpo", finetuning_type="full"))
+    for ftx in (0.0, 0.5):
+        train_cfg = TrainConfig(stage="dpo", pref_loss="ipo", pref_beta=0.1, pref_ftx=ftx)
+        loss, metrics = dpo_objective(train_cfg, frozen)(policy, batch)
+        assert loss.item() == pytest.approx((expected + ftx * chosen_nll).item(), rel=1e-5)
+        assert ("sft_loss" in metrics) == (ftx > 0)
