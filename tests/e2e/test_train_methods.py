@@ -93,11 +93,16 @@ def test_freeze_and_full(tmp_path, tiny_model_dir, captured, finetuning_type):
     torch.testing.assert_close(probe_logits(trained), captured["logits"], rtol=1e-5, atol=1e-5)
 
 
-def test_packed_shards_train(tmp_path, tiny_model_dir):
-    cfg, layout = tiny_run(tmp_path, tiny_model_dir, rows=12, packing=True, max_steps=8,
+def test_continued_pretraining_on_packed_rows(tmp_path, tiny_model_dir):
+    cfg, layout = tiny_run(tmp_path, tiny_model_dir, rows=12, packing=True, max_steps=8, stage="pt",
                            per_device_train_batch_size=1)
-    run_train(cfg, layout)
+    summary = run_train(cfg, layout)
     assert_memorises(layout)
+    from datasets import load_from_disk
+
+    (row,) = load_from_disk(str(layout.tokenized / "train"))  # 12 samples packed into one row
+    assert len(row["seq_lens"]) == 12
+    assert summary["tokens_seen"] == 8 * len(row["input_ids"])  # padding-free: every token is real
 
 
 def test_gradient_checkpointing_changes_memory_not_results(tmp_path, tiny_model_dir):
