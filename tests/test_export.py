@@ -110,20 +110,20 @@ def test_half_precision_export_is_merged_in_float32_and_rounded_once(tiny_model_
         name = next(iter(handle.keys()))
         assert handle.get_tensor(name).dtype == torch.bfloat16
     # Each stored weight is the float32 merge rounded once to bfloat16: within half a bfloat16
-    # ulp (2^-9 relative) of W + delta. (Not bit-equal: CPU matmul summation order may vary
-    # between runs, which moves a value sitting on a rounding boundary.)
+    # ulp (2^-8 relative: 7 stored mantissa bits) of W + delta. Not bit-equal: CPU matmul
+    # summation order may vary between runs, moving a value that sits on a rounding boundary.
     merged = unmerged(tiny_model_dir, [adapter]).merge_and_unload().state_dict()
     with safe_open(str(shard), framework="pt") as handle:
         for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
             error = (handle.get_tensor(name).float() - merged[name]).abs()
-            assert (error <= merged[name].abs() * 2**-9 * 1.001 + 1e-30).all(), name
+            assert (error <= merged[name].abs() * 2**-8 * 1.001 + 1e-30).all(), name
 
 
 def test_several_adapters_merge_in_order(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     first = make_adapter(tiny_model_dir, tmp_path / "a1", seed=1, scale=0.3)
-    second = make_adapter(tiny_model_dir, tmp_path / "a2", seed=2, scale=0.3, dora=True)
+    second = make_adapter(tiny_model_dir, tmp_path / "a2", seed=2, scale=0.3)
     cfg = export_config(tiny_model_dir, tmp_path / "export", f"model.adapter_name_or_path={first},{second}")
     metrics = run_export(cfg, Layout.at(tmp_path))
     assert metrics["merged_adapters"] == 2
