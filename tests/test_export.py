@@ -98,12 +98,15 @@ def test_merged_export_matches_base_plus_adapter(kind, tiny_model_dir, tmp_path)
 def test_half_precision_export_is_merged_in_float32_and_rounded_once(tiny_model_dir, tmp_path):
     from safetensors import safe_open
 
-    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", scale=1.0)
+    # An update smaller than the weights, as a trained adapter's is (a huge random one makes the
+    # rounding of the merged weights dominate everything else).
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", scale=0.05)
     cfg = export_config(tiny_model_dir, tmp_path / "export", f"model.adapter_name_or_path={adapter}",
                         "model.dtype=bfloat16")
     metrics = run_export(cfg, Layout.at(tmp_path))
-    # Closer to base + adapter than plain bfloat16 inference of base + adapter is.
-    assert 0 < metrics["max_abs_logit_diff"] <= metrics["dtype_noise_max_abs_logit_diff"] == metrics["logit_tolerance"]
+    # No further from base + adapter than plain bfloat16 inference of base + adapter is.
+    assert 0 < metrics["max_abs_logit_diff"] <= metrics["dtype_noise_max_abs_logit_diff"]
+    assert metrics["logit_tolerance"] == pytest.approx(2 * metrics["dtype_noise_max_abs_logit_diff"])
     assert json.loads((tmp_path / "export" / "config.json").read_text())["dtype"] == "bfloat16"
     shard = min((tmp_path / "export").glob("*.safetensors"))
     with safe_open(str(shard), framework="pt") as handle:

@@ -48,10 +48,12 @@ PROBE_PROMPTS = ["Who are you?", "Write one sentence about the sea.", "What is 1
 # The tolerance of the equivalence check (both sides computed in float32). A float32 export
 # differs from base + adapter by summation order only: 1e-4 of the largest |logit| leaves a
 # wide margin (SmolLM2-135M: 4e-6). A half-precision export also carries the rounding of each
-# merged weight; it must stay within the error that plain inference in that dtype makes
-# anyway (`dtype_noise`: base + adapter run in bfloat16 vs float32). SmolLM2-135M in
-# bfloat16: export 0.42, bfloat16 inference 1.70, largest logit 38.6.
+# merged weight; it must stay within twice the error that plain inference in that dtype
+# makes anyway (`dtype_noise`: base + adapter run in bfloat16 vs float32; twice, because
+# both are maxima of rounding noise). A difference below that is immaterial in that dtype.
+# SmolLM2-135M in bfloat16: export 0.42, bfloat16 inference 1.70, largest logit 38.6.
 FLOAT32_RELATIVE_TOLERANCE = 1e-4
+HALF_PRECISION_NOISE_FACTOR = 2.0
 COMPUTE_DTYPE = "float32"
 
 
@@ -163,7 +165,7 @@ def dtype_noise(cfg: Config, base_dir: Path, source: TrainedSource, device: str,
 
 def tolerance(noise: float, reference: list) -> float:
     scale = max(1.0, max(logits.abs().max().item() for logits in reference))
-    return max(FLOAT32_RELATIVE_TOLERANCE * scale, noise)
+    return max(FLOAT32_RELATIVE_TOLERANCE * scale, HALF_PRECISION_NOISE_FACTOR * noise)
 
 
 def check_equivalence(cfg: Config, export_dir: Path, device: str, probes, reference, merge_diff: float,
