@@ -80,7 +80,6 @@ def run_export(cfg: Config, layout: Layout) -> dict:
         metrics = verify_shards(tmp, limit)
         noise = dtype_noise(cfg, base_dir, source, device, probes, reference)
         metrics.update(check_equivalence(cfg, tmp, device, probes, reference, merge_diff, noise))
-        readable_by_others(tmp)
     metrics.update({"export_size_bytes": limit, "merged_adapters": len(source.paths) * (source.kind == "adapters"),
                     "modelfile_template": int(has_template)})
     if cfg.model.quantization_bit and source.kind == "adapters":
@@ -196,18 +195,6 @@ def quantized_gap(cfg: Config, base_dir: Path, source: TrainedSource, device: st
     del model
     gc.collect()
     return gap
-
-
-def readable_by_others(folder: Path) -> None:
-    """Give the export the umask's usual modes: its temporary dir was created 0700 (mkdtemp),
-    and a model server running as another user (Ollama's service, for one) must read it."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
 
 
 def _generation_config(export_dir: Path):

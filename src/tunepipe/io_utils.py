@@ -20,12 +20,21 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # mkdtemp makes the dir 0700; outputs (models a server reads, shards) get the
+    # umask's usual modes like any other dir the user creates.
+    tmp.chmod(0o777 & ~current_umask())
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_path(tmp, target)
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def replace_path(src: Path, target: Path) -> None:
@@ -45,6 +54,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600
     os.replace(tmp, path)
 
 
