@@ -95,6 +95,10 @@ PY
 }
 
 write_config() {  # $1 = name, $2 = extra YAML lines
+  # The dry run on a CPU trains in float32: without AVX512-BF16 / AMX a bfloat16 matmul is
+  # ~60x slower than float32 there, and the rehearsal only checks this script's flow.
+  local bf16=true
+  [[ "$dry" == 1 ]] && bf16=false
   cat > "$work/$1.yaml" <<YAML
 model_name_or_path: $work/base
 stage: sft
@@ -110,7 +114,7 @@ gradient_accumulation_steps: 1
 max_steps: $steps
 learning_rate: 1.0e-4
 logging_steps: 1
-bf16: true
+bf16: $bf16
 output_dir: $work/$1
 overwrite_output_dir: true
 report_to: none
@@ -142,9 +146,11 @@ run() {
   cat "$gpu/bundle-1/model.part-0" "$gpu/bundle-2/model.part-1" > "$work/$gguf_name"
   echo "$(cat "$gpu/bundle-1/model.sha256")  $work/$gguf_name" | sha256sum -c --quiet
 
-  echo "[gpu_check] converting it once to a bf16 HF dir"
-  printf 'model_name_or_path: %s\ndtype: bfloat16\noutput_dir: %s\nreport_to: none\n' \
-    "$work/$gguf_name" "$work/convert" > "$work/convert.yaml"
+  local dtype=bfloat16
+  [[ "$dry" == 1 ]] && dtype=float32  # see write_config
+  echo "[gpu_check] converting it once to a $dtype HF dir"
+  printf 'model_name_or_path: %s\ndtype: %s\noutput_dir: %s\nreport_to: none\n' \
+    "$work/$gguf_name" "$dtype" "$work/convert" > "$work/convert.yaml"
   "$py" -m tunepipe.cli base-model "$work/convert.yaml"
   mv "$work/convert/models/base" "$work/base"
 
