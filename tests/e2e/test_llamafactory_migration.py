@@ -82,7 +82,11 @@ def test_llamafactory_yaml_trains_and_exports_through_tunepipe(tmp_path, smollm2
     assert tunepipe(["train", str(train_cfg)]) == 0
 
     validated = json.loads((out / "data" / "validated" / "manifest.json").read_text())
-    assert _train_rows(validated) == {"identity": 16, "alpaca_en_demo": 16}
+    on_disk = {name: len(json.loads((lf_demo_dir / f"{name}.json").read_text()))
+               for name in ("identity", "alpaca_en_demo")}
+    assert _train_rows(validated) == on_disk  # every row validated, the files used unchanged
+    meta = json.loads((out / "data" / "tokenized" / "meta.json").read_text())
+    assert meta["rows"]["train"] == 2 * 16  # max_samples applies per dataset, as in LLaMA-Factory
     adapter = out / "models" / "adapter"
     adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 32 and adapter_cfg["lora_alpha"] == 64  # LLaMA-Factory's 2 x rank
@@ -102,8 +106,7 @@ def test_llamafactory_yaml_trains_and_exports_through_tunepipe(tmp_path, smollm2
 
 
 def _train_rows(manifest: dict) -> dict[str, int]:
-    entries = manifest.get("train", manifest.get("datasets", []))
-    return {entry["name"]: entry["rows"] for entry in entries}
+    return {entry["name"]: entry["rows"] for entry in manifest["train"]}
 
 
 def _assert_export_equals_base_plus_adapter(export_dir: Path, base_dir: Path, adapter: Path) -> None:
