@@ -15,6 +15,8 @@ fall back to SDPA for the 2-D masks your collators pass.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -44,15 +46,24 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
-    batch, heads, width, dim = query.shape
-    # rows laid end to end, as the boundaries count them: [H, B*T, D]
-    q = query.transpose(0, 1).reshape(heads, batch * width, dim)
-    k = key.transpose(0, 1).reshape(key.shape[1], batch * width, dim)
-    v = value.transpose(0, 1).reshape(value.shape[1], batch * width, value.shape[-1])
+    batch, heads, width, _ = query.shape
+    q, k, v = (_end_to_end(t) for t in (query, key, value))
     dropout = dropout if module.training else 0.0
-    cuts = boundaries.tolist()
-    parts = [F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], dropout_p=dropout,
-                                            is_causal=True, scale=scaling, enable_gqa=True)
-             for s, e in zip(cuts[:-1], cuts[1:]) if e > s]
-    out = torch.cat(parts, dim=1).reshape(heads, batch, width, v.shape[-1])
+    lengths = [e - s for s, e in itertools.pairwise(boundaries.tolist())]
+    # split, not slicing: split's backward writes all gradients with one concatenation,
+    # where each slice's backward would zero-fill a full-size buffer and add into it.
+    # 4-D pieces on purpose: on CPU only 4-D inputs reach SDPA's flash kernel (3-D ones
+    # fall back to the math path, which materialises every score matrix).
+    parts = [F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout, is_causal=True, scale=scaling,
+                                            enable_gqa=True)
+             for qi, ki, vi in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))]
+    out = torch.cat(parts, dim=2).reshape(heads, batch, width, value.shape[-1])
     return out.permute(1, 2, 0, 3).contiguous(), None
+
+
+def _end_to_end(states: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] -> [1, H, B*T, D]: the batch's rows laid end to end, as the boundaries count."""
+    batch, heads, width, dim = states.shape
+    if batch == 1:
+        return states
+    return states.transpose(0, 1).reshape(1, heads, batch * width, dim)
