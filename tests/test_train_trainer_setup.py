@@ -84,3 +84,12 @@ def test_explicit_resume_path_must_be_a_checkpoint(tmp_path):
         resume_checkpoint(cfg_with(resume_from_checkpoint=str(tmp_path)), layout, None)
     with pytest.raises(TunepipeError, match="no checkpoint of this run"):
         resume_checkpoint(cfg_with(resume_from_checkpoint=True), layout, None)
+
+
+def test_bf16_arguments_build_on_a_cpu_only_machine(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args = training_arguments(cfg_with(bf16=True), Layout.at(tmp_path), has_eval=False)
+    assert args.bf16 and args.use_cpu

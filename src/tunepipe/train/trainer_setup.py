@@ -51,6 +51,12 @@ def check_precision(train: TrainConfig) -> None:
                     "and usually slower than float32 here")
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
 def _cpu_has_bf16() -> bool:
     import torch
 
@@ -101,6 +107,8 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
+        # without a GPU, say so: transformers refuses bf16 unless use_cpu is set
+        use_cpu=not _has_gpu(),
         **extra,
     )
 
