@@ -9,6 +9,8 @@
 #    torchaudio 2.9.1, both from PyPI, import and run on the CPU (CUDA build, about 7 GB).
 #  - torchvision is only needed for LLaMA-Factory's image plugins; a torchvision that does not
 #    match torch breaks `import llamafactory`, so it is removed when it does not import cleanly.
+#    (Seen here: pip resolves torchvision 0.24.1, which matches torch 2.9.1 and imports, so it
+#    stays. Resolved versions: transformers 5.6.0, datasets 4.0.0, peft 0.18.1, trl 0.24.0.)
 #  - LLaMA-Factory's own pins (transformers <= 5.6, datasets <= 4.0, peft <= 0.18.1,
 #    trl <= 0.24, accelerate <= 1.11) are left to pip's resolver.
 #
