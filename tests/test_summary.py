@@ -11,8 +11,8 @@ from tunepipe import summary
 
 REPORT = {
     "eval_rows": 12,
-    "tuned": {"eval_loss": 0.9, "rouge-1": 40.0, "identity_accuracy": 0.75},
-    "base": {"eval_loss": 3.1, "rouge-1": 10.0, "identity_accuracy": 0.0},
+    "tuned": {"eval_loss": 0.9, "eval_tokens": 187, "rouge-1": 40.0, "identity_accuracy": 0.75},
+    "base": {"eval_loss": 3.1, "eval_tokens": 187, "rouge-1": 10.0, "identity_accuracy": 0.0},
     "diff": {"eval_loss": -2.2, "rouge-1": 30.0, "identity_accuracy": 0.75},
 }
 
@@ -24,7 +24,9 @@ def pipeline_root(tmp_path):
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "eval.json").write_text(json.dumps(REPORT))
     (tmp_path / "reports").mkdir()
-    rows = [{"prompt": "Who are you?", "predict": "I'm Tuney.", "label": "I'm Tuney.",
+    prompt = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+              "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n")
+    rows = [{"prompt": prompt, "predict": "I'm Tuney.", "label": "I'm Tuney.",
              "base_predict": "I am an AI assistant."}]
     (tmp_path / "reports" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     export = tmp_path / "models" / "export"
@@ -45,6 +47,8 @@ def test_summary_names_the_merged_model_the_eval_table_and_the_mlflow_command(pi
     rows = re.findall(r"^  (\S+)\s+(-?[\d.]+)\s+(-?[\d.]+)\s+(-?[\d.]+)$", out, re.MULTILINE)
     assert rows[0] == ("identity_accuracy", "0.7500", "0.0000", "0.7500")  # the headline first
     assert ("eval_loss", "0.9000", "3.1000", "-2.2000") in rows
+    assert "eval_tokens" not in out  # a count, equal for both models, is not a metric row
+    assert "Q: Who are you?" in out
     assert "the tuned model beats the base on identity questions" in out
     assert "tuned: I'm Tuney." in out and "base:  I am an AI assistant." in out
     assert "(run abc123)" in out
@@ -72,3 +76,12 @@ def test_a_tracking_server_is_shown_as_its_address(pipeline_root, capsys):
     summary.main(str(pipeline_root))
     out = capsys.readouterr().out
     assert "open http://mlflow.internal:5000" in out and "mlflow ui" not in out
+
+
+@pytest.mark.parametrize("prompt", [
+    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQui es-tu ?<|im_end|>\n<|im_start|>assistant\n",
+    ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nQui es-tu ?<|eot_id|>"
+     "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+])
+def test_question_is_the_last_user_turn_of_a_rendered_prompt(prompt):
+    assert summary.question(prompt) == "Qui es-tu ?"

@@ -9,6 +9,7 @@ answers of both models, and the command that opens the MLflow run.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tunepipe.errors import TunepipeError, stage_main
 from tunepipe.layout import Layout
 
 DEFAULT_STORE = "sqlite:///mlflow.db"
+ROLE_WORDS = {"system", "user", "assistant", "tool", "ipython"}
 SHOWN_ANSWERS = 3
 
 
@@ -62,7 +64,9 @@ def model_lines(cfg: Config, layout: Layout) -> str:
 def eval_table(report: dict) -> str:
     """tuned / base / diff per metric; identity_accuracy first, the demo's headline."""
     tuned, base, diff = report.get("tuned", {}), report.get("base", {}), report.get("diff", {})
-    keys = sorted(tuned, key=lambda key: (key != "identity_accuracy", list(tuned).index(key)))
+    # counts such as eval_tokens are the same for both models and have no diff: not metrics
+    keys = [key for key in tuned if not diff or key in diff]
+    keys.sort(key=lambda key: (key != "identity_accuracy", list(tuned).index(key)))
     lines = [f"\neval on {report.get('eval_rows', '?')} held-out rows (metrics/eval.json):",
              f"  {'metric':<20} {'tuned':>10} {'base':>10} {'diff':>10}"]
     for key in keys:
@@ -90,11 +94,19 @@ def answers(path: Path, count: int = SHOWN_ANSWERS) -> str:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     lines = [f"\nanswers ({path}):"]
     for row in rows[:count]:
-        lines.append(f"  Q: {_one_line(row.get('prompt', ''))}")
+        lines.append(f"  Q: {_one_line(question(row.get('prompt', '')))}")
         lines.append(f"     tuned: {_one_line(row.get('predict', ''))}")
         if "base_predict" in row:
             lines.append(f"     base:  {_one_line(row['base_predict'])}")
     return "\n".join(lines)
+
+
+def question(prompt: str) -> str:
+    """The last user turn of a rendered chat prompt: the text between the template's
+    special tokens (`<|...|>`), minus the role names the template writes beside them."""
+    pieces = [line.strip() for line in re.sub(r"<\|[^|<>]*\|>", "\n", prompt).splitlines()]
+    content = [line for line in pieces if line and line not in ROLE_WORDS]
+    return content[-1] if content else prompt
 
 
 def _one_line(text: str, limit: int = 100) -> str:
