@@ -46,6 +46,9 @@ from _common import (
 )
 
 
+FLOOR = "tokenizer-alone"  # the fast tokenizer encoding the same chats, nothing else
+
+
 def tunepipe_config(base: Path, data_dir: Path, dataset: str, out: Path, cutoff_len: int,
                     own_template: bool) -> dict:
     cfg = {"model_name_or_path": str(base), "dataset": dataset, "dataset_dir": str(data_dir),
@@ -76,7 +79,8 @@ def run_side(side: str, round_no: int, tmp: Path, base: Path, data_dir: Path, da
     else:
         own = side == "tunepipe-own-template"
         config.write_text(json.dumps(tunepipe_config(base, data_dir, dataset, out, args.cutoff_len, own)))
-        cmd = [str(TUNEPIPE_PYTHON), "-P", str(BENCH / "tp_driver.py"), "tokenize", str(config)]
+        command = "floor" if side == FLOOR else "tokenize"
+        cmd = [str(TUNEPIPE_PYTHON), "-P", str(BENCH / "tp_driver.py"), command, str(config)]
         env = {"HF_DATASETS_CACHE": str(out / "hf-cache")}
     measured = run_measured(cmd, tmp / "logs" / f"{side}-{round_no}.log", env=env)
     require_ok(f"{side} round {round_no}", measured)
@@ -106,7 +110,7 @@ def main() -> int:
     machine = machine_summary()
     print_machine(machine)
     base = base_model_dir(args.work_dir)
-    sides = ["tunepipe", "llamafactory"] + (["tunepipe-own-template"] if args.own_template else [])
+    sides = ["tunepipe", "llamafactory", FLOOR] + (["tunepipe-own-template"] if args.own_template else [])
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="tunepipe-bench-tok-") as tmp_name:
         tmp = Path(tmp_name)
@@ -132,11 +136,14 @@ def report(runs: dict[str, list[dict]], machine: dict, args: argparse.Namespace)
     ratio = median["tunepipe"] / median["llamafactory"]
     print(f"\nratio tunepipe / LLaMA-Factory rows/s: {ratio:.2f}x (target >= 5x); "
           f"CPU-time ratio LLaMA-Factory / tunepipe: {cpu['llamafactory'] / cpu['tunepipe']:.2f}x")
+    bound = median[FLOOR] / median["llamafactory"]
+    print(f"the tokenizer alone, encoding the same chats on every core: {median[FLOOR]:.1f} rows/s, "
+          f"{bound:.2f}x LLaMA-Factory: the highest ratio any implementation with this tokenizer can reach here")
     same = runs["tunepipe"][0]["tokens"] == runs["llamafactory"][0]["tokens"]
     print(f"same token count on both sides: {same}")
     machine["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "runs": runs, "ratio": ratio}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"machine": machine, "runs": runs, "ratio": ratio, "bound": bound}, indent=2) + "\n")
         print(f"figures written to {args.json}")
 
 

@@ -130,13 +130,27 @@ def save_split(columns: dict[str, list], kind: str, split: str, packing: bool, p
     for name in column_names(kind, split, packing):
         values = columns.get(name, [])
         if name in ID_COLUMNS:
-            arrays[name] = pa.array(values, type=pa.list_(pa.int32()))
+            arrays[name] = int32_lists(values)
         else:
             arrays[name] = pa.array(values, type=pa.bool_() if name == "kto_tag" else pa.string())
     dataset = Dataset(pa.table(arrays))
     # datasets writes zero shards for an empty dataset, which it then cannot load back
     shards = {"max_shard_size": MAX_SHARD_SIZE} if len(dataset) else {"num_shards": 1}
     dataset.save_to_disk(str(path), **shards)
+
+
+def int32_lists(values: list[list[int]]):
+    """A list<int32> Arrow column from Python lists, through one flat numpy buffer: pyarrow's
+    nested-list conversion walks every element as a Python object, this copies them once."""
+    import itertools
+
+    import numpy as np
+    import pyarrow as pa
+
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum(np.fromiter(map(len, values), dtype=np.int64, count=len(values)), out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(values), dtype=np.int32, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
 def build_meta(cfg: Config, kind: str, tokenizer, fmt: ChatFormat | None, splits: dict) -> dict:
