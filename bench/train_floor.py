@@ -1,0 +1,113 @@
+"""The arithmetic floor of one LoRA SFT step on this machine: how fast any trainer could go.
+
+A LoRA step on a frozen model cannot avoid, per batch: every frozen linear layer's forward
+matmul and its input-gradient matmul (backward must reach the lowest LoRA layer), the output
+projection on the trained tokens (forward and input gradient), and causal attention inside
+each sample (forward and backward). This script times exactly those kernels, at the shapes
+of SmolLM2-135M-Instruct and the batches `bench/train.py` trains on (alpaca_en_demo, chatml,
+`cutoff_len: 512`, batch 4, rows laid end to end), and prints the tokens/s they allow.
+Nothing else a trainer does (norms, activations, LoRA's own small matmuls, the optimizer,
+Python) is counted, so a real trainer is slower than this.
+
+    .venv/bin/python bench/train_floor.py [--steps 8] [--lf-tokens-per-s 52.9]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as `python bench/train_floor.py`, this folder would come first on sys.path and
+# bench/tokenize.py would shadow the standard library's tokenize module.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from _common import DEFAULT_WORK, LF_DEMO, base_model_dir
+from transformers import AutoConfig, AutoTokenizer
+
+
+def batches(tokenizer, steps: int, batch_size: int, cutoff: int) -> list[tuple[list[int], int]]:
+    """(sample lengths, trained tokens) of `steps` batches of consecutive alpaca rows."""
+    rows = json.loads((LF_DEMO / "alpaca_en_demo.json").read_text(encoding="utf-8"))
+    shapes = []
+    for start in range(0, steps * batch_size, batch_size):
+        lengths, trained = [], 0
+        for row in rows[start:start + batch_size]:
+            user = f"{row['instruction']}\n{row['input']}".strip()
+            prompt = len(tokenizer(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")["input_ids"])
+            answer = len(tokenizer(f"{row['output']}<|im_end|>\n")["input_ids"])
+            lengths.append(min(prompt + answer, cutoff))
+            trained += max(min(prompt + answer, cutoff) - prompt, 0)
+        shapes.append((lengths, trained))
+    return shapes
+
+
+def linear_shapes(config) -> list[tuple[int, int]]:
+    hidden, inner = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
+    layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inner, hidden), (inner, hidden),
+             (hidden, inner)]
+    return layer * config.num_hidden_layers
+
+
+def time_matmuls(shapes, tokens: int, trained: int, vocab: int, hidden: int) -> float:
+    weights = [torch.randn(out, inp) for out, inp in shapes]
+    inputs = [torch.randn(tokens, inp) for _, inp in shapes]
+    grads = [torch.randn(tokens, out) for out, _ in shapes]
+    head, states = torch.randn(vocab, hidden), torch.randn(trained, hidden)
+    start = time.perf_counter()
+    for w, x, g in zip(weights, inputs, grads):
+        x @ w.t()  # forward
+        g @ w  # input gradient
+    logits = states @ head.t()
+    logits @ head
+    return time.perf_counter() - start
+
+
+def time_attention(config, lengths: list[int]) -> float:
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = config.hidden_size // heads
+    pieces = [(torch.randn(1, heads, n, dim, requires_grad=True), torch.randn(1, kv_heads, n, dim, requires_grad=True),
+               torch.randn(1, kv_heads, n, dim, requires_grad=True)) for n in lengths]
+    start = time.perf_counter()
+    for _ in range(config.num_hidden_layers):
+        for q, k, v in pieces:
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--cutoff-len", type=int, default=512)
+    parser.add_argument("--lf-tokens-per-s", type=float, default=None,
+                        help="LLaMA-Factory's real tokens/s from bench/train.py, to print the ratios")
+    args = parser.parse_args()
+    base = base_model_dir(DEFAULT_WORK)
+    config, tokenizer = AutoConfig.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    shapes = linear_shapes(config)
+    work = batches(tokenizer, args.steps, args.batch_size, args.cutoff_len)
+    time_matmuls(shapes, 64, 32, config.vocab_size, config.hidden_size)  # warm-up
+    matmul_s = attention_s = 0.0
+    for lengths, trained in work:
+        matmul_s += time_matmuls(shapes, sum(lengths), trained, config.vocab_size, config.hidden_size)
+        attention_s += time_attention(config, lengths)
+    tokens = sum(sum(lengths) for lengths, _ in work)
+    print(f"[floor] {args.steps} batches, {tokens} tokens, {torch.get_num_threads()} threads")
+    for name, seconds in (("frozen matmuls + output head", matmul_s),
+                          ("  + per-sample causal attention", matmul_s + attention_s)):
+        rate = tokens / seconds
+        ratio = f", {rate / args.lf_tokens_per_s:.2f}x LLaMA-Factory" if args.lf_tokens_per_s else ""
+        print(f"[floor] {name:<32} {seconds:7.1f} s  {rate:7.1f} tokens/s at most{ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
