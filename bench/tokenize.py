@@ -45,7 +45,6 @@ from _common import (
     run_measured,
 )
 
-
 FLOOR = "tokenizer-alone"  # the fast tokenizer encoding the same chats, nothing else
 
 

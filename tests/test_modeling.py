@@ -8,8 +8,14 @@ import pytest
 
 from tunepipe.config import ModelConfig
 from tunepipe.errors import TunepipeError
-from tunepipe.modeling import (MANIFEST, follow_manifest, load_causal_lm, load_tokenizer,
-                               prepare_base_model, resolve_source)
+from tunepipe.modeling import (
+    MANIFEST,
+    follow_manifest,
+    load_causal_lm,
+    load_tokenizer,
+    prepare_base_model,
+    resolve_source,
+)
 
 
 def greedy_answer(base_dir, question: str, max_new_tokens: int = 24) -> str:

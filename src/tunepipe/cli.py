@@ -12,6 +12,7 @@ import importlib
 import logging
 import platform
 import sys
+
 from tunepipe import __version__
 from tunepipe.errors import TunepipeError, guarded
 

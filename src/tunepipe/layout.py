@@ -15,7 +15,7 @@ class Layout:
     root: Path
 
     @classmethod
-    def at(cls, root: str | Path) -> "Layout":
+    def at(cls, root: str | Path) -> Layout:
         return cls(Path(root))
 
     @property

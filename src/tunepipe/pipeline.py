@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from tunepipe.config import Config
 from tunepipe.config_loader import load_config

@@ -15,12 +15,11 @@ from tunepipe.modeling import load_tokenizer
 from tunepipe.train.model_setup import build_trainable_model
 from tunepipe.train.pref_common import (
     Objective,
-    ObjectiveTrainer,
     Reference,
-    add_objective_metrics,
     build_reference,
     forward_log_probs,
     reward_metrics,
+    train_with_objective,
 )
 from tunepipe.train.pref_data import PREFERENCE_COLUMNS, REF_COLUMNS, PreferenceCollator
 from tunepipe.train.pref_losses import (
@@ -32,9 +31,7 @@ from tunepipe.train.pref_losses import (
     simpo_loss,
 )
 from tunepipe.train.ref_cache import precompute_reference
-from tunepipe.train.session import run_session
 from tunepipe.train.tokenized import load_tokenized
-from tunepipe.train.trainer_setup import optimizer_for
 
 REFERENCE_FREE = frozenset({"orpo", "simpo"})
 
@@ -94,14 +91,5 @@ def train(cfg: Config, layout: Layout) -> dict:
             reference = Reference("precomputed")
         else:
             reference = build_reference(model, cfg.train)
-    built = []
-
-    def make_trainer(args, callbacks):
-        built.append(ObjectiveTrainer(
-            model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
-            data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
-            optimizers=(optimizer_for(model, cfg.train), None), objective=dpo_objective(cfg.train, reference)))
-        return built[-1]
-
-    summary = run_session(cfg, layout, model, tokenizer, splits.eval is not None, make_trainer)
-    return add_objective_metrics(layout, summary, built[-1])
+    return train_with_objective(cfg, layout, model, tokenizer, splits, collator,
+                                dpo_objective(cfg.train, reference))

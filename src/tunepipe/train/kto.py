@@ -17,18 +17,15 @@ from tunepipe.modeling import load_tokenizer
 from tunepipe.train.model_setup import build_trainable_model
 from tunepipe.train.pref_common import (
     Objective,
-    ObjectiveTrainer,
     Reference,
-    add_objective_metrics,
     build_reference,
     forward_log_probs,
+    train_with_objective,
 )
 from tunepipe.train.pref_data import KTO_COLUMNS, KTO_REF_COLUMNS, KtoCollator, add_kto_kl_pairs
 from tunepipe.train.pref_losses import kto_kl_estimate, kto_loss
 from tunepipe.train.ref_cache import precompute_reference
-from tunepipe.train.session import run_session
 from tunepipe.train.tokenized import load_tokenized
-from tunepipe.train.trainer_setup import optimizer_for
 
 # The reference columns are keyed on the rows as batched, KL pairs included.
 KEYED_COLUMNS = ("input_ids", "labels", "kto_tag", "kl_input_ids", "kl_labels")
@@ -89,15 +86,5 @@ def train(cfg: Config, layout: Layout) -> dict:
         reference = Reference("precomputed")
     else:
         reference = build_reference(model, cfg.train)
-    built = []
-
-    def make_trainer(args, callbacks):
-        built.append(ObjectiveTrainer(
-            model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
-            data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
-            optimizers=(optimizer_for(model, cfg.train), None), objective=kto_objective(cfg.train, reference),
-            derive_metrics=with_margin))
-        return built[-1]
-
-    summary = run_session(cfg, layout, model, tokenizer, splits.eval is not None, make_trainer)
-    return add_objective_metrics(layout, summary, built[-1])
+    return train_with_objective(cfg, layout, model, tokenizer, splits, collator,
+                                kto_objective(cfg.train, reference), derive_metrics=with_margin)

@@ -173,6 +173,27 @@ class ObjectiveTrainer(Trainer):
         super().log(logs, start_time)
 
 
+def train_with_objective(cfg, layout, model, tokenizer, splits, collator, objective: Objective,
+                         derive_metrics: Callable[[dict], dict] | None = None) -> dict:
+    """The shared training session with an ObjectiveTrainer (DPO and KTO alike); returns
+    metrics/train.json with the objective's last metrics added."""
+    from tunepipe.train.session import run_session
+    from tunepipe.train.trainer_setup import optimizer_for
+
+    built = []
+
+    def make_trainer(args, callbacks):
+        built.append(ObjectiveTrainer(
+            model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
+            data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
+            optimizers=(optimizer_for(model, cfg.train), None), objective=objective,
+            derive_metrics=derive_metrics))
+        return built[-1]
+
+    summary = run_session(cfg, layout, model, tokenizer, splits.eval is not None, make_trainer)
+    return add_objective_metrics(layout, summary, built[-1])
+
+
 OBJECTIVE_METRICS = ("rewards/", "logps/", "kl", "sft_loss")
 OBJECTIVE_METRIC_PREFIXES = OBJECTIVE_METRICS + tuple(f"eval_{name}" for name in OBJECTIVE_METRICS)
 
