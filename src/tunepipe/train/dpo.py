@@ -16,7 +16,6 @@ from tunepipe.train.model_setup import build_trainable_model
 from tunepipe.train.pref_common import (
     Objective,
     Reference,
-    build_reference,
     forward_log_probs,
     reward_metrics,
     train_with_objective,
@@ -30,7 +29,7 @@ from tunepipe.train.pref_losses import (
     orpo_loss,
     simpo_loss,
 )
-from tunepipe.train.ref_cache import precompute_reference
+from tunepipe.train.ref_cache import reference_for
 from tunepipe.train.tokenized import load_tokenized
 
 REFERENCE_FREE = frozenset({"orpo", "simpo"})
@@ -86,10 +85,6 @@ def train(cfg: Config, layout: Layout) -> dict:
     collator = PreferenceCollator(tokenizer.pad_token_id)
     reference = None
     if needs_reference(cfg.train):
-        if cfg.train.precompute_ref_log_probs:
-            splits = precompute_reference(cfg, layout, model, splits, collator, PREFERENCE_COLUMNS, REF_COLUMNS)
-            reference = Reference("precomputed")
-        else:
-            reference = build_reference(model, cfg.train)
+        splits, reference = reference_for(cfg, layout, model, splits, collator, PREFERENCE_COLUMNS, REF_COLUMNS)
     return train_with_objective(cfg, layout, model, tokenizer, splits, collator,
                                 dpo_objective(cfg.train, reference))

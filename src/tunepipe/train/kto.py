@@ -18,13 +18,12 @@ from tunepipe.train.model_setup import build_trainable_model
 from tunepipe.train.pref_common import (
     Objective,
     Reference,
-    build_reference,
     forward_log_probs,
     train_with_objective,
 )
 from tunepipe.train.pref_data import KTO_COLUMNS, KTO_REF_COLUMNS, KtoCollator, add_kto_kl_pairs
 from tunepipe.train.pref_losses import kto_kl_estimate, kto_loss
-from tunepipe.train.ref_cache import precompute_reference
+from tunepipe.train.ref_cache import reference_for
 from tunepipe.train.tokenized import load_tokenized
 
 # The reference columns are keyed on the rows as batched, KL pairs included.
@@ -81,10 +80,6 @@ def train(cfg: Config, layout: Layout) -> dict:
     tokenizer = load_tokenizer(layout.base_model, trust_remote_code=cfg.model.trust_remote_code)
     model = build_trainable_model(cfg, layout)
     collator = KtoCollator(tokenizer.pad_token_id)
-    if cfg.train.precompute_ref_log_probs:
-        splits = precompute_reference(cfg, layout, model, splits, collator, KEYED_COLUMNS, KTO_REF_COLUMNS)
-        reference = Reference("precomputed")
-    else:
-        reference = build_reference(model, cfg.train)
+    splits, reference = reference_for(cfg, layout, model, splits, collator, KEYED_COLUMNS, KTO_REF_COLUMNS)
     return train_with_objective(cfg, layout, model, tokenizer, splits, collator,
                                 kto_objective(cfg.train, reference), derive_metrics=with_margin)

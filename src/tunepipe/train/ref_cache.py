@@ -144,3 +144,14 @@ def precompute_reference(cfg, layout, model, splits, collator, columns: tuple[st
             compute=compute))
     model.train(was_training)
     return splits
+
+
+def reference_for(cfg, layout, model, splits, collator, columns: tuple[str, ...], out_columns: tuple[str, str]):
+    """(splits, Reference): log-probs precomputed into the splits with
+    `precompute_ref_log_probs`, else the live reference (adapter disabled or a frozen copy)."""
+    from tunepipe.train.pref_common import Reference, build_reference
+
+    if cfg.train.precompute_ref_log_probs:
+        splits = precompute_reference(cfg, layout, model, splits, collator, columns, out_columns)
+        return splits, Reference("precomputed")
+    return splits, build_reference(model, cfg.train)
