@@ -10,6 +10,7 @@ Nothing else a trainer does (norms, activations, LoRA's own small matmuls, the o
 Python) is counted, so a real trainer is slower than this.
 
     .venv/bin/python bench/train_floor.py [--steps 8] [--lf-tokens-per-s 52.9]
+    .venv/bin/python bench/train_floor.py --batches-from /tmp/train_fp32.json   # bench/train.py's own batches
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HE
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,14 @@ def batches(tokenizer, steps: int, batch_size: int, cutoff: int) -> list[tuple[l
             trained += max(min(prompt + answer, cutoff) - prompt, 0)
         shapes.append((lengths, trained))
     return shapes
+
+
+def recorded_batches(path: Path) -> tuple[list[tuple[list[int], int]], float | None]:
+    """The fp32 tunepipe batches a bench/train.py run recorded, and LLaMA-Factory's tokens/s there."""
+    runs = json.loads(path.read_text(encoding="utf-8"))["runs"]["fp32"]
+    work = [(batch["lengths"], batch["trained"]) for batch in runs["tunepipe"][0]["batches"]]
+    lf = runs.get("llamafactory")
+    return work, (lf[0]["real_tokens_per_s"] if lf else None)
 
 
 def linear_shapes(config) -> list[tuple[int, int]]:
@@ -89,11 +99,17 @@ def main() -> int:
     parser.add_argument("--cutoff-len", type=int, default=512)
     parser.add_argument("--lf-tokens-per-s", type=float, default=None,
                         help="LLaMA-Factory's real tokens/s from bench/train.py, to print the ratios")
+    parser.add_argument("--batches-from", type=Path, default=None,
+                        help="a bench/train.py --json file: use the batches tunepipe trained on there "
+                             "(its ratios then come from that file's LLaMA-Factory figure)")
     args = parser.parse_args()
     base = base_model_dir(DEFAULT_WORK)
     config, tokenizer = AutoConfig.from_pretrained(base), AutoTokenizer.from_pretrained(base)
     shapes = linear_shapes(config)
-    work = batches(tokenizer, args.steps, args.batch_size, args.cutoff_len)
+    if args.batches_from:
+        work, args.lf_tokens_per_s = recorded_batches(args.batches_from)
+    else:
+        work = batches(tokenizer, args.steps, args.batch_size, args.cutoff_len)
     time_matmuls(shapes, 64, 32, config.vocab_size, config.hidden_size)  # warm-up
     matmul_s = attention_s = 0.0
     for lengths, trained in work:

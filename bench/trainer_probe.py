@@ -36,6 +36,7 @@ class TrainerProbe(TrainerCallback):
         self._step_begin = 0.0
         self.log_history: list[dict] = []
         self.first_batch: dict = {}
+        self.batches: list[dict] = []  # per micro-batch: sample lengths, trained tokens (bench/train_floor.py)
         self.gpu_peak: dict = {}
         self.cpu_begin = self.cpu_end = 0.0
 
@@ -45,8 +46,12 @@ class TrainerProbe(TrainerCallback):
         self.slot_tokens += int(input_ids.numel())
         padded = mask is not None and mask.dim() == 2
         self.real_tokens += int(mask.sum()) if padded else int(input_ids.numel())
+        samples = batch_samples(inputs, padded)
         if self.micro_batches == 0:
-            self.first_batch = first_batch_fingerprint(inputs, padded)
+            self.first_batch = first_batch_fingerprint(samples)
+        labels = inputs.get("labels")
+        trained = int((labels != -100).sum()) if labels is not None else None
+        self.batches.append({"lengths": [len(sample) for sample in samples], "trained": trained})
         self.micro_batches += 1
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -78,6 +83,7 @@ class TrainerProbe(TrainerCallback):
             "train_cpu_s": round(self.cpu_end - self.cpu_begin, 3),
             "first_loss": losses[0] if losses else None,
             "first_batch": self.first_batch,
+            "batches": self.batches,
             "losses": losses,
             **self.gpu_peak,
         }
@@ -102,15 +108,9 @@ def gpu_peak_memory() -> dict:
             "gpu_peak_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20)}
 
 
-def first_batch_fingerprint(inputs, padded: bool) -> dict:
-    """Which samples the first batch holds, comparable across padded and padding-free batches.
-
-    The first-batch losses of two trainers are only comparable when both saw the same samples:
-    this gives the sorted sample lengths and a hash of each sample's real token ids. A batch
-    row holding several samples (padding-free) is cut where its position ids restart at 0.
-    """
-    import hashlib
-
+def batch_samples(inputs, padded: bool) -> list[list[int]]:
+    """The real token ids of each sample in a batch. A batch row holding several samples
+    (padding-free) is cut where its position ids restart at 0."""
     import torch
 
     samples = []
@@ -120,6 +120,17 @@ def first_batch_fingerprint(inputs, padded: bool) -> dict:
         positions = inputs["position_ids"][index][keep].tolist() if "position_ids" in inputs else [1] * len(ids)
         starts = [0] + [i for i, p in enumerate(positions) if p == 0 and i > 0] + [len(ids)]
         samples.extend(ids[a:b] for a, b in itertools.pairwise(starts))
+    return samples
+
+
+def first_batch_fingerprint(samples: list[list[int]]) -> dict:
+    """Which samples the first batch holds, comparable across padded and padding-free batches.
+
+    The first-batch losses of two trainers are only comparable when both saw the same samples:
+    this gives the sorted sample lengths and a hash of each sample's real token ids.
+    """
+    import hashlib
+
     digests = sorted(hashlib.sha256(json.dumps(sample).encode()).hexdigest()[:12] for sample in samples)
     return {"lengths": sorted(len(sample) for sample in samples), "samples": digests}
 
