@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 IGNORE_INDEX = -100
-VARLEN = "tunepipe_sdpa_varlen"  # varlen_attention.NAME, spelled here to keep this module torch-only
+VARLEN = "tunepipe_sdpa_varlen"  # the attn_implementation varlen_attention registers under this name
 FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 

@@ -108,7 +108,7 @@ def apply_finetuning(model, train: TrainConfig, quantized: bool = False, task_ty
     else:
         for param in model.parameters():
             param.requires_grad_(True)
-    _upcast_trainable(model)
+    upcast_trainable(model)
     return model
 
 
@@ -162,7 +162,7 @@ def freeze_all_but(model, trainable_ids: set[int]) -> None:
         param.requires_grad_(id(param) in trainable_ids)
 
 
-def _upcast_trainable(model) -> None:
+def upcast_trainable(model) -> None:
     """Half-precision weights that train are kept in float32 (LLaMA-Factory does the same):
     AdamW updates are far below bf16's resolution for most weights."""
     import torch

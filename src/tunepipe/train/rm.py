@@ -16,12 +16,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import torch
 from trl import RewardTrainer
 
 from tunepipe.config import Config
 from tunepipe.layout import Layout
 from tunepipe.modeling import load_tokenizer
+from tunepipe.train.model_setup import upcast_trainable
 from tunepipe.train.pref_common import add_objective_metrics, reward_metrics
 from tunepipe.train.pref_data import PREFERENCE_COLUMNS
 from tunepipe.train.session import run_session
@@ -78,9 +78,7 @@ class RewardModelTrainer(RewardTrainer):
         # TRL casts a quantized model's trainable weights to bfloat16; tunepipe keeps trained
         # weights in float32 as model_setup does for every objective (and the value head must
         # match the precision of the hidden states it reads).
-        for param in self.model.parameters():
-            if param.requires_grad and param.dtype == torch.bfloat16:
-                param.data = param.data.float()
+        upcast_trainable(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,

@@ -20,7 +20,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-NAME = "tunepipe_sdpa_varlen"
+from tunepipe.train.collate import VARLEN as NAME
+
 _registered = False
 
 
