@@ -24,10 +24,10 @@ def tokenize(config_path: str) -> dict:
     from transformers import AutoConfig
 
     from tunepipe.config_loader import load_config
+    from tunepipe.data.tokenize import run_tokenize
+    from tunepipe.data.validate import run_validate
     from tunepipe.layout import Layout
     from tunepipe.modeling import ensure_base_model, follow_manifest
-    from tunepipe.tokenize import run_tokenize
-    from tunepipe.validate import run_validate
 
     cfg = load_config(config_path)
     layout = Layout.at(cfg.train.output_dir)
@@ -54,14 +54,14 @@ def floor(config_path: str) -> dict:
     tokenize would encode, in the same chunks, on every core. Validation, rendering and
     reading are done before the timer. No implementation that uses this tokenizer can be
     faster than this, which bounds the ratio against LLaMA-Factory."""
-    from tunepipe.batching import CHUNK, BatchEncoder
     from tunepipe.config_loader import load_config
+    from tunepipe.data.batching import CHUNK, BatchEncoder
+    from tunepipe.data.templates import ChatFormat
+    from tunepipe.data.tokenize import gather
+    from tunepipe.data.validate import run_validate
+    from tunepipe.data.validated import read_manifest
     from tunepipe.layout import Layout
     from tunepipe.modeling import ensure_base_model, load_tokenizer
-    from tunepipe.templates import ChatFormat
-    from tunepipe.tokenize import gather
-    from tunepipe.validate import run_validate
-    from tunepipe.validated import read_manifest
 
     cfg = load_config(config_path)
     layout = Layout.at(cfg.train.output_dir)

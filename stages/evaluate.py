@@ -12,7 +12,7 @@ Command: dvc repro evaluate   (or: tunepipe eval params.yaml)
 
 from tunepipe.config_loader import load_config
 from tunepipe.errors import stage_main
-from tunepipe.evaluate import print_table, run_evaluate
+from tunepipe.evaluate.run import print_table, run_evaluate
 from tunepipe.layout import Layout
 
 

@@ -11,7 +11,7 @@ Command: dvc repro merge   (or: tunepipe export params.yaml)
 
 from tunepipe.config_loader import load_config
 from tunepipe.errors import stage_main
-from tunepipe.export import run_export
+from tunepipe.export.merge import run_export
 from tunepipe.layout import Layout
 
 

@@ -14,9 +14,9 @@ Command: dvc repro tokenize   (or: tunepipe tokenize params.yaml)
 """
 
 from tunepipe.config_loader import load_config
+from tunepipe.data.tokenize import run_tokenize
 from tunepipe.errors import stage_main
 from tunepipe.layout import Layout
-from tunepipe.tokenize import run_tokenize
 
 
 def main() -> None:

@@ -11,9 +11,9 @@ Command: dvc repro validate   (or: tunepipe validate params.yaml); exit code 2 o
 """
 
 from tunepipe.config_loader import load_config
+from tunepipe.data.validate import run_validate
 from tunepipe.errors import stage_main
 from tunepipe.layout import Layout
-from tunepipe.validate import run_validate
 
 
 def main() -> None:

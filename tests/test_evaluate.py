@@ -17,7 +17,7 @@ from tests.fixtures.adapters import (
 )
 from tunepipe.config_loader import load_config
 from tunepipe.errors import TunepipeError
-from tunepipe.evaluate import run_evaluate
+from tunepipe.evaluate.run import run_evaluate
 from tunepipe.layout import Layout
 
 METRICS = {"eval_loss", "perplexity", "token_accuracy", "rouge-1", "rouge-2", "rouge-l", "bleu-4",
@@ -33,7 +33,7 @@ def config(tiny_model_dir, *overrides):
 def evaluated(tiny_model_dir, tmp_path_factory):
     """One evaluation with MLflow on: an adapter from a recorded train run, six SFT eval rows."""
     from tunepipe.modeling import load_tokenizer
-    from tunepipe.tracking import Tracker, write_run_record
+    from tunepipe.tracking.tracker import Tracker, write_run_record
 
     root = tmp_path_factory.mktemp("eval-run")
     write_sft_eval_split(load_tokenizer(tiny_model_dir), root)
@@ -126,8 +126,8 @@ def test_preference_eval_reports_reward_margins(tiny_model_dir, tmp_path):
 def test_reward_model_eval_reports_pairwise_accuracy(tiny_model_dir, tmp_path):
     import torch
 
+    from tunepipe.evaluate.scoring import load_reward_model
     from tunepipe.modeling import load_tokenizer
-    from tunepipe.scoring import load_reward_model
 
     tokenizer = load_tokenizer(tiny_model_dir)
     rows = [pair_row(tokenizer, q, a, "I do not know.") for q, a in QUESTIONS]

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from tests.fixtures.adapters import make_adapter
-from tunepipe import export as export_module
 from tunepipe.config_loader import load_config
 from tunepipe.errors import TunepipeError
-from tunepipe.export import run_export
+from tunepipe.export import merge as export_module
+from tunepipe.export.merge import run_export
+from tunepipe.export.shards import export_size_bytes
 from tunepipe.layout import Layout
-from tunepipe.shards import export_size_bytes
 
 LIMIT = "200KB"  # the tiny model is ~430 KB in float32: several shards; its largest tensor is ~140 KB
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from tests.fixtures.adapters import QUESTIONS, pair_row, sft_row
-from tunepipe.chat_format import TurnFormat, end_of_turn_token, stop_token_ids, turn_format
 from tunepipe.config import EvalConfig, TrainConfig
-from tunepipe.gen_metrics import corpus_scores, identity_accuracy, score_tokens
-from tunepipe.generation import generate
-from tunepipe.lm_metrics import sequence_logps, token_metrics
-from tunepipe.pref_metrics import preference_metrics
+from tunepipe.data.chat_format import TurnFormat, end_of_turn_token, stop_token_ids, turn_format
+from tunepipe.evaluate.gen_metrics import corpus_scores, identity_accuracy, score_tokens
+from tunepipe.evaluate.generation import generate
+from tunepipe.evaluate.lm_metrics import sequence_logps, token_metrics
+from tunepipe.evaluate.pref_metrics import preference_metrics
 
 
 def test_english_scores_match_hand_computed_values():
@@ -157,7 +157,7 @@ def test_simpo_rewards_use_mean_log_probs_without_reference():
 
 @pytest.mark.parametrize("pref_loss", ["sigmoid", "hinge", "ipo", "orpo", "simpo"])
 def test_eval_rewards_equal_the_trainers_rewards(pref_loss):
-    from tunepipe.pref_metrics import MEAN_LOGPS, REFERENCE_FREE, pair_rewards
+    from tunepipe.evaluate.pref_metrics import MEAN_LOGPS, REFERENCE_FREE, pair_rewards
     from tunepipe.train import pref_losses
 
     assert pref_losses.USES_MEAN_LOGPS == MEAN_LOGPS

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tunepipe.data.registry import get_entries, load_dataset_info, parse_names
+from tunepipe.data.schemas import load_schema, schema_dir
 from tunepipe.errors import TunepipeError
-from tunepipe.registry import get_entries, load_dataset_info, parse_names
-from tunepipe.schemas import load_schema, schema_dir
 
 
 def write_info(folder: Path, info: dict, files: dict[str, str] | None = None) -> Path:

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from tests.fixtures.tiny_model import build_tokenizer
+from tunepipe.data.templates import NAMED_TEMPLATES, ChatFormat, reads_tools
 from tunepipe.errors import TunepipeError
-from tunepipe.templates import NAMED_TEMPLATES, ChatFormat, reads_tools
 
 # A small tool-aware template in the style of Qwen2.5's: it reads `tools` and renders
 # tool_calls and tool results itself (written for this test).

@@ -12,15 +12,15 @@ from datasets import load_from_disk
 
 from tests.test_registry import write_info
 from tunepipe.config_loader import load_config
-from tunepipe.encoding import IGNORE, infer_seqlen
+from tunepipe.data.encoding import IGNORE, infer_seqlen
+from tunepipe.data.packing import unpack
+from tunepipe.data.templates import ChatFormat
+from tunepipe.data.tokenize import run_tokenize
+from tunepipe.data.validate import run_validate
+from tunepipe.data.validated import read_manifest, read_validated
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 from tunepipe.modeling import load_tokenizer
-from tunepipe.packing import unpack
-from tunepipe.templates import ChatFormat
-from tunepipe.tokenize import run_tokenize
-from tunepipe.validate import run_validate
-from tunepipe.validated import read_manifest, read_validated
 
 SFT_DEMO = "identity,alpaca_en_demo,glaive_toolcall_en_demo"
 
@@ -290,7 +290,7 @@ def data_config(**data):
 
 
 def test_num_samples_max_samples_and_mixing():
-    from tunepipe.mixing import mix, sample_rows
+    from tunepipe.data.mixing import mix, sample_rows
 
     rows = [{"i": i} for i in range(4)]
     assert sample_rows(rows, None, 2, seed=1) == rows[:2]
@@ -308,7 +308,7 @@ def test_num_samples_max_samples_and_mixing():
 
 
 def test_val_size_fraction_or_count_is_seeded():
-    from tunepipe.mixing import split_eval
+    from tunepipe.data.mixing import split_eval
 
     rows = [{"i": i} for i in range(50)]
     train, evals = split_eval(rows, 0.2, seed=3)
@@ -321,8 +321,8 @@ def test_val_size_fraction_or_count_is_seeded():
 
 
 def test_prefix_shortcut_agrees_with_tokenizing_each_prefix(tiny_model_dir, lf_demo_dir):
-    from tunepipe.batching import BatchEncoder
-    from tunepipe.prefix_ids import PrefixResolver
+    from tunepipe.data.batching import BatchEncoder
+    from tunepipe.data.prefix_ids import PrefixResolver
 
     tokenizer = load_tokenizer(tiny_model_dir)
     fmt = ChatFormat(tokenizer)

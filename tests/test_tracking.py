@@ -18,7 +18,8 @@ import pytest
 from tunepipe.config import GROUPS
 from tunepipe.config_loader import load_config
 from tunepipe.layout import Layout
-from tunepipe.tracking import (
+from tunepipe.tracking.tags import data_fingerprint
+from tunepipe.tracking.tracker import (
     DEFAULT_TRACKING_URI,
     RUN_RECORD,
     Tracker,
@@ -28,7 +29,6 @@ from tunepipe.tracking import (
     run_record,
     write_run_record,
 )
-from tunepipe.tracking_tags import data_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,13 +228,13 @@ def test_unusable_store_costs_one_warning(tmp_path, caplog):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the store's folder should be")
     cfg = load_config(None, [f"tracking.tracking_uri=sqlite:///{blocker}/mlflow.db"])
-    with caplog.at_level(logging.WARNING, logger="tunepipe.tracking"):
+    with caplog.at_level(logging.WARNING, logger="tunepipe.tracking.tracker"):
         tracker = Tracker.start(cfg, make_layout(tmp_path))
         run_fake_training(tracker.callback())
         tracker.log_artifact(__file__)
         tracker.end("FINISHED")
     assert not tracker.enabled
-    warnings = [r.getMessage() for r in caplog.records if r.name == "tunepipe.tracking"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "tunepipe.tracking.tracker"]
     assert len(warnings) == 1 and "MLflow tracking disabled" in warnings[0] and str(blocker) in warnings[0]
 
 
@@ -247,10 +247,10 @@ def test_store_failing_mid_run_costs_one_warning(mlflow_uri, tmp_path, caplog, m
         raise OSError("disk full")
 
     monkeypatch.setattr(tracker._client, "log_batch", broken)
-    with caplog.at_level(logging.WARNING, logger="tunepipe.tracking"):
+    with caplog.at_level(logging.WARNING, logger="tunepipe.tracking.tracker"):
         run_fake_training(tracker.callback())
         tracker.end("FINISHED")
-    warnings = [r.getMessage() for r in caplog.records if r.name == "tunepipe.tracking"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "tunepipe.tracking.tracker"]
     assert len(warnings) == 1 and "disk full" in warnings[0]
     assert not tracker.enabled
     # the run exists in the store, so the record still names it for evaluate to join

@@ -16,8 +16,8 @@ from dataclasses import replace
 from tests.fixtures.train_runs import tiny_run
 from tunepipe.config import TrackingConfig
 from tunepipe.io_utils import read_json
-from tunepipe.tracking import read_run_record
-from tunepipe.tracking_tags import data_fingerprint
+from tunepipe.tracking.tags import data_fingerprint
+from tunepipe.tracking.tracker import read_run_record
 from tunepipe.train import run_train
 
 
@@ -88,12 +88,12 @@ def test_untracked_training_is_the_same_training(tmp_path, tiny_model_dir, mlflo
                                      TrackingConfig(tracking_uri=f"sqlite:///{blocker}/mlflow.db"))
     off_cfg, off = tracked_run(tmp_path / "off", tiny_model_dir, TrackingConfig(report_to="none"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
-    with caplog.at_level(logging.WARNING, logger="tunepipe.tracking"):
+    with caplog.at_level(logging.WARNING, logger="tunepipe.tracking.tracker"):
         run_train(broken_cfg, broken)
-        warnings = [r.getMessage() for r in caplog.records if r.name == "tunepipe.tracking"]
+        warnings = [r.getMessage() for r in caplog.records if r.name == "tunepipe.tracking.tracker"]
         run_train(off_cfg, off)
     assert len(warnings) == 1 and "MLflow tracking disabled" in warnings[0]
-    assert [r.getMessage() for r in caplog.records if r.name == "tunepipe.tracking"] == warnings
+    assert [r.getMessage() for r in caplog.records if r.name == "tunepipe.tracking.tracker"] == warnings
     assert all_runs(mlflow_uri) == []
     for layout in (broken, off):
         assert read_run_record(layout.adapter)["mlflow_run_id"] is None

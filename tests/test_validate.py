@@ -10,10 +10,10 @@ import pytest
 from tests.test_registry import write_info
 from tunepipe.cli import main as cli_main
 from tunepipe.config_loader import load_config
+from tunepipe.data.validate import run_validate
+from tunepipe.data.validated import read_manifest, read_validated
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
-from tunepipe.validate import run_validate
-from tunepipe.validated import read_manifest, read_validated
 
 DEMO = [("sft", "identity"), ("sft", "alpaca_en_demo"), ("sft", "glaive_toolcall_en_demo"),
         ("dpo", "dpo_en_demo"), ("kto", "kto_en_demo"), ("pt", "c4_demo")]

@@ -19,10 +19,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from tunepipe.chat_format import stop_token_ids
 from tunepipe.config import Config
+from tunepipe.data.chat_format import stop_token_ids
 from tunepipe.errors import TunepipeError
-from tunepipe.generation import sampling_kwargs
+from tunepipe.evaluate.generation import sampling_kwargs
 from tunepipe.loading import base_dir_for, cli_config, device_for, load_trained, tokenizer_for, trained_source
 
 log = logging.getLogger(__name__)

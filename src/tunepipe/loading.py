@@ -145,18 +145,3 @@ def tokenizer_for(cfg: Config, base_dir: Path, source: TrainedSource):
     """A full fine-tune carries its own tokenizer; adapters use the base's."""
     directory = source.paths[0] if source.kind == "full" else base_dir
     return load_tokenizer(directory, trust_remote_code=cfg.model.trust_remote_code)
-
-
-def join_train_run(cfg: Config, source: TrainedSource):
-    """The train stage's MLflow run (or a no-op) to log eval / export figures into.
-
-    Imported lazily so a tracking failure or an old install never stops an evaluation.
-    """
-    try:
-        from tunepipe.tracking import Tracker
-    except ImportError:
-        log.warning("tunepipe.tracking is not available: not logging to MLflow")
-        return None
-    if source.record_dir is None:
-        return None
-    return Tracker.join(cfg, source.record_dir)

@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 # step name -> (module, function(cfg, layout)); resolved lazily so a missing stage
 # gives a clear "not built yet" error naming it.
 STEPS: dict[str, tuple[str, str]] = {
-    "validate": ("tunepipe.validate", "run_validate"),
-    "tokenize": ("tunepipe.tokenize", "run_tokenize"),
+    "validate": ("tunepipe.data.validate", "run_validate"),
+    "tokenize": ("tunepipe.data.tokenize", "run_tokenize"),
     "train": ("tunepipe.train", "run_train"),
 }
 

@@ -81,13 +81,15 @@ def transitive_imports(script: Path, src: Path) -> set[Path]:
     return {module_file(src, name) for name in seen}
 
 
-def expand_deps(deps: list[str], root: Path) -> set[Path]:
-    """dvc.yaml deps as files: a folder dep stands for every .py file under it."""
-    out: set[Path] = set()
-    for dep in deps:
-        path = root / dep
-        if path.is_dir():
-            out.update(p for p in path.rglob("*.py") if "__pycache__" not in p.parts)
-        else:
-            out.add(path)
-    return out
+def library_deps(script: Path, root: Path) -> set[str]:
+    """What a stage's dvc.yaml `deps:` must name for the library: a subpackage folder
+    (src/tunepipe/data) for any module imported from it, a core module's own file otherwise.
+    The root package's __init__ (the version only) is left out: a version bump re-runs nothing."""
+    package = root / "src" / "tunepipe"
+    deps = set()
+    for path in transitive_imports(script, root / "src"):
+        rel = path.relative_to(package)
+        if rel.parts == ("__init__.py",):
+            continue
+        deps.add((package / rel.parts[0] if len(rel.parts) > 1 else path).relative_to(root).as_posix())
+    return deps

@@ -9,8 +9,8 @@ side, finds the learning rates and the metrics that differ because of them.
 from __future__ import annotations
 
 from tunepipe.config_loader import load_config
-from tunepipe.evaluate import run_evaluate
-from tunepipe.export import run_export
+from tunepipe.evaluate.run import run_evaluate
+from tunepipe.export.merge import run_export
 from tunepipe.io_utils import read_json
 from tunepipe.layout import Layout
 from tunepipe.pipeline import run_train_pipeline

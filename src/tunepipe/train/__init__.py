@@ -2,8 +2,12 @@
 
 `run_train(cfg, layout)` is what the DVC train stage and `tunepipe train` call. With
 `train.num_processes > 1` (or an accelerate config) it re-launches itself through
-torchrun / accelerate (`tunepipe.launch`); each launched process lands here again and
-trains its rank in-process.
+torchrun / accelerate (`launch.py`); each launched process (`worker.py`) lands here again
+and trains its rank in-process.
+
+Entry point: `run_train`. Modules: `sft` (also continued pretraining), `dpo` (dpo / orpo /
+simpo), `kto`, `rm`; `model_setup` + `adapters` build the model, `collate` + `varlen_attention`
++ `loss` the padding-free batches, `trainer_setup` + `session` + `outputs` the Trainer run.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from tunepipe.config import Config
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 from tunepipe.train import dpo, kto, rm, sft
+from tunepipe.train.launch import relaunch_train, should_relaunch
 
 # train.stage -> the objective's train(cfg, layout); sft and continued pretraining share one.
 TRAINERS = {
@@ -24,8 +29,6 @@ TRAINERS = {
 def run_train(cfg: Config, layout: Layout) -> dict | None:
     """Train `train.stage` on the shards under `layout`; returns the metrics/train.json summary
     (None in the parent of a multi-process launch, whose children wrote it)."""
-    from tunepipe.launch import relaunch_train, should_relaunch
-
     if should_relaunch(cfg):
         relaunch_train(cfg, layout)
         return None

@@ -99,7 +99,7 @@ def save_weights(model, out_dir: Path, finetuning_type: str) -> None:
 
 def write_record(out_dir: Path, cfg: Config, tracker) -> None:
     """`tunepipe_run.json` (the MLflow run later stages join, and what was trained)."""
-    from tunepipe.tracking import Tracker, write_run_record
+    from tunepipe.tracking.tracker import Tracker, write_run_record
 
     write_run_record(out_dir, cfg, tracker if tracker is not None else Tracker.disabled())
 

@@ -26,8 +26,8 @@ def run_session(cfg: Config, layout: Layout, model, tokenizer, has_eval: bool,
     """Train and write the outputs; returns the metrics/train.json summary."""
     from transformers import PrinterCallback
 
-    from tunepipe.tracking import Tracker
-    from tunepipe.tracking_tags import data_fingerprint
+    from tunepipe.tracking.tags import data_fingerprint
+    from tunepipe.tracking.tracker import Tracker
 
     check_precision(cfg.train)
     resume = resume_checkpoint(cfg, layout, data_fingerprint(layout.tokenized))

@@ -2,7 +2,7 @@
 
 For the preference trainers: `training_arguments(cfg, layout, has_eval)` gives the
 TrainingArguments (checkpoints in `layout.checkpoints`, LLaMA-Factory knob names mapped,
-our own progress bar, no transformers reporting: tracking is `tunepipe.tracking`);
+our own progress bar, no transformers reporting: tracking is `tunepipe.tracking.tracker`);
 `resume_checkpoint(cfg, layout)` says which checkpoint to resume from; `ProgressBar` and
 `optimizer_for(model, cfg.train)` go to the Trainer. `session.run_session` ties them together.
 """
@@ -100,7 +100,7 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
         eval_steps=(train.eval_steps or train.logging_steps) if eval_strategy == "steps" else None,
         seed=train.seed,
         restore_callback_states_from_checkpoint=train.restore_callback_states_from_checkpoint,
-        report_to="none",  # tunepipe.tracking logs to MLflow itself
+        report_to="none",  # tunepipe.tracking.tracker logs to MLflow itself
         disable_tqdm=True,  # replaced by ProgressBar
         remove_unused_columns=False,  # the collator picks its columns (seq_lens is not a forward arg)
         prediction_loss_only=True,

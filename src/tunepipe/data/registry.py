@@ -14,8 +14,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunepipe.data.schemas import load_validator, pointer
 from tunepipe.errors import TunepipeError
-from tunepipe.schemas import load_validator, pointer
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ module a DVC dependency of evaluate); a test checks they equal the trainers' rew
 from __future__ import annotations
 
 from tunepipe.config import TrainConfig
-from tunepipe.lm_metrics import sequence_logps
+from tunepipe.evaluate.lm_metrics import sequence_logps
 
 REFERENCE_FREE = frozenset({"orpo", "simpo"})
 # Losses computed on log-probs averaged over the answer tokens (pref_losses.USES_MEAN_LOGPS).

@@ -3,7 +3,7 @@
 `tunepipe train` and the DVC train stage prepare data in their own single process; only
 the training itself fans out. When `train.num_processes > 1` or `train.accelerate_config`
 is set, `tunepipe.train.run_train` calls `relaunch_train`, which dumps the resolved config
-to a temporary YAML and starts the launcher on this module's `main`, whose processes run
+to a temporary YAML and starts the launcher on `tunepipe.train.worker`, whose processes run
 `run_train` again: they see the launcher's WORLD_SIZE (and our TUNEPIPE_LAUNCHED) and
 train in-process, one rank each, through transformers' Trainer (DDP, FSDP or DeepSpeed
 as the accelerate config says).
@@ -13,13 +13,12 @@ as the accelerate config says).
   without it each CPU process would train alone).
 - an accelerate config: `accelerate launch --config_file F [--num_processes N]`.
 
-Started by hand, `python -m tunepipe.launch CONFIG [k=v ...] [--root DIR]` is the train step
+Started by hand, `python -m tunepipe.train.worker CONFIG [k=v ...] [--root DIR]` is the train step
 alone, for launchers run on each machine of a multi-node job (see the README).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -33,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from tunepipe.config import GROUPS, Config
-from tunepipe.errors import TunepipeError, guarded
+from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ def relaunch_train(cfg: Config, layout: Layout) -> None:
 
 
 def launcher_command(cfg: Config, config_file: Path, root: Path) -> list[str]:
-    entry = ["-m", "tunepipe.launch", str(config_file), "--root", str(Path(root).resolve())]
+    entry = ["-m", "tunepipe.train.worker", str(config_file), "--root", str(Path(root).resolve())]
     if cfg.train.accelerate_config is not None:
         accelerate_file = check_accelerate_config(cfg.train.accelerate_config)
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_file)]
@@ -137,30 +136,3 @@ def _die_with_parent():
 
 
 # ---------------------------------------------------------------------------- the processes' entry
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tunepipe.launch",
-                                     description="the train step alone, in this process (one rank)")
-    parser.add_argument("config", help="params.yaml, a LLaMA-Factory YAML, or the dump of relaunch_train")
-    parser.add_argument("overrides", nargs="*", help="key=value or group.key=value")
-    parser.add_argument("--root", default=None, help="layout root (default: train.output_dir)")
-    args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(levelname)s [rank {rank}] %(name)s: %(message)s")
-    debug = os.environ.get("TUNEPIPE_DEBUG") == "1"
-    return guarded(lambda: _train(args), debug=debug)
-
-
-def _train(args) -> int:
-    from tunepipe.config_loader import load_config
-    from tunepipe.train import run_train
-
-    cfg = load_config(args.config, args.overrides)
-    run_train(cfg, Layout.at(args.root or cfg.train.output_dir))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

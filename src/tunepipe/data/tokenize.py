@@ -13,17 +13,17 @@ import json
 import logging
 from pathlib import Path
 
-from tunepipe.batching import BatchEncoder
 from tunepipe.config import Config, DataConfig
-from tunepipe.encoding import Stats, encode_conversations, encode_preference
+from tunepipe.data.batching import BatchEncoder
+from tunepipe.data.encoding import Stats, encode_conversations, encode_preference
+from tunepipe.data.mixing import mix, sample_rows, split_eval
+from tunepipe.data.packing import pack, pretrain_blocks
+from tunepipe.data.templates import ChatFormat
+from tunepipe.data.validated import KINDS_FOR_STAGE, read_manifest, read_validated
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import atomic_dir, write_json_atomic
 from tunepipe.layout import Layout
-from tunepipe.mixing import mix, sample_rows, split_eval
 from tunepipe.modeling import load_tokenizer
-from tunepipe.packing import pack, pretrain_blocks
-from tunepipe.templates import ChatFormat
-from tunepipe.validated import KINDS_FOR_STAGE, read_manifest, read_validated
 
 log = logging.getLogger(__name__)
 

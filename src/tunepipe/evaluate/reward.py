@@ -5,7 +5,7 @@ chosen answer gets the higher reward), the mean `score_margin` (chosen - rejecte
 and the mean scores. There is no base column: the base has no value head, and one
 initialised at random would only measure noise. Nothing is generated, so
 `reports/predictions.jsonl` stays empty. The model is loaded the way
-`tunepipe score` loads it (`tunepipe.scoring.load_reward_model`).
+`tunepipe score` loads it (`tunepipe.evaluate.scoring.load_reward_model`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import logging
 
 from tunepipe.config import Config
 from tunepipe.errors import TunepipeError
+from tunepipe.evaluate.lm_metrics import batched, model_device, padded
+from tunepipe.evaluate.outputs import log_report, write_outputs
+from tunepipe.evaluate.pref_metrics import split_kind
 from tunepipe.layout import Layout
-from tunepipe.lm_metrics import batched, model_device, padded
 from tunepipe.loading import TrainedSource, base_dir_for, device_for, quantization_config, tokenizer_for
-from tunepipe.pref_metrics import split_kind
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,7 @@ def pairwise_metrics(chosen: list[float], rejected: list[float]) -> dict[str, fl
 
 
 def run_reward_evaluate(cfg: Config, layout: Layout, source: TrainedSource, dataset) -> dict:
-    from tunepipe.evaluate import log_report, write_outputs
-    from tunepipe.scoring import load_reward_model
+    from tunepipe.evaluate.scoring import load_reward_model
 
     if split_kind(dataset) != "pairs":
         raise TunepipeError(f"{layout.tokenized / 'eval'}: stage rm is evaluated on chosen/rejected pairs, "

@@ -27,7 +27,7 @@ from typing import Any
 from tunepipe.config import GROUPS, Config, TrackingConfig
 from tunepipe.io_utils import read_json, write_json_atomic
 from tunepipe.layout import Layout
-from tunepipe.tracking_tags import run_tags
+from tunepipe.tracking.tags import run_tags
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class Tracker:
 
     def callback(self):
         """A transformers TrainerCallback logging each logging step into this run."""
-        from tunepipe.tracking_callback import TrackingCallback
+        from tunepipe.tracking.callback import TrackingCallback
 
         return TrackingCallback(self)
 
@@ -356,3 +356,10 @@ def read_run_record(trained_dir: str | Path) -> dict[str, Any] | None:
         log.warning("unreadable %s: %s", path, exc)
         return None
     return record if isinstance(record, dict) else None
+
+
+def join_train_run(cfg: Config, record_dir: Path | None) -> Tracker | None:
+    """The train stage's MLflow run (None when nothing was trained) to log eval / export figures into."""
+    if record_dir is None:
+        return None
+    return Tracker.join(cfg, record_dir)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tunepipe.chat_format import stop_token_ids
 from tunepipe.config import EvalConfig
-from tunepipe.lm_metrics import IGNORE_INDEX, batched, model_device, padded
+from tunepipe.data.chat_format import stop_token_ids
+from tunepipe.evaluate.lm_metrics import IGNORE_INDEX, batched, model_device, padded
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ margins) for preference-tuned models and `reward` (pairwise accuracy) for reward
 from __future__ import annotations
 
 import gc
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,29 +19,25 @@ from pathlib import Path
 
 from tunepipe.config import Config
 from tunepipe.errors import TunepipeError
-from tunepipe.gen_metrics import corpus_scores, identity_accuracy
-from tunepipe.generation import Example, generate, generation_examples
-from tunepipe.io_utils import read_json, write_json_atomic, write_text_atomic
+from tunepipe.evaluate.gen_metrics import corpus_scores, identity_accuracy
+from tunepipe.evaluate.generation import Example, generate, generation_examples
+from tunepipe.evaluate.lm_metrics import token_metrics
+from tunepipe.evaluate.outputs import EVAL_METRICS, PREDICTIONS, log_report, write_outputs
+from tunepipe.evaluate.pref_metrics import needs_reference, preference_logps, preference_metrics, split_kind
+from tunepipe.io_utils import read_json
 from tunepipe.layout import Layout
-from tunepipe.lm_metrics import token_metrics
 from tunepipe.loading import (
     base_dir_for,
     cli_config,
     device_for,
-    join_train_run,
     load_base,
     load_trained,
     require_trained,
     tokenizer_for,
     trained_source,
 )
-from tunepipe.pref_metrics import needs_reference, preference_logps, preference_metrics, split_kind
 
 log = logging.getLogger(__name__)
-
-EVAL_METRICS = "eval.json"
-PREDICTIONS = "predictions.jsonl"
-
 
 @dataclass
 class ModelScores:
@@ -58,7 +53,7 @@ def run_evaluate(cfg: Config, layout: Layout) -> dict:
     source = require_trained(trained_source(cfg, layout), cfg, layout)
     dataset = load_eval_split(layout)
     if cfg.train.stage == "rm":
-        from tunepipe.rm_eval import run_reward_evaluate
+        from tunepipe.evaluate.reward import run_reward_evaluate
 
         return run_reward_evaluate(cfg, layout, source, dataset)
     base_dir = base_dir_for(cfg, layout)
@@ -160,30 +155,6 @@ def predictions(tokenizer, examples: list[Example], tuned: ModelScores,
             row["base_predict"] = base.answers[index]
         rows.append(row)
     return rows
-
-
-def write_outputs(layout: Layout, report: dict, rows: list[dict]) -> None:
-    """Both files are replaced atomically; predictions is written even when empty (a DVC out)."""
-    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    write_text_atomic(layout.reports / PREDICTIONS, lines)
-    write_json_atomic(layout.metrics / EVAL_METRICS, report)
-
-
-def flat_metrics(report: dict, prefix: str = "eval") -> dict[str, float]:
-    """`{"tuned": {"rouge-1": x}}` -> `{"eval/tuned/rouge-1": x}` for MLflow."""
-    flat: dict[str, float] = {}
-    for key, value in report.items():
-        if isinstance(value, dict):
-            flat.update(flat_metrics(value, f"{prefix}/{key}"))
-        elif isinstance(value, (int, float)):
-            flat[f"{prefix}/{key}"] = value
-    return flat
-
-
-def log_report(cfg: Config, source, report: dict) -> None:
-    tracker = join_train_run(cfg, source)
-    if tracker is not None:
-        tracker.log_metrics(flat_metrics(report))
 
 
 def print_table(report: dict) -> None:

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tunepipe.batching import BatchEncoder, pipelined
 from tunepipe.config import DataConfig
+from tunepipe.data.batching import BatchEncoder, pipelined
+from tunepipe.data.prefix_ids import PrefixResolver
+from tunepipe.data.templates import ChatFormat
 from tunepipe.errors import TunepipeError
-from tunepipe.prefix_ids import PrefixResolver
-from tunepipe.templates import ChatFormat
 
 IGNORE = -100
 

@@ -21,9 +21,11 @@ import gc
 import logging
 from pathlib import Path
 
-from tunepipe.chat_format import stop_token_ids
 from tunepipe.config import Config
+from tunepipe.data.chat_format import stop_token_ids
 from tunepipe.errors import TunepipeError
+from tunepipe.export.modelfile import MODELFILE, modelfile_text
+from tunepipe.export.shards import export_size_bytes, save_sharded, verify_shards
 from tunepipe.io_utils import atomic_dir, write_json_atomic, write_text_atomic
 from tunepipe.layout import Layout
 from tunepipe.loading import (
@@ -32,14 +34,12 @@ from tunepipe.loading import (
     base_dir_for,
     cli_config,
     device_for,
-    join_train_run,
     load_base,
     tokenizer_for,
     trained_source,
 )
-from tunepipe.modelfile import MODELFILE, modelfile_text
 from tunepipe.modeling import load_causal_lm, torch_dtype
-from tunepipe.shards import export_size_bytes, save_sharded, verify_shards
+from tunepipe.tracking.tracker import join_train_run
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def run_export(cfg: Config, layout: Layout) -> dict:
     if cfg.model.quantization_bit and source.kind == "adapters":
         metrics["qlora_gap_max_abs_logit_diff"] = quantized_gap(cfg, base_dir, source, device, probes, reference)
     write_json_atomic(layout.metrics / EXPORT_METRICS, metrics)
-    tracker = join_train_run(cfg, source)
+    tracker = join_train_run(cfg, source.record_dir)
     if tracker is not None:
         tracker.log_metrics({f"export/{key}": value for key, value in metrics.items()})
     log.info("exported %s (%d shards, max |logit diff| %.3g)", export_dir, metrics["shards"],
@@ -111,7 +111,7 @@ def probe_logits(model, probes: list[list[int]]) -> list:
     """Float32 CPU logits of each probe (one forward each: no padding to reason about)."""
     import torch
 
-    from tunepipe.lm_metrics import model_device
+    from tunepipe.evaluate.lm_metrics import model_device
 
     device = model_device(model)
     with torch.inference_mode():

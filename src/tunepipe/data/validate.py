@@ -19,14 +19,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from tunepipe.config import Config
+from tunepipe.data.formats import Mapper
+from tunepipe.data.readers import RawRow, read_rows
+from tunepipe.data.registry import DatasetEntry, get_entries
+from tunepipe.data.row_checks import check_view, problem_record
+from tunepipe.data.validated import KINDS_FOR_STAGE, write_validated
 from tunepipe.errors import TunepipeError
-from tunepipe.formats import Mapper
 from tunepipe.io_utils import write_json_atomic, write_text_atomic
 from tunepipe.layout import Layout
-from tunepipe.readers import RawRow, read_rows
-from tunepipe.registry import DatasetEntry, get_entries
-from tunepipe.row_checks import check_view, problem_record
-from tunepipe.validated import KINDS_FOR_STAGE, write_validated
 
 log = logging.getLogger(__name__)
 
