@@ -10,7 +10,7 @@ import pytest
 from tunepipe import docgen
 from tunepipe.config import GROUPS
 from tunepipe.errors import TunepipeError
-from tunepipe.lf_keys import NOOP_VALUES, OPERATIONAL_KEYS, TUNEPIPE_ONLY_KEYS, UNSUPPORTED_KEYS
+from tunepipe.lf_keys import INSTEAD_KEYS, NOOP_VALUES, OPERATIONAL_KEYS, TUNEPIPE_ONLY_KEYS, UNSUPPORTED_KEYS
 
 
 def test_committed_docs_are_current():
@@ -50,18 +50,20 @@ def test_lf_table_lists_every_known_key_once_with_its_treatment():
     keys = re.findall(r"^\| `([^`]+)` \|", table, re.MULTILINE)
     assert len(keys) == len(set(keys))
     fields = {f.name for cls in GROUPS.values() for f in dataclasses.fields(cls)}
-    expected = (fields - TUNEPIPE_ONLY_KEYS) | set(OPERATIONAL_KEYS) | set(NOOP_VALUES) | set(UNSUPPORTED_KEYS)
+    expected = ((fields - TUNEPIPE_ONLY_KEYS) | set(OPERATIONAL_KEYS) | set(NOOP_VALUES) | set(INSTEAD_KEYS)
+                | set(UNSUPPORTED_KEYS))
     assert set(keys) == expected
     rows = dict(re.findall(r"^\| `([^`]+)` \| ([^|]+) \|", table, re.MULTILINE))
     assert rows["lora_rank"].strip() == "supported: `train.lora_rank`"
     assert rows["ddp_timeout"].strip() == "accepted, ignored with a warning"
-    assert rows["use_unsloth"].strip() == "accepted only as `false`"
+    assert rows["use_unsloth"].strip() == "accepted; other than `false` warns"
+    assert rows["upcast_layernorm"].strip() == "accepted only as `false`"
     assert rows["deepspeed"].strip() == "not supported: error"
 
 
 def test_key_lists_are_disjoint_and_tunepipe_only_keys_are_fields():
     fields = {f.name for cls in GROUPS.values() for f in dataclasses.fields(cls)}
-    lists = [set(OPERATIONAL_KEYS), set(NOOP_VALUES), set(UNSUPPORTED_KEYS), fields]
+    lists = [set(OPERATIONAL_KEYS), set(NOOP_VALUES), set(INSTEAD_KEYS), set(UNSUPPORTED_KEYS), fields]
     for i, first in enumerate(lists):
         for second in lists[i + 1:]:
             assert not first & second, first & second

@@ -1,4 +1,4 @@
-"""TrainingArguments from train.*, precision checks, and which checkpoint a run resumes from."""
+"""TrainingArguments from train.*, and which checkpoint a run resumes from (precision: test_devices.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from tunepipe.config import Config, TrainConfig
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
-from tunepipe.train.trainer_setup import check_precision, resume_checkpoint, training_arguments
+from tunepipe.train.trainer_setup import resume_checkpoint, training_arguments
 
 
 def cfg_with(**train) -> Config:
@@ -33,17 +33,6 @@ def test_llama_factory_knobs_map_onto_training_arguments(tmp_path):
 def test_eval_strategy_without_an_eval_split_is_an_error(tmp_path):
     with pytest.raises(TunepipeError, match="eval_strategy"):
         training_arguments(cfg_with(eval_strategy="steps"), Layout.at(tmp_path), has_eval=False)
-
-
-def test_fp16_on_cpu_is_a_clear_error():
-    pytest.importorskip("torch")
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    with pytest.raises(TunepipeError, match="fp16.*GPU"):
-        check_precision(TrainConfig(fp16=True))
-    check_precision(TrainConfig(bf16=True))  # bf16 autocast exists on every CPU
 
 
 def fake_checkpoint(layout: Layout, step: int, complete: bool = True):

@@ -21,10 +21,12 @@ from tunepipe.errors import TunepipeError, guarded
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("tunepipe.pipeline", "train_command", "validate, tokenize and train (like llamafactory-cli train)"),
     "export": ("tunepipe.export.merge", "export_command", "merge adapters and export safetensors (like llamafactory-cli export)"),
-    "eval": ("tunepipe.evaluate.run", "eval_command", "evaluate the trained model against the base"),
+    "eval": ("tunepipe.pipeline", "eval_command",
+             "evaluate the trained model against the base (validates and tokenizes first when needed)"),
     "chat": ("tunepipe.chat", "chat_command", "chat in the terminal with the base, adapter or exported model"),
     "validate": ("tunepipe.pipeline", "validate_command", "validate the datasets named by data.dataset"),
-    "tokenize": ("tunepipe.pipeline", "tokenize_command", "tokenize validated rows into Arrow shards"),
+    "tokenize": ("tunepipe.pipeline", "tokenize_command",
+                 "tokenize validated rows into Arrow shards (validates first when needed)"),
     "base-model": ("tunepipe.pipeline", "base_model_command", "prepare models/base from model.model_name_or_path"),
     "score": ("tunepipe.evaluate.scoring", "score_command", "score text with a trained reward model"),
 }

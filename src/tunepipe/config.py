@@ -179,6 +179,8 @@ class TrainConfig:
     """Train with bfloat16 autocast."""
     fp16: bool = False
     """Train with float16 autocast (needs a GPU)."""
+    enable_liger_kernel: bool = False
+    """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) on a CUDA GPU; without one, a warning and training goes on."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     logging_steps: int = 10

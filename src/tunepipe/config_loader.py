@@ -20,7 +20,7 @@ import yaml
 
 from tunepipe.config import GROUPS, Config
 from tunepipe.errors import TunepipeError
-from tunepipe.lf_keys import NOOP_VALUES, OPERATIONAL_KEYS, UNSUPPORTED_KEYS
+from tunepipe.lf_keys import INSTEAD_KEYS, NOOP_VALUES, OPERATIONAL_KEYS, UNSUPPORTED_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,10 @@ def _place_flat(key, value, unsupported, unknown, group: str | None = None) -> N
         log.warning("ignoring operational LLaMA-Factory key %s: %s", key, OPERATIONAL_KEYS[key])
     elif key in NOOP_VALUES and value == NOOP_VALUES[key]:
         log.warning("ignoring %s: %r (tunepipe's behaviour already)", key, value)
+    elif key in INSTEAD_KEYS:
+        default, instead = INSTEAD_KEYS[key]
+        if value != default:
+            log.warning("%s: %r: %s", key, value, instead)
     elif key in UNSUPPORTED_KEYS or key in NOOP_VALUES:
         unsupported.append(key)
     else:

@@ -27,7 +27,7 @@ from pathlib import Path
 from tunepipe import config as config_module
 from tunepipe.config import GROUPS
 from tunepipe.errors import TunepipeError
-from tunepipe.lf_keys import NOOP_VALUES, OPERATIONAL_KEYS, TUNEPIPE_ONLY_KEYS, UNSUPPORTED_KEYS
+from tunepipe.lf_keys import INSTEAD_KEYS, NOOP_VALUES, OPERATIONAL_KEYS, TUNEPIPE_ONLY_KEYS, UNSUPPORTED_KEYS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BEGIN = "<!-- BEGIN GENERATED {name}: edit the code, then run `python -m tunepipe.docgen` -->"
@@ -141,6 +141,8 @@ def lf_key_status() -> dict[str, tuple[str, str]]:
         shown = json.dumps(value)
         status[key] = (f"accepted only as `{shown}`",
                        f"`{shown}` is what tunepipe always does; any other value is an error")
+    for key, (default, instead) in INSTEAD_KEYS.items():
+        status[key] = (f"accepted; other than `{json.dumps(default)}` warns", instead)
     for key, why in UNSUPPORTED_KEYS.items():
         status[key] = ("not supported: error", why)
     return status

@@ -1,11 +1,13 @@
 """LLaMA-Factory keys that are not tunepipe config fields, and what happens to each.
 
 Keys that are tunepipe fields (same name, same meaning) live in `config.py`. The rest
-fall into three lists, so that no LLaMA-Factory key is ever silently ignored:
+fall into four lists, so that no LLaMA-Factory key is ever silently ignored:
 
 - OPERATIONAL_KEYS: purely operational (worker counts, timeouts); accepted with a
   one-line warning because they cannot change the trained model.
 - NOOP_VALUES: accepted only at the value that matches what tunepipe does anyway.
+- INSTEAD_KEYS: integrations tunepipe does not have (Unsloth); any value accepted, and a
+  non-default one says in one line what tunepipe does instead.
 - UNSUPPORTED_KEYS: features tunepipe does not have (yet); an error lists them.
 
 TUNEPIPE_ONLY_KEYS names the config fields LLaMA-Factory does not have.
@@ -39,9 +41,6 @@ OPERATIONAL_KEYS: dict[str, str] = {
 NOOP_VALUES: dict[str, object] = {
     "upcast_layernorm": False,
     "upcast_lmhead_output": False,
-    "use_unsloth": False,
-    "use_unsloth_gc": False,
-    "enable_liger_kernel": False,
     "shift_attn": False,
     "streaming": False,
     "use_galore": False,
@@ -78,6 +77,16 @@ NOOP_VALUES: dict[str, object] = {
     "use_kv_cache": True,
     "fp8": False,
     "save_safetensors": True,
+}
+
+# LLaMA-Factory speed-ups tunepipe does not integrate: any value is accepted, so one YAML runs
+# on both tools; a value other than LLaMA-Factory's default prints one line saying what
+# tunepipe does instead. key -> (LLaMA-Factory's default, what tunepipe does instead)
+INSTEAD_KEYS: dict[str, tuple[object, str]] = {
+    "use_unsloth": (False, ("tunepipe has no Unsloth integration; it trains with transformers + PEFT, "
+                            "padding-free batches and a loss that projects only trained tokens")),
+    "use_unsloth_gc": (False, ("tunepipe has no Unsloth integration; set gradient_checkpointing: true "
+                               "for transformers' own activation checkpointing")),
 }
 
 UNSUPPORTED_KEYS: dict[str, str] = {

@@ -36,10 +36,10 @@ class TrainedSource:
 
 
 def cli_config(args) -> tuple[Config, Layout]:
-    """Config and layout of `tunepipe eval|export|chat CONFIG [k=v ...]`.
+    """Config and layout of `tunepipe export|chat|score CONFIG [k=v ...]`.
 
     The same as `tunepipe.pipeline.cli_config`, repeated rather than imported: the pipeline
-    module names validate / tokenize / train, which would become evaluate's and merge's DVC deps.
+    module names validate / tokenize / train, which would become merge's DVC deps.
     """
     from tunepipe.config_loader import load_config
 
@@ -59,18 +59,35 @@ def trained_source(cfg: Config, layout: Layout) -> TrainedSource:
     """`model.adapter_name_or_path` if set, else what the train stage wrote under `layout`."""
     named = cfg.model.adapters()
     if named:
-        paths = [Path(name).expanduser() for name in named]
-        for path in paths:
-            if not (path / ADAPTER_CONFIG).is_file():
-                raise TunepipeError(f"model.adapter_name_or_path: {path} holds no {ADAPTER_CONFIG}",
-                                    hint="point it at a PEFT adapter dir such as models/adapter")
-        return TrainedSource("adapters", paths)
+        return TrainedSource("adapters", [adapter_dir(name) for name in named])
     trained = layout.trained(cfg.train.finetuning_type)
     if (trained / ADAPTER_CONFIG).is_file():
         return TrainedSource("adapters", [trained])
     if (trained / "config.json").is_file():
         return TrainedSource("full", [trained])
     return TrainedSource("none")
+
+
+def adapter_dir(name: str) -> Path:
+    """One `adapter_name_or_path` entry as a PEFT adapter dir.
+
+    LLaMA-Factory writes the adapter into `output_dir` itself, so its merge and predict
+    YAMLs name the train `output_dir`; tunepipe writes it to `output_dir/models/adapter`.
+    Both are accepted: an output_dir resolves to the adapter its train run wrote."""
+    path = Path(name).expanduser()
+    if (path / ADAPTER_CONFIG).is_file():
+        return path
+    trained = Layout.at(path)
+    if (trained.adapter / ADAPTER_CONFIG).is_file():
+        log.info("adapter_name_or_path %s is a tunepipe output_dir: using its trained adapter %s",
+                 path, trained.adapter)
+        return trained.adapter
+    if (trained.full / "config.json").is_file():
+        raise TunepipeError(f"model.adapter_name_or_path: {path} holds a full fine-tune, not an adapter",
+                            hint=f"set model_name_or_path: {trained.full} and leave adapter_name_or_path unset")
+    raise TunepipeError(f"model.adapter_name_or_path: {path} holds no {ADAPTER_CONFIG} "
+                        f"(nor {trained.adapter.relative_to(path)}/{ADAPTER_CONFIG})",
+                        hint="point it at a PEFT adapter dir, or at the output_dir of a LoRA train run")
 
 
 def require_trained(source: TrainedSource, cfg: Config, layout: Layout) -> TrainedSource:

@@ -19,6 +19,7 @@ from pathlib import Path
 from tunepipe.config import ModelConfig
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import atomic_dir, read_json
+from tunepipe.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,23 @@ def resolve_source(name_or_path: str) -> ModelSource:
         if (path / MANIFEST).is_file():  # a models/base/ written by this stage
             return ModelSource("hf_dir", follow_manifest(path))
         if not (path / "config.json").is_file():
-            raise TunepipeError(f"model.model_name_or_path={name_or_path!r}: no config.json in that dir")
+            return ModelSource("hf_dir", full_finetune_in(path, name_or_path))
         return ModelSource("hf_dir", path.resolve())
     raise TunepipeError(
         f"model.model_name_or_path={name_or_path!r}: not a builtin alias, .gguf file or local model dir",
         hint=f"builtin aliases: {', '.join(BUILTIN_ALIASES)}; models cannot be downloaded at run time")
+
+
+def full_finetune_in(output_dir: Path, name_or_path: str) -> Path:
+    """The full / freeze fine-tune a tunepipe train run wrote under `output_dir`.
+
+    LLaMA-Factory saves a full fine-tune into `output_dir` itself, so its YAMLs that use one
+    name that dir; tunepipe writes it to `output_dir/models/full`."""
+    full = Layout.at(output_dir).full
+    if not (full / "config.json").is_file():
+        raise TunepipeError(f"model.model_name_or_path={name_or_path!r}: no config.json in that dir")
+    log.info("model_name_or_path %s is a tunepipe output_dir: using its full fine-tune %s", output_dir, full)
+    return full.resolve()
 
 
 def builtin_gguf(alias: str) -> Path:

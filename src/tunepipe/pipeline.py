@@ -1,7 +1,12 @@
 """The pipeline as plain function calls: what `tunepipe train cfg.yaml` runs without DVC.
 
 Each step is the same library function a DVC stage script calls; the CLI only
-chooses the root (`train.output_dir`) instead of the repository root.
+chooses the root (`train.output_dir`) instead of the repository root. Like
+`llamafactory-cli`, each command runs what it needs first: `train` always validates and
+tokenizes; `tokenize` validates and `eval` validates and tokenizes when those outputs are
+missing under the output_dir or were made for another stage or other datasets. (The DVC
+stages stay one step each: there `dvc repro` decides what is stale.) Checks that need no
+data (precision on this machine) run before any step.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from collections.abc import Callable
 
 from tunepipe.config import Config
 from tunepipe.config_loader import load_config
+from tunepipe.devices import check_precision
 from tunepipe.errors import TunepipeError
+from tunepipe.io_utils import read_json
 from tunepipe.layout import Layout
 from tunepipe.modeling import ensure_base_model
 
@@ -58,10 +65,73 @@ def validate_command(args) -> int:
 
 
 def tokenize_command(args) -> int:
+    """validate (when missing or made for another config) -> tokenize."""
     cfg, layout = cli_config(args)
     ensure_base_model(cfg.model, layout.base_model)
+    if not validated_is_current(cfg, layout):
+        step("validate")(cfg, layout)
     step("tokenize")(cfg, layout)
     return 0
+
+
+def eval_command(args) -> int:
+    """validate and tokenize when their outputs are missing, then evaluate (`tunepipe eval`)."""
+    from tunepipe.evaluate.run import print_report, run_evaluate
+    from tunepipe.loading import require_trained, trained_source
+
+    cfg, layout = cli_config(args)
+    require_trained(trained_source(cfg, layout), cfg, layout)  # before any data work
+    ensure_earlier_steps(cfg, layout, ("validate", "tokenize"))
+    log.info("== evaluate ==")
+    print_report(run_evaluate(cfg, layout), layout)
+    return 0
+
+
+def ensure_earlier_steps(cfg: Config, layout: Layout, names: tuple[str, ...]) -> None:
+    """Run each of `names` whose output is missing or stale, and every step after it."""
+    current = {"validate": validated_is_current, "tokenize": tokenized_is_current}
+    ensure_base_model(cfg.model, layout.base_model)
+    rerun = False
+    for name in names:
+        rerun = rerun or not current[name](cfg, layout)
+        if rerun:
+            log.info("== %s ==", name)
+            step(name)(cfg, layout)
+
+
+def validated_is_current(cfg: Config, layout: Layout) -> bool:
+    """data/validated/ holds this stage's rows of exactly the configured datasets."""
+    manifest = _read_or_none(layout.validated / "manifest.json")
+    if manifest is None:
+        log.info("no validated rows in %s yet: validating first", layout.validated)
+        return False
+    names = {split: [item["name"] for item in manifest.get(split, [])] for split in ("train", "eval")}
+    if (manifest.get("stage"), names["train"], names["eval"]) != (
+            cfg.train.stage, cfg.data.datasets(), cfg.data.eval_datasets()):
+        log.info("%s was validated for another stage or other datasets: validating again", layout.validated)
+        return False
+    log.info("using the validated rows in %s (`tunepipe validate` redoes them)", layout.validated)
+    return True
+
+
+def tokenized_is_current(cfg: Config, layout: Layout) -> bool:
+    """data/tokenized/ exists, with an eval split, for this stage."""
+    meta = _read_or_none(layout.tokenized / "meta.json")
+    if meta is None or not (layout.tokenized / "eval").is_dir():
+        log.info("no tokenized shards in %s yet: tokenizing first", layout.tokenized)
+        return False
+    if meta.get("stage") != cfg.train.stage:
+        log.info("%s was tokenized for train.stage=%s: tokenizing again", layout.tokenized, meta.get("stage"))
+        return False
+    log.info("using the tokenized shards in %s (`tunepipe tokenize` redoes them)", layout.tokenized)
+    return True
+
+
+def _read_or_none(path) -> dict | None:
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
 
 
 def train_command(args) -> int:
@@ -72,6 +142,7 @@ def train_command(args) -> int:
 
 
 def run_train_pipeline(cfg: Config, layout: Layout) -> None:
+    check_precision(cfg.train)  # refuse fp16 without a GPU now, not after tokenizing
     log.info("writing under %s", layout.root)
     ensure_base_model(cfg.model, layout.base_model)
     for name in ("validate", "tokenize", "train"):

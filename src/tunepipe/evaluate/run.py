@@ -28,7 +28,6 @@ from tunepipe.io_utils import read_json
 from tunepipe.layout import Layout
 from tunepipe.loading import (
     base_dir_for,
-    cli_config,
     device_for,
     load_base,
     load_trained,
@@ -168,10 +167,8 @@ def print_table(report: dict) -> None:
         print(f"{key:<20} {value:>12.4f}")
 
 
-def eval_command(args) -> int:
-    cfg, layout = cli_config(args)
-    report = run_evaluate(cfg, layout)
+def print_report(report: dict, layout: Layout) -> None:
+    """What `tunepipe eval` prints (it runs through `tunepipe.pipeline`, which makes the data first)."""
     print_table(report)
     print(f"wrote {Path(layout.metrics) / EVAL_METRICS} and {Path(layout.reports) / PREDICTIONS}")
-    return 0
 

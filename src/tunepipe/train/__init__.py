@@ -13,6 +13,7 @@ simpo), `kto`, `rm`; `model_setup` + `adapters` build the model, `collate` + `va
 from __future__ import annotations
 
 from tunepipe.config import Config
+from tunepipe.devices import check_precision
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 from tunepipe.train import dpo, kto, rm, sft
@@ -29,6 +30,7 @@ TRAINERS = {
 def run_train(cfg: Config, layout: Layout) -> dict | None:
     """Train `train.stage` on the shards under `layout`; returns the metrics/train.json summary
     (None in the parent of a multi-process launch, whose children wrote it)."""
+    check_precision(cfg.train)  # before a model load or a launch spends time
     if should_relaunch(cfg):
         relaunch_train(cfg, layout)
         return None

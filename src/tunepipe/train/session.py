@@ -16,7 +16,7 @@ from collections.abc import Callable
 from tunepipe.config import Config
 from tunepipe.layout import Layout
 from tunepipe.train.outputs import LOSS_CSV, LOSS_PNG, TRAIN_METRICS, train_summary, write_outputs
-from tunepipe.train.trainer_setup import ProgressBar, check_precision, resume_checkpoint, training_arguments
+from tunepipe.train.trainer_setup import ProgressBar, resume_checkpoint, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,6 @@ def run_session(cfg: Config, layout: Layout, model, tokenizer, has_eval: bool,
     from tunepipe.tracking.tags import data_fingerprint
     from tunepipe.tracking.tracker import Tracker
 
-    check_precision(cfg.train)
     resume = resume_checkpoint(cfg, layout, data_fingerprint(layout.tokenized))
     args = training_arguments(cfg, layout, has_eval)
     tracker = Tracker.start(cfg, layout)

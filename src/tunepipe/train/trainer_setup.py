@@ -20,6 +20,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from tunepipe.config import Config, TrainConfig
+from tunepipe.devices import liger_kernel
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import read_json, write_json_atomic
 from tunepipe.layout import Layout
@@ -36,32 +37,10 @@ NOT_TRAJECTORY = {"output_dir", "overwrite_output_dir", "logging_steps", "save_s
 MODEL_KEYS = ("quantization_bit", "quantization_type", "double_quantization", "flash_attn", "trust_remote_code")
 
 
-def check_precision(train: TrainConfig) -> None:
-    """bf16 / fp16 only where the device runs them; a clear error otherwise."""
-    import torch
-
-    if train.fp16 and not torch.cuda.is_available():
-        raise TunepipeError("train.fp16=true needs a CUDA GPU; CPU autocast has no float16 path",
-                            hint="use bf16: true on CPU, or neither")
-    if train.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise TunepipeError(f"train.bf16=true: {torch.cuda.get_device_name(0)} has no bfloat16 support",
-                            hint="use fp16: true on this GPU")
-    if train.bf16 and not torch.cuda.is_available() and not _cpu_has_bf16():
-        log.warning("train.bf16 on a CPU without AVX512-BF16 / AMX: bfloat16 matmuls are emulated "
-                    "and usually slower than float32 here")
-
-
 def _has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-
-
-def _cpu_has_bf16() -> bool:
-    import torch
-
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
 
 
 def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
@@ -109,6 +88,10 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
         dataloader_num_workers=0,
         # without a GPU, say so: transformers refuses bf16 unless use_cpu is set
         use_cpu=not _has_gpu(),
+        # Liger's RMSNorm / RoPE / SwiGLU kernels through transformers; its fused linear
+        # cross-entropy stays off: tunepipe's loss already projects only trained positions.
+        use_liger_kernel=liger_kernel(train),
+        liger_kernel_config={"fused_linear_cross_entropy": False, "cross_entropy": False},
         **extra,
     )
 
