@@ -233,3 +233,27 @@ def test_llamafactory_style_export_command(tiny_model_dir, tmp_path, adapter_dir
 def test_legacy_pickle_format_is_refused_with_a_reason():
     with pytest.raises(TunepipeError, match="safetensors only"):
         load_config(None, ["export.export_legacy_format=true"])
+
+
+def test_a_train_output_dir_merges_in_order_with_other_adapters(tiny_model_dir, tmp_path, caplog):
+    """LLaMA-Factory's merge YAML names the train output_dir; with a second adapter after it
+    (`a, b`, spaces as LLaMA-Factory users write them) both merge in that order."""
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "saves" / "sft"
+    first = make_adapter(tiny_model_dir, Layout.at(run).adapter, seed=1, scale=0.3)
+    second = make_adapter(tiny_model_dir, tmp_path / "a2", seed=2, scale=0.3)
+    cfg = export_config(tiny_model_dir, tmp_path / "export", f"model.adapter_name_or_path='{run}, {second}'")
+    with caplog.at_level("INFO", logger="tunepipe.loading"):
+        metrics = run_export(cfg, Layout.at(tmp_path))
+    assert metrics["merged_adapters"] == 2
+    said = [r.getMessage() for r in caplog.records if "tunepipe output_dir" in r.getMessage()]
+    assert said == [f"adapter_name_or_path {run} is a tunepipe output_dir: using its trained adapter {first}"]
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+    probe = torch.tensor([[1, 5, 9, 30, 2]])
+    with torch.no_grad():
+        got = exported(probe).logits
+        want = unmerged(tiny_model_dir, [first, second])(probe).logits
+        second_only = unmerged(tiny_model_dir, [second])(probe).logits
+    assert (got - want).abs().max().item() < 1e-4
+    assert (got - second_only).abs().max().item() > 1e-2  # the output_dir's adapter is really in there
