@@ -55,11 +55,13 @@ def base_dir_for(cfg: Config, layout: Layout) -> Path:
     return ensure_base_model(cfg.model, layout.base_model)
 
 
-def trained_source(cfg: Config, layout: Layout) -> TrainedSource:
-    """`model.adapter_name_or_path` if set, else what the train stage wrote under `layout`."""
+def trained_source(cfg: Config, layout: Layout, quiet: bool = False) -> TrainedSource:
+    """`model.adapter_name_or_path` if set, else what the train stage wrote under `layout`.
+
+    `quiet`: no log line (for a check ahead of the command that then loads it and says so)."""
     named = cfg.model.adapters()
     if named:
-        return TrainedSource("adapters", [adapter_dir(name) for name in named])
+        return TrainedSource("adapters", [adapter_dir(name, quiet) for name in named])
     trained = layout.trained(cfg.train.finetuning_type)
     if (trained / ADAPTER_CONFIG).is_file():
         return TrainedSource("adapters", [trained])
@@ -68,7 +70,7 @@ def trained_source(cfg: Config, layout: Layout) -> TrainedSource:
     return TrainedSource("none")
 
 
-def adapter_dir(name: str) -> Path:
+def adapter_dir(name: str, quiet: bool = False) -> Path:
     """One `adapter_name_or_path` entry as a PEFT adapter dir.
 
     LLaMA-Factory writes the adapter into `output_dir` itself, so its merge and predict
@@ -79,8 +81,9 @@ def adapter_dir(name: str) -> Path:
         return path
     trained = Layout.at(path)
     if (trained.adapter / ADAPTER_CONFIG).is_file():
-        log.info("adapter_name_or_path %s is a tunepipe output_dir: using its trained adapter %s",
-                 path, trained.adapter)
+        if not quiet:
+            log.info("adapter_name_or_path %s is a tunepipe output_dir: using its trained adapter %s",
+                     path, trained.adapter)
         return trained.adapter
     if (trained.full / "config.json").is_file():
         raise TunepipeError(f"model.adapter_name_or_path: {path} holds a full fine-tune, not an adapter",

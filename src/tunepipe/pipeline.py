@@ -80,7 +80,7 @@ def eval_command(args) -> int:
     from tunepipe.loading import require_trained, trained_source
 
     cfg, layout = cli_config(args)
-    require_trained(trained_source(cfg, layout), cfg, layout)  # before any data work
+    require_trained(trained_source(cfg, layout, quiet=True), cfg, layout)  # before any data work
     ensure_earlier_steps(cfg, layout, ("validate", "tokenize"))
     log.info("== evaluate ==")
     print_report(run_evaluate(cfg, layout), layout)
