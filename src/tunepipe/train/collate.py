@@ -10,16 +10,22 @@ Layouts (each row of the batch is a list of segments, one per sample):
 - `flatten=True`: every sample of the batch concatenated into a single row (padding-free),
   so no step pays for pad tokens.
 Samples sharing a row get position ids restarting at 0 and must not attend to each other.
-transformers builds that isolation from position ids alone only when no attention mask
-and no cache are passed; with SDPA or eager attention on CPU the reliable form is an
-explicit block-diagonal causal 4-D mask (measured: it reproduces the unpacked logits).
-With flash attention 2, or tunepipe's per-sample SDPA (`varlen_attention`), the same
-isolation comes from varlen `cu_seq_lens` kwargs instead, at no [T, T] cost.
+How each attention path keeps them apart (and keeps the model's own sliding windows and
+softcapping, which a hand-built block-diagonal mask would replace):
+- SDPA / eager: no attention mask is passed at all. transformers' masking_utils then finds
+  the samples from the restarting position ids (`find_packed_sequence_indices`) and builds
+  each layer type's own mask (causal, or sliding-window for windowed layers of Mistral,
+  Qwen2/3, Gemma 2/3, Phi-3) restricted to each sample, window distances counted inside
+  the sample. Padding after the samples restarts its positions too, so it is a segment of
+  its own and needs no 2-D mask either.
+- flash attention 2 and tunepipe's per-sample SDPA (`varlen_attention`): varlen
+  `cu_seq_lens_*` kwargs; the kernel gets each layer's `sliding_window` / `softcap` from
+  the model code.
 
 Batch keys: `input_ids`, `labels`, `shift_labels` (targets of each position, -100 across a
 sample boundary and on padding), `position_ids`, `attention_mask` (2-D, 1 = real token:
-the Trainer counts real tokens with it), and for rows holding several samples either
-`segment_mask` (the 4-D mask) or the flash-attention varlen kwargs.
+the Trainer counts real tokens with it; never passed to the model), and for rows holding
+several segments on a varlen kernel the flash-attention varlen kwargs.
 """
 
 from __future__ import annotations
@@ -80,23 +86,16 @@ class SegmentCollator:
             batch["shift_labels"][i, :n] = torch.as_tensor(shifted_labels(list(row["labels"]), segments))
             batch["position_ids"][i] = positions(segments, width)
             batch["attention_mask"][i, :n] = 1
-        if any(len(segments) > 1 for segments in rows_segments):
-            batch.update(self._isolation(rows_segments, width))
+        if self._varlen() and any(len(with_tail(segments, width)) > 1 for segments in rows_segments):
+            batch.update(varlen_kwargs(rows_segments, width))
         return batch
+
+    def _varlen(self) -> bool:
+        return self.attn_implementation.startswith("flash_attention") or self.attn_implementation == VARLEN
 
     def _padded_width(self, longest: int) -> int:
         multiple = self.pad_to_multiple_of
         return longest if not multiple else -(-longest // multiple) * multiple
-
-    def _isolation(self, rows_segments: list[list[int]], width: int) -> dict[str, torch.Tensor]:
-        if self.attn_implementation.startswith("flash_attention") or self.attn_implementation == VARLEN:
-            return varlen_kwargs(rows_segments, width)
-        mask = torch.stack([block_causal_mask(with_tail(segments, width)) for segments in rows_segments])
-        if self.attn_implementation == "sdpa":
-            return {"segment_mask": mask[:, None]}
-        # eager and other kernels add the mask to the attention scores
-        additive = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, torch.finfo(torch.float32).min)
-        return {"segment_mask": additive[:, None]}
 
 
 def with_tail(segments: list[int], width: int) -> list[int]:
@@ -110,14 +109,6 @@ def positions(segments: list[int], width: int) -> torch.Tensor:
     return torch.cat([torch.arange(n) for n in with_tail(segments, width)])
 
 
-def block_causal_mask(segments: list[int]) -> torch.Tensor:
-    """[T, T] bool: query i may attend key j when j <= i inside the same segment."""
-    ids = torch.repeat_interleave(torch.arange(len(segments)), torch.as_tensor(segments))
-    width = ids.numel()
-    causal = torch.ones(width, width, dtype=torch.bool).tril_()
-    return causal & (ids[:, None] == ids[None, :])
-
-
 def varlen_kwargs(rows_segments: list[list[int]], width: int) -> dict[str, torch.Tensor | int]:
     """flash-attention varlen boundaries over the flattened batch (rows laid end to end)."""
     lengths = [n for segments in rows_segments for n in with_tail(segments, width)]
@@ -128,13 +119,12 @@ def varlen_kwargs(rows_segments: list[list[int]], width: int) -> dict[str, torch
 
 
 def model_inputs(batch: dict) -> dict:
-    """The forward kwargs of a collated batch: the 4-D mask replaces the 2-D one when present;
-    no mask at all when nothing is padded (SDPA then runs its fast causal path)."""
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    if "segment_mask" in batch:
-        inputs["attention_mask"] = batch["segment_mask"]
-    elif "cu_seq_lens_q" in batch:
+    """The forward kwargs of a collated batch: ids, restarting position ids and, on varlen
+    kernels, the sample boundaries. Never an attention mask: a 2-D mask would switch off
+    transformers' packed-sample detection, and a 4-D one would replace the model's own
+    per-layer masks (sliding windows). `use_cache=False` always: with a KV cache transformers
+    skips the packed-sample detection too, and samples would see each other."""
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if "cu_seq_lens_q" in batch:
         inputs.update({key: batch[key] for key in FLASH_KWARGS})
-    elif not bool(batch["attention_mask"].all()):
-        inputs["attention_mask"] = batch["attention_mask"]
     return inputs

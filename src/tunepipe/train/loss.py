@@ -39,7 +39,7 @@ def causal_lm_loss(model, batch: dict, num_items_in_batch=None) -> torch.Tensor:
     normalizer = num_items_in_batch if num_items_in_batch is not None else selected.sum()
     head = plain_output_head(model)
     if head is None:  # heads with LoRA, soft-capping or scaling: let the model apply its own head
-        logits = model(**model_inputs(batch), use_cache=False, logits_to_keep=selected).logits
+        logits = model(**model_inputs(batch), logits_to_keep=selected).logits
         loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
         return loss_sum / normalizer
     hidden = label_hidden_states(model, batch, selected)
@@ -52,7 +52,7 @@ def label_hidden_states(model, batch: dict, selected: torch.Tensor) -> torch.Ten
     The model is called through its own forward (so a DDP or accelerate wrapper sees the
     call) with `logits_to_keep` selecting no position: the head projects nothing."""
     nothing = torch.zeros_like(selected)
-    out = model(**model_inputs(batch), use_cache=False, output_hidden_states=True, logits_to_keep=nothing)
+    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=nothing)
     return out.hidden_states[-1][selected]
 
 

@@ -33,7 +33,7 @@ def build_trainable_model(cfg: Config, layout: Layout):
 
 def load_base_for_training(cfg: Config, layout: Layout, quantize: bool = True):
     """The base causal LM with the chosen attention kernel (and bitsandbytes quantization)."""
-    kwargs = {"attn_implementation": attention_implementation(cfg.model)}
+    kwargs = {"attn_implementation": attention_implementation(cfg.model, base_config(cfg, layout))}
     if quantize and cfg.model.quantization_bit is not None:
         kwargs["quantization_config"] = quantization_config(cfg.model, cfg.train)
         kwargs["device_map"] = {"": _default_device()}
@@ -48,9 +48,21 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def attention_implementation(model_cfg: ModelConfig) -> str:
+def base_config(cfg: Config, layout: Layout):
+    """The base model's transformers config (read before loading, to choose the kernel)."""
+    from transformers import AutoConfig
+
+    from tunepipe.modeling import follow_manifest
+
+    return AutoConfig.from_pretrained(str(follow_manifest(layout.base_model)),
+                                      trust_remote_code=cfg.model.trust_remote_code)
+
+
+def attention_implementation(model_cfg: ModelConfig, model_config=None) -> str:
     """`flash_attn` -> a transformers attn_implementation: auto is flash attention 2 where it
-    can run, else SDPA run per sample (`varlen_attention`); sdpa is SDPA with 4-D masks."""
+    can run, else SDPA run per sample (`varlen_attention`); sdpa is SDPA with the model's own
+    per-layer masks. A model that softcaps attention logits (Gemma 2) gets eager attention
+    unless flash attention 2 runs: SDPA has no softcap, and dropping it changes the logits."""
     import torch
 
     fa2_ready = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
@@ -62,14 +74,22 @@ def attention_implementation(model_cfg: ModelConfig) -> str:
             raise TunepipeError("model.flash_attn='fa2' needs a CUDA GPU and the flash-attn package",
                                 hint="use flash_attn: auto (SDPA where flash attention cannot run)")
         return "flash_attention_2"
+    if choice == "auto" and fa2_ready:
+        return "flash_attention_2"
+    if softcaps_attention(model_config):
+        log.info("model.flash_attn=%s: %s softcaps attention logits, which SDPA cannot do; using eager "
+                 "attention (exact, more memory)", choice, type(model_config).__name__)
+        return "eager"
     if choice == "auto":
-        if fa2_ready:
-            return "flash_attention_2"
         # SDPA per sample of a padding-free row (plain SDPA for everything else)
         from tunepipe.train.varlen_attention import register
 
         return register()
     return "sdpa"
+
+
+def softcaps_attention(model_config) -> bool:
+    return getattr(model_config, "attn_logit_softcapping", None) is not None
 
 
 def compute_dtype(train: TrainConfig):

@@ -100,11 +100,16 @@ def build_reward_model(cfg, layout, pad_token_id: int):
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
     from tunepipe.modeling import base_dtype, follow_manifest, torch_dtype
-    from tunepipe.train.model_setup import apply_finetuning, attention_implementation, quantization_config
+    from tunepipe.train.model_setup import (
+        apply_finetuning,
+        attention_implementation,
+        base_config,
+        quantization_config,
+    )
 
     set_seed(cfg.train.seed)  # the head's random init must be the same on a resumed run
     quantized = cfg.model.quantization_bit is not None
-    kwargs = {"attn_implementation": attention_implementation(cfg.model)}
+    kwargs = {"attn_implementation": attention_implementation(cfg.model, base_config(cfg, layout))}
     if quantized:
         kwargs["quantization_config"] = quantization_config(cfg.model, cfg.train)
     with suppress_seqcls_warning():  # "score.weight newly initialized" is the point here

@@ -9,6 +9,14 @@ flash path uses, and is registered with transformers' AttentionInterface so the 
 code calls it like any other kernel. Without `cu_seq_lens_q` (ordinary padded batches,
 generation) it is plain SDPA.
 
+Sliding windows: the model code passes each layer's `sliding_window` (None on full-attention
+layers of Gemma 2/3 and Qwen2/3, the config's window on every Mistral / Phi-3 layer). A
+sample longer than the window gets a banded causal mask (query i sees keys j with
+0 <= i - j < window, transformers' own rule), so windowed layers see exactly what the
+model's eager attention sees. Attention-logit softcapping (Gemma 2) has no SDPA form:
+`model_setup.attention_implementation` sends softcapped models to eager attention, and
+this kernel refuses a `softcap` rather than ignore it.
+
 For the preference trainers: nothing to do; models from `model_setup` use it on CPU and
 fall back to SDPA for the 2-D masks your collators pass.
 """
@@ -47,19 +55,37 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"{NAME} cannot softcap attention logits: load the model with eager attention")
     batch, heads, width, _ = query.shape
     q, k, v = (_end_to_end(t) for t in (query, key, value))
     dropout = dropout if module.training else 0.0
+    window = kwargs.get("sliding_window")
     lengths = [e - s for s, e in itertools.pairwise(boundaries.tolist())]
     # split, not slicing: split's backward writes all gradients with one concatenation,
     # where each slice's backward would zero-fill a full-size buffer and add into it.
     # 4-D pieces on purpose: on CPU only 4-D inputs reach SDPA's flash kernel (3-D ones
     # fall back to the math path, which materialises every score matrix).
-    parts = [F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout, is_causal=True, scale=scaling,
-                                            enable_gqa=True)
+    parts = [_sample_attention(qi, ki, vi, window, dropout, scaling)
              for qi, ki, vi in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))]
     out = torch.cat(parts, dim=2).reshape(heads, batch, width, value.shape[-1])
     return out.permute(1, 2, 0, 3).contiguous(), None
+
+
+def _sample_attention(q, k, v, window: int | None, dropout: float, scaling: float | None) -> torch.Tensor:
+    """Causal SDPA over one sample; banded (sliding window) when the sample outgrows the window."""
+    length = q.shape[2]
+    if window is None or length <= window:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                              enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(length, window, q.device),
+                                          dropout_p=dropout, scale=scaling, enable_gqa=True)
+
+
+def window_mask(length: int, window: int, device=None) -> torch.Tensor:
+    """[T, T] bool: query i attends key j when 0 <= i - j < window (masking_utils' sliding rule)."""
+    distance = torch.arange(length, device=device)[:, None] - torch.arange(length, device=device)[None, :]
+    return (distance >= 0) & (distance < window)
 
 
 def _end_to_end(states: torch.Tensor) -> torch.Tensor:
