@@ -161,7 +161,7 @@ def test_the_window_and_the_softcap_change_the_reference(name):
 
 
 @pytest.mark.parametrize("flash_attn", CHOICES)
-@pytest.mark.parametrize("name", [n for n in NAMES if FAMILIES[n].windowed()])
+@pytest.mark.parametrize("name", NAMES)
 def test_preference_pairs_equal_each_answer_alone(family_dirs, name, flash_attn):
     """DPO / KTO batches (chosen rows then rejected rows, right-padded) on the same kernels."""
     from tunepipe.train.pref_common import forward_log_probs

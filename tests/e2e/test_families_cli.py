@@ -2,9 +2,9 @@
 
 The first logged loss of a one-step run whose single batch holds every training row (one
 padding-free row, samples longer than the window) must equal the loss of each sample run
-alone through the family's eager attention. Gemma 3 mixes windowed and full layers and
-trains on tunepipe's per-sample SDPA (`flash_attn: auto` on CPU); Gemma 2 softcaps its
-attention logits and trains on eager attention. The Gemma 3 run then goes through
+alone through the family's eager attention, for every family of tests/fixtures/families.py:
+e.g. Gemma 3 mixes windowed and full layers and trains on tunepipe's per-sample SDPA
+(`flash_attn: auto` on CPU); Gemma 2 softcaps its attention logits and trains on eager. The Gemma 3 run then goes through
 `tunepipe eval`, `tunepipe export` and `tunepipe chat`, whose answers must equal a
 cache-free greedy decode.
 """
@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from tests.fixtures.families import WINDOW, build_family_dir
+from tests.fixtures.families import FAMILIES, WINDOW, build_family_dir
 
 from tunepipe.cli import main
 from tunepipe.train.collate import IGNORE_INDEX
@@ -78,7 +78,7 @@ def per_sample_eager_loss(model_dir, out, **config_changes) -> float:
     return total / count
 
 
-@pytest.mark.parametrize("name", ["gemma3", "gemma2"])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_tunepipe_train_first_loss_equals_each_sample_alone(tmp_path, name):
     model_dir = build_family_dir(tmp_path / "model", name)
     config, out = write_config(tmp_path, model_dir)
@@ -87,9 +87,11 @@ def test_tunepipe_train_first_loss_equals_each_sample_alone(tmp_path, name):
     assert rows == len(ROWS)  # one step, one padding-free batch of every row
     want = per_sample_eager_loss(model_dir, out)
     assert first_loss(out) == pytest.approx(want, abs=1e-5)
+    if not FAMILIES[name].windowed():
+        return
     # the check has teeth: the same model without its window trains on another loss
     unwindowed = per_sample_eager_loss(model_dir, out, sliding_window=10_000)
-    assert abs(unwindowed - want) > 1e-3
+    assert abs(unwindowed - want) > 1e-4  # ten times the tolerance above
 
 
 def greedy_text(model, tokenizer, ids: list[int], new_tokens: int) -> str:

@@ -41,7 +41,8 @@ def train(cfg: Config, layout: Layout) -> dict:
 
 def batch_layout(model, pad_token_id: int) -> SegmentCollator:
     """Every batch is padding-free: its samples are laid end to end in one row, each sample
-    isolated (block-diagonal mask on SDPA / eager, varlen boundaries on flash attention), so
+    isolated (per-sample masks transformers builds from the restarting position ids on SDPA /
+    eager, varlen boundaries on flash attention and per-sample SDPA), so
     no step computes pad tokens and no batch is padded to cutoff_len."""
     attn = model.config._attn_implementation
     return SegmentCollator(pad_token_id=pad_token_id, attn_implementation=attn, flatten=True)
