@@ -72,3 +72,14 @@ def test_eval_without_a_trained_model_stops_before_any_data_work(tmp_path, tiny_
     assert tunepipe(["eval", str(config)]) == 2
     assert "no trained model" in capsys.readouterr().err
     assert not layout.validated.exists() and not layout.tokenized.exists()
+
+
+def test_train_refuses_an_adapter_it_would_ignore_before_any_data_work(tmp_path, tiny_model_dir, capsys):
+    """LLaMA-Factory's predict YAML is run with `llamafactory-cli train`; given to `tunepipe train`
+    it would train a new adapter, so it is refused, pointing at `tunepipe eval`."""
+    config, layout = write_config(tmp_path, tiny_model_dir, adapter_name_or_path=str(tmp_path / "saves"),
+                                  do_predict=True)
+    assert tunepipe(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot continue an existing one" in err and "`tunepipe eval`" in err
+    assert not layout.root.exists()

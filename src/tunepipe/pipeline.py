@@ -74,6 +74,18 @@ def tokenize_command(args) -> int:
     return 0
 
 
+def refuse_adapter_to_continue(cfg: Config) -> None:
+    """Training always starts a new adapter from the base, so a set `adapter_name_or_path`
+    would be ignored; LLaMA-Factory would continue it. Most often it is a predict YAML
+    (`do_predict: true`, run by `llamafactory-cli train`) given to the train command."""
+    if cfg.model.adapters():
+        raise TunepipeError(
+            "model.adapter_name_or_path is set, but `tunepipe train` trains a new adapter from the base "
+            "and cannot continue an existing one yet",
+            hint="a predict YAML (do_predict: true) runs with `tunepipe eval`, a merge YAML with "
+                 "`tunepipe export`; to train, remove adapter_name_or_path")
+
+
 def eval_command(args) -> int:
     """validate and tokenize when their outputs are missing, then evaluate (`tunepipe eval`)."""
     from tunepipe.evaluate.run import print_report, run_evaluate
@@ -143,6 +155,7 @@ def train_command(args) -> int:
 
 def run_train_pipeline(cfg: Config, layout: Layout) -> None:
     check_precision(cfg.train)  # refuse fp16 without a GPU now, not after tokenizing
+    refuse_adapter_to_continue(cfg)
     log.info("writing under %s", layout.root)
     ensure_base_model(cfg.model, layout.base_model)
     for name in ("validate", "tokenize", "train"):
