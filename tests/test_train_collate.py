@@ -113,3 +113,25 @@ def test_flash_attention_gets_varlen_boundaries(tokenizer):
     assert set(model_inputs(batch)) >= {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
     # rows of unequal width: padding tails count as segments of their own
     assert varlen_kwargs([[3, 2], [4]], 5)["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 10]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", VARLEN])
+def test_isolation_check_catches_a_model_that_ignores_packed_positions(tiny_model_dir, tokenizer, attn,
+                                                                       monkeypatch):
+    """A model whose code builds no per-sample masks (as remote code may) is refused before training,
+    unless its kernel isolates samples by itself (per-sample SDPA from cu_seq_lens)."""
+    from transformers import masking_utils
+
+    from tunepipe.errors import TunepipeError
+    from tunepipe.train import isolation
+
+    model = model_with(tiny_model_dir, attn)
+    collate = SegmentCollator(pad_token_id=tokenizer.pad_token_id, attn_implementation=attn, flatten=True)
+    monkeypatch.setattr(isolation, "built_into_transformers", lambda model: False)
+    isolation.check_sample_isolation(model, collate)  # transformers' own Llama code: isolated
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    if attn == VARLEN:
+        isolation.check_sample_isolation(model, collate)
+    else:
+        with pytest.raises(TunepipeError, match="lets a sample of a padding-free batch see"):
+            isolation.check_sample_isolation(model, collate)

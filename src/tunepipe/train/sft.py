@@ -15,6 +15,7 @@ from tunepipe.config import Config
 from tunepipe.layout import Layout
 from tunepipe.modeling import load_tokenizer
 from tunepipe.train.collate import SegmentCollator
+from tunepipe.train.isolation import check_sample_isolation
 from tunepipe.train.loss import causal_lm_loss
 from tunepipe.train.model_setup import build_trainable_model
 from tunepipe.train.session import run_session
@@ -45,7 +46,9 @@ def batch_layout(model, pad_token_id: int) -> SegmentCollator:
     eager, varlen boundaries on flash attention and per-sample SDPA), so
     no step computes pad tokens and no batch is padded to cutoff_len."""
     attn = model.config._attn_implementation
-    return SegmentCollator(pad_token_id=pad_token_id, attn_implementation=attn, flatten=True)
+    collator = SegmentCollator(pad_token_id=pad_token_id, attn_implementation=attn, flatten=True)
+    check_sample_isolation(model, collator)  # a model with its own code may not keep samples apart
+    return collator
 
 
 class CausalLMTrainer(Trainer):
