@@ -123,10 +123,22 @@ def layouts(rows: list[dict], attn: str) -> dict[str, tuple]:
             "packed": (SegmentCollator(0, attn, flatten=False)(packed), groups)}
 
 
+def expected_kernel(name: str, flash_attn: str) -> str:
+    from tunepipe.train.collate import VARLEN
+
+    if FAMILIES[name].softcapped():
+        return "eager"  # SDPA cannot softcap: tunepipe says so in one log line and uses eager
+    return {"auto": VARLEN, "sdpa": "sdpa", "disabled": "eager"}[flash_attn]
+
+
 @pytest.mark.parametrize("flash_attn", CHOICES)
 @pytest.mark.parametrize("name", NAMES)
-def test_batches_equal_each_sample_alone_on_eager(family_dirs, name, flash_attn):
-    model, reference = trainable_pair(family_dirs(name), flash_attn)
+def test_batches_equal_each_sample_alone_on_eager(family_dirs, name, flash_attn, caplog):
+    with caplog.at_level("INFO", logger="tunepipe.train.model_setup"):
+        model, reference = trainable_pair(family_dirs(name), flash_attn)
+    assert model.config._attn_implementation == expected_kernel(name, flash_attn)
+    fell_back = [r for r in caplog.records if "softcaps attention logits" in r.getMessage()]
+    assert len(fell_back) == (FAMILIES[name].softcapped() and flash_attn != "disabled")
     rows = [labelled(ids) for ids in samples()]
     want_logits, want_loss = alone(reference, rows)
     want_loss.backward()
