@@ -67,6 +67,24 @@ def test_eval_on_a_fresh_output_dir_validates_and_tokenizes_first(tmp_path, tiny
     assert "== validate ==" not in said and "== tokenize ==" not in said
 
 
+def test_a_predict_yaml_needs_no_train_dataset(tmp_path, tiny_model_dir, caplog):
+    """LLaMA-Factory's predict YAML names only `eval_dataset`; this data folder has no entry
+    for tunepipe's default `dataset: identity`, and none is needed."""
+    train_run = tmp_path / "saves" / "sft"
+    make_adapter(tiny_model_dir, Layout.at(train_run).adapter)
+    config, layout = write_config(tmp_path, tiny_model_dir, adapter_name_or_path=str(train_run),
+                                  eval_dataset="qa_copy", val_size=0)
+    config.write_text("\n".join(line for line in config.read_text().splitlines()
+                                if not line.startswith("dataset:")) + "\n")
+    assert tunepipe(["eval", str(config)]) == 0
+    manifest = json.loads((layout.validated / "manifest.json").read_text())
+    assert [item["name"] for item in manifest["eval"]] == ["qa_copy"]
+    assert json.loads((layout.metrics / "eval.json").read_text())["eval_rows"] == len(QUESTIONS)
+    with caplog.at_level(logging.INFO, logger="tunepipe.pipeline"):  # second time: reused
+        assert tunepipe(["eval", str(config)]) == 0
+    assert "using the tokenized shards" in " ".join(r.getMessage() for r in caplog.records)
+
+
 def test_eval_without_a_trained_model_stops_before_any_data_work(tmp_path, tiny_model_dir, capsys):
     config, layout = write_config(tmp_path, tiny_model_dir)
     assert tunepipe(["eval", str(config)]) == 2

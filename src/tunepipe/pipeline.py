@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 from tunepipe.config import Config
 from tunepipe.config_loader import load_config
@@ -93,33 +94,42 @@ def eval_command(args) -> int:
 
     cfg, layout = cli_config(args)
     require_trained(trained_source(cfg, layout, quiet=True), cfg, layout)  # before any data work
-    ensure_earlier_steps(cfg, layout, ("validate", "tokenize"))
+    ensure_eval_data(cfg, layout)
     log.info("== evaluate ==")
     print_report(run_evaluate(cfg, layout), layout)
     return 0
 
 
-def ensure_earlier_steps(cfg: Config, layout: Layout, names: tuple[str, ...]) -> None:
-    """Run each of `names` whose output is missing or stale, and every step after it."""
-    current = {"validate": validated_is_current, "tokenize": tokenized_is_current}
+def ensure_eval_data(cfg: Config, layout: Layout) -> None:
+    """Validate and tokenize for evaluation, each when its output is missing or stale.
+
+    With `eval_dataset` set only those datasets are read: the train split (`dataset`,
+    default `identity`) plays no part in evaluation, so they stand in for it too. A predict
+    YAML then needs no `dataset` entry, and a training run's rows with the same
+    `eval_dataset` are reused as they are."""
+    eval_only = bool(cfg.data.eval_datasets())
+    data_cfg = replace(cfg, data=replace(cfg.data, dataset=cfg.data.eval_dataset)) if eval_only else cfg
     ensure_base_model(cfg.model, layout.base_model)
-    rerun = False
-    for name in names:
-        rerun = rerun or not current[name](cfg, layout)
-        if rerun:
-            log.info("== %s ==", name)
-            step(name)(cfg, layout)
+    validate = not validated_is_current(data_cfg, layout, eval_only)
+    if validate:
+        log.info("== validate ==")
+        step("validate")(data_cfg, layout)
+    if validate or not tokenized_is_current(data_cfg, layout):
+        log.info("== tokenize ==")
+        step("tokenize")(data_cfg, layout)
 
 
-def validated_is_current(cfg: Config, layout: Layout) -> bool:
-    """data/validated/ holds this stage's rows of exactly the configured datasets."""
+def validated_is_current(cfg: Config, layout: Layout, eval_only: bool = False) -> bool:
+    """data/validated/ holds this stage's rows of exactly the configured datasets (with
+    `eval_only`, of the configured eval datasets, whatever the train split)."""
     manifest = _read_or_none(layout.validated / "manifest.json")
     if manifest is None:
         log.info("no validated rows in %s yet: validating first", layout.validated)
         return False
     names = {split: [item["name"] for item in manifest.get(split, [])] for split in ("train", "eval")}
-    if (manifest.get("stage"), names["train"], names["eval"]) != (
-            cfg.train.stage, cfg.data.datasets(), cfg.data.eval_datasets()):
+    have = (manifest.get("stage"), None if eval_only else names["train"], names["eval"])
+    want = (cfg.train.stage, None if eval_only else cfg.data.datasets(), cfg.data.eval_datasets())
+    if have != want:
         log.info("%s was validated for another stage or other datasets: validating again", layout.validated)
         return False
     log.info("using the validated rows in %s (`tunepipe validate` redoes them)", layout.validated)
