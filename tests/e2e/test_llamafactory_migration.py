@@ -1,9 +1,9 @@
 """LLaMA-Factory's tutorial workflow, its files unchanged, through tunepipe.
 
-Three YAMLs as the tutorial writes them (the LoRA SFT example, its predict example and its
-merge example: `### model`, `### method`, ... sections, `dataset: a, b`, the merge and
-predict YAMLs naming the train `output_dir` as `adapter_name_or_path`) run through
-`tunepipe train`, `tunepipe eval` and `tunepipe export`. Only what points at this machine
+Four YAMLs as the tutorial writes them (the LoRA SFT example, its predict, inference and
+merge examples: `### model`, `### method`, ... sections, `dataset: a, b`, the later YAMLs
+naming the train `output_dir` as `adapter_name_or_path`) run through `tunepipe train`,
+`tunepipe eval`, `tunepipe chat` and `tunepipe export`. Only what points at this machine
 differs (model path, data folder, output dirs), what keeps it to a minute on two cores
 (the tiny model, `max_samples`, step counts), and `bf16: true` where the tutorial has
 `fp16: true`, which needs a CUDA GPU (tests/test_devices.py checks the refusal). The data
@@ -13,8 +13,10 @@ walks through the same workflow.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import sys
 from pathlib import Path
 
 from tunepipe.cli import main as tunepipe
@@ -103,6 +105,14 @@ max_new_tokens: 8
 ddp_timeout: 180000000
 """
 
+INFER_YAML = """\
+model_name_or_path: {model}
+adapter_name_or_path: {train_dir}
+template: qwen
+infer_backend: huggingface  # choices: [huggingface, vllm, sglang, ktransformers]
+trust_remote_code: true
+"""
+
 MERGE_YAML = """\
 ### Note: DO NOT use quantized model or quantization_bit when merging lora adapters
 
@@ -122,8 +132,8 @@ export_legacy_format: false
 LINEAR_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-def test_the_tutorial_workflow_trains_predicts_and_merges(tmp_path, tiny_model_dir, lf_demo_dir, monkeypatch,
-                                                          caplog):
+def test_the_tutorial_workflow_trains_predicts_chats_and_merges(tmp_path, tiny_model_dir, lf_demo_dir,
+                                                                monkeypatch, caplog, capsys):
     monkeypatch.chdir(tmp_path)  # the merge YAML has no output_dir: its metrics go under saves/run
     caplog.set_level(logging.INFO)
     train_dir = tmp_path / "saves" / "tiny" / "lora" / "sft"
@@ -157,7 +167,16 @@ def test_the_tutorial_workflow_trains_predicts_and_merges(tmp_path, tiny_model_d
     assert report["eval_rows"] == 6 and report["predict_samples"] == 6  # eval_dataset, max_samples: 3 each
     assert len((predict_dir / "reports" / "predictions.jsonl").read_text().splitlines()) == 6
 
-    # 3. llamafactory-cli export examples/merge_lora/..._lora_sft.yaml
+    # 3. llamafactory-cli chat examples/inference/..._lora_sft.yaml, a line piped in
+    infer_yaml = write(tmp_path / "infer.yaml", INFER_YAML.format(**fill))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Who are you?\n/exit\n"))
+    caplog.clear()
+    capsys.readouterr()
+    assert tunepipe(["chat", str(infer_yaml), "max_new_tokens=4"]) == 0
+    assert messages(caplog).count(resolved) == 1
+    assert sum(line.startswith("Assistant:") for line in capsys.readouterr().out.splitlines()) == 1
+
+    # 4. llamafactory-cli export examples/merge_lora/..._lora_sft.yaml
     export_dir = tmp_path / "output" / "tiny_lora_sft"
     merge_yaml = write(tmp_path / "merge_lora.yaml", MERGE_YAML.format(export_dir=export_dir, **fill))
     caplog.clear()
