@@ -121,3 +121,14 @@ def test_unsloth_is_accepted_with_one_line_on_what_tunepipe_does_instead(tmp_pat
     config.write_text(f"{key}: false\n")
     load_config(config)
     assert not caplog.records  # LLaMA-Factory's default: nothing to say
+
+
+def test_the_dvc_train_stage_refuses_fp16_before_loading_anything(tmp_path):
+    """`dvc repro train` calls run_train directly: the same refusal comes before the base model
+    or the shards are read (there are none here) and before a multi-process launch."""
+    no_cuda()
+    from tunepipe.train import run_train
+
+    with pytest.raises(TunepipeError, match="fp16=true needs a CUDA GPU"):
+        run_train(Config(train=TrainConfig(fp16=True, num_processes=2)), Layout.at(tmp_path / "repo"))
+    assert not (tmp_path / "repo").exists()
