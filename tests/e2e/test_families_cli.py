@@ -59,17 +59,29 @@ def first_loss(out) -> float:
         return float(next(csv.DictReader(handle))["loss"])
 
 
-def per_sample_eager_loss(model_dir, out, **config_changes) -> float:
-    """Mean next-token loss over the tokenized train rows, each run alone on eager attention."""
+def train_samples(out) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of every training sample, packed rows split at their `seq_lens`."""
     from datasets import load_from_disk
 
+    shard = load_from_disk(str(out / "data" / "tokenized" / "train"))
+    lens = shard["seq_lens"] if "seq_lens" in shard.column_names else [[len(ids)] for ids in shard["input_ids"]]
+    samples = []
+    for ids, labels, row_lens in zip(shard["input_ids"], shard["labels"], lens, strict=True):
+        start = 0
+        for length in row_lens:
+            samples.append((ids[start:start + length], labels[start:start + length]))
+            start += length
+    return samples
+
+
+def per_sample_eager_loss(model_dir, out, **config_changes) -> float:
+    """Mean next-token loss over the tokenized training samples, each run alone on eager attention."""
     from tunepipe.modeling import load_causal_lm
 
     model = load_causal_lm(model_dir, attn_implementation="eager", **config_changes)
-    shard = load_from_disk(str(out / "data" / "tokenized" / "train"))
     total, count = 0.0, 0
     with torch.no_grad():
-        for ids, labels in zip(shard["input_ids"], shard["labels"], strict=True):
+        for ids, labels in train_samples(out):
             assert len(ids) > WINDOW
             logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
             targets = torch.tensor(labels[1:])
@@ -78,13 +90,17 @@ def per_sample_eager_loss(model_dir, out, **config_changes) -> float:
     return total / count
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_tunepipe_train_first_loss_equals_each_sample_alone(tmp_path, name):
+@pytest.mark.parametrize(("name", "packing"), [(name, False) for name in sorted(FAMILIES)] + [("gemma3", True)])
+def test_tunepipe_train_first_loss_equals_each_sample_alone(tmp_path, name, packing):
     model_dir = build_family_dir(tmp_path / "model", name)
-    config, out = write_config(tmp_path, model_dir)
+    config, out = write_config(tmp_path, model_dir, packing=packing)
     assert main(["train", str(config)]) == 0
-    rows = json.loads((out / "data" / "tokenized" / "meta.json").read_text())["rows"]["train"]
-    assert rows == len(ROWS)  # one step, one padding-free batch of every row
+    assert len(train_samples(out)) == len(ROWS)  # one step, one padding-free batch of every sample
+    if packing:
+        from datasets import load_from_disk
+
+        lens = load_from_disk(str(out / "data" / "tokenized" / "train"))["seq_lens"]
+        assert max(len(row) for row in lens) > 1  # rows really hold several samples
     want = per_sample_eager_loss(model_dir, out)
     assert first_loss(out) == pytest.approx(want, abs=1e-5)
     if not FAMILIES[name].windowed():
