@@ -306,3 +306,28 @@ def test_merge_export_reloads_and_generates(family_dirs, name, tmp_path):
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert len(ids) > WINDOW
     assert said == tokenizer.decode(greedy_without_cache(exported, ids, 12, stops), skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reward_model_scores_a_padded_batch_like_each_row_alone(family_dirs, name):
+    """`stage: rm` (TRL's right-padded batches, reward at the last real token) on the kernel
+    tunepipe picks equals each row alone on eager; a family without a value head is a clear error."""
+    from tunepipe.errors import TunepipeError
+    from tunepipe.train.pref_data import pad_rows
+    from tunepipe.train.rm import build_reward_model
+
+    layout = family_dirs(name)
+    if name == "granite":  # transformers ships no GraniteForSequenceClassification
+        with pytest.raises(TunepipeError, match="no sequence-classification"):
+            build_reward_model(config_for(layout), layout, pad_token_id=0)
+        return
+    model = build_reward_model(config_for(layout), layout, pad_token_id=0)
+    reference = build_reward_model(config_for(layout, "disabled"), layout, pad_token_id=0)
+    randomise_lora_b(reference)
+    model.load_state_dict(reference.state_dict())
+    rows = samples()[:3]
+    batch = pad_rows(rows, rows, pad_token_id=0)
+    with torch.no_grad():
+        got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        want = torch.cat([reference(input_ids=torch.tensor([ids])).logits[:, 0] for ids in rows])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

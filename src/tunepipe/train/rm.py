@@ -19,6 +19,7 @@ import logging
 from trl import RewardTrainer
 
 from tunepipe.config import Config
+from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 from tunepipe.modeling import load_tokenizer
 from tunepipe.train.model_setup import upcast_trainable
@@ -109,14 +110,22 @@ def build_reward_model(cfg, layout, pad_token_id: int):
 
     set_seed(cfg.train.seed)  # the head's random init must be the same on a resumed run
     quantized = cfg.model.quantization_bit is not None
-    kwargs = {"attn_implementation": attention_implementation(cfg.model, base_config(cfg, layout))}
+    config = base_config(cfg, layout)
+    kwargs = {"attn_implementation": attention_implementation(cfg.model, config)}
     if quantized:
         kwargs["quantization_config"] = quantization_config(cfg.model, cfg.train)
-    with suppress_seqcls_warning():  # "score.weight newly initialized" is the point here
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(follow_manifest(layout.base_model)), num_labels=1, use_safetensors=True,
-            dtype=torch_dtype(base_dtype(layout.base_model)), trust_remote_code=cfg.model.trust_remote_code,
-            **kwargs)
+    try:
+        with suppress_seqcls_warning():  # "score.weight newly initialized" is the point here
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(follow_manifest(layout.base_model)), num_labels=1, use_safetensors=True,
+                dtype=torch_dtype(base_dtype(layout.base_model)), trust_remote_code=cfg.model.trust_remote_code,
+                **kwargs)
+    except ValueError as exc:
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        raise TunepipeError(f"stage rm: transformers has no sequence-classification (reward) head for "
+                            f"{type(config).__name__} models", hint="train the reward model on another "
+                            "architecture, or use stage dpo / kto, which need no value head") from None
     model.config.pad_token_id = pad_token_id  # the head reads the last non-pad token
     model.config.use_cache = False
     model = apply_finetuning(model, cfg.train, quantized=quantized, task_type="SEQ_CLS")
