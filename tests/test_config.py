@@ -87,8 +87,9 @@ def test_llamafactory_flat_example_maps_into_groups(tmp_path, caplog):
     assert cfg.data.val_size == pytest.approx(0.1)
     assert cfg.train.output_dir == "saves/qwen2.5-14b/lora/sft-write"
     warned = caplog.text
-    for key in ("ddp_timeout", "overwrite_cache", "preprocessing_num_workers", "upcast_layernorm"):
+    for key in ("ddp_timeout", "overwrite_cache", "upcast_layernorm"):
         assert key in warned
+    assert cfg.data.preprocessing_num_workers == 16 and "preprocessing_num_workers" not in warned
 
 
 def test_merge_yaml_loads(tmp_path):

@@ -83,6 +83,41 @@ def test_chatml_shards_equal_the_golden_hashes(case, tmp_path, smollm2_base_dir,
     assert got == golden
 
 
+@pytest.mark.parametrize(("case", "workers", "chunk"), [("sft_packed", 1, 7), ("pt_packed", 3, 13), ("sft", 2, 333)])
+def test_shards_do_not_depend_on_workers_or_chunk_size(case, workers, chunk, tmp_path, smollm2_base_dir,
+                                                       lf_demo_dir):
+    where, stage, dataset, data = CASES[case]
+    golden = json.loads(GOLDEN.read_text(encoding="utf-8"))[case]
+    extra = (f"data.preprocessing_num_workers={workers}", f"data.preprocessing_batch_size={chunk}")
+    got = run_case(tmp_path, smollm2_base_dir, dataset_dir_for(where, lf_demo_dir), stage, dataset, data, extra)
+    assert got == golden
+
+
+def test_packing_through_many_buckets_equals_packing_in_memory(tmp_path, monkeypatch):
+    import numpy as np
+    from datasets import load_from_disk
+
+    from tunepipe.data import pack_spill
+    from tunepipe.data.packing import pack
+    from tunepipe.data.shards import ShardWriter, to_table
+
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(0, 500, size=int(n)).tolist() for n in rng.integers(1, 60, size=700)]
+    labels = [[-100] + row[1:] for row in ids]
+    monkeypatch.setattr(pack_spill, "BUCKET_TOKENS", 300)  # 5 bins a bucket: many buckets
+    spill = pack_spill.PackSpill(tmp_path / "spill")
+    for start in range(0, len(ids), 64):
+        spill.write(to_table({"input_ids": ids[start:start + 64], "labels": labels[start:start + 64]},
+                             ["input_ids", "labels"]))
+    writer = ShardWriter(tmp_path / "packed", ["input_ids", "labels", "seq_lens"])
+    for table in spill.packed(60):
+        writer.write(table)
+    writer.close()
+    expected = pack(ids, labels, 60)
+    assert len(expected["input_ids"]) > 20 * 5
+    assert load_from_disk(str(tmp_path / "packed")).to_dict() == expected
+
+
 def capture(out: Path) -> None:
     import tempfile
 

@@ -90,8 +90,21 @@ class DataConfig:
     """Tool-call format; unset uses the chat template's own tool support."""
     on_invalid: Literal["error", "drop"] = "error"
     """Invalid rows: stop with an error, or drop them into reports/rejected.jsonl."""
+    preprocessing_num_workers: Optional[int] = None
+    """Tokenize worker processes; unset: every core. Never changes the shards."""
+    preprocessing_batch_size: int = 1000
+    """Rows per tokenize chunk (what a worker takes at a time). Never changes the shards."""
+    streaming: bool = False
+    """LLaMA-Factory's streaming: tunepipe always streams (bounded memory); true needs train.max_steps."""
+    buffer_size: int = 16384
+    """LLaMA-Factory's streaming shuffle buffer; training shuffles whole shards, so it changes nothing."""
 
     def check(self) -> None:
+        _require(self.preprocessing_num_workers is None or self.preprocessing_num_workers >= 1, "data",
+                 "preprocessing_num_workers", self.preprocessing_num_workers, "must be >= 1 (or unset: every core)")
+        _require(self.preprocessing_batch_size >= 1, "data", "preprocessing_batch_size",
+                 self.preprocessing_batch_size, "must be >= 1")
+        _require(self.buffer_size >= 1, "data", "buffer_size", self.buffer_size, "must be >= 1")
         _require(self.cutoff_len >= 8, "data", "cutoff_len", self.cutoff_len, "must be >= 8")
         _require(self.val_size >= 0, "data", "val_size", self.val_size, "must be >= 0")
         _require(self.val_size < 1 or float(self.val_size).is_integer(), "data", "val_size",
@@ -331,6 +344,9 @@ class Config:
         """Per-group checks, then the rules that span groups."""
         for name in GROUPS:
             getattr(self, name).check()
+        if self.data.streaming and self.train.max_steps <= 0:  # LLaMA-Factory's rule: no length to count epochs by
+            raise TunepipeError("data.streaming=true needs train.max_steps > 0, as in LLaMA-Factory",
+                                hint="set max_steps, or drop streaming: tunepipe streams every dataset anyway")
         if self.model.quantization_bit is not None and self.train.finetuning_type != "lora":
             raise TunepipeError(
                 f"model.quantization_bit={self.model.quantization_bit} needs train.finetuning_type=lora "

@@ -2,9 +2,11 @@
 
 LLaMA-Factory's order of operations: `num_samples` (dataset_info.json, seeded sampling,
 repeating rows when it asks for more than there are), then `max_samples` (the first N),
-then the datasets are concatenated or interleaved, then `val_size` is split off. The
-interleaving and the split use HF datasets' own functions on row indices, so the result
-is seeded and identical on every run.
+then the datasets are concatenated or interleaved, then `val_size` is split off. All of
+it works on row numbers, never on the rows: a plan is an (n, 2) int64 array of
+(dataset number, row number) pairs, 16 bytes a row. The interleaving and the split use
+HF datasets' own functions on those numbers, so the result is seeded and identical on
+every run.
 """
 
 from __future__ import annotations
@@ -17,29 +19,37 @@ from tunepipe.errors import TunepipeError
 STOPPING = {"interleave_under": "first_exhausted", "interleave_over": "all_exhausted"}
 
 
-def sample_rows(rows: list[dict], num_samples: int | None, max_samples: int | None, seed: int) -> list[dict]:
+def sample_indices(count: int, num_samples: int | None, max_samples: int | None, seed: int) -> np.ndarray:
+    """Row numbers of one dataset of `count` rows after num_samples, then max_samples."""
+    order = np.arange(count, dtype=np.int64)
     if num_samples is not None:
         rng = np.random.default_rng(seed)
-        repeats, rest = divmod(num_samples, len(rows))
-        order = list(range(len(rows))) * repeats + sorted(rng.permutation(len(rows))[:rest].tolist())
-        rows = [rows[i] for i in order]
+        repeats, rest = divmod(num_samples, count)
+        order = np.concatenate([np.tile(order, repeats), np.sort(rng.permutation(count)[:rest])])
     if max_samples is not None:
-        rows = rows[:max_samples]
-    return rows
+        order = order[:max_samples]
+    return order
 
 
-def mix(datasets: list[list[dict]], data: DataConfig) -> list[dict]:
-    """Several datasets -> one list of rows by data.mix_strategy."""
-    if len(datasets) == 1 or data.mix_strategy == "concat":
-        return [row for rows in datasets for row in rows]
+def mix_plan(parts: list[np.ndarray], data: DataConfig) -> np.ndarray:
+    """Each dataset's sampled row numbers -> one plan of (dataset, row) by data.mix_strategy."""
+    if len(parts) == 1 or data.mix_strategy == "concat":
+        return np.concatenate([np.stack([np.full(len(rows), k, dtype=np.int64), rows], axis=1)
+                               for k, rows in enumerate(parts)])
+    import pyarrow as pa
     from datasets import Dataset, interleave_datasets
 
-    probs = parse_probs(data.interleave_probs, len(datasets))
-    parts = [Dataset.from_dict({"d": [k] * len(rows), "i": list(range(len(rows)))})
-             for k, rows in enumerate(datasets)]
-    mixed = interleave_datasets(parts, probabilities=probs, seed=data.split_seed,
-                                stopping_strategy=STOPPING[data.mix_strategy])
-    return [datasets[d][i] for d, i in zip(mixed["d"], mixed["i"])]
+    probs = parse_probs(data.interleave_probs, len(parts))
+    tables = [Dataset(pa.table({"d": np.full(len(rows), k, dtype=np.int64), "i": np.arange(len(rows))}))
+              for k, rows in enumerate(parts)]
+    mixed = interleave_datasets(tables, probabilities=probs, seed=data.split_seed,
+                                stopping_strategy=STOPPING[data.mix_strategy]).with_format("numpy")[:]
+    which, position = mixed["d"], mixed["i"]
+    rows = np.empty(len(which), dtype=np.int64)
+    for k, part in enumerate(parts):
+        chosen = which == k
+        rows[chosen] = part[position[chosen]]
+    return np.stack([which.astype(np.int64), rows], axis=1)
 
 
 def parse_probs(value, count: int) -> list[float] | None:
@@ -53,17 +63,36 @@ def parse_probs(value, count: int) -> list[float] | None:
     return probs
 
 
-def split_eval(rows: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out val_size (a fraction, or a row count when >= 1) as the eval split, seeded."""
+def split_positions(count: int, val_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out val_size (a fraction, or a row count when >= 1) of `count` rows, seeded:
+    the (train, eval) positions, in HF's train_test_split order."""
     if not val_size:
-        return rows, []
+        return np.arange(count, dtype=np.int64), np.arange(0, dtype=np.int64)
+    import pyarrow as pa
     from datasets import Dataset
 
     size = int(val_size) if val_size >= 1 else val_size
-    if isinstance(size, int) and size >= len(rows):
-        raise TunepipeError(f"data.val_size={val_size}: the eval split would take all {len(rows)} rows")
+    if isinstance(size, int) and size >= count:
+        raise TunepipeError(f"data.val_size={val_size}: the eval split would take all {count} rows")
     try:
-        split = Dataset.from_dict({"i": list(range(len(rows)))}).train_test_split(test_size=size, seed=seed)
+        split = Dataset(pa.table({"i": np.arange(count, dtype=np.int64)})).train_test_split(test_size=size, seed=seed)
     except ValueError as exc:
-        raise TunepipeError(f"data.val_size={val_size} with {len(rows)} rows: {exc}") from None
-    return [rows[i] for i in split["train"]["i"]], [rows[i] for i in split["test"]["i"]]
+        raise TunepipeError(f"data.val_size={val_size} with {count} rows: {exc}") from None
+    return split["train"].with_format("numpy")[:]["i"], split["test"].with_format("numpy")[:]["i"]
+
+
+# -- the same on lists of rows (small data, tests) ------------------------------------
+
+
+def sample_rows(rows: list[dict], num_samples: int | None, max_samples: int | None, seed: int) -> list[dict]:
+    return [rows[i] for i in sample_indices(len(rows), num_samples, max_samples, seed)]
+
+
+def mix(datasets: list[list[dict]], data: DataConfig) -> list[dict]:
+    plan = mix_plan([np.arange(len(rows)) for rows in datasets], data)
+    return [datasets[d][i] for d, i in plan.tolist()]
+
+
+def split_eval(rows: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    train, held_out = split_positions(len(rows), val_size, seed)
+    return [rows[i] for i in train.tolist()], [rows[i] for i in held_out.tolist()]

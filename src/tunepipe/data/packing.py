@@ -63,24 +63,47 @@ def pretrain_blocks(documents: list[list[int]], cutoff_len: int, with_seq_lens: 
     """Documents (each ending with EOS) concatenated and cut into cutoff_len blocks; the last
     block keeps the remainder. With `with_seq_lens` each block also records where its
     documents start and end, so attention can stay inside each document."""
-    columns: dict[str, list] = {"input_ids": [], "labels": []}
-    if with_seq_lens:
-        columns["seq_lens"] = []
-    block: list[int] = []
-    pieces: list[int] = []
-    for doc in documents:
-        start = 0
-        while start < len(doc):
-            take = min(cutoff_len - len(block), len(doc) - start)
-            block += doc[start:start + take]
-            pieces.append(take)
-            start += take
-            if len(block) == cutoff_len:
-                _emit(columns, block, pieces, with_seq_lens)
-                block, pieces = [], []
-    if block:
-        _emit(columns, block, pieces, with_seq_lens)
+    cutter = BlockCutter(cutoff_len, with_seq_lens)
+    columns = cutter.feed(documents)
+    for name, values in cutter.finish().items():
+        columns[name] += values
     return columns
+
+
+class BlockCutter:
+    """`pretrain_blocks` a chunk of documents at a time: the unfinished block carries over."""
+
+    def __init__(self, cutoff_len: int, with_seq_lens: bool):
+        self.cutoff_len, self.with_seq_lens = cutoff_len, with_seq_lens
+        self.block: list[int] = []
+        self.pieces: list[int] = []
+
+    def _columns(self) -> dict[str, list]:
+        return {"input_ids": [], "labels": [], **({"seq_lens": []} if self.with_seq_lens else {})}
+
+    def feed(self, documents) -> dict[str, list]:
+        """The blocks these documents complete."""
+        columns = self._columns()
+        cutoff_len = self.cutoff_len
+        for doc in documents:
+            start = 0
+            while start < len(doc):
+                take = min(cutoff_len - len(self.block), len(doc) - start)
+                self.block += doc[start:start + take]
+                self.pieces.append(take)
+                start += take
+                if len(self.block) == cutoff_len:
+                    _emit(columns, self.block, self.pieces, self.with_seq_lens)
+                    self.block, self.pieces = [], []
+        return columns
+
+    def finish(self) -> dict[str, list]:
+        """The last, shorter block (if any)."""
+        columns = self._columns()
+        if self.block:
+            _emit(columns, self.block, self.pieces, self.with_seq_lens)
+            self.block, self.pieces = [], []
+        return columns
 
 
 def _emit(columns: dict, block: list[int], pieces: list[int], with_seq_lens: bool) -> None:

@@ -1,25 +1,35 @@
 """The tokenize stage: validated canonical rows -> `data/tokenized/{train,eval}` Arrow shards.
 
 Reads `data/validated/` (manifest + rows), the base model's tokenizer and `data.*`;
-writes HF datasets with `save_to_disk` (sharded by size, `load_from_disk`-compatible),
-`data/tokenized/meta.json` and `metrics/data.json`. Columns per objective are fixed in
-docs/architecture.md ("Tokenized shards"). The same inputs and params give
-byte-identical shards, so DVC's hash does not change on a rerun.
+writes HF datasets shards (`load_from_disk`-compatible), `data/tokenized/meta.json` and
+`metrics/data.json`. Columns per objective are fixed in docs/architecture.md
+("Tokenized shards").
+
+Streaming, in bounded memory: the rows to tokenize are chosen as row numbers
+(`mixing`), tokenized in chunks on every core (`chunks`) and written to the shards as
+they come (`shards`); packing goes through disk from the samples' lengths
+(`pack_spill`). Memory grows by a few bytes per row (the plan, offsets, lengths), never
+by the rows. The same inputs and params give byte-identical shards, whatever the
+worker count or chunk size, so DVC's hash does not change on a rerun.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from tunepipe.config import Config, DataConfig
-from tunepipe.data.batching import BatchEncoder
-from tunepipe.data.encoding import Stats, encode_conversations, encode_preference
-from tunepipe.data.mixing import mix, sample_rows, split_eval
-from tunepipe.data.packing import pack, pretrain_blocks
+from tunepipe.data.chunks import Job, merge_stats, new_stats, run_chunks, worker_count
+from tunepipe.data.mixing import mix_plan, sample_indices, split_positions
+from tunepipe.data.pack_spill import PackSpill
+from tunepipe.data.packing import BlockCutter
+from tunepipe.data.shards import ShardWriter, to_table
 from tunepipe.data.templates import ChatFormat
-from tunepipe.data.validated import KINDS_FOR_STAGE, read_manifest, read_validated
+from tunepipe.data.validated import KINDS_FOR_STAGE, line_offsets, read_manifest
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import atomic_dir, write_json_atomic
 from tunepipe.layout import Layout
@@ -29,9 +39,6 @@ log = logging.getLogger(__name__)
 
 META = "meta.json"
 METRICS = "data.json"
-MAX_SHARD_SIZE = "500MB"
-ID_COLUMNS = ("input_ids", "labels", "seq_lens", "prompt_ids", "chosen_input_ids", "chosen_labels",
-              "rejected_input_ids", "rejected_labels")
 
 
 def run_tokenize(cfg: Config, layout: Layout) -> dict:
@@ -46,67 +53,89 @@ def run_tokenize(cfg: Config, layout: Layout) -> dict:
         raise TunepipeError(f"data.packing=true: packing applies to stage sft and pt, not {stage}")
     tokenizer = load_tokenizer(layout.base_model, trust_remote_code=cfg.model.trust_remote_code)
     fmt = None if kind == "pretrain" else ChatFormat(tokenizer, data.template, data.tool_format)
+    if kind == "pretrain" and tokenizer.eos_token_id is None:
+        raise TunepipeError("stage pt needs an EOS token between documents; the tokenizer has none")
+    plans, sources = select_rows(manifest, layout.validated, data)
 
-    train_rows = gather(manifest["train"], layout.validated, data)
-    if manifest["eval"]:
-        eval_rows = gather(manifest["eval"], layout.validated, data)
-    else:
-        train_rows, eval_rows = split_eval(train_rows, data.val_size, data.split_seed)
-
-    splits, stats = {}, {}
-    for split, rows in (("train", train_rows), ("eval", eval_rows)):
-        splits[split], stats[split] = encode_split(rows, kind, split, tokenizer, fmt, data)
-    if not splits["train"]["input_ids" if "input_ids" in splits["train"] else "chosen_input_ids"]:
-        raise TunepipeError(f"no training rows left after tokenization: {stats['train']}",
-                            hint="raise data.cutoff_len or use data.overlong: truncate")
-    metrics = {"stage": stage, "template": fmt.name if fmt else None, "cutoff_len": data.cutoff_len, **stats}
-    meta = build_meta(cfg, kind, tokenizer, fmt, splits)
+    rows, stats = {}, {}
     with atomic_dir(layout.tokenized) as tmp:
-        for split, columns in splits.items():
-            save_split(columns, kind, split, data.packing, tmp / split)
+        for split in ("train", "eval"):
+            names = column_names(kind, split, data.packing)
+            unpacked = [name for name in names if name != "seq_lens"]  # what each chunk returns
+            job = Job(kind, unpacked, kind == "sft" and split == "eval", data, fmt, tokenizer, *sources[split])
+            rows[split], stats[split] = encode_split(job, plans[split], split, tmp / split, names)
+            if split == "train" and not rows[split]:
+                raise TunepipeError(f"no training rows left after tokenization: {stats['train']}",
+                                    hint="raise data.cutoff_len or use data.overlong: truncate")
+        meta = build_meta(cfg, kind, tokenizer, fmt, rows)
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    metrics = {"stage": stage, "template": fmt.name if fmt else None, "cutoff_len": data.cutoff_len, **stats}
     write_json_atomic(layout.metrics / METRICS, metrics)
     log.info("tokenized %d train / %d eval rows into %s", stats["train"]["rows_out"], stats["eval"]["rows_out"],
              layout.tokenized)
     return metrics
 
 
-def gather(items: list[dict], validated: Path, data: DataConfig) -> list[dict]:
-    """The manifest's datasets, each sampled (num_samples, max_samples), then mixed."""
-    datasets = [sample_rows(read_validated(validated, item), item.get("num_samples"), data.max_samples,
-                            data.split_seed) for item in items]
-    return mix(datasets, data)
+def select_rows(manifest: dict, validated: Path, data: DataConfig) -> tuple[dict, dict]:
+    """Per split: the plan ((dataset, row) numbers in order) and where those rows live
+    (file and line offsets per dataset number). Sampling, mixing and the eval split work
+    on row numbers only."""
+    plans, sources = {}, {}
+    for split in ("train", "eval"):
+        items = manifest[split]
+        files = [str(validated / item["file"]) for item in items]
+        offsets = [line_offsets(Path(f)) for f in files]
+        parts = [sample_indices(len(o), item.get("num_samples"), data.max_samples, data.split_seed)
+                 for o, item in zip(offsets, items)]
+        plans[split] = mix_plan(parts, data) if parts else np.zeros((0, 2), dtype=np.int64)
+        sources[split] = (files, offsets)
+    if not manifest["eval"]:
+        train, held_out = split_positions(len(plans["train"]), data.val_size, data.split_seed)
+        plans["train"], plans["eval"] = plans["train"][train], plans["train"][held_out]
+        sources["eval"] = sources["train"]
+    return plans, sources
 
 
-def encode_split(rows: list[dict], kind: str, split: str, tokenizer, fmt: ChatFormat | None,
-                 data: DataConfig) -> tuple[dict[str, list], dict]:
-    stats = Stats()
-    if kind == "pretrain":
-        columns = encode_pretrain(rows, tokenizer, data, packed=data.packing and split == "train", stats=stats)
-    elif kind == "preference":
-        columns = encode_preference(rows, fmt, data, stats)
+def encode_split(job: Job, plan: np.ndarray, split: str, path: Path, names: list[str]) -> tuple[int, dict]:
+    """Tokenize one split's plan into shards at `path` with columns `names`; return (rows written, stats)."""
+    data = job.data
+    stats = new_stats()
+    writer = ShardWriter(path, names)
+    packed = data.packing and split == "train"
+    results = run_chunks(job, plan, data.preprocessing_batch_size, worker_count(data.preprocessing_num_workers))
+    if job.kind == "pretrain":
+        cutter = BlockCutter(data.cutoff_len, with_seq_lens=packed)
+        for result in results:
+            stats.rows_in += result.stats.rows_in
+            write_blocks(writer, cutter.feed(result.table), names, stats)
+        write_blocks(writer, cutter.finish(), names, stats)
+    elif packed:
+        with tempfile.TemporaryDirectory(prefix=".pack-", dir=path.parent) as spill_dir:
+            spill = PackSpill(Path(spill_dir))
+            for result in results:
+                merge_stats(stats, result.stats)
+                spill.write(result.table)
+            for table in spill.packed(data.cutoff_len):
+                writer.write(table)
     else:
-        columns = encode_conversations(rows, fmt, data, kind, eval_columns=(kind == "sft" and split == "eval"),
-                                       stats=stats)
+        for result in results:
+            merge_stats(stats, result.stats)
+            writer.write(result.table)
+    count = writer.close()
     summary = stats.as_dict()
-    if kind == "sft" and data.packing and split == "train":
-        columns = pack(columns["input_ids"], columns["labels"], data.cutoff_len)
-        summary["packed_rows"] = len(columns["input_ids"])
-    if "seq_lens" in columns:
-        slots = len(columns["input_ids"]) * data.cutoff_len
+    if packed and job.kind == "sft":
+        summary["packed_rows"] = count
+    if "seq_lens" in names:
+        slots = count * data.cutoff_len
         summary["packing_efficiency"] = round(summary["tokens"] / slots, 4) if slots else 0.0
-    return columns, summary
+    return count, summary
 
 
-def encode_pretrain(rows: list[dict], tokenizer, data: DataConfig, packed: bool, stats: Stats) -> dict:
-    """Text + EOS per document, concatenated and cut into cutoff_len blocks."""
-    if tokenizer.eos_token_id is None:
-        raise TunepipeError("stage pt needs an EOS token between documents; the tokenizer has none")
-    documents = [ids + [tokenizer.eos_token_id] for ids in BatchEncoder(tokenizer)([r["text"] for r in rows])]
-    columns = pretrain_blocks(documents, data.cutoff_len, with_seq_lens=packed)
-    stats.rows_in, stats.rows_out = len(rows), len(columns["input_ids"])
-    stats.lengths = [len(block) for block in columns["input_ids"]]
-    return columns
+def write_blocks(writer: ShardWriter, columns: dict, names: list[str], stats) -> None:
+    if job_rows := len(columns["input_ids"]):
+        stats.rows_out += job_rows
+        stats.lengths.extend(len(block) for block in columns["input_ids"])
+        writer.write(to_table(columns, names))
 
 
 def column_names(kind: str, split: str, packing: bool) -> list[str]:
@@ -122,44 +151,12 @@ def column_names(kind: str, split: str, packing: bool) -> list[str]:
     return names
 
 
-def save_split(columns: dict[str, list], kind: str, split: str, packing: bool, path: Path) -> None:
-    import pyarrow as pa
-    from datasets import Dataset
-
-    arrays = {}
-    for name in column_names(kind, split, packing):
-        values = columns.get(name, [])
-        if name in ID_COLUMNS:
-            arrays[name] = int32_lists(values)
-        else:
-            arrays[name] = pa.array(values, type=pa.bool_() if name == "kto_tag" else pa.string())
-    dataset = Dataset(pa.table(arrays))
-    # datasets writes zero shards for an empty dataset, which it then cannot load back
-    shards = {"max_shard_size": MAX_SHARD_SIZE} if len(dataset) else {"num_shards": 1}
-    dataset.save_to_disk(str(path), **shards)
-
-
-def int32_lists(values: list[list[int]]):
-    """A list<int32> Arrow column from Python lists, through one flat numpy buffer: pyarrow's
-    nested-list conversion walks every element as a Python object, this copies them once."""
-    import itertools
-
-    import numpy as np
-    import pyarrow as pa
-
-    offsets = np.zeros(len(values) + 1, dtype=np.int32)
-    np.cumsum(np.fromiter(map(len, values), dtype=np.int64, count=len(values)), out=offsets[1:])
-    flat = np.fromiter(itertools.chain.from_iterable(values), dtype=np.int32, count=int(offsets[-1]))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
-
-
-def build_meta(cfg: Config, kind: str, tokenizer, fmt: ChatFormat | None, splits: dict) -> dict:
+def build_meta(cfg: Config, kind: str, tokenizer, fmt: ChatFormat | None, rows: dict[str, int]) -> dict:
     data = cfg.data
-    first = "chosen_input_ids" if kind == "preference" else "input_ids"
     return {"stage": cfg.train.stage, "kind": kind, "template": fmt.name if fmt else None,
             "chat_template": fmt.template if fmt else None, "native_tools": fmt.native_tools if fmt else None,
             "cutoff_len": data.cutoff_len, "packing": bool(data.packing and kind in ("sft", "pretrain")),
             "tokenizer": {"name": Path(str(tokenizer.name_or_path)).name, "vocab_size": len(tokenizer),
                           "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token},
-            "rows": {split: len(columns.get(first, [])) for split, columns in splits.items()},
-            "columns": {split: column_names(kind, split, data.packing) for split in splits}}
+            "rows": rows,
+            "columns": {split: column_names(kind, split, data.packing) for split in rows}}
