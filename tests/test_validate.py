@@ -277,3 +277,29 @@ def test_openai_preference_rows_need_both_answers(tmp_path):
     no_rejected = {"messages": [{"role": "user", "content": "q"}], "chosen": {"role": "assistant", "content": "a"}}
     _, errors = bad_row_report(tmp_path, [good, no_rejected], entry, "dpo", "o.jsonl")
     assert [(e["row"], e["pointer"], e["message"]) for e in errors] == [(1, "", "missing column 'rejected' (rejected)")]
+
+
+def test_readers_stream_rows_equal_to_whole_file_parsing(tmp_path):
+    from tunepipe.data.readers import read_rows
+
+    rows = [{"instruction": f"q{i} \u00e9\u4e2d\U0001F600", "output": "a\u2028b", "score": i / 3, "n": i}
+            for i in range(2500)]
+    (tmp_path / "a.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    for name, kind in (("a.json", "json"), ("a.jsonl", "jsonl")):
+        raw = list(read_rows(tmp_path / name, kind, name))
+        assert [r.data for r in raw] == rows and [r.index for r in raw] == list(range(len(rows)))
+    assert [r.line for r in read_rows(tmp_path / "a.jsonl", "jsonl", "a.jsonl")][:3] == [1, 2, 3]
+
+
+def test_utf8_check_across_read_blocks(tmp_path):
+    from tunepipe.data.readers import check_utf8
+
+    good = ("ab\n" + "\u00e9\U0001F600" * 5 + "\n").encode()
+    (tmp_path / "good.txt").write_bytes(good * 3)
+    for block in (1, 2, 3, 7):  # every multi-byte character split by some block boundary
+        check_utf8(tmp_path / "good.txt", "good.txt", block=block)
+    (tmp_path / "bad.txt").write_bytes(good + b"x\xe9y")
+    for block in (1, 5, 1 << 20):
+        with pytest.raises(TunepipeError, match=rf"byte 0xe9 at byte offset {len(good) + 1} \(line 3\)"):
+            check_utf8(tmp_path / "bad.txt", "bad.txt", block=block)

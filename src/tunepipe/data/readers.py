@@ -10,12 +10,14 @@ a row with `error` set, so `on_invalid: drop` can keep it in the rejected file.
 from __future__ import annotations
 
 import csv
-import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tunepipe.errors import TunepipeError
+
+BATCH_ROWS = 1000  # rows per record batch read from parquet
 
 
 class RawRow:
@@ -35,97 +37,171 @@ class RawRow:
         return where if self.line is None else f"{where} (line {self.line})"
 
 
-def read_rows(path: Path, file_type: str, shown_as: str) -> list[RawRow]:
+def read_rows(path: Path, file_type: str, shown_as: str) -> Iterator[RawRow]:
+    """The file's rows one at a time, in order; memory holds one row (or one record batch)."""
     reader = {"json": read_json, "jsonl": read_jsonl, "csv": read_csv, "txt": read_txt,
               "parquet": read_parquet, "arrow": read_arrow}[file_type]
     return reader(path, shown_as)
 
 
-def read_text(path: Path, shown_as: str) -> str:
-    """The file as text; a non-UTF-8 file names the byte offset and line of the first bad byte."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise TunepipeError(f"{shown_as}: not UTF-8: byte 0x{data[exc.start]:02x} at byte offset {exc.start} "
-                            f"(line {line}) cannot be decoded",
-                            hint="re-encode the file as UTF-8 (e.g. iconv -t UTF-8)") from None
-    return text.removeprefix("\ufeff")  # tolerate a byte-order mark
+def not_utf8(data: bytes, start: int, shown_as: str, offset: int, line: int) -> TunepipeError:
+    """The error for a bad byte at `data[start]`, `offset` being where `data` starts in the file."""
+    line += data.count(b"\n", 0, start)
+    return TunepipeError(f"{shown_as}: not UTF-8: byte 0x{data[start]:02x} at byte offset {offset + start} "
+                         f"(line {line}) cannot be decoded",
+                         hint="re-encode the file as UTF-8 (e.g. iconv -t UTF-8)")
 
 
-def read_json(path: Path, shown_as: str) -> list[RawRow]:
-    """A JSON array of rows; a .json file holding JSON Lines (as HF datasets accepts) also works."""
-    text = read_text(path, shown_as)
-    if not text.lstrip().startswith("["):
-        return _jsonl_rows(text, shown_as)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TunepipeError(f"{shown_as}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    return [RawRow(shown_as, i, None, row) for i, row in enumerate(data)]
+def check_utf8(path: Path, shown_as: str, block: int = 1 << 22) -> None:
+    """Stream the file through an incremental UTF-8 decoder; a bad byte names its offset and line."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with open(path, "rb") as handle:
+        while True:
+            data = handle.read(block)
+            held = decoder.getstate()[0]  # an unfinished character from the previous block (no newline)
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as exc:  # its position counts from the held bytes
+                raise not_utf8(held + data, exc.start, shown_as, offset - len(held), line) from None
+            if not data:
+                return
+            offset += len(data)
+            line += data.count(b"\n")
 
 
-def read_jsonl(path: Path, shown_as: str) -> list[RawRow]:
-    return _jsonl_rows(read_text(path, shown_as), shown_as)
+def _lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset, line without its newline) for every line; split on b"\n" only
+    (str.splitlines would also split on U+2028 inside JSON strings)."""
+    offset = 0
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            yield number, offset, line.removesuffix(b"\n")
+            offset += len(line)
 
 
-def _jsonl_rows(text: str, shown_as: str) -> list[RawRow]:
-    rows = []
+def _decoded_lines(path: Path, shown_as: str) -> Iterator[tuple[int, str]]:
+    for number, offset, raw in _lines(path):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise not_utf8(raw, exc.start, shown_as, offset, number) from None
+        yield number, (text.removeprefix("\ufeff") if number == 1 else text)  # tolerate a byte-order mark
+
+
+def _first_char(path: Path) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head[:1].decode("ascii", errors="replace")
+
+
+def read_json(path: Path, shown_as: str) -> Iterator[RawRow]:
+    """A JSON array of rows, parsed incrementally (ijson); a .json file holding JSON Lines
+    (as HF datasets accepts) also works."""
+    if _first_char(path) != "[":
+        yield from read_jsonl(path, shown_as)
+        return
+    import ijson
+
+    check_utf8(path, shown_as)
+    index = 0
+    with open(path, "rb") as handle:
+        if handle.read(3) != b"\xef\xbb\xbf":
+            handle.seek(0)
+        try:
+            for row in ijson.items(handle, "item", use_float=True):
+                yield RawRow(shown_as, index, None, row)
+                index += 1
+        except ijson.JSONError as exc:
+            raise TunepipeError(f"{shown_as}: invalid JSON {_where(path, exc)}") from None
+
+
+def _where(path: Path, exc: Exception) -> str:
+    """Line and column of a malformed JSON array: the standard parser reports them, so re-parse
+    with it (only on this error path, and only for files that fit comfortably in memory)."""
+    if path.stat().st_size <= 1 << 28:
+        try:
+            json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as found:
+            return f"at line {found.lineno} column {found.colno}: {found.msg}"
+    return f"({str(exc).splitlines()[0]})"
+
+
+def read_jsonl(path: Path, shown_as: str) -> Iterator[RawRow]:
     loads = json.loads
-    # split on "\n" only: str.splitlines would also split on U+2028 inside JSON strings
-    for number, line in enumerate(text.split("\n"), start=1):
+    index = 0
+    for number, line in _decoded_lines(path, shown_as):
         if not line.strip():
             continue
         try:
-            rows.append(RawRow(shown_as, len(rows), number, loads(line)))
+            yield RawRow(shown_as, index, number, loads(line))
         except json.JSONDecodeError as exc:
-            rows.append(RawRow(shown_as, len(rows), number, None, raw_text=line,
-                               error=f"invalid JSON at line {number} column {exc.colno}: {exc.msg}"))
-    return rows
+            yield RawRow(shown_as, index, number, None, raw_text=line,
+                         error=f"invalid JSON at line {number} column {exc.colno}: {exc.msg}")
+        index += 1
 
 
-def read_csv(path: Path, shown_as: str) -> list[RawRow]:
-    reader = csv.DictReader(io.StringIO(read_text(path, shown_as), newline=""))
-    rows, start = [], 2  # line 1 is the header
-    for i, record in enumerate(reader):
-        rows.append(RawRow(shown_as, i, start, {k: v for k, v in record.items() if k is not None}))
-        start = reader.line_num + 1
-    return rows
+def read_csv(path: Path, shown_as: str) -> Iterator[RawRow]:
+    check_utf8(path, shown_as)
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        start = 2  # line 1 is the header
+        for i, record in enumerate(reader):
+            yield RawRow(shown_as, i, start, {k: v for k, v in record.items() if k is not None})
+            start = reader.line_num + 1
 
 
-def read_txt(path: Path, shown_as: str) -> list[RawRow]:
+def read_txt(path: Path, shown_as: str) -> Iterator[RawRow]:
     """One row per non-blank line, in a `text` column (as LLaMA-Factory's text loader)."""
-    rows = []
-    for number, line in enumerate(read_text(path, shown_as).split("\n"), start=1):
+    index = 0
+    for number, line in _decoded_lines(path, shown_as):
         line = line.rstrip("\r")
         if line.strip():
-            rows.append(RawRow(shown_as, len(rows), number, {"text": line}))
-    return rows
+            yield RawRow(shown_as, index, number, {"text": line})
+            index += 1
 
 
-def read_parquet(path: Path, shown_as: str) -> list[RawRow]:
+def read_parquet(path: Path, shown_as: str) -> Iterator[RawRow]:
+    """Record batch by record batch."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    index = 0
     try:
-        table = pq.read_table(path)
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+            for row in batch.to_pylist():
+                yield RawRow(shown_as, index, None, row)
+                index += 1
     except (OSError, pa.ArrowException) as exc:
         raise TunepipeError(f"{shown_as}: cannot read parquet: {exc}") from None
-    return [RawRow(shown_as, i, None, row) for i, row in enumerate(table.to_pylist())]
 
 
-def read_arrow(path: Path, shown_as: str) -> list[RawRow]:
-    """An Arrow IPC stream (what HF datasets writes) or file."""
+def read_arrow(path: Path, shown_as: str) -> Iterator[RawRow]:
+    """An Arrow IPC stream (what HF datasets writes) or file, record batch by record batch."""
     import pyarrow as pa
 
+    index = 0
     try:
-        with pa.memory_map(str(path)) as source:
-            try:
-                table = pa.ipc.open_stream(source).read_all()
-            except pa.ArrowInvalid:
-                source.seek(0)
-                table = pa.ipc.open_file(source).read_all()
+        for batch in _arrow_batches(path):
+            for row in batch.to_pylist():
+                yield RawRow(shown_as, index, None, row)
+                index += 1
     except (OSError, pa.ArrowException) as exc:
         raise TunepipeError(f"{shown_as}: cannot read arrow: {exc}") from None
-    return [RawRow(shown_as, i, None, row) for i, row in enumerate(table.to_pylist())]
+
+
+def _arrow_batches(path: Path):
+    import pyarrow as pa
+
+    with pa.OSFile(str(path)) as source:
+        try:
+            reader = pa.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            file_reader = pa.ipc.open_file(source)
+            for i in range(file_reader.num_record_batches):
+                yield file_reader.get_batch(i)
+            return
+        yield from reader

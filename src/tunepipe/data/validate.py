@@ -11,8 +11,11 @@ non-UTF-8 bytes) are always errors: a whole file cannot be dropped silently.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +26,9 @@ from tunepipe.data.formats import Mapper
 from tunepipe.data.readers import RawRow, read_rows
 from tunepipe.data.registry import DatasetEntry, get_entries
 from tunepipe.data.row_checks import check_view, problem_record
-from tunepipe.data.validated import KINDS_FOR_STAGE, write_validated
+from tunepipe.data.validated import KINDS_FOR_STAGE, ValidatedWriter
 from tunepipe.errors import TunepipeError
-from tunepipe.io_utils import write_json_atomic, write_text_atomic
+from tunepipe.io_utils import write_json_atomic
 from tunepipe.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -44,47 +47,68 @@ KIND_HINT = {"preference": "a preference dataset has \"ranking\": true and chose
 class DatasetResult:
     entry: DatasetEntry
     kind: str
-    rows: list[dict] = field(default_factory=list)  # canonical rows
     rows_read: int = 0
-    invalid: list[dict] = field(default_factory=list)  # one record per invalid row
-    rejected: list[dict] = field(default_factory=list)  # the rows themselves, for rejected.jsonl
+    valid: int = 0  # canonical rows written
+    invalid_count: int = 0
+    invalid: list[dict] = field(default_factory=list)  # the first ERRORS_IN_FULL records of invalid rows
 
     def summary(self, dataset_dir: Path) -> dict:
         return {"kind": self.kind, "formatting": self.entry.formatting,
                 "files": [str(dataset_dir / f) for f in _relative_files(self.entry, dataset_dir)],
-                "rows_read": self.rows_read, "valid": len(self.rows), "invalid": len(self.invalid),
+                "rows_read": self.rows_read, "valid": self.valid, "invalid": self.invalid_count,
                 "errors": self.invalid[:ERRORS_IN_FULL],
-                "errors_not_shown": max(0, len(self.invalid) - ERRORS_IN_FULL)}
+                "errors_not_shown": max(0, self.invalid_count - ERRORS_IN_FULL)}
+
+
+@dataclass
+class Sinks:
+    """Where rows go as they are checked: valid ones to data/validated/, invalid ones to the
+    rejected file (a temporary sibling until validation succeeds)."""
+
+    validated: ValidatedWriter
+    rejected: object  # an open text file
+    dumps: object = json.dumps
 
 
 def run_validate(cfg: Config, layout: Layout) -> dict:
-    """Validate every dataset; write data/validated/, reports/validation.json, reports/rejected.jsonl."""
+    """Validate every dataset; write data/validated/, reports/validation.json, reports/rejected.jsonl.
+    Rows stream from the raw files to the outputs one at a time."""
     stage, dataset_dir = cfg.train.stage, Path(cfg.data.dataset_dir)
     splits = {"train": cfg.data.datasets(), "eval": cfg.data.eval_datasets()}
     results: dict[str, DatasetResult] = {}
-    for entry in get_entries(list(dict.fromkeys(splits["train"] + splits["eval"])), dataset_dir):
-        results[entry.name] = validate_dataset(entry, stage, dataset_dir)
-    report = build_report(cfg, splits, results, dataset_dir)
     layout.reports.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(layout.reports / REPORT, report)
-    bad = {name: r for name, r in results.items() if r.invalid}
+    rejected_tmp = layout.reports / f".{REJECTED}.tmp-{os.getpid()}"
+    try:
+        with ValidatedWriter(layout.validated, stage) as out, open(rejected_tmp, "w", encoding="utf-8") as rejected:
+            sinks = Sinks(out, rejected)
+            for entry in get_entries(list(dict.fromkeys(splits["train"] + splits["eval"])), dataset_dir):
+                results[entry.name] = validate_dataset(entry, stage, dataset_dir, sinks)
+            report = build_report(cfg, splits, results, dataset_dir)
+            write_json_atomic(layout.reports / REPORT, report)
+            check_outcome(cfg, results, layout)
+            out.finish(splits, {name: {"kind": r.kind, "num_samples": r.entry.num_samples}
+                                for name, r in results.items()})
+        os.replace(rejected_tmp, layout.reports / REJECTED)
+    finally:
+        rejected_tmp.unlink(missing_ok=True)
+    for name, result in results.items():
+        log.info("%s: %d rows valid, %d dropped", name, result.valid, result.invalid_count)
+    return report
+
+
+def check_outcome(cfg: Config, results: dict[str, DatasetResult], layout: Layout) -> None:
+    bad = {name: r for name, r in results.items() if r.invalid_count}
     if bad and cfg.data.on_invalid == "error":
         raise TunepipeError(error_summary(bad, layout),
                             hint=f"fix those rows, or set data.on_invalid: drop to skip them (they are kept in "
                                  f"{layout.reports / REJECTED}); every error is listed in {layout.reports / REPORT}")
     for name, result in results.items():
-        if not result.rows:
+        if not result.valid:
             raise TunepipeError(f"dataset {name!r}: no valid rows left out of {result.rows_read} "
                                 f"(see {layout.reports / REPORT})")
-    write_rejected(layout.reports / REJECTED, results)
-    write_validated(layout.validated, stage, splits, {name: r.rows for name, r in results.items()},
-                    {name: {"kind": r.kind, "num_samples": r.entry.num_samples} for name, r in results.items()})
-    for name, result in results.items():
-        log.info("%s: %d rows valid, %d dropped", name, len(result.rows), len(result.invalid))
-    return report
 
 
-def validate_dataset(entry: DatasetEntry, stage: str, dataset_dir: Path) -> DatasetResult:
+def validate_dataset(entry: DatasetEntry, stage: str, dataset_dir: Path, sinks: Sinks) -> DatasetResult:
     kind = entry.kind(stage)
     needed = KINDS_FOR_STAGE[stage]
     if kind != needed:
@@ -92,18 +116,43 @@ def validate_dataset(entry: DatasetEntry, stage: str, dataset_dir: Path) -> Data
                             hint=KIND_HINT[needed])
     mapper = Mapper(entry, kind)
     result = DatasetResult(entry, kind)
+    sinks.validated.open(entry.name)
     for path, shown in zip(entry.files, _relative_files(entry, dataset_dir)):
-        raw_rows = read_rows(path, entry.file_type, str(dataset_dir / shown))
-        check_columns(mapper, raw_rows, str(dataset_dir / shown))
-        result.rows_read += len(raw_rows)
-        for raw in tqdm(raw_rows, desc=f"validate {entry.name}", unit="row", disable=None, mininterval=2):
-            check_raw_row(mapper, raw, result)
+        validate_file(mapper, read_rows(path, entry.file_type, str(dataset_dir / shown)), str(dataset_dir / shown),
+                      result, sinks)
     if result.rows_read == 0:
         raise TunepipeError(f"dataset {entry.name!r}: {entry.describe_files(dataset_dir)} holds no rows")
     return result
 
 
-def check_raw_row(mapper: Mapper, raw: RawRow, result: DatasetResult) -> None:
+def validate_file(mapper: Mapper, raw_rows: Iterator[RawRow], shown: str, result: DatasetResult,
+                  sinks: Sinks) -> None:
+    """Check a file's rows as they are read. A column the kind needs (or the entry names) that
+    no row has is one error, not one per row: the first 1000 rows name the columns found, and
+    a needed column missing from them is looked for in every later row."""
+    head = list(itertools.islice(raw_rows, 1000))
+    keys: set = set()
+    for raw in head:
+        if isinstance(raw.data, dict):
+            keys.update(raw.data)
+    missing = missing_columns(mapper, keys) if keys else {}
+    progress = tqdm(desc=f"validate {mapper.entry.name}", unit="row", disable=None, mininterval=2)
+    with progress:
+        for raw in itertools.chain(head, raw_rows):
+            result.rows_read += 1
+            if missing and isinstance(raw.data, dict):
+                missing = {logical: column for logical, column in missing.items() if column not in raw.data}
+            check_raw_row(mapper, raw, result, sinks)
+            progress.update()
+    if missing:
+        logical, column = next(iter(missing.items()))
+        raise TunepipeError(
+            f"dataset {mapper.entry.name!r}: {shown}: column {column!r} ({logical}) is missing from every row; "
+            f"columns found: {', '.join(sorted(map(str, keys)))}",
+            hint=f"map it in dataset_info.json: \"columns\": {{\"{logical}\": \"<column name>\"}}")
+
+
+def check_raw_row(mapper: Mapper, raw: RawRow, result: DatasetResult, sinks: Sinks) -> None:
     if raw.error is not None:
         problems = [{"pointer": "", "message": raw.error}]
     elif not isinstance(raw.data, dict):
@@ -114,37 +163,27 @@ def check_raw_row(mapper: Mapper, raw: RawRow, result: DatasetResult) -> None:
         if not found:
             row = mapper.canonical(view)
             row["_source"] = f"{raw.file}:{raw.index}"
-            result.rows.append(row)
+            sinks.validated.add(mapper.entry.name, row)
+            result.valid += 1
             return
         problems = [problem_record(mapper, raw.data, p) for p in found]
     record = {"file": raw.file, "row": raw.index, **({"line": raw.line} if raw.line is not None else {}),
               **problems[0]}
     if len(problems) > 1:
         record["other_errors"] = problems[1:]
-    result.invalid.append(record)
+    result.invalid_count += 1
+    if len(result.invalid) < ERRORS_IN_FULL:
+        result.invalid.append(record)
     kept = {"data": raw.data} if raw.error is None else {"raw_text": raw.raw_text}
-    result.rejected.append({"dataset": result.entry.name, **record, **kept})
+    sinks.rejected.write(sinks.dumps({"dataset": result.entry.name, **record, **kept}, ensure_ascii=False) + "\n")
 
 
-def check_columns(mapper: Mapper, raw_rows: list[RawRow], shown: str) -> None:
-    """A column the kind needs (or the entry names) that no row has is one error, not one per row."""
-    keys: set = set()
-    for raw in raw_rows[:1000]:
-        if isinstance(raw.data, dict):
-            keys.update(raw.data)
-    if not keys:
-        return
+def missing_columns(mapper: Mapper, keys: set) -> dict[str, str]:
+    """The needed columns (logical name -> column) that none of `keys` names, in the order checked."""
     entry = mapper.entry
     wanted = [c for c in mapper.required if c in entry.columns]
     wanted += [c for c in sorted(entry.user_columns) if c not in wanted and c in _used_columns(mapper)]
-    for logical in wanted:
-        column = entry.columns[logical]
-        if column in keys or any(isinstance(r.data, dict) and column in r.data for r in raw_rows):
-            continue
-        raise TunepipeError(
-            f"dataset {entry.name!r}: {shown}: column {column!r} ({logical}) is missing from every row; "
-            f"columns found: {', '.join(sorted(map(str, keys)))}",
-            hint=f"map it in dataset_info.json: \"columns\": {{\"{logical}\": \"<column name>\"}}")
+    return {logical: entry.columns[logical] for logical in wanted if entry.columns[logical] not in keys}
 
 
 def _used_columns(mapper: Mapper) -> set[str]:
@@ -157,13 +196,13 @@ def build_report(cfg: Config, splits: dict, results: dict[str, DatasetResult], d
     return {"stage": cfg.train.stage, "on_invalid": cfg.data.on_invalid,
             "train": splits["train"], "eval": splits["eval"],
             "rows_read": sum(r.rows_read for r in results.values()),
-            "valid": sum(len(r.rows) for r in results.values()),
-            "invalid": sum(len(r.invalid) for r in results.values()),
+            "valid": sum(r.valid for r in results.values()),
+            "invalid": sum(r.invalid_count for r in results.values()),
             "datasets": {name: r.summary(dataset_dir) for name, r in results.items()}}
 
 
 def error_summary(bad: dict[str, DatasetResult], layout: Layout) -> str:
-    total = sum(len(r.invalid) for r in bad.values())
+    total = sum(r.invalid_count for r in bad.values())
     lines = [f"{total} invalid row{'s' if total != 1 else ''} in {', '.join(bad)} (data.on_invalid: error)"]
     shown = [rec for r in bad.values() for rec in r.invalid][:ERRORS_SHOWN]
     for rec in shown:
@@ -172,11 +211,6 @@ def error_summary(bad: dict[str, DatasetResult], layout: Layout) -> str:
     if total > len(shown):
         lines.append(f"  ... and {total - len(shown)} more")
     return "\n".join(lines)
-
-
-def write_rejected(path: Path, results: dict[str, DatasetResult]) -> None:
-    lines = [json.dumps(rec, ensure_ascii=False) for r in results.values() for rec in r.rejected]
-    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def _relative_files(entry: DatasetEntry, dataset_dir: Path) -> list[str]:

@@ -14,6 +14,7 @@ import json
 import re
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class ValidatedWriter:
         self._stack = ExitStack()
         self._dumps = json.dumps
 
-    def __enter__(self) -> ValidatedWriter:
+    def __enter__(self) -> Self:
         self.tmp = self._stack.enter_context(atomic_dir(self.target))
         return self
 
