@@ -95,7 +95,8 @@ def test_the_graph_sees_the_packages_modules():
     assert {"tunepipe.cli", "tunepipe.data.tokenize", "tunepipe.train", "tunepipe.evaluate.run",
             "tunepipe.export.merge", "tunepipe.tracking.tracker"} <= set(MODULES)
     assert "tunepipe.train.launch" in GRAPH["tunepipe.train"]
-    assert "tunepipe.data.encoding" in GRAPH["tunepipe.data.tokenize"]
+    assert "tunepipe.data.chunks" in GRAPH["tunepipe.data.tokenize"]
+    assert "tunepipe.data.encoding" in GRAPH["tunepipe.data.chunks"]
 
 
 def test_no_import_circles():
