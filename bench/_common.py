@@ -18,7 +18,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 LF_DEMO = REPO.parent / "shared" / "datasets" / "llamafactory-demo"
-TUNEPIPE_PYTHON = REPO / ".venv" / "bin" / "python"
+TUNEPIPE_PYTHON = Path(os.environ.get("TUNEPIPE_PYTHON", REPO / ".venv" / "bin" / "python"))
 LF_PYTHON = Path(os.environ.get("LF_VENV", BENCH / ".lf-venv")) / "bin" / "python"
 LF_DRIVER = BENCH / "lf_driver.py"
 DEFAULT_WORK = BENCH / ".cache"
@@ -63,13 +63,25 @@ def repeated_alpaca_dir(parent: Path, times: int) -> tuple[Path, str, int]:
     Returns (folder, dataset name, row count). Built in a temporary folder: the shared
     file is only read.
     """
-    rows = json.loads((LF_DEMO / "alpaca_en_demo.json").read_text(encoding="utf-8"))
-    folder = parent / f"alpaca_x{times}"
+    count = len(json.loads((LF_DEMO / "alpaca_en_demo.json").read_text(encoding="utf-8")))
+    folder, name, _ = alpaca_rows_dir(parent, count * times)
+    return folder, name, count * times
+
+
+def alpaca_rows_dir(parent: Path, rows: int) -> tuple[Path, str, int]:
+    """A data folder holding `rows` rows of alpaca_en_demo.json (repeated, then cut) as one JSON
+    array, written row by row (a 2M-row file never exists as one string here)."""
+    source = json.loads((LF_DEMO / "alpaca_en_demo.json").read_text(encoding="utf-8"))
+    encoded = [json.dumps(row, ensure_ascii=False) for row in source]
+    folder = parent / f"alpaca_{rows}"
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"alpaca_en_demo_x{times}"
-    (folder / f"{name}.json").write_text(json.dumps(rows * times, ensure_ascii=False), encoding="utf-8")
+    name = f"alpaca_en_demo_{rows}"
+    with open(folder / f"{name}.json", "w", encoding="utf-8") as handle:
+        handle.write("[")
+        handle.writelines(("," if i else "") + encoded[i % len(encoded)] for i in range(rows))
+        handle.write("]")
     (folder / "dataset_info.json").write_text(json.dumps({name: {"file_name": f"{name}.json"}}), encoding="utf-8")
-    return folder, name, len(rows) * times
+    return folder, name, rows
 
 
 def child_env(extra: dict | None = None) -> dict:
@@ -87,6 +99,7 @@ class Measured:
     max_rss_mib: float
     result: dict
     log: Path
+    tree_rss_mib: float = 0.0  # peak of the summed PSS of the process and all its descendants, sampled
 
 
 def run_measured(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> Measured:
@@ -99,15 +112,60 @@ def run_measured(cmd: list[str], log: Path, env: dict | None = None, cwd: Path |
     with open(log, "w", encoding="utf-8") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(env),
                                 cwd=str(cwd or REPO))
-        # wait4 gives this child's own rusage (its maxrss includes waited-for grandchildren).
+        sampler = TreeSampler(proc.pid)
+        sampler.start()
+        # wait4 gives this child's own rusage; its maxrss is the largest single process among it
+        # and its waited-for descendants, not their sum: the sampler gives the sum.
         _, status, usage = os.wait4(proc.pid, 0)
+        sampler.stop()
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     result = {}
     for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
         if line.startswith(RESULT_PREFIX):
             result = json.loads(line[len(RESULT_PREFIX):])
-    return Measured(proc.returncode, wall, usage.ru_maxrss / 1024, result, log)
+    return Measured(proc.returncode, wall, usage.ru_maxrss / 1024, result, log, sampler.peak / 2**20)
+
+
+class TreeSampler:
+    """Samples the summed proportional set size (PSS: resident memory, a page shared by k
+    processes counting 1/k in each) of a process and its descendants every 0.1 s, worker
+    processes included: what the whole tree holds in RAM. (Summed RSS would count the
+    copy-on-write pages forked workers share with their parent once per process.)"""
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        import threading
+
+        self.pid, self.interval, self.peak = pid, interval, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while not self._done.is_set():
+            total = 0
+            try:
+                for proc in [root, *root.children(recursive=True)]:
+                    try:
+                        total += proc.memory_full_info().pss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                return
+            self.peak = max(self.peak, total)
+            self._done.wait(self.interval)
 
 
 def require_ok(name: str, measured: Measured) -> None:

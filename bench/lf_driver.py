@@ -39,8 +39,18 @@ def tokenize(args: dict) -> dict:
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     train = dataset_module["train_dataset"]
-    tokens = sum(len(ids) for ids in train["input_ids"])
+    tokens = arrow_tokens(train)
     return {"seconds": round(seconds, 3), "cpu_s": round(cpu, 3), "rows_out": len(train), "tokens": tokens}
+
+
+def arrow_tokens(dataset) -> int:
+    """Total input_ids length from the Arrow offsets (no Python lists: this must not add to peak RSS)."""
+    import pyarrow.compute as pc
+
+    column = dataset.data.column("input_ids")
+    if dataset._indices is not None:  # a selected / shuffled view: count through the indices
+        column = column.take(dataset._indices.column(0))
+    return int(pc.sum(pc.list_value_length(column)).as_py() or 0)
 
 
 def train(args: dict) -> dict:
