@@ -178,3 +178,18 @@ def test_overrides_flat_and_grouped_with_checks(tmp_path):
 def test_quantization_needs_lora(tmp_path):
     with pytest.raises(TunepipeError, match="quantization_bit"):
         load_config(write(tmp_path, "quantization_bit: 4\nfinetuning_type: full\n"))
+
+
+def test_llamafactory_streaming_keys_map_to_the_streaming_data_stages(tmp_path):
+    cfg = load_config(write(tmp_path, """\
+        dataset: identity
+        streaming: true
+        buffer_size: 128
+        max_steps: 10
+        preprocessing_num_workers: 3
+        preprocessing_batch_size: 64
+        """))
+    assert cfg.data.streaming and cfg.data.buffer_size == 128 and cfg.train.max_steps == 10
+    assert cfg.data.preprocessing_num_workers == 3 and cfg.data.preprocessing_batch_size == 64
+    with pytest.raises(TunepipeError, match="streaming=true needs train.max_steps"):
+        load_config(write(tmp_path, "dataset: identity\nstreaming: true\n"))
