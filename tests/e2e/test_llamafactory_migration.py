@@ -143,7 +143,7 @@ def test_the_tutorial_workflow_trains_predicts_chats_and_merges(tmp_path, tiny_m
     train_yaml = write(tmp_path / "lora_sft.yaml", TRAIN_YAML.format(output_dir=train_dir, **fill))
     assert tunepipe(["train", str(train_yaml)]) == 0
     said = messages(caplog)
-    assert "ignoring operational LLaMA-Factory key preprocessing_num_workers" in said
+    assert "ignoring operational LLaMA-Factory key ddp_timeout" in said
     assert "enable_liger_kernel: Liger kernels run on a CUDA GPU only" in said
     meta = json.loads((train_dir / "data" / "tokenized" / "meta.json").read_text())
     assert meta["template"] == "qwen" and meta["cutoff_len"] == 4096
