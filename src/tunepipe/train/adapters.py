@@ -93,13 +93,15 @@ def _save_pissa_start(peft_model, snapshot: Path) -> None:
     setattr(peft_model, PISSA_INIT_ATTR, str(snapshot))
 
 
-def save_adapter(peft_model, out_dir: str | Path) -> None:
-    """PEFT-format adapter (safetensors + adapter_config.json) for the original base model."""
+def save_adapter(peft_model, out_dir: str | Path, state_dict=None) -> None:
+    """PEFT-format adapter (safetensors + adapter_config.json) for the original base model;
+    `state_dict`: the full weights gathered from a sharded model (PEFT picks the adapter's)."""
     snapshot = getattr(peft_model, PISSA_INIT_ATTR, None)
     if snapshot is None:
-        peft_model.save_pretrained(str(out_dir))
+        peft_model.save_pretrained(str(out_dir), state_dict=state_dict)
         return
-    peft_model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=snapshot)
+    peft_model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=snapshot,
+                               state_dict=state_dict)
 
 
 def discard_pissa_snapshot(peft_model) -> None:

@@ -38,8 +38,9 @@ from tunepipe.layout import Layout
 log = logging.getLogger(__name__)
 
 LAUNCHED_ENV = "TUNEPIPE_LAUNCHED"
-# Accelerate's distributed types that need GPUs (every type but MULTI_CPU / NO).
-_CPU_TYPES = {"MULTI_CPU", "NO"}
+# Accelerate's distributed types that run on CPU: FSDP2 shards over gloo (see sharding.py);
+# the others (MULTI_GPU, DEEPSPEED, ...) need GPUs.
+_CPU_TYPES = {"MULTI_CPU", "NO", "FSDP"}
 
 
 def in_launched_process() -> bool:

@@ -66,13 +66,14 @@ def loss_points(log_history: list[dict]) -> list[tuple[int, float]]:
 
 
 def write_outputs(cfg: Config, layout: Layout, model, tokenizer, summary: dict,
-                  log_history: list[dict], tracker=None) -> Path:
-    """Write every train-stage output; returns the trained dir."""
+                  log_history: list[dict], tracker=None, state_dict=None) -> Path:
+    """Write every train-stage output; returns the trained dir. `state_dict`: the full weights
+    gathered from a sharded (FSDP / DeepSpeed) model, saved instead of the model's own shards."""
     trained = layout.trained(cfg.train.finetuning_type)
     unused = layout.full if trained == layout.adapter else layout.adapter
     points = loss_points(log_history)
     with atomic_dir(trained) as tmp:
-        save_weights(model, tmp, cfg.train.finetuning_type)
+        save_weights(model, tmp, cfg.train.finetuning_type, state_dict)
         tokenizer.save_pretrained(str(tmp))
         write_record(tmp, cfg, tracker)
         if cfg.train.plot_loss:
@@ -88,13 +89,13 @@ def write_outputs(cfg: Config, layout: Layout, model, tokenizer, summary: dict,
     return trained
 
 
-def save_weights(model, out_dir: Path, finetuning_type: str) -> None:
+def save_weights(model, out_dir: Path, finetuning_type: str, state_dict=None) -> None:
     if finetuning_type == "lora":
         from tunepipe.train.adapters import save_adapter
 
-        save_adapter(model, out_dir)
+        save_adapter(model, out_dir, state_dict)
         return
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True, state_dict=state_dict)
 
 
 def write_record(out_dir: Path, cfg: Config, tracker) -> None:

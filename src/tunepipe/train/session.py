@@ -16,6 +16,7 @@ from collections.abc import Callable
 from tunepipe.config import Config
 from tunepipe.layout import Layout
 from tunepipe.train.outputs import LOSS_CSV, LOSS_PNG, TRAIN_METRICS, train_summary, write_outputs
+from tunepipe.train.sharding import gathered_state_dict
 from tunepipe.train.trainer_setup import ProgressBar, resume_checkpoint, training_arguments
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,10 @@ def run_session(cfg: Config, layout: Layout, model, tokenizer, has_eval: bool,
     try:
         result = trainer.train(resume_from_checkpoint=resume)
         summary = train_summary(result, trainer.state, progress.tokens_at_start)
+        state_dict = gathered_state_dict(trainer)  # FSDP / DeepSpeed: every rank takes part
         if trainer.is_world_process_zero():
             trained = write_outputs(cfg, layout, trainer.model, tokenizer, summary,
-                                    trainer.state.log_history, tracker)
+                                    trainer.state.log_history, tracker, state_dict=state_dict)
             log_results(tracker, layout, trained, summary)
         trainer.accelerator.wait_for_everyone()
     except BaseException:

@@ -16,6 +16,7 @@ from tunepipe.config_loader import load_config
 from tunepipe.errors import guarded
 from tunepipe.layout import Layout
 from tunepipe.train import run_train
+from tunepipe.train.sharding import prepare_launched_process
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    prepare_launched_process()
     run_train(cfg, Layout.at(args.root or cfg.train.output_dir))
     return 0
 
