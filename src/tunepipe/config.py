@@ -220,6 +220,14 @@ class TrainConfig:
     """Processes to launch through accelerate (DDP); 1 trains in-process."""
     accelerate_config: Optional[str] = None
     """accelerate config file (FSDP / DeepSpeed), e.g. configs/accelerate/fsdp.yaml."""
+    num_machines: int = 1
+    """Machines (nodes) of a multi-node run; num_processes counts the processes of all of them."""
+    machine_rank: int = 0
+    """This machine's rank in a multi-node run (0 prepares the data and writes the outputs)."""
+    main_process_ip: Optional[str] = None
+    """Address of machine 0, where the processes meet (needed when num_machines > 1)."""
+    main_process_port: int = 29500
+    """Port on machine 0 where the processes meet."""
     pref_beta: float = 0.1
     """Preference temperature beta (DPO / ORPO / SimPO / KTO)."""
     pref_ftx: float = 0.0
@@ -253,6 +261,18 @@ class TrainConfig:
         _require(not (self.bf16 and self.fp16), "train", "fp16", self.fp16, "bf16 and fp16 are exclusive")
         _require(self.save_total_limit is None or self.save_total_limit >= 1, "train",
                  "save_total_limit", self.save_total_limit, "must be >= 1")
+        self._check_machines()
+
+    def _check_machines(self) -> None:
+        _require(self.num_machines >= 1, "train", "num_machines", self.num_machines, "must be >= 1")
+        _require(0 <= self.machine_rank < self.num_machines, "train", "machine_rank", self.machine_rank,
+                 f"must be in 0..{self.num_machines - 1} (num_machines={self.num_machines})")
+        _require(self.num_processes % self.num_machines == 0, "train", "num_processes", self.num_processes,
+                 f"counts the processes of all {self.num_machines} machines: a multiple of num_machines")
+        _require(self.num_machines == 1 or bool(self.main_process_ip), "train", "main_process_ip",
+                 self.main_process_ip, "a multi-node run needs the address of machine 0")
+        _require(1 <= self.main_process_port <= 65535, "train", "main_process_port",
+                 self.main_process_port, "must be a TCP port")
 
     @property
     def alpha(self) -> int:

@@ -167,6 +167,13 @@ def run_train_pipeline(cfg: Config, layout: Layout) -> None:
     check_precision(cfg.train)  # refuse fp16 without a GPU now, not after tokenizing
     refuse_adapter_to_continue(cfg)
     log.info("writing under %s", layout.root)
+    if cfg.train.machine_rank > 0:
+        # multi-node on shared storage: machine 0 prepares the data; this machine's ranks
+        # wait for it when they join the process group (tunepipe.train.sharding)
+        log.info("== train (machine %d of %d: data prepared by machine 0) ==",
+                 cfg.train.machine_rank, cfg.train.num_machines)
+        step("train")(cfg, layout)
+        return
     ensure_base_model(cfg.model, layout.base_model)
     for name in ("validate", "tokenize", "train"):
         log.info("== %s ==", name)

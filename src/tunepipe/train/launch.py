@@ -12,6 +12,10 @@ as the accelerate config says).
   CUDA the processes talk over gloo on CPU (ACCELERATE_USE_CPU makes accelerate choose gloo:
   without it each CPU process would train alone).
 - an accelerate config: `accelerate launch --config_file F [--num_processes N]`.
+- several machines (`train.num_machines > 1`): the same command runs on each machine with
+  its `train.machine_rank`; torchrun gets `--nnodes/--node_rank/--master_addr/--master_port`
+  (static rendezvous on machine 0), accelerate `--num_machines/--machine_rank/--main_process_ip/
+  --main_process_port`. `train.num_processes` counts the processes of all machines.
 
 Started by hand, `python -m tunepipe.train.worker CONFIG [k=v ...] [--root DIR]` is the train step
 alone, for launchers run on each machine of a multi-node job (see the README).
@@ -49,7 +53,8 @@ def in_launched_process() -> bool:
 
 
 def should_relaunch(cfg: Config) -> bool:
-    wants_launcher = cfg.train.num_processes > 1 or cfg.train.accelerate_config is not None
+    train = cfg.train
+    wants_launcher = train.num_processes > 1 or train.accelerate_config is not None or train.num_machines > 1
     return wants_launcher and not in_launched_process()
 
 
@@ -70,15 +75,26 @@ def relaunch_train(cfg: Config, layout: Layout) -> None:
 
 
 def launcher_command(cfg: Config, config_file: Path, root: Path) -> list[str]:
+    train = cfg.train
     entry = ["-m", "tunepipe.train.worker", str(config_file), "--root", str(Path(root).resolve())]
-    if cfg.train.accelerate_config is not None:
-        accelerate_file = check_accelerate_config(cfg.train.accelerate_config)
+    if train.accelerate_config is not None:
+        accelerate_file = check_accelerate_config(train.accelerate_config)
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_file)]
-        if cfg.train.num_processes > 1:
-            command += ["--num_processes", str(cfg.train.num_processes)]
+        if train.num_processes > 1 or train.num_machines > 1:
+            command += ["--num_processes", str(train.num_processes)]
+        if train.num_machines > 1:
+            command += ["--num_machines", str(train.num_machines), "--machine_rank", str(train.machine_rank),
+                        "--main_process_ip", train.main_process_ip, "--main_process_port",
+                        str(train.main_process_port)]
         return command + entry
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc_per_node", str(cfg.train.num_processes), *entry]
+    per_machine = str(train.num_processes // train.num_machines)
+    if train.num_machines == 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", per_machine,
+                *entry]
+    # static rendezvous: every machine names machine 0's address and its own rank
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(train.num_machines),
+            "--node_rank", str(train.machine_rank), "--nproc_per_node", per_machine,
+            "--master_addr", train.main_process_ip, "--master_port", str(train.main_process_port), *entry]
 
 
 def check_accelerate_config(path: str) -> Path:

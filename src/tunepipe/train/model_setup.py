@@ -43,9 +43,12 @@ def load_base_for_training(cfg: Config, layout: Layout, quantize: bool = True):
 
 
 def _default_device() -> str:
+    """This rank's device: each launched process (DDP, FSDP) loads onto its own GPU."""
+    import os
+
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
 
 
 def base_config(cfg: Config, layout: Layout):

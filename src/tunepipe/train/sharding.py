@@ -37,18 +37,20 @@ def ram_efficient_loading() -> bool:
 
 
 def prepare_launched_process() -> None:
-    """In a launched rank: keep FSDP on a CPU run and start the process group now, so that
-    transformers' RAM-efficient loading (which needs it) applies when the model loads."""
+    """In a launched rank: keep FSDP on a CPU run, and join the process group before anything
+    reads the data or the model. Joining waits for every rank, so the ranks of other machines
+    (whose parents skip data preparation) read the shards only once machine 0 has written them;
+    and transformers' RAM-efficient loading under FSDP needs the group when the model loads."""
     import torch
 
     if "WORLD_SIZE" not in os.environ:
         return
     if fsdp_requested() and not torch.cuda.is_available():
         enable_fsdp_on_cpu()
-    if fsdp_requested():
-        from accelerate import PartialState
+    from accelerate import PartialState
 
-        PartialState(cpu=not torch.cuda.is_available())  # init_process_group (gloo on CPU)
+    # the Trainer would create this same state later (gloo on CPU, nccl on GPUs)
+    PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
 def enable_fsdp_on_cpu() -> None:

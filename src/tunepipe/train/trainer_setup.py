@@ -32,7 +32,8 @@ RESUME_KEY = "tunepipe_resume.json"
 # other values of these is still a valid starting point.
 NOT_TRAJECTORY = {"output_dir", "overwrite_output_dir", "logging_steps", "save_steps", "save_total_limit",
                   "eval_strategy", "eval_steps", "per_device_eval_batch_size", "plot_loss",
-                  "resume_from_checkpoint", "restore_callback_states_from_checkpoint", "do_train"}
+                  "resume_from_checkpoint", "restore_callback_states_from_checkpoint", "do_train",
+                  "num_machines", "machine_rank", "main_process_ip", "main_process_port"}
 # model.* keys the train stage reads (the base model itself is identified by its manifest)
 MODEL_KEYS = ("quantization_bit", "quantization_type", "double_quantization", "flash_attn", "trust_remote_code")
 
