@@ -73,6 +73,47 @@ def test_accelerate_config_launch(plain_env, tmp_path, monkeypatch):
     assert command[command.index("--num_processes") + 1] == "4"
 
 
+def test_multi_node_torchrun_command(plain_env, tmp_path):
+    cfg = load_config(None, ["train.num_processes=16", "train.num_machines=2", "train.machine_rank=1",
+                             "train.main_process_ip=10.0.0.1", "train.main_process_port=29501"])
+    assert should_relaunch(cfg)
+    command = launcher_command(cfg, tmp_path / "c.yaml", tmp_path)
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--standalone" not in command
+    options = dict(zip(command[3:13:2], command[4:13:2]))
+    assert options == {"--nnodes": "2", "--node_rank": "1", "--nproc_per_node": "8",
+                       "--master_addr": "10.0.0.1", "--master_port": "29501"}
+    # one process on each of two machines still relaunches
+    assert should_relaunch(load_config(None, ["train.num_processes=2", "train.num_machines=2",
+                                              "train.main_process_ip=127.0.0.1"]))
+
+
+def test_multi_node_accelerate_command(plain_env, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_config(None, ["train.num_processes=4", "train.num_machines=2", "train.machine_rank=0",
+                             "train.main_process_ip=10.0.0.1", "train.accelerate_config=configs/accelerate/fsdp.yaml"])
+    command = launcher_command(cfg, tmp_path / "c.yaml", tmp_path)
+    tail = command[command.index("--num_processes"):command.index("-m", 3)]
+    assert tail == ["--num_processes", "4", "--num_machines", "2", "--machine_rank", "0",
+                    "--main_process_ip", "10.0.0.1", "--main_process_port", "29500"]
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.num_machines=2", "train.num_processes=3", "train.main_process_ip=h"], "train.num_processes"),
+    (["train.num_machines=2", "train.num_processes=2"], "train.main_process_ip"),
+    (["train.num_machines=2", "train.num_processes=2", "train.main_process_ip=h", "train.machine_rank=2"],
+     "train.machine_rank"),
+])
+def test_multi_node_settings_are_checked(overrides, key):
+    with pytest.raises(TunepipeError, match=key):
+        load_config(None, overrides)
+
+
+def test_fsdp_runs_on_cpu_and_other_gpu_configs_are_refused(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with mock.patch("tunepipe.train.launch._has_cuda", return_value=False):
+        assert check_accelerate_config("configs/accelerate/fsdp.yaml").name == "fsdp.yaml"  # FSDP2 over gloo
+
+
 def test_gpu_accelerate_config_on_a_cpu_machine_is_a_clear_error(monkeypatch):
     monkeypatch.chdir(REPO)
     with mock.patch("tunepipe.train.launch._has_cuda", return_value=False), \

@@ -190,6 +190,8 @@ class TrainConfig:
     """transformers optimizer name."""
     bf16: bool = False
     """Train with bfloat16 autocast."""
+    pure_bf16: bool = False
+    """Store the frozen weights in bfloat16 (trained ones stay float32) and train with bf16 autocast."""
     fp16: bool = False
     """Train with float16 autocast (needs a GPU)."""
     enable_liger_kernel: bool = False
@@ -259,6 +261,7 @@ class TrainConfig:
                  self.dpo_label_smoothing, "must be in [0, 0.5)")
         _require(self.max_grad_norm >= 0, "train", "max_grad_norm", self.max_grad_norm, "must be >= 0")
         _require(not (self.bf16 and self.fp16), "train", "fp16", self.fp16, "bf16 and fp16 are exclusive")
+        _require(not (self.pure_bf16 and self.fp16), "train", "fp16", self.fp16, "pure_bf16 and fp16 are exclusive")
         _require(self.save_total_limit is None or self.save_total_limit >= 1, "train",
                  "save_total_limit", self.save_total_limit, "must be >= 1")
         self._check_machines()
@@ -273,6 +276,11 @@ class TrainConfig:
                  self.main_process_ip, "a multi-node run needs the address of machine 0")
         _require(1 <= self.main_process_port <= 65535, "train", "main_process_port",
                  self.main_process_port, "must be a TCP port")
+
+    @property
+    def bf16_compute(self) -> bool:
+        """bf16 autocast: `bf16`, or `pure_bf16` (which also stores the frozen weights in bf16)."""
+        return self.bf16 or self.pure_bf16
 
     @property
     def alpha(self) -> int:

@@ -35,20 +35,20 @@ def has_cuda() -> bool:
 
 def check_precision(train: TrainConfig) -> None:
     """bf16 / fp16 only where the device runs them; a clear error otherwise."""
-    if not (train.fp16 or train.bf16):
+    if not (train.fp16 or train.bf16_compute):
         return
     cuda = has_cuda()
     if train.fp16 and not cuda:
         raise TunepipeError("train.fp16=true needs a CUDA GPU and this machine has none "
                             "(CPU autocast has no float16 path)",
                             hint="use bf16: true instead (CPU autocast runs bfloat16), or neither")
-    if train.bf16 and cuda:
+    if train.bf16_compute and cuda:
         import torch
 
         if not torch.cuda.is_bf16_supported():
             raise TunepipeError(f"train.bf16=true: {torch.cuda.get_device_name(0)} has no bfloat16 support",
                                 hint="use fp16: true on this GPU")
-    if train.bf16 and not cuda and not _cpu_has_bf16():
+    if train.bf16_compute and not cuda and not _cpu_has_bf16():
         log.warning("train.bf16 on a CPU without AVX512-BF16 / AMX: bfloat16 matmuls are emulated "
                     "and usually slower than float32 here")
 

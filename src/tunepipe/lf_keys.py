@@ -46,7 +46,6 @@ NOOP_VALUES: dict[str, object] = {
     "use_llama_pro": False,
     "use_adam_mini": False,
     "use_muon": False,
-    "pure_bf16": False,
     "create_new_adapter": False,
     "disable_gradient_checkpointing": True,
     "low_cpu_mem_usage": True,

@@ -34,6 +34,10 @@ def build_trainable_model(cfg: Config, layout: Layout):
 def load_base_for_training(cfg: Config, layout: Layout, quantize: bool = True):
     """The base causal LM with the chosen attention kernel (and bitsandbytes quantization)."""
     kwargs = {"attn_implementation": attention_implementation(cfg.model, base_config(cfg, layout))}
+    if cfg.train.pure_bf16:
+        # frozen weights stay bf16 (half the memory, no per-step cast under autocast);
+        # apply_finetuning / PEFT keep the trained ones in float32
+        kwargs["dtype"] = "bfloat16"
     if quantize and cfg.model.quantization_bit is not None:
         kwargs["quantization_config"] = quantization_config(cfg.model, cfg.train)
         kwargs["device_map"] = {"": _default_device()}
@@ -98,7 +102,7 @@ def softcaps_attention(model_config) -> bool:
 def compute_dtype(train: TrainConfig):
     import torch
 
-    return torch.bfloat16 if train.bf16 else torch.float16 if train.fp16 else torch.float32
+    return torch.bfloat16 if train.bf16_compute else torch.float16 if train.fp16 else torch.float32
 
 
 def quantization_config(model_cfg: ModelConfig, train: TrainConfig):

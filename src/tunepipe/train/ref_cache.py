@@ -53,7 +53,7 @@ def cache_key(base_dir: str | Path, dataset, columns: tuple[str, ...], cfg) -> s
         "dtype": base_dtype(base_dir),
         "quantization": [cfg.model.quantization_bit, cfg.model.quantization_type,
                          cfg.model.double_quantization],
-        "autocast": "bf16" if cfg.train.bf16 else "fp16" if cfg.train.fp16 else "none",
+        "autocast": "bf16" if cfg.train.bf16_compute else "fp16" if cfg.train.fp16 else "none",
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -120,8 +120,8 @@ def precompute_reference(cfg, layout, model, splits, collator, columns: tuple[st
     device = PartialState().device  # this process's training device (its GPU under DDP)
     if cfg.model.quantization_bit is None:  # bitsandbytes placed quantized weights already
         model.to(device)
-    if cfg.train.bf16 or cfg.train.fp16:
-        dtype = torch.bfloat16 if cfg.train.bf16 else torch.float16
+    if cfg.train.bf16_compute or cfg.train.fp16:
+        dtype = torch.bfloat16 if cfg.train.bf16_compute else torch.float16
 
         def autocast():
             return torch.autocast(device.type, dtype=dtype)

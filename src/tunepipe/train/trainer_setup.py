@@ -67,7 +67,7 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
         max_grad_norm=train.max_grad_norm,
         weight_decay=train.weight_decay,
         optim=train.optim,
-        bf16=train.bf16,
+        bf16=train.bf16_compute,
         fp16=train.fp16,
         activation_checkpointing=train.gradient_checkpointing,  # transformers 5's name for it
         activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
