@@ -114,6 +114,14 @@ def test_fsdp_runs_on_cpu_and_other_gpu_configs_are_refused(monkeypatch):
         assert check_accelerate_config("configs/accelerate/fsdp.yaml").name == "fsdp.yaml"  # FSDP2 over gloo
 
 
+def test_deepspeed_on_cpu_uses_its_cpu_accelerator_not_accelerate_cpu_mode():
+    with mock.patch("tunepipe.train.launch._has_cuda", return_value=False), \
+            mock.patch.dict(os.environ, {}, clear=False):
+        os.environ.pop("DS_ACCELERATOR", None)
+        env = child_env(deepspeed=True)
+    assert env["DS_ACCELERATOR"] == "cpu" and "ACCELERATE_USE_CPU" not in env
+
+
 def test_gpu_accelerate_config_on_a_cpu_machine_is_a_clear_error(monkeypatch):
     monkeypatch.chdir(REPO)
     with mock.patch("tunepipe.train.launch._has_cuda", return_value=False), \
@@ -142,8 +150,8 @@ def test_accelerate_configs_build_their_plugins(path):
     with mock.patch.dict(os.environ, env):
         if path.name == "fsdp.yaml":
             assert FullyShardedDataParallelPlugin().fsdp_version == 2
-        elif path.name == "deepspeed_zero2.yaml":
-            assert DeepSpeedPlugin().zero_stage == 2
+        elif path.name.startswith("deepspeed_zero"):
+            assert DeepSpeedPlugin().zero_stage == int(path.stem[-1])
         else:
             assert path.name == "ddp.yaml" and args.multi_gpu
 

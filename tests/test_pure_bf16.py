@@ -12,8 +12,8 @@ import csv
 
 import pytest
 import torch
-from tests.fixtures.train_runs import tiny_run
 
+from tests.fixtures.train_runs import tiny_run
 from tunepipe.config import Config, ModelConfig, TrainConfig
 from tunepipe.layout import Layout
 from tunepipe.modeling import prepare_base_model

@@ -219,7 +219,7 @@ class TrainConfig:
     restore_callback_states_from_checkpoint: bool = False
     """Restore callback states (e.g. early stopping) when resuming."""
     num_processes: int = 1
-    """Processes to launch through accelerate (DDP); 1 trains in-process."""
+    """Processes to launch (torchrun / accelerate), all machines together; 1 trains in-process."""
     accelerate_config: Optional[str] = None
     """accelerate config file (FSDP / DeepSpeed), e.g. configs/accelerate/fsdp.yaml."""
     num_machines: int = 1

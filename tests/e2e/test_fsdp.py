@@ -1,9 +1,11 @@
-"""FSDP2 on CPU (gloo) and a 2-node run, through `train.accelerate_config` / `train.num_machines`.
+"""FSDP2 and DeepSpeed ZeRO-2/3 on CPU (gloo) and a 2-node run, through `train.accelerate_config`
+/ `train.num_machines`.
 
 The reference is one process with accumulation 8 over 8 rows (one optimizer step per epoch).
 2 processes x accumulation 4 make the same steps, so with the same seed FSDP (LoRA) and two
 "nodes" of one process each (torchrun --nnodes 2, rendezvous on 127.0.0.1) must reproduce its
-loss per step and its adapter (float32). tests/e2e/test_ddp.py shows that one node with 2
+loss per step and its adapter (float32); so must DeepSpeed ZeRO-2 and ZeRO-3 (DeepSpeed's CPU
+accelerator). tests/e2e/test_ddp.py shows that one node with 2
 processes matches the same reference, so the 2-node run equals the 1-node one too.
 FSDP+QLoRA and FSDP full fine-tuning must each leave one ordinary output: a PEFT adapter that
 loads on the unquantized base, an HF model dir that loads with every weight present.
@@ -82,6 +84,17 @@ def test_fsdp_lora_matches_one_process_with_doubled_accumulation(config, one_pro
     run_train_pipeline(load_config(config, [f"train.accelerate_config={FSDP}", "train.num_processes=2",
                                             "train.gradient_accumulation_steps=4"]), fsdp)
     assert_same_training(fsdp, one_process)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_lora_matches_one_process_with_doubled_accumulation(config, one_process, tmp_path, stage):
+    pytest.importorskip("deepspeed")
+    zero = Layout.at(tmp_path)
+    accelerate_config = REPO / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml"
+    run_train_pipeline(load_config(config, [f"train.accelerate_config={accelerate_config}",
+                                            "train.num_processes=2", "train.gradient_accumulation_steps=4"]), zero)
+    assert_same_training(zero, one_process)
+    assert (zero.checkpoints / "checkpoint-3" / "global_step3").is_dir()  # DeepSpeed's engine saved it
 
 
 def free_port() -> int:

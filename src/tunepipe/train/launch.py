@@ -24,6 +24,7 @@ alone, for launchers run on each machine of a multi-node job (see the README).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
 import shutil
@@ -42,9 +43,9 @@ from tunepipe.layout import Layout
 log = logging.getLogger(__name__)
 
 LAUNCHED_ENV = "TUNEPIPE_LAUNCHED"
-# Accelerate's distributed types that run on CPU: FSDP2 shards over gloo (see sharding.py);
-# the others (MULTI_GPU, DEEPSPEED, ...) need GPUs.
-_CPU_TYPES = {"MULTI_CPU", "NO", "FSDP"}
+# Accelerate's distributed types that run on CPU: FSDP2 shards over gloo (see sharding.py),
+# DeepSpeed runs its CPU accelerator over gloo; the others (MULTI_GPU, ...) need GPUs.
+_CPU_TYPES = {"MULTI_CPU", "NO", "FSDP", "DEEPSPEED"}
 
 
 def in_launched_process() -> bool:
@@ -65,7 +66,8 @@ def relaunch_train(cfg: Config, layout: Layout) -> None:
         config_file = dump_config(cfg, scratch / "config.yaml")
         command = launcher_command(cfg, config_file, layout.root)
         log.info("launching %d training processes: %s", cfg.train.num_processes, " ".join(command))
-        done = subprocess.run(command, env=child_env(), check=False, preexec_fn=_die_with_parent())
+        env = child_env(deepspeed=distributed_type(cfg) == "DEEPSPEED")
+        done = subprocess.run(command, env=env, check=False, preexec_fn=_die_with_parent())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if done.returncode != 0:
@@ -97,9 +99,30 @@ def launcher_command(cfg: Config, config_file: Path, root: Path) -> list[str]:
             "--master_addr", train.main_process_ip, "--master_port", str(train.main_process_port), *entry]
 
 
+def distributed_type(cfg: Config) -> str | None:
+    """The accelerate config's distributed_type (upper case), None without one."""
+    if cfg.train.accelerate_config is None:
+        return None
+    return _read_distributed_type(Path(cfg.train.accelerate_config))
+
+
 def check_accelerate_config(path: str) -> Path:
     """The accelerate config must exist, parse, and ask only for devices this machine has."""
     file = Path(path)
+    kind = _read_distributed_type(file)
+    if kind not in _CPU_TYPES and not _has_cuda():
+        raise TunepipeError(
+            f"{path}: distributed_type {kind} needs GPUs and this machine has none",
+            hint="on CPU, use configs/accelerate/fsdp.yaml or a DeepSpeed config, or leave "
+                 "train.accelerate_config unset and set train.num_processes (DDP over gloo)")
+    if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise TunepipeError(f"{path}: a DeepSpeed config needs the deepspeed package",
+                            hint="pip install 'tunepipe[deepspeed]' (or deepspeed)")
+    return file
+
+
+def _read_distributed_type(file: Path) -> str:
+    path = str(file)
     if not file.is_file():
         raise TunepipeError(f"train.accelerate_config={path!r}: file not found",
                             hint="see configs/accelerate/ for DDP, FSDP and DeepSpeed examples")
@@ -110,11 +133,7 @@ def check_accelerate_config(path: str) -> Path:
     kind = str(settings.get("distributed_type", "")).upper() if isinstance(settings, dict) else ""
     if not kind:
         raise TunepipeError(f"{path}: an accelerate config needs a distributed_type")
-    if kind not in _CPU_TYPES and not _has_cuda():
-        raise TunepipeError(
-            f"{path}: distributed_type {kind} needs GPUs and this machine has none",
-            hint="on CPU, leave train.accelerate_config unset and set train.num_processes (DDP over gloo)")
-    return file
+    return kind
 
 
 def _has_cuda() -> bool:
@@ -123,9 +142,15 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def child_env() -> dict[str, str]:
+def child_env(deepspeed: bool = False) -> dict[str, str]:
     env = dict(os.environ, **{LAUNCHED_ENV: "1"})
-    if not _has_cuda():
+    if _has_cuda():
+        return env
+    if deepspeed:
+        # accelerate drops DeepSpeed under ACCELERATE_USE_CPU; DeepSpeed's own CPU accelerator
+        # (gloo without oneCCL) runs it instead
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    else:
         env["ACCELERATE_USE_CPU"] = "true"  # accelerate then sets up gloo, not one lone process each
     return env
 

@@ -65,6 +65,8 @@ def plain_output_head(model) -> torch.nn.Linear | None:
                          for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
     if type(head) is not torch.nn.Linear or changes_logits:
         return None
+    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3: the weight is only whole inside the head's forward
+        return None
     return head
 
 
