@@ -19,6 +19,16 @@ class TunepipeError(Exception):
         super().__init__(message if hint is None else f"{message}\nhint: {hint}")
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGTERM / SIGINT after saving what it had; the message says where.
+
+    A KeyboardInterrupt, so no `except Exception` on the way up mistakes it for a failure."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        self.exit_code = exit_code
+        super().__init__(message)
+
+
 def guarded(fn, debug: bool = False) -> int:
     """Run `fn`; print user errors as `error: ...` (exit 2), tracebacks only with --debug.
 
@@ -33,9 +43,9 @@ def guarded(fn, debug: bool = False) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
 
 
 def stage_main(fn) -> None:

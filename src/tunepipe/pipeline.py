@@ -23,6 +23,7 @@ from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import read_json
 from tunepipe.layout import Layout
 from tunepipe.modeling import ensure_base_model
+from tunepipe.run_lock import hold_run_lock
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +158,10 @@ def _read_or_none(path) -> dict | None:
 
 
 def train_command(args) -> int:
-    """validate -> tokenize -> train, all under train.output_dir."""
+    """validate -> tokenize -> train, all under train.output_dir (one run at a time there)."""
     cfg, layout = cli_config(args)
-    run_train_pipeline(cfg, layout)
+    with hold_run_lock(layout.root):
+        run_train_pipeline(cfg, layout)
     return 0
 
 

@@ -12,12 +12,17 @@ simpo), `kto`, `rm`; `model_setup` + `adapters` build the model, `collate` + `va
 
 from __future__ import annotations
 
+import logging
+
 from tunepipe.config import Config
 from tunepipe.devices import check_precision
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
+from tunepipe.run_lock import hold_run_lock
 from tunepipe.train import dpo, kto, rm, sft
-from tunepipe.train.launch import relaunch_train, should_relaunch
+from tunepipe.train.launch import in_launched_process, relaunch_train, should_relaunch
+
+log = logging.getLogger(__name__)
 
 # train.stage -> the objective's train(cfg, layout); sft and continued pretraining share one.
 TRAINERS = {
@@ -29,11 +34,36 @@ TRAINERS = {
 
 def run_train(cfg: Config, layout: Layout) -> dict | None:
     """Train `train.stage` on the shards under `layout`; returns the metrics/train.json summary
-    (None in the parent of a multi-process launch, whose children wrote it)."""
+    (None in the parent of a multi-process launch, whose children wrote it).
+
+    Holds the output dir's run lock (a launched process runs under its parent's), and
+    returns at once when this very run already finished and its outputs are untouched."""
     check_precision(cfg.train)  # before a model load or a launch spends time
-    if should_relaunch(cfg):
-        relaunch_train(cfg, layout)
-        return None
+    if in_launched_process():
+        return _train_here(cfg, layout)
+    with hold_run_lock(layout.root):
+        done = _finished(cfg, layout)
+        if done is not None:
+            return done
+        if should_relaunch(cfg):
+            relaunch_train(cfg, layout)
+            return None
+        return _train_here(cfg, layout)
+
+
+def _finished(cfg: Config, layout: Layout) -> dict | None:
+    from tunepipe.tracking.tags import data_fingerprint
+    from tunepipe.train.checkpoints import finished_summary
+
+    summary = finished_summary(cfg, layout, data_fingerprint(layout.tokenized))
+    if summary is not None:
+        log.info(
+            "already trained: %s steps with this config and data, outputs unchanged; nothing to do "
+            "(overwrite_output_dir: true trains again)", summary.get("steps"))
+    return summary
+
+
+def _train_here(cfg: Config, layout: Layout) -> dict:
     trainer = TRAINERS.get(cfg.train.stage)
     if trainer is None:
         raise TunepipeError(f"train.stage={cfg.train.stage!r} is not available",

@@ -99,9 +99,22 @@ def save_adapter(peft_model, out_dir: str | Path, state_dict=None) -> None:
     snapshot = getattr(peft_model, PISSA_INIT_ATTR, None)
     if snapshot is None:
         peft_model.save_pretrained(str(out_dir), state_dict=state_dict)
-        return
-    peft_model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=snapshot,
-                               state_dict=state_dict)
+    else:
+        peft_model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=snapshot,
+                                   state_dict=state_dict)
+    sort_module_lists(Path(out_dir) / "adapter_config.json")
+
+
+def sort_module_lists(config_file: Path) -> None:
+    """PEFT keeps target_modules as a set and writes it in hash order, which changes from one
+    process to the next; sorted, the same training writes the same adapter_config.json bytes."""
+    import json
+
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def discard_pissa_snapshot(peft_model) -> None:

@@ -29,7 +29,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +38,8 @@ import yaml
 from tunepipe.config import GROUPS, Config
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
+from tunepipe.train.checkpoints import checkpoints_newest_first
+from tunepipe.train.preemption import interrupted, relay_signals
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,15 @@ def relaunch_train(cfg: Config, layout: Layout) -> None:
         command = launcher_command(cfg, config_file, layout.root)
         log.info("launching %d training processes: %s", cfg.train.num_processes, " ".join(command))
         env = child_env(deepspeed=distributed_type(cfg) == "DEEPSPEED")
-        done = subprocess.run(command, env=env, check=False, preexec_fn=_die_with_parent())
+        returncode, received = relay_signals(command, env=env, preexec_fn=_die_with_parent())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if done.returncode != 0:
+    if received is not None:  # the ranks saved a checkpoint at one step and stopped
+        saved = checkpoints_newest_first(layout.checkpoints)
+        raise interrupted(received, f"saved {saved[0] if saved else 'no checkpoint'}")
+    if returncode != 0:
         raise TunepipeError(f"the {cfg.train.num_processes} training processes failed "
-                            f"(launcher exit code {done.returncode}); their log is above",
+                            f"(launcher exit code {returncode}); their log is above",
                             hint="rerun with train.num_processes=1 to see the error in one process")
 
 

@@ -6,6 +6,9 @@ For the preference trainers: build the model and datasets, then call
 with those TrainingArguments and callbacks. The session resumes from the last matching
 checkpoint, opens the MLflow run, trains, writes every output and closes the run
 (FAILED when training raised; a tracking failure itself never stops training).
+SIGTERM / SIGINT save a checkpoint at the current step and stop (`preemption.py`); every
+checkpoint gets a manifest of its files (`checkpoints.py`); a run resumed from its final
+checkpoint trains nothing and writes the outputs from that checkpoint.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from collections.abc import Callable
 
 from tunepipe.config import Config
 from tunepipe.layout import Layout
+from tunepipe.train.checkpoints import CheckpointManifest, is_last_step, record_finished, resume_checkpoint
 from tunepipe.train.outputs import LOSS_CSV, LOSS_PNG, TRAIN_METRICS, train_summary, write_outputs
+from tunepipe.train.preemption import StopOnSignal
 from tunepipe.train.sharding import gathered_state_dict
-from tunepipe.train.trainer_setup import ProgressBar, resume_checkpoint, training_arguments
+from tunepipe.train.trainer_setup import ProgressBar, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -33,25 +38,54 @@ def run_session(cfg: Config, layout: Layout, model, tokenizer, has_eval: bool,
     resume = resume_checkpoint(cfg, layout, data_fingerprint(layout.tokenized))
     args = training_arguments(cfg, layout, has_eval)
     tracker = Tracker.start(cfg, layout)
-    progress = ProgressBar()
-    trainer = make_trainer(args, [progress, tracker.callback()])
+    progress, stopper = ProgressBar(), StopOnSignal()
+    trainer = make_trainer(args, [progress, tracker.callback(), CheckpointManifest(), stopper])
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the logs
     try:
-        result = trainer.train(resume_from_checkpoint=resume)
-        summary = train_summary(result, trainer.state, progress.tokens_at_start)
+        if resume and is_last_step(resume):
+            summary = summary_from_checkpoint(trainer, resume)
+        else:
+            with stopper.installed():
+                result = trainer.train(resume_from_checkpoint=resume)
+            stopper.raise_if_stopped(layout.checkpoints, trainer.state.max_steps)
+            summary = train_summary(result, trainer.state, progress.tokens_at_start)
         state_dict = gathered_state_dict(trainer)  # FSDP / DeepSpeed: every rank takes part
         if trainer.is_world_process_zero():
             trained = write_outputs(cfg, layout, trainer.model, tokenizer, summary,
                                     trainer.state.log_history, tracker, state_dict=state_dict)
+            record_finished(cfg, layout, trained)
             log_results(tracker, layout, trained, summary)
         trainer.accelerator.wait_for_everyone()
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as exc:
+        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         _discard_pissa_snapshot(trainer.model)
     tracker.end("FINISHED")
     return summary
+
+
+def summary_from_checkpoint(trainer, checkpoint: str) -> dict:
+    """The run's final checkpoint, loaded instead of trained: its outputs were lost (a run
+    killed while writing them, or deleted), the weights and history are all in the checkpoint."""
+    from pathlib import Path
+
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    from tunepipe.train.checkpoints import STATE
+
+    log.info("%s is the run's final step: nothing to train, writing the outputs from it", checkpoint)
+    trainer._load_from_checkpoint(checkpoint)  # the Trainer's own loader (adapter, full, sharded)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / STATE))
+    state = trainer.state
+    points = [(entry["step"], entry["loss"]) for entry in state.log_history if "loss" in entry]
+    # the mean loss over all steps, from the logged per-interval means
+    weighted, previous = 0.0, 0
+    for step, loss in points:
+        weighted, previous = weighted + loss * (step - previous), step
+    result = TrainOutput(state.global_step, weighted / previous if previous else 0.0, {"train_runtime": 0.0})
+    return train_summary(result, state, state.num_input_tokens_seen)
 
 
 def log_results(tracker, layout: Layout, trained, summary: dict) -> None:

@@ -1,41 +1,25 @@
-"""transformers' Trainer configured from `train.*`: arguments, precision, resume, progress.
+"""transformers' Trainer configured from `train.*`: arguments, precision, progress.
 
 For the preference trainers: `training_arguments(cfg, layout, has_eval)` gives the
 TrainingArguments (checkpoints in `layout.checkpoints`, LLaMA-Factory knob names mapped,
 our own progress bar, no transformers reporting: tracking is `tunepipe.tracking.tracker`);
-`resume_checkpoint(cfg, layout)` says which checkpoint to resume from; `ProgressBar` and
-`optimizer_for(model, cfg.train)` go to the Trainer. `session.run_session` ties them together.
+`ProgressBar` and `optimizer_for(model, cfg.train)` go to the Trainer; which checkpoint a run
+resumes from is `checkpoints.py`. `session.run_session` ties them together.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import shutil
 import time
-from dataclasses import asdict
-from pathlib import Path
 
 from transformers import TrainerCallback
 
 from tunepipe.config import Config, TrainConfig
 from tunepipe.devices import liger_kernel
 from tunepipe.errors import TunepipeError
-from tunepipe.io_utils import read_json, write_json_atomic
 from tunepipe.layout import Layout
 
 log = logging.getLogger(__name__)
-
-RESUME_KEY = "tunepipe_resume.json"
-# train.* keys that do not change the optimisation trajectory: a checkpoint written under
-# other values of these is still a valid starting point.
-NOT_TRAJECTORY = {"output_dir", "overwrite_output_dir", "logging_steps", "save_steps", "save_total_limit",
-                  "eval_strategy", "eval_steps", "per_device_eval_batch_size", "plot_loss",
-                  "resume_from_checkpoint", "restore_callback_states_from_checkpoint", "do_train",
-                  "num_machines", "machine_rank", "main_process_ip", "main_process_port"}
-# model.* keys the train stage reads (the base model itself is identified by its manifest)
-MODEL_KEYS = ("quantization_bit", "quantization_type", "double_quantization", "flash_attn", "trust_remote_code")
 
 
 def _has_gpu() -> bool:
@@ -95,80 +79,6 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
         liger_kernel_config={"fused_linear_cross_entropy": False, "cross_entropy": False},
         **extra,
     )
-
-
-# ---------------------------------------------------------------------------- resume
-
-
-def run_key(cfg: Config, layout: Layout, data_fingerprint: str | None) -> str:
-    """What a checkpoint must share with this run to be resumed: the base model, the model
-    and trajectory knobs, and the data (fingerprint of the tokenized shards)."""
-    from tunepipe.modeling import MANIFEST
-
-    manifest = layout.base_model / MANIFEST
-    train = {k: v for k, v in asdict(cfg.train).items() if k not in NOT_TRAJECTORY}
-    model = {k: getattr(cfg.model, k) for k in MODEL_KEYS}
-    payload = json.dumps({"base": manifest.read_text(encoding="utf-8") if manifest.is_file() else None,
-                          "model": model, "train": train, "data": data_fingerprint},
-                         sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def resume_checkpoint(cfg: Config, layout: Layout, data_fingerprint: str | None) -> str | None:
-    """The checkpoint to continue from, or None to start fresh (stale checkpoints removed).
-
-    Default (`resume_from_checkpoint` unset): the last checkpoint in `checkpoints/` when it
-    was written by a run with the same model, trajectory knobs and data; a path resumes from
-    that checkpoint; `false` or `overwrite_output_dir: true` always start over."""
-    train, folder = cfg.train, layout.checkpoints
-    wanted = train.resume_from_checkpoint
-    if isinstance(wanted, str):
-        if not (Path(wanted) / "trainer_state.json").is_file():
-            raise TunepipeError(f"train.resume_from_checkpoint={wanted!r}: not a checkpoint dir "
-                                "(no trainer_state.json)")
-        return wanted
-    key = run_key(cfg, layout, data_fingerprint)
-    last = last_complete_checkpoint(folder)
-    recorded = _recorded_key(folder)
-    if last and wanted is not False and not train.overwrite_output_dir and recorded == key:
-        log.info("resuming from %s", last)
-        return last
-    if wanted is True:
-        raise TunepipeError(f"train.resume_from_checkpoint=true: no checkpoint of this run in {folder}")
-    if last:
-        why = "overwrite requested" if (wanted is False or train.overwrite_output_dir) else \
-            "they belong to a run with other params or data"
-        log.info("not resuming from %s (%s): starting over", folder, why)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / RESUME_KEY, {"run_key": key})
-    return None
-
-
-def last_complete_checkpoint(folder: Path) -> str | None:
-    """The newest checkpoint the Trainer finished writing (trainer_state.json is its last
-    file); half-written ones, left by a run killed while saving, are removed."""
-    if not folder.is_dir():
-        return None
-    steps = {}
-    for path in folder.glob("checkpoint-*"):
-        if path.is_dir() and path.name.split("-", 1)[1].isdigit():
-            steps[int(path.name.split("-", 1)[1])] = path
-    complete = None
-    for step in sorted(steps, reverse=True):
-        if (steps[step] / "trainer_state.json").is_file():
-            complete = complete or steps[step]
-        else:
-            log.info("removing incomplete checkpoint %s", steps[step])
-            shutil.rmtree(steps[step], ignore_errors=True)
-    return str(complete) if complete else None
-
-
-def _recorded_key(folder: Path) -> str | None:
-    try:
-        return read_json(folder / RESUME_KEY).get("run_key")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 # ---------------------------------------------------------------------------- progress
