@@ -7,6 +7,10 @@ Everything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+
+# a write failed for want of space: the disk, the user's quota, or the file-size limit
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 class TunepipeError(Exception):
     """An error the user can fix; the message names the file, row, key or path."""
@@ -29,6 +33,24 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(message)
 
 
+def disk_full_cause(exc: BaseException | None) -> OSError | None:
+    """The out-of-space OSError behind `exc` (itself or in its cause / context chain), or None."""
+    import os
+    import re
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return exc
+        # Rust writers (safetensors, tokenizers) raise their own types, naming the errno in the text
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found and int(found.group(1)) in DISK_FULL_ERRNOS:
+            return OSError(int(found.group(1)), os.strerror(int(found.group(1))))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def guarded(fn, debug: bool = False) -> int:
     """Run `fn`; print user errors as `error: ...` (exit 2), tracebacks only with --debug.
 
@@ -43,6 +65,13 @@ def guarded(fn, debug: bool = False) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if debug or disk_full_cause(exc) is None:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"error: out of disk space{where}: {exc.strerror}\nhint: free some space and run the same "
+              "command again (finished steps and checkpoints are kept)", file=sys.stderr)
+        return TunepipeError.exit_code
     except KeyboardInterrupt as exc:
         print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
         return getattr(exc, "exit_code", 130)

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tunepipe.errors import TunepipeError, disk_full_cause
+
 
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
@@ -26,10 +28,20 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp.chmod(0o777 & ~current_umask())
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(exc, target)
         raise
     replace_path(tmp, target)
+
+
+def raise_if_disk_full(exc: BaseException, target: Path) -> None:
+    """A write that failed for want of space becomes a TunepipeError naming what was being written."""
+    full = disk_full_cause(exc)
+    if full is not None:
+        raise TunepipeError(f"out of disk space writing {target} ({full.strerror}); nothing was left there",
+                            hint="free some space (or raise the file-size limit) and run the same command "
+                                 "again") from exc
 
 
 def current_umask() -> int:
@@ -53,10 +65,15 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise_if_disk_full(exc, path)
+        raise
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -85,7 +85,24 @@ def _client(resolved_uri: str):
     from mlflow import MlflowClient
 
     _quiet_mlflow()
-    return MlflowClient(tracking_uri=resolved_uri)
+    with _store_creation_lock(resolved_uri):
+        return MlflowClient(tracking_uri=resolved_uri)
+
+
+def _store_creation_lock(resolved_uri: str):
+    """Opening a sqlite store creates and migrates its tables; two processes doing it at the same
+    moment collide ("table experiments already exists", alembic row mismatches) and one loses
+    its tracking. A file lock beside the .db file makes them take turns; other stores need none."""
+    import contextlib
+
+    prefix = "sqlite:///"
+    if not resolved_uri.startswith(prefix) or resolved_uri.startswith(prefix + ":memory:"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    db_file = Path(resolved_uri[len(prefix):])
+    db_file.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(db_file) + ".lock", timeout=600)
 
 
 def _experiment_id(client, name: str, resolved_uri: str) -> str:

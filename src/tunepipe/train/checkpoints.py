@@ -97,7 +97,17 @@ def damage(checkpoint: Path) -> str | None:
 
 
 class CheckpointManifest(TrainerCallback):
-    """After each checkpoint save: record its files (sizes + sha256) as its last file."""
+    """After each checkpoint save: record its files (sizes + sha256) as its last file.
+
+    Also knows when a save is under way (the Trainer saves right after `on_step_end` asked
+    for it, and calls `on_save` when done), so that a failure there can be told apart from
+    one in training: see `save_failed`. Put it after every callback that sets `should_save`."""
+
+    def __init__(self):
+        self.saving: Path | None = None  # the checkpoint being written, between step end and on_save
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.saving = Path(args.output_dir) / f"checkpoint-{state.global_step}" if control.should_save else None
 
     def on_save(self, args, state, control, **kwargs):
         import torch.distributed as dist
@@ -107,6 +117,29 @@ class CheckpointManifest(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and checkpoint.is_dir():
             write_manifest(checkpoint)
+        self.saving = None
+
+
+def save_failed(checkpoint: Path, exc: BaseException) -> TunepipeError:
+    """A checkpoint save that raised (a full disk, most often): the half-written checkpoint is
+    removed, and the error says what the next run will resume from."""
+    from tunepipe.errors import disk_full_cause
+
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    full = disk_full_cause(exc)
+    free = shutil.disk_usage(checkpoint.parent).free if checkpoint.parent.is_dir() else 0
+    cause = f"out of disk space ({full.strerror})" if full else f"{type(exc).__name__}: {_first_line(exc)}"
+    kept = [c.name for c in checkpoints_newest_first(checkpoint.parent) if damage(c) is None]
+    resume = f"resumes from {kept[0]}" if kept else "starts from the beginning"
+    limits = "" if full else " (a quota or a file-size limit stops writes too)"
+    return TunepipeError(f"saving {checkpoint} failed: {cause}; {free / 2**20:,.0f} MiB free there{limits}. "
+                         "The partial checkpoint was removed.",
+                         hint=f"free some space and run the same command again: it {resume}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 # ---------------------------------------------------------------------------- resume

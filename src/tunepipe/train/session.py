@@ -18,7 +18,13 @@ from collections.abc import Callable
 
 from tunepipe.config import Config
 from tunepipe.layout import Layout
-from tunepipe.train.checkpoints import CheckpointManifest, is_last_step, record_finished, resume_checkpoint
+from tunepipe.train.checkpoints import (
+    CheckpointManifest,
+    is_last_step,
+    record_finished,
+    resume_checkpoint,
+    save_failed,
+)
 from tunepipe.train.outputs import LOSS_CSV, LOSS_PNG, TRAIN_METRICS, train_summary, write_outputs
 from tunepipe.train.preemption import StopOnSignal
 from tunepipe.train.sharding import gathered_state_dict
@@ -38,15 +44,15 @@ def run_session(cfg: Config, layout: Layout, model, tokenizer, has_eval: bool,
     resume = resume_checkpoint(cfg, layout, data_fingerprint(layout.tokenized))
     args = training_arguments(cfg, layout, has_eval)
     tracker = Tracker.start(cfg, layout)
-    progress, stopper = ProgressBar(), StopOnSignal()
-    trainer = make_trainer(args, [progress, tracker.callback(), CheckpointManifest(), stopper])
+    progress, stopper, manifest = ProgressBar(), StopOnSignal(), CheckpointManifest()
+    # the stopper asks for a save in on_step_end, so it goes before the manifest (see CheckpointManifest)
+    trainer = make_trainer(args, [progress, tracker.callback(), stopper, manifest])
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the logs
     try:
         if resume and is_last_step(resume):
             summary = summary_from_checkpoint(trainer, resume)
         else:
-            with stopper.installed():
-                result = trainer.train(resume_from_checkpoint=resume)
+            result = train_until_done_or_stopped(trainer, resume, stopper, manifest)
             stopper.raise_if_stopped(layout.checkpoints, trainer.state.max_steps)
             summary = train_summary(result, trainer.state, progress.tokens_at_start)
         state_dict = gathered_state_dict(trainer)  # FSDP / DeepSpeed: every rank takes part
@@ -57,12 +63,25 @@ def run_session(cfg: Config, layout: Layout, model, tokenizer, has_eval: bool,
             log_results(tracker, layout, trained, summary)
         trainer.accelerator.wait_for_everyone()
     except BaseException as exc:
+        progress.close()  # the error goes on a line of its own
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         _discard_pissa_snapshot(trainer.model)
     tracker.end("FINISHED")
     return summary
+
+
+def train_until_done_or_stopped(trainer, resume: str | None, stopper: StopOnSignal, manifest: CheckpointManifest):
+    """`Trainer.train` with SIGTERM / SIGINT turned into save-and-stop; a failed checkpoint save
+    becomes a TunepipeError (the half-written checkpoint removed)."""
+    try:
+        with stopper.installed():
+            return trainer.train(resume_from_checkpoint=resume)
+    except Exception as exc:
+        if manifest.saving is not None and manifest.saving.is_dir():
+            raise save_failed(manifest.saving, exc) from exc
+        raise
 
 
 def summary_from_checkpoint(trainer, checkpoint: str) -> dict:

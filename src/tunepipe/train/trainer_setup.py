@@ -133,6 +133,9 @@ class ProgressBar(TrainerCallback):
         self.bar.set_postfix(postfix, refresh=True)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
