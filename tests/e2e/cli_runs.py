@@ -55,9 +55,11 @@ def run_cli(*args: str, file_limit: int | None = None, timeout: float = 600) -> 
                           preexec_fn=file_size_limit(file_limit) if file_limit else None, check=False)
 
 
-def start_cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(command(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+def start_cli(*args: str, quiet: bool = False) -> subprocess.Popen:
+    """The run in the background; read its output with `communicate()` (`quiet`: discard it,
+    for a long run whose progress bar would fill the pipe)."""
+    out = subprocess.DEVNULL if quiet else subprocess.PIPE
+    return subprocess.Popen(command(*args), env=cli_env(), stdout=out, stderr=out, text=True)
 
 
 def adapter_weights(output_dir: Path) -> dict:
