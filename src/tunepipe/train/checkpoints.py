@@ -43,16 +43,28 @@ MODEL_KEYS = ("quantization_bit", "quantization_type", "double_quantization", "f
 
 def run_key(cfg: Config, layout: Layout, data_fingerprint: str | None) -> str:
     """What a checkpoint must share with this run to be resumed: the base model, the model
-    and trajectory knobs, and the data (fingerprint of the tokenized shards)."""
+    and trajectory knobs, the data (fingerprint of the tokenized shards) and tunepipe's code
+    (so that `dvc repro` after a code change trains with the new code, as DVC users expect)."""
     from tunepipe.modeling import MANIFEST as BASE_MANIFEST
 
     manifest = layout.base_model / BASE_MANIFEST
     train = {k: v for k, v in asdict(cfg.train).items() if k not in NOT_TRAJECTORY}
     model = {k: getattr(cfg.model, k) for k in MODEL_KEYS}
     payload = json.dumps({"base": manifest.read_text(encoding="utf-8") if manifest.is_file() else None,
-                          "model": model, "train": train, "data": data_fingerprint},
+                          "model": model, "train": train, "data": data_fingerprint, "code": code_fingerprint()},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def code_fingerprint() -> str:
+    """sha256 over the tunepipe package's Python sources (paths and bytes)."""
+    import tunepipe
+
+    package = Path(tunepipe.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- manifests
