@@ -1,13 +1,19 @@
-"""Atomic outputs: complete or absent, with the umask's usual modes."""
+"""Atomic outputs: complete or absent, with the umask's usual modes; out of space is a clear error;
+the run lock is re-entrant in its process and names its holder to others."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
-from tunepipe.io_utils import atomic_dir, write_json_atomic
+from tunepipe.errors import TunepipeError
+from tunepipe.io_utils import atomic_dir, hold_run_lock, write_json_atomic
 
 
 def mode(path):
@@ -35,3 +41,29 @@ def test_failed_atomic_dir_leaves_old_output_and_no_temp(tmp_path):
         raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert (target / "old.txt").read_text() == "old"
+
+
+def test_out_of_space_is_a_clear_error_and_leaves_nothing(tmp_path):
+    target = tmp_path / "shards"
+    full = pytest.raises(TunepipeError, match=f"out of disk space writing {target} .No space left on device.")
+    with full, atomic_dir(target):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(TunepipeError, match="File too large"), atomic_dir(target):
+        raise RuntimeError("Error while serializing: I/O error: File too large (os error 27)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_run_lock_is_reentrant_here_and_refuses_another_process(tmp_path):
+    code = ("import sys; from tunepipe.io_utils import hold_run_lock\n"
+            "from tunepipe.errors import guarded\n"
+            "def run():\n    with hold_run_lock(sys.argv[1]): pass\n"
+            "sys.exit(guarded(run))")
+    probe = [sys.executable, "-c", code, str(tmp_path)]
+    with hold_run_lock(tmp_path), hold_run_lock(tmp_path):  # nested in one process: fine
+        holder = json.loads((tmp_path / ".tunepipe.lock.json").read_text())
+        refused = subprocess.run(probe, capture_output=True, text=True, check=False)
+    assert holder["pid"] == os.getpid()
+    assert refused.returncode == 2
+    assert f"is in use by another tunepipe run: pid {os.getpid()} on {holder['host']}" in refused.stderr
+    assert not (tmp_path / ".tunepipe.lock.json").exists()
+    assert subprocess.run(probe, capture_output=True, check=False).returncode == 0  # released

@@ -33,7 +33,6 @@ def test_eval_strategy_without_an_eval_split_is_an_error(tmp_path):
         training_arguments(cfg_with(eval_strategy="steps"), Layout.at(tmp_path), has_eval=False)
 
 
-@pytest.mark.parametrize("change", ["learning_rate", "data", "overwrite", "false"])
 def test_bf16_arguments_build_on_a_cpu_only_machine(tmp_path):
     import torch
 

@@ -1,14 +1,27 @@
-"""Atomic outputs: every stage writes to a temporary sibling and renames it into place.
+"""Atomic outputs, and one run per output dir.
 
-A crash or an error therefore never leaves a half-written output for DVC to cache.
+Every stage writes to a temporary sibling and renames it into place (`atomic_dir`,
+`write_text_atomic`): a crash, an error or a full disk therefore never leaves a
+half-written output for DVC to cache; out of space is a TunepipeError naming the target.
+
+`hold_run_lock(root)` for as long as a run writes under `root`. The lock is `filelock`'s
+(flock on Linux / macOS): the kernel releases it when its process ends, however it ends,
+so a lock left by a killed run never blocks the next one. Beside it `.tunepipe.lock.json`
+names the holder (pid, host, start time, command) so that a second run is refused at once
+with a message saying who is running. The lock is re-entrant within a process (`tunepipe
+train` holds it over validate -> tokenize -> train, and the train step takes it again),
+which a second flock on the same file would not be.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,3 +95,58 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------- one run per output dir
+
+LOCK_FILE = ".tunepipe.lock"
+OWNER_FILE = ".tunepipe.lock.json"
+_held: dict[Path, int] = {}  # lock path -> nesting depth in this process
+
+
+@contextlib.contextmanager
+def hold_run_lock(root: str | Path) -> Iterator[None]:
+    """Hold `root`'s run lock; a TunepipeError naming the holder when another process has it."""
+    from filelock import FileLock, Timeout
+
+    root = Path(root).resolve()
+    path = root / LOCK_FILE
+    if path in _held:
+        _held[path] += 1
+        try:
+            yield
+        finally:
+            _held[path] -= 1
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise TunepipeError(f"{root} is in use by another tunepipe run: {holder(root)}",
+                            hint="wait for it to finish or stop it, or give this run another output_dir "
+                                 "(a run that was killed does not hold the lock)") from None
+    _held[path] = 1
+    try:
+        write_json_atomic(root / OWNER_FILE, owner())
+        yield
+    finally:
+        del _held[path]
+        with contextlib.suppress(OSError):
+            (root / OWNER_FILE).unlink()
+        lock.release()
+
+
+def owner() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+
+
+def holder(root: Path) -> str:
+    """The running process as its owner file names it."""
+    try:
+        info = read_json(root / OWNER_FILE)
+        return f"pid {info['pid']} on {info['host']}, started {info['started']} ({info['command']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that is still starting (no owner recorded yet)"

@@ -20,10 +20,9 @@ from tunepipe.config import Config
 from tunepipe.config_loader import load_config
 from tunepipe.devices import check_precision
 from tunepipe.errors import TunepipeError
-from tunepipe.io_utils import read_json
+from tunepipe.io_utils import hold_run_lock, read_json
 from tunepipe.layout import Layout
 from tunepipe.modeling import ensure_base_model
-from tunepipe.run_lock import hold_run_lock
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import logging
 from tunepipe.config import Config
 from tunepipe.devices import check_precision
 from tunepipe.errors import TunepipeError
+from tunepipe.io_utils import hold_run_lock
 from tunepipe.layout import Layout
-from tunepipe.run_lock import hold_run_lock
 from tunepipe.train import dpo, kto, rm, sft
 from tunepipe.train.launch import in_launched_process, relaunch_train, should_relaunch
 
