@@ -105,12 +105,18 @@ _held: dict[Path, int] = {}  # lock path -> nesting depth in this process
 
 
 @contextlib.contextmanager
-def hold_run_lock(root: str | Path) -> Iterator[None]:
-    """Hold `root`'s run lock; a TunepipeError naming the holder when another process has it."""
+def hold_run_lock(root: str | Path, machine_rank: int = 0) -> Iterator[None]:
+    """Hold `root`'s run lock; a TunepipeError naming the holder when another process has it.
+
+    Machines other than 0 of a multi-node run write into machine 0's output dir (shared
+    storage) under machine 0's lock, so they take none."""
     from filelock import FileLock, Timeout
 
     root = Path(root).resolve()
     path = root / LOCK_FILE
+    if machine_rank > 0:
+        yield
+        return
     if path in _held:
         _held[path] += 1
         try:

@@ -159,7 +159,7 @@ def _read_or_none(path) -> dict | None:
 def train_command(args) -> int:
     """validate -> tokenize -> train, all under train.output_dir (one run at a time there)."""
     cfg, layout = cli_config(args)
-    with hold_run_lock(layout.root):
+    with hold_run_lock(layout.root, cfg.train.machine_rank):
         run_train_pipeline(cfg, layout)
     return 0
 

@@ -41,7 +41,7 @@ def run_train(cfg: Config, layout: Layout) -> dict | None:
     check_precision(cfg.train)  # before a model load or a launch spends time
     if in_launched_process():
         return _train_here(cfg, layout)
-    with hold_run_lock(layout.root):
+    with hold_run_lock(layout.root, cfg.train.machine_rank):
         done = _finished(cfg, layout)
         if done is not None:
             return done
