@@ -159,14 +159,25 @@ def _read_or_none(path) -> dict | None:
 def train_command(args) -> int:
     """validate -> tokenize -> train, all under train.output_dir (one run at a time there)."""
     cfg, layout = cli_config(args)
+    train_preflight(cfg)  # before the run lock creates output_dir
     with hold_run_lock(layout.root, cfg.train.machine_rank):
-        run_train_pipeline(cfg, layout)
+        run_train_steps(cfg, layout)
     return 0
 
 
-def run_train_pipeline(cfg: Config, layout: Layout) -> None:
-    check_precision(cfg.train)  # refuse fp16 without a GPU now, not after tokenizing
+def train_preflight(cfg: Config) -> None:
+    """What can be refused without data: fp16 without a GPU, an adapter training would ignore."""
+    check_precision(cfg.train)
     refuse_adapter_to_continue(cfg)
+
+
+def run_train_pipeline(cfg: Config, layout: Layout) -> None:
+    """`tunepipe train` without the CLI's run lock: checks, then validate -> tokenize -> train."""
+    train_preflight(cfg)
+    run_train_steps(cfg, layout)
+
+
+def run_train_steps(cfg: Config, layout: Layout) -> None:
     log.info("writing under %s", layout.root)
     if cfg.train.machine_rank > 0:
         # multi-node on shared storage: machine 0 prepares the data; this machine's ranks
