@@ -2,7 +2,8 @@
 
 The run finishes its step, saves a checkpoint there, says where in one line and exits
 (128 + the signal); the same command run again resumes from that checkpoint and ends with
-the adapter an uninterrupted run produces.
+the adapter an uninterrupted run produces. With two processes (DDP over gloo) the signal
+reaches both ranks through `tunepipe train`, and they stop at the same step.
 """
 
 from __future__ import annotations
@@ -71,3 +72,30 @@ def test_a_signal_saves_a_checkpoint_and_the_rerun_ends_where_an_uninterrupted_r
     metrics = json.loads((out / "metrics" / "train.json").read_text())
     assert metrics["steps"] == 12
     assert metrics["tokens_seen"] == json.loads((uninterrupted / "metrics" / "train.json").read_text())["tokens_seen"]
+
+
+def test_sigterm_to_a_two_process_run_stops_every_rank_at_one_step(tmp_path, tiny_model_dir):
+    steps = {"max_steps": 8, "save_steps": 2, "num_processes": 2}
+    straight = tmp_path / "straight"
+    done = run_cli("train", str(write_config(tmp_path / "straight.yaml", tiny_model_dir, straight, **steps)))
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "train.yaml", tiny_model_dir, out, **steps)
+    code, stderr = signal_after_first_checkpoint(cfg, out, signal.SIGTERM)
+
+    assert code == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr  # the launcher saw no failure: the ranks exited cleanly
+    saved = checkpoint_steps(out)[-1]
+    assert 2 < saved < 8
+    said = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+    assert said == [(f"interrupted: SIGTERM: saved {out / 'checkpoints'}/checkpoint-{saved}; "
+                    "run the same command again to resume from it")]
+    assert stderr.count("saving a checkpoint at the end of this step") == 2  # both ranks
+
+    rerun = run_cli("train", str(cfg))
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming from {out / 'checkpoints'}/checkpoint-{saved}" in rerun.stderr
+    resumed, reference = adapter_weights(out), adapter_weights(straight)
+    for name in reference:
+        torch.testing.assert_close(resumed[name], reference[name], rtol=0, atol=1e-5, msg=name)
+    assert loss_steps(out) == loss_steps(straight) == list(range(1, 9))

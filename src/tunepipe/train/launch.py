@@ -38,7 +38,7 @@ import yaml
 from tunepipe.config import GROUPS, Config
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
-from tunepipe.train.checkpoints import checkpoints_newest_first
+from tunepipe.train.checkpoints import checkpoints_newest_first, read_record
 from tunepipe.train.preemption import interrupted, relay_signals
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,18 @@ def relaunch_train(cfg: Config, layout: Layout) -> None:
         returncode, received = relay_signals(command, env=env, preexec_fn=_die_with_parent())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    saved = checkpoints_newest_first(layout.checkpoints)
     if received is not None:  # the ranks saved a checkpoint at one step and stopped
-        saved = checkpoints_newest_first(layout.checkpoints)
         raise interrupted(received, f"saved {saved[0] if saved else 'no checkpoint'}")
     if returncode != 0:
         raise TunepipeError(f"the {cfg.train.num_processes} training processes failed "
                             f"(launcher exit code {returncode}); their log is above",
                             hint="rerun with train.num_processes=1 to see the error in one process")
+    if cfg.train.machine_rank == 0 and not (read_record(layout.checkpoints) or {}).get("finished"):
+        # they exit 0 when a signal sent to them alone stopped them (see worker.py)
+        raise TunepipeError(f"the training processes stopped before the end (a signal sent to them?): "
+                            f"saved {saved[0] if saved else 'no checkpoint'}",
+                            hint="run the same command again to resume from it")
 
 
 def launcher_command(cfg: Config, config_file: Path, root: Path) -> list[str]:

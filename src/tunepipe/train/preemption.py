@@ -10,14 +10,18 @@ same step (a rank that saved while another trained on would hang the collective)
 is reduced across ranks at each step end.
 
 In the parent of a multi-process launch `relay_signals` passes SIGTERM / SIGINT on to the
-launcher (started in its own session, so a Ctrl-C in the terminal reaches the workers once,
-through the launcher, not twice).
+training processes themselves, not to the launcher: torchrun / accelerate treat a signal as
+a failure (a traceback, then SIGKILL for workers still saving after their timeout). The
+launcher runs in its own session, so a Ctrl-C in the terminal reaches the workers once,
+through us. Launched workers that stopped this way exit 0 (`worker.py`); the parent, which
+knows it relayed a signal, reports it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -108,8 +112,9 @@ def relay_signals(command: list[str], **popen) -> tuple[int, int | None]:
 
     def forward(signum, frame):
         received.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            child.send_signal(signum)
+        for process in training_processes(child.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(process, signum)
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, forward) for sig in SIGNALS} if in_main else {}
@@ -119,3 +124,14 @@ def relay_signals(command: list[str], **popen) -> tuple[int, int | None]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return returncode, (received[0] if received else None)
+
+
+def training_processes(launcher_pid: int) -> list[int]:
+    """The launcher's descendants (the ranks), or the launcher itself before it started any."""
+    import psutil
+
+    try:
+        descendants = [p.pid for p in psutil.Process(launcher_pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    return descendants or [launcher_pid]

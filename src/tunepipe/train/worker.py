@@ -13,9 +13,10 @@ import os
 import sys
 
 from tunepipe.config_loader import load_config
-from tunepipe.errors import guarded
+from tunepipe.errors import Interrupted, guarded
 from tunepipe.layout import Layout
 from tunepipe.train import run_train
+from tunepipe.train.launch import LAUNCHED_ENV
 from tunepipe.train.sharding import prepare_launched_process
 
 
@@ -36,7 +37,14 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     prepare_launched_process()
-    run_train(cfg, Layout.at(args.root or cfg.train.output_dir))
+    try:
+        run_train(cfg, Layout.at(args.root or cfg.train.output_dir))
+    except Interrupted as stopped:
+        if os.environ.get(LAUNCHED_ENV) != "1":
+            raise
+        # launched by tunepipe: a clean exit keeps torchrun / accelerate from reporting a
+        # failure; the parent relayed the signal and says where the checkpoint is
+        logging.getLogger(__name__).info("%s", stopped)
     return 0
 
 
