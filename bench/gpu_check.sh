@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# GPU check: LoRA and 4-bit QLoRA SFT on the real SmolLM2-135M-Instruct, 30 steps in bf16,
-# through tunepipe, printing real tokens/s and peak GPU memory for each. Under 8 minutes on one H100.
+# GPU check: SFT on the real SmolLM2-135M-Instruct, 30 steps each, through tunepipe, printing one
+# table of real tokens/s and peak GPU memory. Rows: LoRA in float32, bf16, pure_bf16 (frozen
+# weights stored in bf16) and bf16 with Liger kernels (`enable_liger_kernel`; LoRA bf16 is the
+# "off" row), 4-bit QLoRA in bf16, and FSDP+QLoRA on one GPU (FSDP2 through
+# configs/accelerate/fsdp.yaml, one process; the launched rank's own metrics/train.json, as the
+# in-process probe cannot see a child process). About 6 minutes on one H100.
 #
 # The GPU machine has no network, so everything it lacks travels from here, in a folder that
 # git ignores (bench/.gpu/), split into bundles of at most ~55 MiB so each fits one transfer:
@@ -36,8 +40,9 @@ py="${PYTHON:-python3}"  # the GPU image's python3 holds torch
 # GPU_CHECK_STEPS=2): no wheel install, no CUDA check. Only for checking this script.
 dry="${GPU_CHECK_DRY:-0}"
 # Wheels the GPU image lacks; versions are the ones the project's CPU venv runs.
+# liger-kernel is pure Python (its Triton kernels compile on the GPU; the torch image has triton).
 wheels=(bitsandbytes==0.50.2 datasets==5.2.0 "dill>=0.3.0,<0.4.2" "multiprocess<0.70.20" trl==1.16.0
-        gguf==0.19.0 jsonschema==4.26.0 jsonschema-specifications referencing rpds-py)
+        gguf==0.19.0 jsonschema==4.26.0 jsonschema-specifications referencing rpds-py liger-kernel==0.8.5)
 
 prepare() {
   local venv_py="$repo/.venv/bin/python"
@@ -94,11 +99,11 @@ print(f"[gpu_check] python {sys.version.split()[0]}, torch {torch.__version__}, 
 PY
 }
 
-write_config() {  # $1 = name, $2 = extra YAML lines
+write_config() {  # $1 = name, $2 = extra YAML lines, $3 = bf16 (default true)
   # The dry run on a CPU trains in float32: without AVX512-BF16 / AMX a bfloat16 matmul is
   # ~60x slower than float32 there, and the rehearsal only checks this script's flow.
-  local bf16=true
-  [[ "$dry" == 1 ]] && bf16=false
+  local bf16="${3:-true}" extra="$2"
+  [[ "$dry" == 1 ]] && bf16=false && extra="${extra//pure_bf16: true/pure_bf16: false}"
   cat > "$work/$1.yaml" <<YAML
 model_name_or_path: $work/base
 stage: sft
@@ -118,7 +123,7 @@ bf16: $bf16
 output_dir: $work/$1
 overwrite_output_dir: true
 report_to: none
-$2
+$extra
 YAML
 }
 
@@ -154,31 +159,70 @@ run() {
   "$py" -m tunepipe.cli base-model "$work/convert.yaml"
   mv "$work/convert/models/base" "$work/base"
 
+  local qlora=$'quantization_bit: 4\nquantization_type: nf4\ndouble_quantization: true'
+  # FSDP on one GPU: fsdp.yaml with num_processes 1 (train.num_processes only overrides it when > 1)
+  sed 's/^num_processes: .*/num_processes: 1/' "$repo/configs/accelerate/fsdp.yaml" > "$work/fsdp-1gpu.yaml"
+  write_config lora-fp32 "" false
   write_config lora ""
-  write_config qlora $'quantization_bit: 4\nquantization_type: nf4\ndouble_quantization: true'
+  write_config lora-pure_bf16 "pure_bf16: true"
+  write_config lora-liger "enable_liger_kernel: true"
+  write_config qlora "$qlora"
+  write_config fsdp-qlora "$qlora"$'\n'"accelerate_config: $work/fsdp-1gpu.yaml"
   local results=()
-  for name in lora qlora; do
-    echo "[gpu_check] == $name: $steps steps, bf16 =="
+  for name in lora-fp32 lora lora-pure_bf16 lora-liger qlora; do
+    echo "[gpu_check] == $name: $steps steps =="
     "$py" -P "$here/tp_driver.py" train "$work/$name.yaml" 2>&1 | tee "$work/$name.log"
     results+=("$name $(grep '^BENCH_RESULT ' "$work/$name.log" | tail -1 | cut -d' ' -f2-)")
   done
+  echo "[gpu_check] == fsdp-qlora: $steps steps, FSDP2 on 1 GPU =="
+  "$py" -m tunepipe.cli train "$work/fsdp-qlora.yaml" 2>&1 | tee "$work/fsdp-qlora.log"
+  results+=("fsdp-qlora $(own_result "$work/fsdp-qlora")")
 
   echo
-  echo "| method | GPU | steps | real tokens | train s | real tokens/s | peak GPU MiB (allocated / reserved) | first loss |"
-  echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "[gpu_check] $("$py" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (dry run)")'); CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)"
+  echo "| method | precision | GPU | steps | real tokens | train s | real tokens/s | peak GPU MiB (allocated / reserved) | first loss |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   for line in "${results[@]}"; do
-    "$py" - "$line" <<'PY'
+    "$py" - "$line" "$work" <<'PY'
 import json
 import sys
 
+import yaml
+
 name, payload = sys.argv[1].split(" ", 1)
 r = json.loads(payload)
-print(f"| {name} | {r.get('gpu', '?')} | {r['steps']} | {r['real_tokens']} | {r['train_s']} | "
+cfg = yaml.safe_load(open(f"{sys.argv[2]}/{name}.yaml"))
+precision = "pure_bf16" if cfg.get("pure_bf16") else "bf16" if cfg.get("bf16") else "fp32"
+print(f"| {name} | {precision} | {r.get('gpu', '?')} | {r['steps']} | {r['real_tokens']} | {r['train_s']} | "
       f"{r['real_tokens_per_s']} | {r.get('gpu_peak_allocated_mib')} / {r.get('gpu_peak_reserved_mib')} | "
       f"{r['first_loss']} |")
 PY
   done
+  echo "(fsdp-qlora: tunepipe's own metrics/train.json of the launched rank: train s is the whole"
+  echo " Trainer.train, not only the optimizer steps the probe times for the other rows)"
   echo "[gpu_check] done in $((SECONDS - start)) s"
+}
+
+own_result() {  # $1 = output_dir of a launched run: its metrics/train.json as a result line
+  "$py" - "$1" <<'PY'
+import csv
+import json
+import sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+m = json.loads((out / "metrics" / "train.json").read_text())
+with (out / "plots" / "train_loss.csv").open() as handle:
+    first = next(csv.DictReader(handle))["loss"]
+try:
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+except Exception:
+    gpu = "?"
+print(json.dumps({"gpu": gpu, "steps": m["steps"], "real_tokens": m["tokens_seen"], "train_s": m["runtime_s"],
+                  "real_tokens_per_s": m["tokens_per_second"], "gpu_peak_allocated_mib": m.get("peak_gpu_mb"),
+                  "gpu_peak_reserved_mib": "n/a", "first_loss": round(float(first), 4)}))
+PY
 }
 
 case "${1:-}" in

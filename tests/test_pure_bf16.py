@@ -18,6 +18,7 @@ from tunepipe.config import Config, ModelConfig, TrainConfig
 from tunepipe.layout import Layout
 from tunepipe.modeling import prepare_base_model
 from tunepipe.train import run_train
+from tunepipe.train.adapters import skip_input_casts_under_autocast
 from tunepipe.train.model_setup import build_trainable_model
 
 
@@ -63,3 +64,41 @@ def test_pure_bf16_trains_close_to_float32(tmp_path, tiny_model_dir):
     assert all(torch.isfinite(torch.tensor(curves["pure_bf16"])))
     assert curves["pure_bf16"] == pytest.approx(curves["fp32"], rel=2e-2)
     assert curves["pure_bf16"] != curves["fp32"]  # bf16 really ran
+
+
+def test_lora_inputs_are_not_round_tripped_through_float32_under_autocast(layout):
+    """PEFT casts a LoRA input to the adapter's float32 and autocast casts it straight back;
+    tunepipe skips that round trip under autocast: the same logits, one cast per LoRA layer fewer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountUpcasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ == "_to_copy" and args[0].dtype == torch.bfloat16 \
+                    and out.dtype == torch.float32:
+                self.count += 1
+            return out
+
+    cfg = Config(model=ModelConfig(model_name_or_path="unused"), train=TrainConfig(pure_bf16=True))
+    model = build_trainable_model(cfg, layout)
+    lora_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3, 11, 64]])
+
+    def run():
+        counter = CountUpcasts()
+        with torch.no_grad(), counter, torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits
+        return logits, counter.count
+
+    skipped_logits, skipped = run()
+    for layer in lora_layers:
+        layer.cast_input_dtype_enabled = True  # PEFT's default
+    cast_logits, casts = run()
+    assert len(lora_layers) == 14 and casts - skipped == len(lora_layers)
+    assert torch.equal(skipped_logits, cast_logits)
+    skip_input_casts_under_autocast(model)
+    with torch.no_grad():  # outside autocast the cast is still made: bf16 inputs meet float32 adapters
+        assert model(input_ids=ids).logits.isfinite().all()

@@ -69,7 +69,32 @@ def attach_lora(model, train: TrainConfig, task_type: str = "CAUSAL_LM"):
         raise
     if pissa_snapshot is not None:
         _save_pissa_start(peft_model, pissa_snapshot)
+    skip_input_casts_under_autocast(peft_model)
     return peft_model
+
+
+class _CastUnlessAutocast:
+    """Truthy except under autocast: the value of PEFT's `cast_input_dtype_enabled` switch.
+
+    PEFT casts a LoRA layer's input to the adapter's float32 before lora_A; under bf16 / fp16
+    autocast lora_A then casts it straight back, so the round trip only writes memory
+    (a third of the cast bytes of a pure_bf16 step: bench/bf16_ops.py). Skipping it under
+    autocast gives the same numbers (bf16 -> fp32 -> bf16 is exact); outside autocast the
+    cast is needed and stays."""
+
+    def __bool__(self) -> bool:
+        import torch
+
+        return not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
+
+
+def skip_input_casts_under_autocast(peft_model) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    switch = _CastUnlessAutocast()
+    for module in peft_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = switch
 
 
 def _trains_tied_embeddings(model, config) -> bool:
