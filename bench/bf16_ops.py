@@ -8,7 +8,7 @@ a frozen weight), and matrix products by dtype (count and GFLOP). Counts do not 
 machine, so this runs anywhere; the speed a cast costs does (bf16 needs AVX512-BF16 / AMX to pay
 on a CPU: see docs/benchmarks.md).
 
-    .venv/bin/python bench/bf16_ops.py [--model smollm2|tiny] [--samples 4] [--length 256]
+    .venv/bin/python bench/bf16_ops.py [--model smollm2|tiny | --base HF_DIR] [--samples 4] [--length 256]
 """
 
 from __future__ import annotations
@@ -128,13 +128,14 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--modes", nargs="+", default=["fp32", "bf16", "pure_bf16"])
+    parser.add_argument("--base", type=Path, default=None, help="an HF model dir to use instead of --model")
     args = parser.parse_args()
     from _common import machine_summary, print_machine
 
     print_machine(machine_summary())
     with tempfile.TemporaryDirectory(prefix="tunepipe-bf16-ops-") as tmp:
         work = Path(tmp)
-        base = base_dir(args.model, work)
+        base = args.base or base_dir(args.model, work)
         print(f"model: {base}; one micro-batch of {args.samples} x {args.length} tokens, half of them trained")
         report([one_step(base, mode, args.samples, args.length, work) for mode in args.modes])
     return 0
