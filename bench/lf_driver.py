@@ -2,6 +2,7 @@
 
     python lf_driver.py tokenize ARGS.json   # its own data loading + preprocessing, timed
     python lf_driver.py train ARGS.json      # its own `run_exp` (what llamafactory-cli train runs)
+    python lf_driver.py rows ARGS.json       # every row's token ids per template (template_parity.py)
 
 ARGS.json holds the LLaMA-Factory YAML keys as a JSON object. The last line printed is
 `BENCH_RESULT {json}` with what was measured in this process. Imports nothing from tunepipe.
@@ -53,6 +54,39 @@ def arrow_tokens(dataset) -> int:
     return int(pc.sum(pc.list_value_length(column)).as_py() or 0)
 
 
+def rows(args: dict) -> dict:
+    """For each template in `templates` and each (dataset, stage) in `datasets`: LLaMA-Factory's
+    tokenized train rows, written as JSON lines to `rows_out`. The tokenizer is loaded afresh
+    per template because LLaMA-Factory's template setup changes it (EOS, stop words)."""
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    counts = {}
+    with open(args.pop("rows_out"), "w", encoding="utf-8") as out:
+        for template in args.pop("templates"):
+            for dataset, stage in args["datasets"]:
+                lf = {k: v for k, v in args.items() if k != "datasets"}
+                lf.update(template=template, dataset=dataset, stage=stage)
+                model_args, data_args, training_args, _, _ = get_train_args(lf)
+                tokenizer_module = load_tokenizer(model_args)
+                fixed = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+                try:
+                    module = get_dataset(fixed, model_args, data_args, training_args, stage=stage,
+                                         **tokenizer_module)
+                except ValueError as exc:  # e.g. a multimodal template without the model's processor
+                    out.write(json.dumps({"template": template, "dataset": dataset, "stage": stage,
+                                          "error": str(exc)}) + "\n")
+                    continue
+                train = module["train_dataset"]
+                keep = [c for c in train.column_names if c.endswith(("input_ids", "labels")) or c == "kto_tags"]
+                table = {c: list(train[c]) for c in keep}
+                out.write(json.dumps({"template": template, "dataset": dataset, "stage": stage,
+                                      "columns": table}) + "\n")
+                counts[f"{template}/{dataset}"] = len(train)
+    return {"rows": counts}
+
+
 def train(args: dict) -> dict:
     import trainer_probe
     from llamafactory.train.tuner import run_exp
@@ -68,7 +102,7 @@ def train(args: dict) -> dict:
 def main() -> int:
     command, args_path = sys.argv[1], sys.argv[2]
     args = json.loads(Path(args_path).read_text(encoding="utf-8"))
-    result = {"tokenize": tokenize, "train": train}[command](args)
+    result = {"tokenize": tokenize, "train": train, "rows": rows}[command](args)
     import llamafactory
     import torch
     import transformers

@@ -233,12 +233,38 @@ def model_with_template(folder: Path, tiny_model_dir: Path, template: str) -> Pa
     return folder
 
 
-def test_a_prompt_that_is_not_a_token_prefix_names_the_row(tmp_path, tiny_model_dir, lf_demo_dir):
+def test_a_template_that_rewrites_earlier_turns_names_the_row(tmp_path, tiny_model_dir, lf_demo_dir):
     # renders the final message in brackets: a prompt is then never a prefix of the whole chat
     odd = model_with_template(tmp_path / "odd", tiny_model_dir, "{% for m in messages %}{% if loop.last %}"
                               "[{{ m.content }}]{% else %}{{ m.content }}{% endif %}{% endfor %}")
-    with pytest.raises(TunepipeError, match=r"identity.json:0: the prompt of answer 1 is not a token prefix"):
+    with pytest.raises(TunepipeError, match=r"identity.json:0: the tokenizer's chat template renders earlier "
+                                            r"turns differently .*answer 1") as err:
         run_stages(tmp_path / "run", odd, lf_demo_dir, "identity")
+    assert "data.template" in err.value.hint
+
+
+def test_a_boundary_merge_never_aborts_and_the_answer_continues_the_prompt(tmp_path, tiny_model_dir):
+    """A template with no special token between prompt and answer (LLaMA-Factory's `empty`, or a
+    base model's plain-text one): the tokenizer would merge the prompt's last characters with the
+    answer's first. Each turn is tokenized alone, as at inference, and nothing aborts."""
+    plain = model_with_template(tmp_path / "plain", tiny_model_dir,
+                                "{% for m in messages %}{{ m.content }}{% endfor %}")
+    rows = [{"instruction": "Say", "output": "ing"}, {"instruction": "a b", "output": "  c"}]
+    folder = write_info(tmp_path / "d", {"merge": {"file_name": "merge.json"}}, {"merge.json": json.dumps(rows)})
+    _, layout, metrics = run_stages(tmp_path / "run", plain, folder, "merge")
+    tokenizer = load_tokenizer(layout.base_model)
+    assert metrics["train"]["rows_out"] == 2
+    for row, sample in zip(rows, load_from_disk(str(layout.tokenized / "train"))):
+        prompt = tokenizer(row["instruction"], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
+        assert sample["input_ids"] == prompt + answer
+        assert sample["labels"] == [IGNORE] * len(prompt) + answer
+    whole = tokenizer("Saying", add_special_tokens=False)["input_ids"]
+    assert whole != sample_ids(layout, 0)  # the merge the rule avoids really happens with this tokenizer
+
+
+def sample_ids(layout: Layout, index: int) -> list[int]:
+    return load_from_disk(str(layout.tokenized / "train"))[index]["input_ids"]
 
 
 def test_golden_with_a_template_that_renders_tools_itself(tmp_path, tiny_model_dir, lf_demo_dir):
@@ -320,33 +346,6 @@ def test_val_size_fraction_or_count_is_seeded():
         split_eval(rows, 50.0, seed=3)
 
 
-def test_prefix_shortcut_agrees_with_tokenizing_each_prefix(tiny_model_dir, lf_demo_dir):
-    from tunepipe.data.batching import BatchEncoder
-    from tunepipe.data.prefix_ids import PrefixResolver
-
-    tokenizer = load_tokenizer(tiny_model_dir)
-    fmt = ChatFormat(tokenizer)
-    raw = json.loads((lf_demo_dir / "glaive_toolcall_en_demo.json").read_text())[:30]
-    names = {"human": "user", "gpt": "assistant", "function_call": "function_call", "observation": "observation"}
-    rows = [{"system": "", "tools": "", "messages": [{"role": names[m["from"]], "content": m["value"]}
-                                                     for m in r["conversations"]]} for r in raw]
-    fulls, requests = [], []
-    for row in rows:
-        chat = fmt.chat(row)
-        fulls.append(fmt.render(chat))
-        for j in chat.answers:
-            requests += [(len(fulls) - 1, fmt.render(chat, j, add_generation_prompt=True)),
-                         (len(fulls) - 1, fmt.render(chat, j + 1)),
-                         (len(fulls) - 1, fmt.render(chat, j)[:-3])]  # cut inside a special token
-    encoder = BatchEncoder(tokenizer)
-    full_ids = encoder(fulls)
-    resolver = PrefixResolver(tokenizer, encoder)
-    fast = resolver.prefix_lengths(fulls, full_ids, requests)
-    assert resolver.trusted and len(resolver.tail_cache) <= 3
-    assert fast == resolver.slow(full_ids, requests)
-    assert all(n is not None for n in fast[0::3])
-
-
 def test_num_samples_from_dataset_info_reaches_the_shards(tmp_path, tiny_model_dir):
     rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(6)]
     folder = write_info(tmp_path / "d", {"few": {"file_name": "few.json", "num_samples": 15},
@@ -355,3 +354,23 @@ def test_num_samples_from_dataset_info_reaches_the_shards(tmp_path, tiny_model_d
     _, layout, metrics = run_stages(tmp_path / "r", tiny_model_dir, folder, "few,other")
     assert [i["num_samples"] for i in read_manifest(layout.validated)["train"]] == [15, None]
     assert metrics["train"]["rows_in"] == 15 + 6
+
+
+def test_named_template_runs_end_to_end_and_refuses_tokens_the_model_lacks(tmp_path, tiny_model_dir, lf_demo_dir):
+    from tunepipe.train.tokenized import load_tokenized
+
+    _, layout, metrics = run_stages(tmp_path / "qwen", tiny_model_dir, lf_demo_dir, "identity", template="qwen",
+                                    max_samples=3)
+    meta = json.loads((layout.tokenized / "meta.json").read_text())
+    assert (metrics["template"], meta["template"], meta["added_tokens"]) == ("qwen", "qwen", [])
+    tokenizer = load_tokenizer(layout.base_model)
+    first = tokenizer.decode(load_from_disk(str(layout.tokenized / "train"))[0]["input_ids"])
+    assert first.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
+    assert load_tokenized(layout, "sft", ("input_ids", "labels")).meta["template"] == "qwen"
+    # llama3's <|eot_id|> is not in this tokenizer: tokenized as LLaMA-Factory does, refused before training
+    _, layout, _ = run_stages(tmp_path / "llama3", tiny_model_dir, lf_demo_dir, "identity", template="llama3",
+                              max_samples=3)
+    assert json.loads((layout.tokenized / "meta.json").read_text())["added_tokens"] == ["<|eot_id|>", "<|eom_id|>"]
+    with pytest.raises(TunepipeError, match="added tokens <\\|eot_id\\|>, <\\|eom_id\\|>") as err:
+        load_tokenized(layout, "sft", ("input_ids", "labels"))
+    assert "omit `template`" in err.value.hint

@@ -3,7 +3,9 @@
 Which model: `model_name_or_path` (a base, or an export dir) plus `adapter_name_or_path`
 when set, else the train output under `output_dir` when there is one (as for `eval`
 and `export`). Answers stream token by token through transformers'
-`TextIteratorStreamer`, rendered with the tokenizer's chat template. Decoding uses the
+`TextIteratorStreamer`. The prompt is built as training built it: with `template:` set, that
+named template (its system prompt, stop words and turn-by-turn tokenization), else the
+tokenizer's own chat template. Decoding uses the
 `eval` group's knobs (`max_new_tokens`, `do_sample`, `temperature`, `top_p`, `top_k`).
 
 Lines starting with `/` are commands: `/reset` forgets the conversation, `/exit` quits.
@@ -21,6 +23,8 @@ from typing import TextIO
 
 from tunepipe.config import Config
 from tunepipe.data.chat_format import stop_token_ids
+from tunepipe.data.named_templates import stop_words
+from tunepipe.data.templates import ChatFormat, apply_template
 from tunepipe.errors import TunepipeError
 from tunepipe.evaluate.generation import sampling_kwargs
 from tunepipe.loading import base_dir_for, cli_config, device_for, load_trained, tokenizer_for, trained_source
@@ -50,23 +54,22 @@ class ChatSession:
     def reply(self, text: str, out: TextIO) -> str:
         """Add the user turn, stream the answer to `out`, remember it, return it."""
         self.history.append({"role": "user", "content": text})
-        answer = stream_answer(self.model, self.tokenizer, self.messages(), self.cfg, out)
+        ids = ChatFormat(self.tokenizer, self.cfg.data.template).prompt_ids(self.system, self.history)
+        answer = stream_answer(self.model, self.tokenizer, ids, self.cfg, out)
         self.history.append({"role": "assistant", "content": answer})
         return answer
 
 
-def stream_answer(model, tokenizer, messages: list[dict], cfg: Config, out: TextIO) -> str:
-    """Generate in a worker thread and write each decoded piece as soon as it arrives."""
+def stream_answer(model, tokenizer, ids: list[int], cfg: Config, out: TextIO) -> str:
+    """Generate after the prompt `ids` in a worker thread; write each decoded piece as soon as it arrives."""
     import torch
     from transformers import TextIteratorStreamer
 
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                        return_dict=False)
     input_ids = torch.tensor([ids], device=next(model.parameters()).device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "streamer": streamer,
               "max_new_tokens": cfg.eval.max_new_tokens, "do_sample": cfg.eval.do_sample,
-              "eos_token_id": stop_token_ids(tokenizer, model.generation_config),
+              "eos_token_id": stop_token_ids(tokenizer, model.generation_config, stop_words(cfg.data.template)),
               "pad_token_id": tokenizer.pad_token_id, **sampling_kwargs(cfg.eval)}
     worker = threading.Thread(target=_generate, args=(model, kwargs), daemon=True)
     worker.start()
@@ -90,7 +93,7 @@ def load_session(cfg: Config, layout, system: str | None) -> tuple[ChatSession, 
     """The session, and a line describing which weights it runs."""
     base_dir = base_dir_for(cfg, layout)
     source = trained_source(cfg, layout)
-    tokenizer = tokenizer_for(cfg, base_dir, source)
+    tokenizer = apply_template(tokenizer_for(cfg, base_dir, source), cfg.data.template)
     if not tokenizer.chat_template:
         raise TunepipeError(f"{base_dir}: the tokenizer has no chat template, so there is no chat format",
                             hint="chat with an instruct model, or with the export of a tuned one")

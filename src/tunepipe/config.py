@@ -63,7 +63,7 @@ class DataConfig:
     eval_dataset: Optional[Union[str, list[str]]] = None
     """Datasets used as the eval split instead of carving `val_size` out of `dataset`."""
     template: Optional[str] = None
-    """Chat template: unset uses the tokenizer's own; or chatml, llama3, qwen, alpaca, default, empty."""
+    """Chat template: unset uses the model's own (the tokenizer's); or a LLaMA-Factory 0.9.5 name (qwen, llama3, ...)."""
     cutoff_len: int = 1024
     """Maximum tokens per sample after tokenization."""
     overlong: Literal["truncate", "drop"] = "truncate"
@@ -87,7 +87,7 @@ class DataConfig:
     neat_packing: bool = False
     """LLaMA-Factory's contamination-free packing; tunepipe packing is always so (implies packing)."""
     tool_format: Optional[str] = None
-    """Tool-call format; unset uses the chat template's own tool support."""
+    """Tool-call format: unset uses the template's own; default, qwen, llama3, mistral or glm4 with a named template."""
     on_invalid: Literal["error", "drop"] = "error"
     """Invalid rows: stop with an error, or drop them into reports/rejected.jsonl."""
     preprocessing_num_workers: Optional[int] = None

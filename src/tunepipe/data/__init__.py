@@ -4,7 +4,9 @@ validate (entry point `validate.run_validate`): `registry` reads dataset_info.js
 raw files, `formats` turns alpaca / sharegpt / preference / KTO / text rows into canonical rows,
 `schemas` + `row_checks` reject bad rows with their file and row, `validated` writes the result.
 
-tokenize (entry point `tokenize.run_tokenize`): `templates` + `chat_format` render conversations,
-`encoding` + `prefix_ids` turn them into input ids with masked labels, `mixing` samples and mixes
+tokenize (entry point `tokenize.run_tokenize`): `templates` turns a conversation into turns (by
+`named_templates` + `tool_formats`, LLaMA-Factory's template names, or the tokenizer's own jinja),
+`encoding` tokenizes each turn alone and masks the labels, `chat_format` describes a template from
+outside (end-of-turn token, per-role parts for the Modelfile), `mixing` samples and mixes
 datasets, `batching` + `packing` group samples, and the shards are written for `load_from_disk`.
 """

@@ -80,8 +80,9 @@ def _added_special_ids(tokenizer) -> set[int]:
     return {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
 
 
-def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
-    """Ids that end generation: the eos id(s) of generation config and tokenizer, and the end-of-turn token."""
+def stop_token_ids(tokenizer, generation_config=None, stop_words: tuple[str, ...] = ()) -> list[int]:
+    """Ids that end generation: the eos id(s) of generation config and tokenizer, the end-of-turn
+    token, and a named template's stop words (`named_templates.NamedTemplate.stop_words`)."""
     ids: list[int] = []
     configured = getattr(generation_config, "eos_token_id", None)
     for value in (configured if isinstance(configured, list) else [configured]):
@@ -92,6 +93,7 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     end = end_of_turn_token(tokenizer)
     if end is not None:
         ids.append(tokenizer.convert_tokens_to_ids(end))
+    ids += [i for i in tokenizer.convert_tokens_to_ids(list(stop_words)) if i is not None]
     return list(dict.fromkeys(ids))
 
 

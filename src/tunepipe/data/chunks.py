@@ -80,8 +80,10 @@ def encode_chunk(job: Job, plan: np.ndarray) -> ChunkResult:
     stats = Stats()
     stats.lengths = array("i")
     if job.kind == "pretrain":
-        eos = job.tokenizer.eos_token_id
-        documents = [ids + [eos] for ids in BatchEncoder(job.tokenizer)([r["text"] for r in rows])]
+        # EOS, or a named template's document end: an id, or a text tokenized with the document
+        end = job.fmt.document_end() if job.fmt else job.tokenizer.eos_token_id
+        suffix, tail = (end, []) if isinstance(end, str) else ("", [end])
+        documents = [ids + tail for ids in BatchEncoder(job.tokenizer)([r["text"] + suffix for r in rows])]
         stats.rows_in = len(rows)
         return ChunkResult(documents, stats)
     if job.kind == "preference":

@@ -1,18 +1,18 @@
 """Canonical rows -> token ids and labels, for each objective.
 
-Conversations are rendered with the chat template (`templates.ChatFormat`) and the
-whole rendered text is tokenized in one batch call of the fast tokenizer, so
-`input_ids` equal `apply_chat_template(conversation)`. The label boundaries come from
-rendering prefixes of the conversation (everything before an answer, with the
-generation prompt; everything up to the end of that answer) and checking that their
-tokens are a prefix of the full sequence; a template for which that is not true is an
-error naming the row, never a silently wrong mask.
+`templates.ChatFormat` turns a row into alternating prompt / answer turns, each a list
+of texts and token ids; every text is tokenized on its own (one batch call of the fast
+tokenizer per chunk of rows) and the ids are concatenated. A turn boundary is therefore
+also a token boundary: no token spans a prompt and its answer (docs/architecture.md,
+"Turns"), and the label mask is exact by construction, with nothing to verify.
 
 Labels: -100 on prompt tokens; every assistant-side answer (its end-of-turn token
 included) is trained, only the last with `mask_history`, everything with
 `train_on_prompt`. The first label of every sample is -100 too: nothing inside the
 sample predicts its first token, and keeping it out makes a packed row's labels the
-exact concatenation of its samples' labels.
+exact concatenation of its samples' labels. Truncation and the `efficient_eos`
+templates follow LLaMA-Factory's supervised / pairwise / feedback processors, so a
+named template gives LLaMA-Factory's ids and labels (bench/template_parity.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 from tunepipe.config import DataConfig
 from tunepipe.data.batching import BatchEncoder, pipelined
-from tunepipe.data.prefix_ids import PrefixResolver
 from tunepipe.data.templates import ChatFormat
 from tunepipe.errors import TunepipeError
 
@@ -60,142 +59,133 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int
     return new_source, new_target
 
 
+# -- turns -> ids ------------------------------------------------------------------
+
+
+def turn_ids(turns_per_row: list[list[list]], ids_of: dict[str, list[int]]) -> list[list[list[int]]]:
+    """Each row's turns as id lists: texts looked up in `ids_of`, ids kept as they are."""
+    return [[[i for element in turn for i in (ids_of[element] if isinstance(element, str) else (element,))]
+             for turn in turns] for turns in turns_per_row]
+
+
+def texts_of(turns_per_row: list[list[list]]) -> list[str]:
+    """The distinct non-empty texts to tokenize (template boilerplate repeats on every row)."""
+    return list(dict.fromkeys(element for turns in turns_per_row for turn in turns for element in turn
+                              if isinstance(element, str) and element))
+
+
+def encoded_turns(encoder: BatchEncoder, prepare_turns, desc: str, rows: list[dict], finish_row) -> None:
+    """Render each chunk's turns, tokenize its texts in a worker thread, hand each row's ids on."""
+    def prepare(chunk: list[dict]):
+        turns = [prepare_turns(row) for row in chunk]
+        texts = texts_of(turns)
+        return (turns, texts), texts
+
+    def finish(chunk: list[dict], state, ids: list[list[int]]) -> None:
+        turns, texts = state
+        ids_of = dict(zip(texts, ids))
+        ids_of[""] = []
+        for row, row_turns in zip(chunk, turn_ids(turns, ids_of)):
+            finish_row(row, row_turns)
+
+    pipelined(rows, desc, encoder, prepare, finish)
+
+
+def pairs_of(turns: list[list[int]]) -> list[tuple[list[int], list[int]]]:
+    """(prompt, answer) pairs; a trailing prompt without an answer gets an empty answer."""
+    return [(turns[i], turns[i + 1] if i + 1 < len(turns) else []) for i in range(0, len(turns), 2)]
+
+
+def one_turn(turns: list[list[int]]) -> tuple[list[int], list[int]]:
+    """Everything before the last answer as one prompt, and that answer."""
+    return [i for turn in turns[:-1] for i in turn], turns[-1]
+
+
 # -- sft / kto --------------------------------------------------------------------
 
 
 def encode_conversations(rows: list[dict], fmt: ChatFormat, data: DataConfig, kind: str,
                          eval_columns: bool, stats: Stats) -> dict[str, list]:
-    """SFT (every answer trained) or KTO (the last answer only) rows -> columns."""
+    """SFT (every answer trained) or KTO (the last answer, after the whole conversation as its
+    prompt) rows -> columns."""
     columns: dict[str, list] = {"input_ids": [], "labels": []}
     if eval_columns:
         columns.update(prompt_ids=[], label_text=[])
     if kind == "kto":
         columns["kto_tag"] = []
-    encoder = BatchEncoder(fmt.tokenizer)
-    resolver = PrefixResolver(fmt.tokenizer, encoder)
-    last_only = kind == "kto" or data.mask_history
+    if data.train_on_prompt and fmt.efficient_eos:
+        raise TunepipeError(f"data.train_on_prompt=true does not work with template {fmt.name} "
+                            "(its answers end at the next prompt's first token, as in LLaMA-Factory)")
+    eos = fmt.tokenizer.eos_token_id if fmt.efficient_eos else None
+    history_thoughts = kind != "kto" and not data.mask_history
 
-    def prepare(chunk: list[dict]):
-        fulls: list[str] = []
-        requests: list[tuple[int, str]] = []
-        bounds = [plan_row(row, fmt, kind, fulls, requests) for row in chunk]
-        return (fulls, requests, bounds), fulls
+    def prepare_turns(row: dict) -> list[list]:
+        if not any(turn["role"] in ("assistant", "function_call") for turn in row["messages"]):
+            raise TunepipeError(f"{row.get('_source', 'a row')}: no assistant answer to train on")
+        return fmt.turns(row, history_thoughts=history_thoughts)
 
-    def finish(chunk: list[dict], state, full_ids: list[list[int]]) -> None:
-        fulls, requests, bounds = state
-        ends = resolver.prefix_lengths(fulls, full_ids, requests)
-        for full, row, row_bounds in zip(full_ids, chunk, bounds):
-            spans = [(checked(ends[p], row, f"the prompt of answer {k + 1}", fmt),
-                      len(full) if e is None else checked(ends[e], row, f"the conversation up to answer {k + 1}", fmt))
-                     for k, (p, e) in enumerate(row_bounds)]
-            stats.rows_in += 1
-            sample = build_sample(full, spans, data, last_only, stats)
-            if sample is None:
-                continue
-            columns["input_ids"].append(sample[0])
-            columns["labels"].append(sample[1])
-            if eval_columns:
-                columns["prompt_ids"].append(full[:spans[-1][0]])
-                columns["label_text"].append(row["messages"][-1]["content"])
-            if kind == "kto":
-                columns["kto_tag"].append(bool(row["kto_tag"]))
+    def finish_row(row: dict, turns: list[list[int]]) -> None:
+        stats.rows_in += 1
+        if kind == "kto":
+            prompt, answer = one_turn(turns)
+            sample = build_sample([(prompt, answer + ([eos] if eos is not None else []))], data, stats)
+        else:
+            sample = build_sample(pairs_of(turns), data, stats, eos=eos)
+        if sample is None:
+            return
+        columns["input_ids"].append(sample[0])
+        columns["labels"].append(sample[1])
+        if eval_columns:
+            columns["prompt_ids"].append(one_turn(turns)[0])
+            columns["label_text"].append(row["messages"][-1]["content"])
+        if kind == "kto":
+            columns["kto_tag"].append(bool(row["kto_tag"]))
 
-    pipelined(rows, f"tokenize {kind}", encoder, prepare, finish)
+    encoded_turns(BatchEncoder(fmt.tokenizer), prepare_turns, f"tokenize {kind}", rows, finish_row)
     return columns
 
 
-def checked(end: int | None, row: dict, what: str, fmt: ChatFormat) -> int:
-    if end is None:
-        raise TunepipeError(
-            f"{row.get('_source', 'a row')}: {what} is not a token prefix of the whole conversation "
-            f"rendered with the {fmt.name} chat template, so the prompt tokens cannot be masked exactly",
-            hint="the template renders earlier turns differently once later turns follow; "
-                 "pick another data.template (chatml, llama3, qwen, alpaca, default)")
-    return end
-
-
-def plan_row(row: dict, fmt: ChatFormat, kind: str, fulls: list[str], requests: list[tuple[int, str]]):
-    """Queue the texts one row needs: its full chat, and per trained answer the prompt before it
-    and the chat up to its end (None: the end of the full chat). Returns request indices."""
-    import jinja2
-
-    try:
-        chat = fmt.chat(row)
-        if not chat.answers:
-            raise TunepipeError(f"{row.get('_source', 'a row')}: no assistant answer to train on")
-        row_index, count = len(fulls), len(chat.messages)
-        fulls.append(fmt.render(chat))
-        bounds = []
-        for j in chat.answers[-1:] if kind == "kto" else chat.answers:
-            requests.append((row_index, fmt.render(chat, j, add_generation_prompt=True)))
-            end = None
-            if j != count - 1:
-                requests.append((row_index, fmt.render(chat, j + 1)))
-                end = len(requests) - 1
-            bounds.append((len(requests) - (2 if end is not None else 1), end))
-    except jinja2.TemplateError as exc:
-        raise TunepipeError(f"{row.get('_source', 'a row')}: the {fmt.name} chat template failed: {exc}") from None
-    return bounds
-
-
-def build_sample(full: list[int], spans: list[tuple[int, int]], data: DataConfig, last_only: bool,
-                 stats: Stats) -> tuple[list[int], list[int]] | None:
-    """Labels from the answer spans, truncated by LLaMA-Factory's policy (or dropped)."""
-    cutoff = data.cutoff_len
-    if len(full) > cutoff and data.overlong == "drop":
+def build_sample(pairs: list[tuple[list[int], list[int]]], data: DataConfig, stats: Stats,
+                 eos: int | None = None) -> tuple[list[int], list[int]] | None:
+    """Ids and labels from (prompt, answer) pairs, each pair cut by LLaMA-Factory's policy in
+    turn order (the last turns first with mask_history), or the row dropped (overlong: drop).
+    `eos`: the efficient-EOS templates' single closing EOS (trained), also the first label of
+    every later prompt."""
+    cutoff, reverse = data.cutoff_len, data.mask_history
+    length = sum(len(s) + len(t) for s, t in pairs) + (eos is not None)
+    if length > cutoff and data.overlong == "drop":
         stats.dropped_overlong += 1
         return None
-    pairs, previous = [], 0
-    for start, end in spans:
-        pairs.append((full[previous:start], full[start:end]))
-        previous = end
-    trailing = full[previous:]
-    if len(full) > cutoff:
-        pairs, trailing = truncate_pairs(pairs, trailing, cutoff, reverse=data.mask_history)
+    input_ids, labels, total = [], [], int(eos is not None)
+    for k, (source, target) in enumerate(pairs[::-1] if reverse else pairs):
+        if total >= cutoff:
+            break
+        source_len, target_len = infer_seqlen(len(source), len(target), cutoff - total)
+        source, target = source[:source_len], target[:target_len]
+        total += source_len + target_len
+        if data.train_on_prompt:
+            source_labels = source
+        elif eos is not None and k != 0 and source:
+            source_labels = [eos] + [IGNORE] * (len(source) - 1)
+        else:
+            source_labels = [IGNORE] * len(source)
+        target_labels = [IGNORE] * len(target) if (reverse and k != 0) else target
+        if reverse:
+            input_ids, labels = source + target + input_ids, source_labels + target_labels + labels
+        else:
+            input_ids, labels = input_ids + source + target, labels + source_labels + target_labels
+    if eos is not None:
+        input_ids, labels = input_ids + [eos], labels + [eos]
+    if len(input_ids) < length:
         stats.truncated += 1
-    input_ids, labels = [], []
-    last = len(pairs) - 1
-    for k, (source, target) in enumerate(pairs):
-        input_ids += source
-        input_ids += target
-        labels += source if data.train_on_prompt else [IGNORE] * len(source)
-        labels += target if (k == last or not last_only) else [IGNORE] * len(target)
-    input_ids += trailing
-    labels += trailing if data.train_on_prompt else [IGNORE] * len(trailing)
-    trained = trained_tokens(pairs, trailing, data.train_on_prompt, last_only)
     if labels and labels[0] != IGNORE:
         labels[0] = IGNORE
-        trained -= 1
-    if trained <= 0:
+    if all(label == IGNORE for label in labels):
         stats.dropped_no_labels += 1
         return None
     stats.rows_out += 1
     stats.lengths.append(len(input_ids))
     return input_ids, labels
-
-
-def trained_tokens(pairs, trailing, train_on_prompt: bool, last_only: bool) -> int:
-    last = len(pairs) - 1
-    count = sum(len(t) for k, (_, t) in enumerate(pairs) if k == last or not last_only)
-    if train_on_prompt:
-        count += sum(len(source) for source, _ in pairs) + len(trailing)
-    return count
-
-
-def truncate_pairs(pairs: list[tuple[list, list]], trailing: list, cutoff: int, reverse: bool):
-    """Fit (prompt, answer) pairs into `cutoff` tokens pair by pair, each keeping its head
-    (LLaMA-Factory's policy); with `reverse` the last pairs get the budget first."""
-    kept: dict[int, tuple[list, list]] = {}
-    total = 0
-    order = range(len(pairs) - 1, -1, -1) if reverse else range(len(pairs))
-    for k in order:
-        if total >= cutoff:
-            break
-        source, target = pairs[k]
-        source_len, target_len = infer_seqlen(len(source), len(target), cutoff - total)
-        kept[k] = (source[:source_len], target[:target_len])
-        total += source_len + target_len
-    return [kept[k] for k in sorted(kept)], trailing[:max(cutoff - total, 0)]
 
 
 # -- preference ---------------------------------------------------------------------
@@ -205,32 +195,21 @@ def encode_preference(rows: list[dict], fmt: ChatFormat, data: DataConfig, stats
     """Preference rows -> chosen/rejected ids, both sharing the prompt, prompt labels -100."""
     names = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
     columns: dict[str, list] = {name: [] for name in names}
-    encoder = BatchEncoder(fmt.tokenizer)
-    resolver = PrefixResolver(fmt.tokenizer, encoder)
+    eos = [fmt.tokenizer.eos_token_id] if fmt.efficient_eos else []
 
-    def prepare(chunk: list[dict]):
-        fulls, requests = [], []
-        for row in chunk:
-            chosen, rejected = fmt.chat(row, row["chosen"]), fmt.chat(row, row["rejected"])
-            prompt = fmt.render(chosen, chosen.answers[-1], add_generation_prompt=True)
-            requests += [(len(fulls), prompt), (len(fulls) + 1, prompt)]
-            fulls += [fmt.render(chosen), fmt.render(rejected)]
-        return (fulls, requests), fulls
+    def prepare_turns(row: dict) -> list[list]:
+        chosen = fmt.turns(row, row["chosen"], history_thoughts=False)
+        return chosen + fmt.turns(row, row["rejected"], history_thoughts=False)[-1:]
 
-    def finish(chunk: list[dict], state, full_ids: list[list[int]]) -> None:
-        fulls, requests = state
-        ends = resolver.prefix_lengths(fulls, full_ids, requests)
-        for i, row in enumerate(chunk):
-            chosen_full, rejected_full = full_ids[2 * i], full_ids[2 * i + 1]
-            n = checked(ends[2 * i], row, "the prompt (before chosen)", fmt)
-            checked(ends[2 * i + 1], row, "the prompt (before rejected)", fmt)
-            stats.rows_in += 1
-            pair = build_pair(chosen_full[:n], chosen_full[n:], rejected_full[n:], data, stats)
-            if pair is not None:
-                for name, value in zip(names, pair):
-                    columns[name].append(value)
+    def finish_row(row: dict, turns: list[list[int]]) -> None:
+        stats.rows_in += 1
+        prompt, chosen = one_turn(turns[:-1])
+        pair = build_pair(prompt, chosen + eos, turns[-1] + eos, data, stats)
+        if pair is not None:
+            for name, value in zip(names, pair):
+                columns[name].append(value)
 
-    pipelined(rows, "tokenize preference", encoder, prepare, finish)
+    encoded_turns(BatchEncoder(fmt.tokenizer), prepare_turns, "tokenize preference", rows, finish_row)
     return columns
 
 

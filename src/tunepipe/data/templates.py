@@ -1,76 +1,51 @@
-"""Chat templates: the tokenizer's own jinja first, named templates for base models without one.
+"""Chat formats: a conversation as the *turns* the tokenizer encodes, one at a time.
 
-Rendering goes through the same sandboxed jinja environment transformers'
-`apply_chat_template` uses (and the same template variables), so the token ids the
-tokenize stage writes equal `tokenizer.apply_chat_template(conversation)` exactly;
-the golden tests check this. Named templates are jinja too, so they take the same path.
+Two sources, one rule:
+- `data.template` unset: the tokenizer's own jinja chat template, rendered through the
+  same sandboxed environment (and variables) as transformers' `apply_chat_template`.
+  The rendered text is cut at each answer: everything before it (ending with the
+  generation prompt), the answer (up to where the next prompt starts), and so on.
+- `data.template: NAME`: LLaMA-Factory 0.9.5's template of that name
+  (`named_templates.py`), each turn built from its role's slots.
 
-Tools: when the template reads `tools` (Qwen2.5, Llama 3.1, ...), tool definitions are
-passed as `tools=` and function calls / results become assistant `tool_calls` / `tool`
-messages, rendered however the template renders them. When it does not (SmolLM2,
-ChatML, the named templates) tunepipe falls back to the common tagged text convention:
-the definitions are appended to the system prompt inside <tools></tools>, each call is
-an assistant turn `<tool_call>{"name": ..., "arguments": ...}</tool_call>`, each result
-a user turn inside <tool_response></tool_response>.
+The boundary rule (docs/architecture.md, "Turns"): every turn is tokenized on its own
+and the ids are concatenated, so no token spans a prompt and its answer. At inference
+the prompt is tokenized alone and the model continues from its last token; training
+on a token that merges the end of the prompt with the start of the answer would teach
+a sequence the model never sees. This is also what LLaMA-Factory does, so the ids match.
+Where the tokenizer would not merge anything (special tokens between turns, the usual
+case) the ids equal `apply_chat_template(conversation)`, which the golden tests check.
+
+Tools, with the tokenizer's template: when it reads `tools` (Qwen2.5, Llama 3.1, ...),
+definitions go in as `tools=` and calls / results as assistant `tool_calls` / `tool`
+messages; when it does not (SmolLM2, ChatML) tunepipe falls back to tagged text: the
+definitions in the system prompt inside <tools></tools>, each call an assistant turn
+`<tool_call>{"name": ..., "arguments": ...}</tool_call>`, each result a user turn inside
+<tool_response></tool_response>. Named templates use their tool format (tool_formats.py).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from tunepipe.data import named_templates as nt
+from tunepipe.data.tool_formats import FORMATS, calls_text, tools_text
 from tunepipe.errors import TunepipeError
 
-DEFAULT_SYSTEM_QWEN = "You are a helpful assistant."
-DEFAULT_SYSTEM_ALPACA = ("Below is an instruction that describes a task. "
-                         "Write a response that appropriately completes the request.")
+log = logging.getLogger(__name__)
 
-# Written for tunepipe; each renders the system / user / assistant roles the fallback produces.
-NAMED_TEMPLATES = {
-    "chatml": (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
-    "qwen": (
-        "{% if messages[0]['role'] != 'system' %}"
-        "{{ '<|im_start|>system\n" + DEFAULT_SYSTEM_QWEN + "<|im_end|>\n' }}{% endif %}"
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
-    "llama3": (
-        "{{ bos_token or '' }}"
-        "{% for message in messages %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
-    "alpaca": (
-        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}"
-        "{% else %}{{ '" + DEFAULT_SYSTEM_ALPACA + "\n\n' }}{% endif %}"
-        "{% for message in messages %}"
-        "{% if message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n### Response:\n' }}"
-        "{% elif message['role'] == 'assistant' %}{{ message['content'] + (eos_token or '') + '\n\n' }}{% endif %}"
-        "{% endfor %}"),
-    "default": (
-        "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}{{ 'System: ' + message['content'] + '\n' }}"
-        "{% elif message['role'] == 'user' %}{{ 'Human: ' + message['content'] + '\nAssistant:' }}"
-        "{% else %}{{ ' ' + message['content'] + (eos_token or '') + '\n' }}{% endif %}"
-        "{% endfor %}"),
-    "empty": (
-        "{% for message in messages %}{{ message['content'] }}"
-        "{% if message['role'] == 'assistant' %}{{ eos_token or '' }}{% endif %}{% endfor %}"),
-}
 TRAINED_ROLES = ("assistant", "function_call")
-TOOL_FORMATS = (None, "qwen")  # qwen: force the tagged <tool_call> text form
+JINJA_TOOL_FORMATS = (None, "qwen")  # qwen: force the tagged <tool_call> text form
 
 
 @dataclass
 class Chat:
-    """A canonical row as the template sees it."""
+    """A canonical row as a jinja template sees it."""
 
     messages: list[dict]
     tools: list[dict] | None
@@ -78,27 +53,99 @@ class Chat:
 
 
 class ChatFormat:
-    """Render conversations with one jinja template, as apply_chat_template would."""
+    """Turn canonical rows into turns (texts and token ids), by a named template or the tokenizer's."""
 
     def __init__(self, tokenizer, name: str | None = None, tool_format: str | None = None):
-        if name is not None and name not in NAMED_TEMPLATES:
-            raise TunepipeError(f"data.template={name!r}: unknown template",
-                                hint=f"leave it unset to use the tokenizer's own, or use one of "
-                                     f"{', '.join(NAMED_TEMPLATES)}")
-        if tool_format not in TOOL_FORMATS:
-            raise TunepipeError(f"data.tool_format={tool_format!r}: not supported",
-                                hint="leave it unset to use the chat template's own tool support, "
-                                     "or qwen for <tool_call> tags in the text")
         self.tokenizer = tokenizer
         self.name = name or "tokenizer"
-        if name is None and not tokenizer.chat_template:
-            raise TunepipeError("the base model's tokenizer has no chat template",
-                                hint=f"set data.template to one of {', '.join(NAMED_TEMPLATES)}")
-        self.template = NAMED_TEMPLATES[name] if name else tokenizer.get_chat_template()
-        self.tool_template = NAMED_TEMPLATES[name] if name else tokenizer.get_chat_template(None, tools=[{}])
-        self.native_tools = tool_format is None and reads_tools(self.tool_template)
+        self.named = nt.get_template(name) if name is not None else None
+        self.added_tokens: list[str] = []
+        if self.named is not None:
+            self.tool_format = tool_format or self.named.tool_format
+            if self.tool_format not in FORMATS:
+                raise TunepipeError(f"data.tool_format={tool_format!r}: not supported",
+                                    hint=f"one of {', '.join(FORMATS)}, or unset for the template's own")
+            self.added_tokens = nt.fix_tokenizer(tokenizer, self.named)
+            if self.added_tokens:
+                log.warning("template %s added %s to the tokenizer, which lacked them (as LLaMA-Factory does); "
+                            "the model needs embeddings for them: prefer a model whose tokenizer has them",
+                            name, ", ".join(self.added_tokens))
+            self.template = self.tool_template = nt.jinja(self.named, tokenizer)
+            self.native_tools = False
+        else:
+            if tool_format not in JINJA_TOOL_FORMATS:
+                raise TunepipeError(f"data.tool_format={tool_format!r}: not supported without data.template",
+                                    hint="leave it unset to use the chat template's own tool support, "
+                                         "or qwen for <tool_call> tags in the text")
+            if not tokenizer.chat_template:
+                raise TunepipeError("the base model's tokenizer has no chat template",
+                                    hint=f"set data.template to one of {', '.join(sorted(nt.TEMPLATES))}")
+            self.template = tokenizer.get_chat_template()
+            self.tool_template = tokenizer.get_chat_template(None, tools=[{}])
+            self.native_tools = tool_format is None and reads_tools(self.tool_template)
         self.variables = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes to templates
 
+    @property
+    def efficient_eos(self) -> bool:
+        return bool(self.named and self.named.efficient_eos)
+
+    def document_end(self) -> int | str | None:
+        """What ends each pretraining document: EOS (after replace_eos), or the template's
+        `document_end` (Llama 3's <|end_of_text|>, while its EOS is <|eot_id|>): its id when the
+        tokenizer has that token, else the text itself, tokenized with the document as
+        LLaMA-Factory does (such a template adds tokens, so training refuses these shards)."""
+        token = self.named.document_end if self.named else None
+        if not token:
+            return self.tokenizer.eos_token_id
+        return self.tokenizer.convert_tokens_to_ids(token) if token in self.tokenizer.get_vocab() else token
+
+    # -- turns: what the encoder tokenizes --------------------------------------------
+    def turns(self, row: dict, extra: dict | None = None, history_thoughts: bool = True) -> list[list]:
+        """The row (plus an optional final answer) as alternating prompt / answer turns, each a list
+        of texts (tokenized one by one) and token ids. `history_thoughts=False` drops the thought
+        blocks of earlier answers (reasoning templates; LLaMA-Factory does so for one-turn objectives
+        and with mask_history)."""
+        messages = row["messages"] + ([extra] if extra else [])
+        if self.named is None:
+            return [[text] for text in self.rendered_turns(row, extra)]
+        return named_turns(self.named, self.tool_format, messages, row.get("system") or "",
+                           row.get("tools") or "", self.tokenizer, history_thoughts)
+
+    def rendered_turns(self, row: dict, extra: dict | None = None) -> list[str]:
+        """The tokenizer template's text cut before and after every answer."""
+        import jinja2
+
+        try:
+            chat = self.chat(row, extra)
+            cuts = []
+            for k, j in enumerate(chat.answers):
+                cuts.append(self.render(chat, j, add_generation_prompt=True))
+                cuts.append(self.render(chat) if k == len(chat.answers) - 1 else self.render(chat, j + 1))
+            if not chat.answers or chat.answers[-1] != len(chat.messages) - 1:  # a prompt awaiting its answer
+                cuts.append(self.render(chat, add_generation_prompt=True))
+        except jinja2.TemplateError as exc:
+            raise TunepipeError(f"{row.get('_source', 'a row')}: the {self.name} chat template failed: {exc}") from None
+        pieces, done = [], ""
+        for k, text in enumerate(cuts):
+            if not text.startswith(done):
+                what = "the prompt before" if k % 2 == 0 else "the conversation up to the end of"
+                raise TunepipeError(
+                    f"{row.get('_source', 'a row')}: the tokenizer's chat template renders earlier turns "
+                    f"differently once later turns follow ({what} answer {k // 2 + 1} is not a prefix "
+                    f"of the longer conversation), so the prompt cannot be masked",
+                    hint=f"set data.template to a named template ({', '.join(sorted(nt.TEMPLATES))})")
+            pieces.append(text[len(done):])
+            done = text
+        return pieces
+
+    def prompt_ids(self, system: str, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation awaiting its next answer (chat), turn by turn as in training."""
+        turns = self.turns({"system": system or "", "tools": "", "messages": messages})
+        return [i for turn in turns for element in turn
+                for i in (self.tokenizer(element, add_special_tokens=False)["input_ids"]
+                          if isinstance(element, str) else [element])]
+
+    # -- the tokenizer's jinja template ----------------------------------------------
     def render(self, chat: Chat, upto: int | None = None, add_generation_prompt: bool = False) -> str:
         messages = chat.messages if upto is None else chat.messages[:upto]
         template = self.tool_template if chat.tools else self.template
@@ -106,7 +153,7 @@ class ChatFormat:
                                           add_generation_prompt=add_generation_prompt, **self.variables)
 
     def chat(self, row: dict, extra: dict | None = None) -> Chat:
-        """Canonical row (plus an optional final answer) -> messages the template understands."""
+        """Canonical row (plus an optional final answer) -> messages the jinja template understands."""
         tools = parse_tools(row.get("tools", ""))
         system = row.get("system") or ""
         if tools and not self.native_tools:
@@ -133,6 +180,56 @@ class ChatFormat:
                 return {"role": "tool", "content": content}
             return {"role": "user", "content": f"<tool_response>\n{content}\n</tool_response>"}
         return turn  # user / assistant turns are already {role, content}
+
+
+def apply_template(tokenizer, name: str | None):
+    """The tokenizer as the tokenize stage used it with `data.template: name`: the template's
+    tokens fixed and its jinja form as the chat template, so chat, evaluation and the export
+    (tokenizer, generation stop ids, Modelfile) follow the template training saw."""
+    if name is not None:
+        tokenizer.chat_template = ChatFormat(tokenizer, name).template
+    return tokenizer
+
+
+def named_turns(template: nt.NamedTemplate, tool_format: str, messages: list[dict], system: str, tools: str,
+                tokenizer, history_thoughts: bool) -> list[list]:
+    """One list of texts / ids per message, as LLaMA-Factory's template of that name builds it."""
+    system = system or template.default_system
+    answers = [i for i, m in enumerate(messages) if m["role"] in TRAINED_ROLES]
+    contents = [m["content"] for m in messages]
+    if template.reasoning and not history_thoughts:
+        for i in answers[:-1]:
+            contents[i] = remove_thought(contents[i])
+    turns = []
+    for i, (message, content) in enumerate(zip(messages, contents)):
+        elements, role = [], message["role"]
+        if i == 0:
+            elements += template.prefix
+            if system or tools:
+                head = system + (tools_text(tool_format, tools) if tools else "")
+                if template.system_in_user:
+                    content = nt.fill(template.slots["system"], head)[0] + content
+                else:
+                    elements += nt.fill(template.slots["system"], head)
+        if role == "function_call":
+            content = calls_text(tool_format, content, nt.THOUGHT)
+        elements += nt.fill(template.slots[role], content)
+        turns.append([_ids(tokenizer, e) if isinstance(e, tuple) else e for e in elements])
+    if template.reasoning:
+        for i in answers if history_thoughts else answers[-1:]:
+            if nt.THOUGHT[0].strip() not in contents[i] and nt.THOUGHT[1].strip() not in contents[i]:
+                turns[i] = [nt.THOUGHT[0] + nt.THOUGHT[1], *turns[i]]
+    return turns
+
+
+def _ids(tokenizer, marker: tuple):
+    token_id = tokenizer.bos_token_id if marker == nt.BOS else tokenizer.eos_token_id
+    return token_id if token_id is not None else ""  # a missing BOS is simply left out
+
+
+def remove_thought(content: str) -> str:
+    pattern = re.escape(nt.THOUGHT[0]) + "(.*?)" + re.escape(nt.THOUGHT[1])
+    return re.sub(pattern, "", content, flags=re.DOTALL).lstrip("\n")
 
 
 @functools.cache
@@ -178,7 +275,7 @@ def _arguments(arguments: Any) -> Any:
 
 
 def tools_system_prompt(system: str, tools: list[dict]) -> str:
-    """Tool definitions as text, for templates that do not render `tools` themselves."""
+    """Tool definitions as text, for jinja templates that do not render `tools` themselves."""
     listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
     text = ("You can call the tools below. Each is described by a JSON schema:\n"
             f"<tools>\n{listing}\n</tools>\n"

@@ -52,7 +52,8 @@ def run_tokenize(cfg: Config, layout: Layout) -> dict:
     if data.packing and kind not in ("sft", "pretrain"):
         raise TunepipeError(f"data.packing=true: packing applies to stage sft and pt, not {stage}")
     tokenizer = load_tokenizer(layout.base_model, trust_remote_code=cfg.model.trust_remote_code)
-    fmt = None if kind == "pretrain" else ChatFormat(tokenizer, data.template, data.tool_format)
+    # pretraining reads no chat, but a named template still decides its EOS (replace_eos), as in LLaMA-Factory
+    fmt = None if kind == "pretrain" and not data.template else ChatFormat(tokenizer, data.template, data.tool_format)
     if kind == "pretrain" and tokenizer.eos_token_id is None:
         raise TunepipeError("stage pt needs an EOS token between documents; the tokenizer has none")
     plans, sources = select_rows(manifest, layout.validated, data)
@@ -155,6 +156,7 @@ def build_meta(cfg: Config, kind: str, tokenizer, fmt: ChatFormat | None, rows: 
     data = cfg.data
     return {"stage": cfg.train.stage, "kind": kind, "template": fmt.name if fmt else None,
             "chat_template": fmt.template if fmt else None, "native_tools": fmt.native_tools if fmt else None,
+            "added_tokens": fmt.added_tokens if fmt else [],
             "cutoff_len": data.cutoff_len, "packing": bool(data.packing and kind in ("sft", "pretrain")),
             "tokenizer": {"name": Path(str(tokenizer.name_or_path)).name, "vocab_size": len(tokenizer),
                           "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token},

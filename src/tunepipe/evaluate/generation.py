@@ -62,15 +62,16 @@ def _split_at_answer(ids, labels, tokenizer) -> Example | None:
 
 
 def generate(model, tokenizer, prompts: list[list[int]], eval_cfg: EvalConfig, batch_size: int,
-             seed: int, desc: str = "generate") -> list[str]:
-    """Decoded answers (special tokens dropped) for each prompt, in order."""
+             seed: int, desc: str = "generate", stop_words: tuple[str, ...] = ()) -> list[str]:
+    """Decoded answers (special tokens dropped) for each prompt, in order; generation stops at the
+    EOS / end-of-turn token and at `stop_words` (a named template's)."""
     import torch
     from tqdm.auto import tqdm
     from transformers import set_seed
 
     set_seed(seed)  # sampling (do_sample) repeats exactly on the same params
     device = model_device(model)
-    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None), stop_words)
     answers: list[str] = []
     for index in tqdm(list(batched(len(prompts), batch_size)), desc=desc, unit="batch"):
         ids, mask = padded([prompts[i] for i in index], tokenizer.pad_token_id, left=True)

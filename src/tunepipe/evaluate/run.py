@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunepipe.config import Config
+from tunepipe.data.named_templates import stop_words
+from tunepipe.data.templates import apply_template
 from tunepipe.errors import TunepipeError
 from tunepipe.evaluate.gen_metrics import corpus_scores, identity_accuracy
 from tunepipe.evaluate.generation import Example, generate, generation_examples
@@ -56,7 +58,7 @@ def run_evaluate(cfg: Config, layout: Layout) -> dict:
 
         return run_reward_evaluate(cfg, layout, source, dataset)
     base_dir = base_dir_for(cfg, layout)
-    tokenizer = tokenizer_for(cfg, base_dir, source)
+    tokenizer = apply_template(tokenizer_for(cfg, base_dir, source), cfg.data.template)  # its stop words
     examples = (generation_examples(dataset, tokenizer, cfg.eval.max_predict_samples)
                 if cfg.eval.predict_with_generate else [])
     device = device_for()
@@ -107,7 +109,7 @@ def score_model(cfg: Config, dataset, tokenizer, examples: list[Example], name: 
         scores.logps = preference_logps(model, dataset, pad_id, batch, desc=f"{name} log-probs")
     if examples:
         scores.answers = generate(model, tokenizer, [e.prompt_ids for e in examples], cfg.eval, batch,
-                                  cfg.train.seed, desc=f"{name} generate")
+                                  cfg.train.seed, desc=f"{name} generate", stop_words=stop_words(cfg.data.template))
         scores.metrics.update(corpus_scores(scores.answers, [e.label for e in examples]))
         if cfg.eval.identity_keywords:
             scores.metrics["identity_accuracy"] = identity_accuracy(scores.answers, cfg.eval.identity_keywords)

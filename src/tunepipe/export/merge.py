@@ -23,6 +23,8 @@ from pathlib import Path
 
 from tunepipe.config import Config
 from tunepipe.data.chat_format import stop_token_ids
+from tunepipe.data.named_templates import stop_words
+from tunepipe.data.templates import apply_template
 from tunepipe.errors import TunepipeError
 from tunepipe.export.modelfile import MODELFILE, modelfile_text
 from tunepipe.export.shards import export_size_bytes, save_sharded, verify_shards
@@ -64,12 +66,14 @@ def run_export(cfg: Config, layout: Layout) -> dict:
     limit = export_size_bytes(cfg.export.export_size)
     base_dir = base_dir_for(cfg, layout)
     source = trained_source(cfg, layout)
-    tokenizer = tokenizer_for(cfg, base_dir, source)
+    # with `template:` the export carries that template (chat template, EOS, stop ids, Modelfile)
+    tokenizer = apply_template(tokenizer_for(cfg, base_dir, source), cfg.data.template)
     probes = probe_inputs(tokenizer)
     device = device_for(cfg.export.export_device)
     with atomic_dir(export_dir) as tmp:
         model, reference, merge_diff = build_export_model(cfg, base_dir, source, device, probes)
-        model.generation_config.eos_token_id = stop_token_ids(tokenizer, model.generation_config)
+        model.generation_config.eos_token_id = stop_token_ids(tokenizer, model.generation_config,
+                                                              stop_words(cfg.data.template))
         model = model.to(torch_dtype(cfg.model.dtype))  # the one rounding to the export dtype
         save_sharded(model, tmp, limit)
         del model

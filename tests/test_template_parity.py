@@ -1,0 +1,54 @@
+"""Named templates give LLaMA-Factory 0.9.5's token ids and labels (golden rows, no LLaMA-Factory needed).
+
+tests/fixtures/template_parity/<template>.json is written by `bench/template_parity.py
+--write-fixtures`: for each demo set a few canonical rows (as tunepipe's validate stage
+wrote them) and the ids / labels LLaMA-Factory produced for them with the real SmolLM2
+tokenizer. Every supported template has a file, so a template added without a parity
+run, or a change that moves one id, fails here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from tunepipe.config_loader import load_config
+from tunepipe.data.encoding import Stats, encode_conversations, encode_preference
+from tunepipe.data.named_templates import TEMPLATES
+from tunepipe.data.templates import ChatFormat
+from tunepipe.modeling import load_tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures" / "template_parity"
+
+
+def test_every_supported_template_has_golden_rows():
+    assert sorted(p.stem for p in FIXTURES.glob("*.json")) == sorted(TEMPLATES)
+    for path in FIXTURES.glob("*.json"):
+        datasets = json.loads(path.read_text(encoding="utf-8"))["datasets"]
+        assert {"alpaca_en_demo", "glaive_toolcall_en_demo", "dpo_en_demo", "kto_en_demo"} <= set(datasets)
+        assert all(item["rows"] for item in datasets.values()), path.name
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_base_dir):
+    return load_tokenizer(smollm2_base_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_named_template_ids_and_labels_equal_llamafactory(name, smollm2_tokenizer):
+    fixture = json.loads((FIXTURES / f"{name}.json").read_text(encoding="utf-8"))
+    data = load_config(None, [f"data.cutoff_len={fixture['cutoff_len']}", f"data.template={name}"]).data
+    fmt = ChatFormat(copy.deepcopy(smollm2_tokenizer), name)  # a copy: templates add tokens to it
+    for dataset, item in fixture["datasets"].items():
+        rows = [golden["row"] for golden in item["rows"]]
+        if item["stage"] == "rm":
+            columns = encode_preference(rows, fmt, data, Stats())
+        else:
+            columns = encode_conversations(rows, fmt, data, item["stage"], eval_columns=False, stats=Stats())
+        for k, golden in enumerate(item["rows"]):
+            for column, expected in golden["expected"].items():
+                assert columns[column][k] == expected, f"{name} {dataset} row {k} {column}"
