@@ -54,12 +54,15 @@ def disk_full_cause(exc: BaseException | None) -> OSError | None:
 def guarded(fn, debug: bool = False) -> int:
     """Run `fn`; print user errors as `error: ...` (exit 2), tracebacks only with --debug.
 
-    Shared by the CLI and the DVC stage scripts so both follow one convention.
+    Shared by the CLI and the DVC stage scripts so both follow one convention. SIGTERM
+    outside training (which saves a checkpoint first, see `train/preemption.py`) stops the
+    command like Ctrl-C, so the temporary files of an unfinished output are removed.
     """
     import sys
 
     try:
-        return fn() or 0
+        with _sigterm_as_interrupt():
+            return fn() or 0
     except TunepipeError as exc:
         if debug:
             raise
@@ -75,6 +78,32 @@ def guarded(fn, debug: bool = False) -> int:
     except KeyboardInterrupt as exc:
         print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
         return getattr(exc, "exit_code", 130)
+
+
+def _sigterm_as_interrupt():
+    """While the command runs, SIGTERM raises `Interrupted` (exit 143) instead of ending the
+    process where it stands (main thread only; a handler someone else set is kept)."""
+    import contextlib
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return contextlib.nullcontext()
+
+    def stop(signum, frame):
+        raise Interrupted("SIGTERM: stopped; finished outputs and checkpoints are kept, "
+                          "the unfinished one's temporary files removed", exit_code=128 + signum)
+
+    @contextlib.contextmanager
+    def installed():
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    return installed()
 
 
 def stage_main(fn) -> None:
