@@ -61,7 +61,7 @@ def kill_after_first_checkpoint(repo: Path) -> int:
     """Start `dvc repro`, SIGKILL its whole process group once a checkpoint is complete."""
     proc = subprocess.Popen([str(VENV_BIN / "dvc"), "repro", "train"], cwd=repo, env=env_for(repo),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = repo / "checkpoints" / "checkpoint-3" / "trainer_state.json"
+    marker = repo / "checkpoints" / "checkpoint-3" / "tunepipe_manifest.json"  # a checkpoint's last file
     deadline = time.monotonic() + 300
     while not marker.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
