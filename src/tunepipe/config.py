@@ -215,7 +215,7 @@ class TrainConfig:
     plot_loss: bool = False
     """Write training_loss.png."""
     resume_from_checkpoint: Optional[Union[bool, str]] = None
-    """Resume from a checkpoint dir; by default the last checkpoint in checkpoints/ is used."""
+    """Resume from a checkpoint dir; by default the newest intact checkpoint of this run is used."""
     restore_callback_states_from_checkpoint: bool = False
     """Restore callback states (e.g. early stopping) when resuming."""
     num_processes: int = 1
