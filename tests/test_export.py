@@ -217,13 +217,14 @@ def test_llamafactory_style_export_command(tiny_model_dir, tmp_path, adapter_dir
     assert metrics["shards"] == 1 and metrics["modelfile_template"] == 1  # one shard still has an index
     assert_index_names_every_tensor_once(tmp_path / "merged", export_size_bytes(1))
 
-    # The Modelfile: the chat template as a Go template, its default system prompt, the stop token.
+    # The Modelfile: the YAML's `template: chatml` (LLaMA-Factory's ChatML, which has no default
+    # system prompt, unlike the tokenizer's own template) as a Go template, and its stop words.
     text = (tmp_path / "merged" / "Modelfile").read_text()
     assert text.splitlines()[1] == "FROM ."
     assert 'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}' in text
     assert '{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n<|im_start|>assistant\n' in text
-    assert 'SYSTEM """You are a tiny test assistant."""' in text
-    assert 'PARAMETER stop "<|im_end|>"' in text
+    assert "SYSTEM" not in text and "You are a tiny test assistant." not in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text
     saved = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
     assert 2 in (saved["eos_token_id"] if isinstance(saved["eos_token_id"], list) else [saved["eos_token_id"]])
     assert (tmp_path / "merged" / "chat_template.jinja").is_file() or \
