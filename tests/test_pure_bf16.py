@@ -36,8 +36,11 @@ def dtypes(model, trainable: bool) -> set[torch.dtype]:
 @pytest.mark.parametrize("finetuning_type", ["lora", "freeze"])
 def test_frozen_weights_are_bf16_and_trained_ones_float32(layout, finetuning_type):
     cfg = Config(model=ModelConfig(model_name_or_path="unused"),
-                 train=TrainConfig(finetuning_type=finetuning_type, pure_bf16=True, freeze_trainable_layers=1))
+                 train=TrainConfig(finetuning_type=finetuning_type, pure_bf16=True, freeze_trainable_layers=1,
+                                   additional_target="embed_tokens" if finetuning_type == "lora" else None))
     model = build_trainable_model(cfg, layout)
+    if finetuning_type == "lora":  # modules_to_save (a trained copy of the embeddings) too
+        assert any("modules_to_save" in n for n, p in model.named_parameters() if p.requires_grad)
     assert dtypes(model, trainable=False) == {torch.bfloat16}
     assert dtypes(model, trainable=True) == {torch.float32}
     plain = build_trainable_model(Config(model=cfg.model, train=TrainConfig(finetuning_type=finetuning_type,

@@ -129,7 +129,10 @@ def apply_finetuning(model, train: TrainConfig, quantized: bool = False, task_ty
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=train.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        return attach_lora(model, train, task_type)
+        model = attach_lora(model, train, task_type)
+        if train.pure_bf16:  # PEFT keeps LoRA weights float32 but copies modules_to_save in bf16
+            upcast_trainable(model)
+        return model
     if train.finetuning_type == "freeze":
         freeze_all_but(model, trainable_layer_params(model, train))
     else:
