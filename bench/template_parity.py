@@ -7,7 +7,7 @@ with the same SmolLM2-135M-Instruct tokenizer and cutoff; each row's token ids a
 are compared. Prints rows equal / rows compared per template and dataset.
 
     .venv/bin/python bench/template_parity.py [--templates qwen llama3] [--cutoff-len 1024]
-        [--write-fixtures] [--base DIR] [--work DIR] [--reuse]
+        [--write-fixtures] [--base DIR] [--work DIR] [--reuse] [--set mask_history=true]
 
 `--write-fixtures` also writes tests/fixtures/template_parity/<template>.json: a few
 rows per dataset (the canonical row tunepipe reads and LLaMA-Factory's ids and labels),
@@ -56,14 +56,15 @@ STAND_INS = {"gemma3": "gemma"}
 FIXTURES = REPO / "tests" / "fixtures" / "template_parity"
 
 
-def lf_rows(templates: list[str], base: Path, cutoff_len: int, work: Path, reuse: bool) -> dict:
+def lf_rows(templates: list[str], datasets: list, base: Path, cutoff_len: int, work: Path, reuse: bool,
+            extra: dict) -> dict:
     """{(template, dataset): columns} from one LLaMA-Factory process."""
     out = work / "lf-rows.jsonl"
     args = {"model_name_or_path": str(base), "do_train": True, "finetuning_type": "lora",
             "dataset_dir": str(LF_DEMO), "cutoff_len": cutoff_len, "overwrite_cache": True,
             "output_dir": str(work / "lf-out"), "report_to": "none", "use_cpu": True,
-            "templates": templates, "datasets": [[name, stage] for name, stage, _, _ in DATASETS],
-            "rows_out": str(out)}
+            "templates": templates, "datasets": [[name, stage] for name, stage, _, _ in datasets],
+            "rows_out": str(out), **extra}
     config = work / "lf-args.json"
     if reuse and out.is_file() and config.is_file() and json.loads(config.read_text()) == args:
         print(f"[bench] reusing LLaMA-Factory's rows from {out}", flush=True)
@@ -84,7 +85,8 @@ def read_rows(out: Path) -> dict:
     return table
 
 
-def tunepipe_rows(template: str, dataset: str, stage: str, base: Path, cutoff_len: int, work: Path):
+def tunepipe_rows(template: str, dataset: str, stage: str, base: Path, cutoff_len: int, work: Path,
+                  extra: dict):
     """(columns of the train shard, the canonical rows it came from) from tunepipe's validate + tokenize."""
     from datasets import load_from_disk
 
@@ -99,7 +101,8 @@ def tunepipe_rows(template: str, dataset: str, stage: str, base: Path, cutoff_le
     if not (root / "models" / "base").exists():
         (root / "models" / "base").symlink_to(base)
     cfg = load_config(None, [f"data.dataset={dataset}", f"data.dataset_dir={LF_DEMO}", f"train.stage={stage}",
-                             "data.val_size=0", f"data.cutoff_len={cutoff_len}", f"data.template={template}"])
+                             "data.val_size=0", f"data.cutoff_len={cutoff_len}", f"data.template={template}",
+                             *[f"data.{key}={value}" for key, value in extra.items()]])
     layout = Layout.at(root)
     if not (layout.validated / "manifest.json").is_file():
         run_validate(cfg, layout)
@@ -137,6 +140,9 @@ def main() -> int:
     parser.add_argument("--base", type=Path, default=None, help="an HF SmolLM2 dir (default: converted once)")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK / "template_parity")
     parser.add_argument("--write-fixtures", action="store_true")
+    parser.add_argument("--datasets", nargs="*", default=[d[0] for d in DATASETS])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="a data key for both sides, e.g. mask_history=true")
     parser.add_argument("--reuse", action="store_true", help="reuse LLaMA-Factory's rows from a run with the same args")
     args = parser.parse_args()
     os.environ["TQDM_DISABLE"] = "1"
@@ -147,13 +153,15 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     base = args.base or base_model_dir(DEFAULT_WORK)
     lf_names = list(dict.fromkeys(args.templates + [STAND_INS[t] for t in args.templates if t in STAND_INS]))
-    lf = lf_rows(lf_names, base, args.cutoff_len, args.work, args.reuse)
+    extra = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+    datasets = [d for d in DATASETS if d[0] in args.datasets]
+    lf = lf_rows(lf_names, datasets, base, args.cutoff_len, args.work, args.reuse, extra)
     print(f"{'template':<15} {'dataset':<25} rows equal / compared")
     totals = {}
     for template in args.templates:
         fixture = {"template": template, "cutoff_len": args.cutoff_len, "datasets": {}}
-        for dataset, _, stage, names in DATASETS:
-            tp, rows = tunepipe_rows(template, dataset, stage, base, args.cutoff_len, args.work)
+        for dataset, _, stage, names in datasets:
+            tp, rows = tunepipe_rows(template, dataset, stage, base, args.cutoff_len, args.work, extra)
             theirs = lf[(template, dataset)]
             if "error" in theirs and template in STAND_INS:
                 theirs = lf[(STAND_INS[template], dataset)]
@@ -163,10 +171,10 @@ def main() -> int:
             equal, compared, differ = compare(theirs, tp, names)
             totals[template] = [a + b for a, b in zip(totals.get(template, [0, 0]), (equal, compared))]
             note = f"  first difference: row {differ[0]}" if differ else ""
-            extra = len(tp[names[0]]) - len(theirs[names[0]])
-            if extra == 1 and stage == "pt":
-                note += f"  (+{extra} final short block: tunepipe keeps it, LLaMA-Factory drops it)"
-            elif extra:
+            surplus = len(tp[names[0]]) - len(theirs[names[0]])
+            if surplus == 1 and stage == "pt":
+                note += "  (+1 final short block: tunepipe keeps it, LLaMA-Factory drops it)"
+            elif surplus:
                 note += f"  (row counts differ: tunepipe {len(tp[names[0]])}, LLaMA-Factory {len(theirs[names[0]])})"
             print(f"{template:<15} {dataset:<25} {equal} / {compared}{note}", flush=True)
             if stage != "pt":
