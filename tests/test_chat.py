@@ -81,3 +81,21 @@ def test_second_turn_sees_the_first(session, tiny_model_dir, adapter):
     history = [{"role": "system", "content": "S"}, {"role": "user", "content": "one"},
                {"role": "assistant", "content": first}, {"role": "user", "content": "two"}]
     assert session.history[3]["content"] == expected_answer(tiny_model_dir, adapter, history, 4).strip()
+
+
+def test_a_named_template_builds_the_prompt_as_training_did(session, monkeypatch):
+    """With `template: alpaca` the prompt is alpaca's turns, each tokenized alone (its default
+    system prompt included), not the tokenizer's own ChatML."""
+    import tunepipe.chat as chat
+    from tunepipe.data.templates import ChatFormat
+
+    seen = []
+    monkeypatch.setattr(chat, "stream_answer", lambda model, tokenizer, ids, cfg, out: seen.append(ids) or "A")
+    named = ChatSession(session.model, session.tokenizer,
+                        load_config(None, ["data.template=alpaca", "tracking.report_to=none"]))
+    repl(named, io.StringIO("Q\nR\n"), io.StringIO(), interactive=False)
+    history = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "R"}]
+    assert seen[1] == ChatFormat(session.tokenizer, "alpaca").prompt_ids("", history)
+    text = session.tokenizer.decode(seen[1])
+    assert text.startswith("Below is an instruction") and text.endswith("### Instruction:\nR\n\n### Response:\n")
+    assert "<|im_start|>" not in text
