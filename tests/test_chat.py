@@ -86,7 +86,7 @@ def test_second_turn_sees_the_first(session, tiny_model_dir, adapter):
 def test_a_named_template_builds_the_prompt_as_training_did(session, monkeypatch):
     """With `template: alpaca` the prompt is alpaca's turns, each tokenized alone (its default
     system prompt included), not the tokenizer's own ChatML."""
-    import tunepipe.chat as chat
+    from tunepipe import chat
     from tunepipe.data.templates import ChatFormat
 
     seen = []
