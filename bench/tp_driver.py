@@ -59,7 +59,8 @@ def floor(config_path: str) -> dict:
     from tunepipe.config_loader import load_config
     from tunepipe.data.batching import CHUNK, BatchEncoder
     from tunepipe.data.templates import ChatFormat
-    from tunepipe.data.tokenize import gather
+    from tunepipe.data.chunks import Job, read_plan_rows
+    from tunepipe.data.tokenize import select_rows
     from tunepipe.data.validate import run_validate
     from tunepipe.data.validated import read_manifest
     from tunepipe.layout import Layout
@@ -69,7 +70,8 @@ def floor(config_path: str) -> dict:
     layout = Layout.at(cfg.train.output_dir)
     ensure_base_model(cfg.model, layout.base_model)
     run_validate(cfg, layout)
-    rows = gather(read_manifest(layout.validated)["train"], layout.validated, cfg.data)
+    plans, sources = select_rows(read_manifest(layout.validated), layout.validated, cfg.data)
+    rows = read_plan_rows(Job("sft", [], False, cfg.data, None, None, *sources["train"]), plans["train"])
     fmt = ChatFormat(load_tokenizer(layout.base_model), cfg.data.template)
     texts = [fmt.render(fmt.chat(row)) for row in rows]
     encode = BatchEncoder(fmt.tokenizer)
