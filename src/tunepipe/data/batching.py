@@ -41,7 +41,9 @@ class BatchEncoder:
 
 
 def chunked(rows: list, desc: str) -> Iterable[list]:
-    with tqdm(total=len(rows), desc=desc, unit="row", disable=None, mininterval=2) as bar:
+    # one chunk (what tokenize's workers hand over) gets no bar of its own: tokenize shows the split's
+    with tqdm(total=len(rows), desc=desc, unit="row", disable=None if len(rows) > CHUNK else True,
+              mininterval=2) as bar:
         for start in range(0, len(rows), CHUNK):
             yield rows[start:start + CHUNK]
             bar.update(min(CHUNK, len(rows) - start))

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from tunepipe.config import Config, DataConfig
 from tunepipe.data.chunks import Job, merge_stats, new_stats, run_chunks, worker_count
@@ -103,7 +104,8 @@ def encode_split(job: Job, plan: np.ndarray, split: str, path: Path, names: list
     stats = new_stats()
     writer = ShardWriter(path, names)
     packed = data.packing and split == "train"
-    results = run_chunks(job, plan, data.preprocessing_batch_size, worker_count(data.preprocessing_num_workers))
+    results = progress(run_chunks(job, plan, data.preprocessing_batch_size,
+                                  worker_count(data.preprocessing_num_workers)), len(plan), f"tokenize {split}")
     if job.kind == "pretrain":
         cutter = BlockCutter(data.cutoff_len, with_seq_lens=packed)
         for result in results:
@@ -130,6 +132,14 @@ def encode_split(job: Job, plan: np.ndarray, split: str, path: Path, names: list
         slots = count * data.cutoff_len
         summary["packing_efficiency"] = round(summary["tokens"] / slots, 4) if slots else 0.0
     return count, summary
+
+
+def progress(results, total: int, desc: str):
+    """The chunk results, with one progress bar for the split (workers' own bars stay off)."""
+    with tqdm(total=total, desc=desc, unit="row", disable=None, mininterval=2) as bar:
+        for result in results:
+            bar.update(result.stats.rows_in)
+            yield result
 
 
 def write_blocks(writer: ShardWriter, columns: dict, names: list[str], stats) -> None:
