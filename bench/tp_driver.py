@@ -58,8 +58,8 @@ def floor(config_path: str) -> dict:
     faster than this, which bounds the ratio against LLaMA-Factory."""
     from tunepipe.config_loader import load_config
     from tunepipe.data.batching import CHUNK, BatchEncoder
-    from tunepipe.data.templates import ChatFormat
     from tunepipe.data.chunks import Job, read_plan_rows
+    from tunepipe.data.templates import ChatFormat
     from tunepipe.data.tokenize import select_rows
     from tunepipe.data.validate import run_validate
     from tunepipe.data.validated import read_manifest
