@@ -96,7 +96,10 @@ def test_chatml_shards_equal_the_golden_hashes(case, tmp_path, smollm2_base_dir,
 
 @pytest.mark.parametrize(("case", "workers", "chunk"), [("sft_packed", 1, 7), ("pt_packed", 3, 13), ("sft", 2, 333)])
 def test_shards_do_not_depend_on_workers_or_chunk_size(case, workers, chunk, tmp_path, smollm2_base_dir,
-                                                       lf_demo_dir):
+                                                       lf_demo_dir, monkeypatch):
+    from tunepipe.data import chunks
+
+    monkeypatch.setattr(chunks, "RECYCLE", 2)  # workers replaced every 2 chunks: same bytes
     where, stage, dataset, data = CASES[case]
     golden = json.loads(GOLDEN.read_text(encoding="utf-8"))[case]
     extra = (f"data.preprocessing_num_workers={workers}", f"data.preprocessing_batch_size={chunk}")

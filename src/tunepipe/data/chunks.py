@@ -33,6 +33,7 @@ from tunepipe.data.encoding import Stats, encode_conversations, encode_preferenc
 from tunepipe.data.shards import to_table
 
 AHEAD = 2  # chunks in flight per worker
+RECYCLE = 200  # chunks a worker process encodes before a fresh fork replaces it
 
 
 @dataclass
@@ -123,7 +124,10 @@ def run_chunks(job: Job, plan: np.ndarray, chunk_rows: int, workers: int) -> Ite
         return
     _JOB = job
     try:
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_quiet_worker) as pool:
+        # workers are replaced every RECYCLE chunks: whatever a long-lived worker's heap keeps
+        # (allocator fragmentation) cannot grow with the dataset
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_quiet_worker,
+                                                      maxtasksperchild=RECYCLE) as pool:
             pending: deque = deque()
             for start in starts:
                 if len(pending) >= AHEAD * workers:

@@ -89,9 +89,10 @@ def select_rows(manifest: dict, validated: Path, data: DataConfig) -> tuple[dict
         offsets = [line_offsets(Path(f)) for f in files]
         parts = [sample_indices(len(o), item.get("num_samples"), data.max_samples, data.split_seed)
                  for o, item in zip(offsets, items)]
-        plans[split] = mix_plan(parts, data) if parts else np.zeros((0, 2), dtype=np.int64)
+        plans[split] = mix_plan(parts, data) if parts else np.zeros((0, 2), dtype=np.int32)
         sources[split] = (files, offsets)
-    if not manifest["eval"]:
+        del parts
+    if not manifest["eval"] and data.val_size:
         train, held_out = split_positions(len(plans["train"]), data.val_size, data.split_seed)
         plans["train"], plans["eval"] = plans["train"][train], plans["train"][held_out]
         sources["eval"] = sources["train"]
