@@ -270,6 +270,7 @@ def test_merge_export_reloads_and_generates(family_dirs, name, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from tunepipe.chat import stream_answer
+    from tunepipe.data.templates import ChatFormat
     from tunepipe.evaluate.generation import generate, stop_token_ids
     from tunepipe.export.merge import run_export
     from tunepipe.modeling import load_tokenizer
@@ -302,8 +303,10 @@ def test_merge_export_reloads_and_generates(family_dirs, name, tmp_path):
     assert answer == tokenizer.decode(want, skip_special_tokens=True).strip()
 
     messages = [{"role": "user", "content": "What is the capital of France? Give three tips."}]
-    said = stream_answer(exported, tokenizer, messages, cfg, io.StringIO())
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = ChatFormat(tokenizer, cfg.data.template).prompt_ids(None, messages)  # what `tunepipe chat` sends
+    assert ids == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)
+    said = stream_answer(exported, tokenizer, ids, cfg, io.StringIO())
     assert len(ids) > WINDOW
     assert said == tokenizer.decode(greedy_without_cache(exported, ids, 12, stops), skip_special_tokens=True).strip()
 
