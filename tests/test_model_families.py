@@ -18,7 +18,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.fixtures.families import FAMILIES, WINDOW, build_family_dir, family_config, model_class
+from tests.fixtures.families import (
+    FAMILIES,
+    WINDOW,
+    build_family_dir,
+    family_config,
+    greedy_without_cache,
+    model_class,
+)
 from tests.fixtures.tiny_model import build_tokenizer
 from tunepipe.config import Config, ModelConfig, TrackingConfig, TrainConfig
 from tunepipe.layout import Layout
@@ -248,18 +255,6 @@ def test_qlora_4bit_trains(family_dirs, name):
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert all(not torch.equal(p, before[full]) for full, p in model.named_parameters() if "lora_A" in full)
-
-
-def greedy_without_cache(model, ids: list[int], new_tokens: int, stops: list[int]) -> list[int]:
-    """Reference decoding: every step reruns the whole sequence (no KV cache to get wrong)."""
-    out = list(ids)
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            token = int(model(input_ids=torch.tensor([out]), use_cache=False).logits[0, -1].argmax())
-            if token in stops:
-                break
-            out.append(token)
-    return out[len(ids):]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from tests.fixtures.families import FAMILIES, WINDOW, build_family_dir
+from tests.fixtures.families import FAMILIES, WINDOW, build_family_dir, greedy_without_cache
 
 from tunepipe.cli import main
 from tunepipe.train.collate import IGNORE_INDEX
@@ -113,14 +113,8 @@ def test_tunepipe_train_first_loss_equals_each_sample_alone(tmp_path, name, pack
 def greedy_text(model, tokenizer, ids: list[int], new_tokens: int) -> str:
     from tunepipe.data.chat_format import stop_token_ids
 
-    stops, out = stop_token_ids(tokenizer, model.generation_config), list(ids)
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            token = int(model(input_ids=torch.tensor([out]), use_cache=False).logits[0, -1].argmax())
-            if token in stops:
-                break
-            out.append(token)
-    return tokenizer.decode(out[len(ids):], skip_special_tokens=True).strip()
+    stops = stop_token_ids(tokenizer, model.generation_config)
+    return tokenizer.decode(greedy_without_cache(model, ids, new_tokens, stops), skip_special_tokens=True).strip()
 
 
 def test_gemma3_eval_export_and_chat_through_the_cli(tmp_path, monkeypatch, capsys):
