@@ -10,11 +10,10 @@ already paid, which keeps the test cheap). Only rank 0 creates an MLflow run.
 
 from __future__ import annotations
 
-import csv
 import logging
 
-import pytest
 import yaml
+from tests.fixtures.same_training import assert_same_training, loss_points
 
 from tunepipe.config_loader import load_config
 from tunepipe.io_utils import read_json
@@ -33,17 +32,6 @@ def settings(tiny_model_dir, lf_demo_dir, mlflow_uri) -> dict:
     }
 
 
-def loss_points(layout: Layout) -> list[tuple[int, float]]:
-    with (layout.plots / "train_loss.csv").open() as handle:
-        return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
-
-
-def adapter_tensors(layout: Layout) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(layout.adapter / "adapter_model.safetensors"))
-
-
 def test_two_processes_match_one_with_doubled_accumulation(tmp_path, tiny_model_dir, lf_demo_dir, mlflow_uri,
                                                            caplog):
     config = tmp_path / "cfg.yaml"
@@ -56,14 +44,7 @@ def test_two_processes_match_one_with_doubled_accumulation(tmp_path, tiny_model_
     assert any("launching 2 training processes" in r.getMessage() for r in caplog.records)
     run_train_pipeline(load_config(config, ["train.gradient_accumulation_steps=8"]), single)
 
-    ddp_points, single_points = loss_points(ddp), loss_points(single)
-    assert [step for step, _ in ddp_points] == [step for step, _ in single_points] == [1, 2, 3]
-    assert [loss for _, loss in ddp_points] == pytest.approx([loss for _, loss in single_points], rel=1e-5)
-    assert single_points[-1][1] < single_points[0][1]  # it trained
-    ddp_weights, single_weights = adapter_tensors(ddp), adapter_tensors(single)
-    assert ddp_weights.keys() == single_weights.keys()
-    for name, tensor in single_weights.items():
-        assert (ddp_weights[name] - tensor).abs().max().item() < 1e-6, name
+    assert_same_training(ddp, single, weight_tolerance=1e-6)
     # the token count covers both processes
     assert read_json(ddp.metrics / "train.json")["tokens_seen"] == \
         read_json(single.metrics / "train.json")["tokens_seen"]
@@ -76,4 +57,4 @@ def test_two_processes_match_one_with_doubled_accumulation(tmp_path, tiny_model_
     (ddp_run,) = [run for run in runs if run.data.params["train.num_processes"] == "2"]
     assert read_json(ddp.adapter / "tunepipe_run.json")["mlflow_run_id"] == ddp_run.info.run_id
     history = sorted((m.step, m.value) for m in mlflow.get_metric_history(ddp_run.info.run_id, "loss"))
-    assert history == ddp_points
+    assert history == loss_points(ddp)

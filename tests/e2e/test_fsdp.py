@@ -13,7 +13,6 @@ loads on the unquantized base, an HF model dir that loads with every weight pres
 
 from __future__ import annotations
 
-import csv
 import os
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.fixtures.same_training import adapter_tensors, assert_same_training, loss_points
 
 from tunepipe.config_loader import load_config
 from tunepipe.layout import Layout
@@ -42,28 +42,6 @@ def write_config(path: Path, tiny_model_dir, lf_demo_dir, **train) -> Path:
     }
     path.write_text(yaml.safe_dump(settings))
     return path
-
-
-def loss_points(layout: Layout) -> list[tuple[int, float]]:
-    with (layout.plots / "train_loss.csv").open() as handle:
-        return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
-
-
-def adapter_tensors(layout: Layout) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(layout.adapter / "adapter_model.safetensors"))
-
-
-def assert_same_training(run: Layout, reference: Layout) -> None:
-    points, expected = loss_points(run), loss_points(reference)
-    assert [step for step, _ in points] == [step for step, _ in expected] == [1, 2, 3]
-    assert [loss for _, loss in points] == pytest.approx([loss for _, loss in expected], rel=1e-5)
-    assert expected[-1][1] < expected[0][1]  # it trained
-    weights, expected_weights = adapter_tensors(run), adapter_tensors(reference)
-    assert weights.keys() == expected_weights.keys()
-    for name, tensor in expected_weights.items():
-        assert (weights[name] - tensor).abs().max().item() < 1e-5, name
 
 
 @pytest.fixture(scope="module")
