@@ -45,7 +45,18 @@ def _train(args) -> int:
         # launched by tunepipe: a clean exit keeps torchrun / accelerate from reporting a
         # failure; the parent relayed the signal and says where the checkpoint is
         logging.getLogger(__name__).info("%s", stopped)
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down before the interpreter does: left to exit-time destructors,
+    a rank sometimes aborted after training ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
