@@ -58,10 +58,18 @@ def rows(args: dict) -> dict:
     """For each template in `templates` and each (dataset, stage) in `datasets`: LLaMA-Factory's
     tokenized train rows, written as JSON lines to `rows_out`. The tokenizer is loaded afresh
     per template because LLaMA-Factory's template setup changes it (EOS, stop words)."""
+    import time_machine
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_tokenizer
 
+    # LLaMA-Factory writes the clock's date into llama3 tool prompts; tunepipe writes
+    # data.template_date. Both sides compare on the same day with LLaMA-Factory's clock held there.
+    with time_machine.travel(args.pop("today"), tick=False):
+        return _rows_on_this_day(args, get_dataset, get_template_and_fix_tokenizer, get_train_args, load_tokenizer)
+
+
+def _rows_on_this_day(args: dict, get_dataset, get_template_and_fix_tokenizer, get_train_args, load_tokenizer):
     counts = {}
     with open(args.pop("rows_out"), "w", encoding="utf-8") as out:
         for template in args.pop("templates"):

@@ -52,6 +52,11 @@ if ! installed llamafactory "$lf_version"; then
   "${pip[@]}" install "llamafactory==$lf_version" "torch==$torch_version" "torchaudio==2.9.*"
 fi
 
+# time-machine: template_parity.py holds LLaMA-Factory's clock on data.template_date's day
+if ! installed time-machine 3.6.0; then
+  "${pip[@]}" install "time-machine==3.6.0"
+fi
+
 if "${pip[@]}" show torchvision >/dev/null 2>&1 && ! "$venv/bin/python" -c "import torchvision" 2>/dev/null; then
   echo "[setup] removing torchvision (does not import beside this torch)"
   "${pip[@]}" uninstall -y torchvision

@@ -7,7 +7,10 @@ with the same SmolLM2-135M-Instruct tokenizer and cutoff; each row's token ids a
 are compared. Prints rows equal / rows compared per template and dataset.
 
     .venv/bin/python bench/template_parity.py [--templates qwen llama3] [--cutoff-len 1024]
-        [--write-fixtures] [--base DIR] [--work DIR] [--reuse] [--set mask_history=true]
+        [--write-fixtures] [--base DIR] [--work DIR] [--reuse] [--set mask_history=true] [--today 2024-07-26]
+
+Both sides render the same date (llama3's tool prompt): tunepipe's `data.template_date`, and
+LLaMA-Factory, which reads the clock, with its clock held on that day (time-machine).
 
 `--write-fixtures` also writes tests/fixtures/template_parity/<template>.json: a few
 rows per dataset (the canonical row tunepipe reads and LLaMA-Factory's ids and labels),
@@ -57,14 +60,14 @@ FIXTURES = REPO / "tests" / "fixtures" / "template_parity"
 
 
 def lf_rows(templates: list[str], datasets: list, base: Path, cutoff_len: int, work: Path, reuse: bool,
-            extra: dict) -> dict:
+            extra: dict, today: str) -> dict:
     """{(template, dataset): columns} from one LLaMA-Factory process."""
     out = work / "lf-rows.jsonl"
     args = {"model_name_or_path": str(base), "do_train": True, "finetuning_type": "lora",
             "dataset_dir": str(LF_DEMO), "cutoff_len": cutoff_len, "overwrite_cache": True,
             "output_dir": str(work / "lf-out"), "report_to": "none", "use_cpu": True,
             "templates": templates, "datasets": [[name, stage] for name, stage, _, _ in datasets],
-            "rows_out": str(out), **extra}
+            "rows_out": str(out), "today": today, **extra}
     config = work / "lf-args.json"
     if reuse and out.is_file() and config.is_file() and json.loads(config.read_text()) == args:
         print(f"[bench] reusing LLaMA-Factory's rows from {out}", flush=True)
@@ -86,7 +89,7 @@ def read_rows(out: Path) -> dict:
 
 
 def tunepipe_rows(template: str, dataset: str, stage: str, base: Path, cutoff_len: int, work: Path,
-                  extra: dict):
+                  extra: dict, today: str):
     """(columns of the train shard, the canonical rows it came from) from tunepipe's validate + tokenize."""
     from datasets import load_from_disk
 
@@ -101,7 +104,7 @@ def tunepipe_rows(template: str, dataset: str, stage: str, base: Path, cutoff_le
     if not (root / "models" / "base").exists():
         (root / "models" / "base").symlink_to(base)
     cfg = load_config(None, [f"data.dataset={dataset}", f"data.dataset_dir={LF_DEMO}", f"train.stage={stage}",
-                             "data.val_size=0", f"data.cutoff_len={cutoff_len}", f"data.template={template}",
+                             "data.val_size=0", f"data.cutoff_len={cutoff_len}", f"data.template={template}", f"data.template_date={today}",
                              *[f"data.{key}={value}" for key, value in extra.items()]])
     layout = Layout.at(root)
     if not (layout.validated / "manifest.json").is_file():
@@ -132,6 +135,7 @@ def fixture_rows(lf: dict, rows: list[dict], names: tuple, differ: list[int]) ->
 
 
 def main() -> int:
+    from tunepipe.config import DEFAULT_TEMPLATE_DATE
     from tunepipe.data.named_templates import TEMPLATES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -143,6 +147,9 @@ def main() -> int:
     parser.add_argument("--datasets", nargs="*", default=[d[0] for d in DATASETS])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="a data key for both sides, e.g. mask_history=true")
+    parser.add_argument("--today", default=DEFAULT_TEMPLATE_DATE,
+                        help="the date both sides render (LLaMA-Factory's clock is held there); "
+                             "default: tunepipe's data.template_date default")
     parser.add_argument("--reuse", action="store_true", help="reuse LLaMA-Factory's rows from a run with the same args")
     args = parser.parse_args()
     os.environ["TQDM_DISABLE"] = "1"
@@ -155,13 +162,13 @@ def main() -> int:
     lf_names = list(dict.fromkeys(args.templates + [STAND_INS[t] for t in args.templates if t in STAND_INS]))
     extra = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
     datasets = [d for d in DATASETS if d[0] in args.datasets]
-    lf = lf_rows(lf_names, datasets, base, args.cutoff_len, args.work, args.reuse, extra)
+    lf = lf_rows(lf_names, datasets, base, args.cutoff_len, args.work, args.reuse, extra, args.today)
     print(f"{'template':<15} {'dataset':<25} rows equal / compared")
     totals = {}
     for template in args.templates:
-        fixture = {"template": template, "cutoff_len": args.cutoff_len, "datasets": {}}
+        fixture = {"template": template, "cutoff_len": args.cutoff_len, "template_date": args.today, "datasets": {}}
         for dataset, _, stage, names in datasets:
-            tp, rows = tunepipe_rows(template, dataset, stage, base, args.cutoff_len, args.work, extra)
+            tp, rows = tunepipe_rows(template, dataset, stage, base, args.cutoff_len, args.work, extra, args.today)
             theirs = lf[(template, dataset)]
             if "error" in theirs and template in STAND_INS:
                 theirs = lf[(STAND_INS[template], dataset)]

@@ -5,6 +5,10 @@ tests/fixtures/template_parity/<template>.json is written by `bench/template_par
 wrote them) and the ids / labels LLaMA-Factory produced for them with the real SmolLM2
 tokenizer. Every supported template has a file, so a template added without a parity
 run, or a change that moves one id, fails here.
+
+The fixtures were captured with LLaMA-Factory's clock held on `template_date` (llama3's tool
+prompt writes the day); tunepipe renders that date from `data.template_date`, and the comparison
+runs with this process's clock moved elsewhere, so a template that read the clock would fail.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import json
 from pathlib import Path
 
 import pytest
+import time_machine
 
+from tunepipe.config import DEFAULT_TEMPLATE_DATE
 from tunepipe.config_loader import load_config
 from tunepipe.data.encoding import Stats, encode_conversations, encode_preference
 from tunepipe.data.named_templates import TEMPLATES
@@ -22,6 +28,7 @@ from tunepipe.data.templates import ChatFormat
 from tunepipe.modeling import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "template_parity"
+MOVED_CLOCK = "2031-02-28 23:59:30"  # neither the capture day nor the default template_date
 
 
 def test_every_supported_template_has_golden_rows():
@@ -41,8 +48,15 @@ def smollm2_tokenizer(smollm2_base_dir):
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_named_template_ids_and_labels_equal_llamafactory(name, smollm2_tokenizer):
     fixture = json.loads((FIXTURES / f"{name}.json").read_text(encoding="utf-8"))
-    data = load_config(None, [f"data.cutoff_len={fixture['cutoff_len']}", f"data.template={name}"]).data
-    fmt = ChatFormat(copy.deepcopy(smollm2_tokenizer), name)  # a copy: templates add tokens to it
+    day = fixture.get("template_date", DEFAULT_TEMPLATE_DATE)  # captured before the key: no date rendered
+    data = load_config(None, [f"data.cutoff_len={fixture['cutoff_len']}", f"data.template={name}",
+                              f"data.template_date={day}"]).data
+    with time_machine.travel(MOVED_CLOCK, tick=False):
+        fmt = ChatFormat(copy.deepcopy(smollm2_tokenizer), name, today=data.today())  # a copy: templates add tokens
+        check_fixture(name, fixture, fmt, data)
+
+
+def check_fixture(name: str, fixture: dict, fmt: ChatFormat, data) -> None:
     for dataset, item in fixture["datasets"].items():
         rows = [golden["row"] for golden in item["rows"]]
         if item["stage"] == "rm":

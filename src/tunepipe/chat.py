@@ -54,7 +54,8 @@ class ChatSession:
     def reply(self, text: str, out: TextIO) -> str:
         """Add the user turn, stream the answer to `out`, remember it, return it."""
         self.history.append({"role": "user", "content": text})
-        ids = ChatFormat(self.tokenizer, self.cfg.data.template).prompt_ids(self.system, self.history)
+        fmt = ChatFormat(self.tokenizer, self.cfg.data.template, today=self.cfg.data.today())
+        ids = fmt.prompt_ids(self.system, self.history)
         answer = stream_answer(self.model, self.tokenizer, ids, self.cfg, out)
         self.history.append({"role": "assistant", "content": answer})
         return answer

@@ -10,11 +10,15 @@ in `check()` beside the fields; types are checked generically by the loader.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Literal, Optional, Union
 
 from tunepipe.errors import TunepipeError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# The date templates render unless data.template_date says otherwise: the date Llama 3.1's own
+# chat template falls back to when it has no clock, so a pipeline is reproducible by default.
+DEFAULT_TEMPLATE_DATE = "2024-07-26"
 
 
 def _require(ok: bool, group: str, key: str, value, why: str) -> None:
@@ -98,6 +102,8 @@ class DataConfig:
     """LLaMA-Factory's streaming: tunepipe always streams (bounded memory); true needs train.max_steps."""
     buffer_size: int = 16384
     """LLaMA-Factory's streaming shuffle buffer; training shuffles whole shards, so it changes nothing."""
+    template_date: str = DEFAULT_TEMPLATE_DATE
+    """The date a chat template renders (llama3's tool prompt `Today Date`, jinja `strftime_now`), YYYY-MM-DD: a declared input, never the clock, so the shards do not change from day to day."""
 
     def check(self) -> None:
         _require(self.preprocessing_num_workers is None or self.preprocessing_num_workers >= 1, "data",
@@ -114,8 +120,16 @@ class DataConfig:
         _require(bool(self.datasets()), "data", "dataset", self.dataset, "names no dataset")
         _require(not (self.eval_datasets() and self.val_size), "data", "val_size", self.val_size,
                  "must be 0 when eval_dataset is set (the eval split is that dataset)")
+        try:
+            date.fromisoformat(self.template_date)
+        except ValueError:
+            _require(False, "data", "template_date", self.template_date, "must be a date, YYYY-MM-DD")
         if self.neat_packing:
             self.packing = True
+
+    def today(self) -> date:
+        """`template_date` as the date templates render."""
+        return date.fromisoformat(self.template_date)
 
     def datasets(self) -> list[str]:
         return _name_list(self.dataset)

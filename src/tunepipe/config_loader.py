@@ -9,6 +9,7 @@ silently ignored), and every value is checked against its field's type.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import logging
 import typing
@@ -222,5 +223,7 @@ def _coerce_scalar(value: Any, kind: type) -> Any:
     if kind is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, datetime.date):  # YAML reads an unquoted 2024-07-26 as a date
+            return value.isoformat()
         raise TypeError("expected a string")
     raise TypeError(f"unsupported field type {kind}")

@@ -254,5 +254,5 @@ TUNEPIPE_ONLY_KEYS: frozenset[str] = frozenset({
     "dtype", "overlong", "split_seed", "on_invalid", "num_processes", "accelerate_config",
     "num_machines", "machine_rank", "main_process_ip", "main_process_port",
     "precompute_ref_log_probs", "max_predict_samples", "compare_base", "identity_keywords",
-    "tracking_uri", "experiment_name",
+    "tracking_uri", "experiment_name", "template_date",
 })

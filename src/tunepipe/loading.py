@@ -15,7 +15,7 @@ from pathlib import Path
 from tunepipe.config import Config
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
-from tunepipe.modeling import ensure_base_model, load_causal_lm, load_tokenizer, resolve_source
+from tunepipe.modeling import ensure_base_model, load_causal_lm, load_tokenizer, peft_wrapping, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ def apply_adapters(model, paths: list[Path], merge_last: bool = False):
     from peft import PeftModel
 
     for index, path in enumerate(paths):
-        model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
         if index < len(paths) - 1 or merge_last:
             model = model.merge_and_unload()
     return model.eval()

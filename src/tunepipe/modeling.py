@@ -9,10 +9,12 @@ manifest with its resolved path and content hash, and the loaders follow it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,3 +191,13 @@ def load_causal_lm(base_dir: str | Path, dtype: str | None = None, trust_remote_
     return AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=torch_dtype(dtype), use_safetensors=True,
         trust_remote_code=trust_remote_code, **kwargs)
+
+
+@contextlib.contextmanager
+def peft_wrapping():
+    """Silences the one FutureWarning PEFT 0.21 causes on every wrap: `PeftModel.__init__` reads
+    transformers 5's deprecated `is_gradient_checkpointing` (PEFT's call, not one tunepipe can
+    change). Only that message, only inside our calls into PEFT."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

@@ -31,8 +31,10 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
+from tunepipe.config import DEFAULT_TEMPLATE_DATE
 from tunepipe.data import named_templates as nt
 from tunepipe.data.tool_formats import FORMATS, calls_text, tools_text
 from tunepipe.errors import TunepipeError
@@ -40,6 +42,7 @@ from tunepipe.errors import TunepipeError
 log = logging.getLogger(__name__)
 
 TRAINED_ROLES = ("assistant", "function_call")
+DEFAULT_TODAY = date.fromisoformat(DEFAULT_TEMPLATE_DATE)
 JINJA_TOOL_FORMATS = (None, "qwen")  # qwen: force the tagged <tool_call> text form
 
 
@@ -55,8 +58,10 @@ class Chat:
 class ChatFormat:
     """Turn canonical rows into turns (texts and token ids), by a named template or the tokenizer's."""
 
-    def __init__(self, tokenizer, name: str | None = None, tool_format: str | None = None):
+    def __init__(self, tokenizer, name: str | None = None, tool_format: str | None = None,
+                 today: date = DEFAULT_TODAY):
         self.tokenizer = tokenizer
+        self.today = today  # data.template_date: the only date a template ever renders
         self.name = name or "tokenizer"
         self.named = nt.get_template(name) if name is not None else None
         self.added_tokens: list[str] = []
@@ -83,7 +88,8 @@ class ChatFormat:
             self.template = tokenizer.get_chat_template()
             self.tool_template = tokenizer.get_chat_template(None, tools=[{}])
             self.native_tools = tool_format is None and reads_tools(self.tool_template)
-        self.variables = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes to templates
+        # what apply_chat_template passes to templates, with the clock replaced by data.template_date
+        self.variables = {**tokenizer.special_tokens_map, **clock_variables(today)}
 
     @property
     def efficient_eos(self) -> bool:
@@ -109,7 +115,7 @@ class ChatFormat:
         if self.named is None:
             return [[text] for text in self.rendered_turns(row, extra)]
         return named_turns(self.named, self.tool_format, messages, row.get("system") or "",
-                           row.get("tools") or "", self.tokenizer, history_thoughts)
+                           row.get("tools") or "", self.tokenizer, history_thoughts, self.today)
 
     def rendered_turns(self, row: dict, extra: dict | None = None) -> list[str]:
         """The tokenizer template's text cut before and after every answer."""
@@ -192,7 +198,7 @@ def apply_template(tokenizer, name: str | None):
 
 
 def named_turns(template: nt.NamedTemplate, tool_format: str, messages: list[dict], system: str, tools: str,
-                tokenizer, history_thoughts: bool) -> list[list]:
+                tokenizer, history_thoughts: bool, today: date) -> list[list]:
     """One list of texts / ids per message, as LLaMA-Factory's template of that name builds it."""
     system = system or template.default_system
     answers = [i for i, m in enumerate(messages) if m["role"] in TRAINED_ROLES]
@@ -206,7 +212,7 @@ def named_turns(template: nt.NamedTemplate, tool_format: str, messages: list[dic
         if i == 0:
             elements += template.prefix
             if system or tools:
-                head = system + (tools_text(tool_format, tools) if tools else "")
+                head = system + (tools_text(tool_format, tools, today) if tools else "")
                 if template.system_in_user:
                     content = nt.fill(template.slots["system"], head)[0] + content
                 else:
@@ -220,6 +226,13 @@ def named_turns(template: nt.NamedTemplate, tool_format: str, messages: list[dic
             if nt.THOUGHT[0].strip() not in contents[i] and nt.THOUGHT[1].strip() not in contents[i]:
                 turns[i] = [nt.THOUGHT[0] + nt.THOUGHT[1], *turns[i]]
     return turns
+
+
+def clock_variables(today: date) -> dict:
+    """Template variables that replace the clock: transformers gives jinja templates a
+    `strftime_now(format)` global reading the current time (Llama 3.x, Granite, SmolLM3 render
+    today's date with it); a render variable of the same name takes precedence over it."""
+    return {"strftime_now": functools.partial(date.strftime, today)}  # a partial pickles; a lambda would not
 
 
 def _ids(tokenizer, marker: tuple):

@@ -1,7 +1,8 @@
 """Tool definitions and function calls as text, for the named templates (`data.tool_format`).
 
-Each format is two functions: `tools(list) -> str` (appended to the system prompt) and
-`calls(list of (name, arguments JSON text)) -> str` (the assistant's function-call turn).
+Each format is two functions: `tools(list, today) -> str` (appended to the system prompt; only
+llama3 writes `today`, the date from `data.template_date`) and `calls(list of (name, arguments
+JSON text)) -> str` (the assistant's function-call turn).
 The wording is LLaMA-Factory 0.9.5's for the same format name (default, qwen, llama3,
 mistral, glm4), so a tool-calling dataset tokenizes the same; the code is tunepipe's.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import date
 
 from tunepipe.errors import TunepipeError
 
@@ -48,7 +49,7 @@ def _dumps(value) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def default_tools(tools: list[dict]) -> str:
+def default_tools(tools: list[dict], today: date) -> str:
     text, names = "", []
     for tool in map(_function, tools):
         params = ""
@@ -66,7 +67,7 @@ def default_calls(calls: list[tuple[str, str]]) -> str:
     return "\n".join(f"Action: {name}\nAction Input: {arguments}" for name, arguments in calls)
 
 
-def qwen_tools(tools: list[dict]) -> str:
+def qwen_tools(tools: list[dict], today: date) -> str:
     return QWEN_PROMPT.format(tool_text="".join("\n" + _dumps(_wrapped(tool)) for tool in tools))
 
 
@@ -75,11 +76,11 @@ def qwen_calls(calls: list[tuple[str, str]]) -> str:
                      for name, arguments in calls)
 
 
-def llama3_tools(tools: list[dict]) -> str:
-    # Today's date, as Llama 3.1's own template and LLaMA-Factory write it: a tool-calling
-    # dataset therefore tokenizes differently on another day (see the migration notes).
+def llama3_tools(tools: list[dict], today: date) -> str:
+    # LLaMA-Factory writes the clock's date here, so its tool rows tokenize differently every day;
+    # tunepipe writes data.template_date, a declared input (see the migration notes).
     text = "".join(json.dumps(_wrapped(tool), indent=4, ensure_ascii=False) + "\n\n" for tool in tools)
-    return LLAMA3_PROMPT.format(date=datetime.now().strftime("%d %b %Y"), tool_text=text)
+    return LLAMA3_PROMPT.format(date=today.strftime("%d %b %Y"), tool_text=text)
 
 
 def llama3_calls(calls: list[tuple[str, str]]) -> str:
@@ -87,7 +88,7 @@ def llama3_calls(calls: list[tuple[str, str]]) -> str:
     return _dumps(objects[0] if len(objects) == 1 else objects)
 
 
-def mistral_tools(tools: list[dict]) -> str:
+def mistral_tools(tools: list[dict], today: date) -> str:
     return "[AVAILABLE_TOOLS] " + _dumps([_wrapped(tool) for tool in tools]) + "[/AVAILABLE_TOOLS]"
 
 
@@ -95,7 +96,7 @@ def mistral_calls(calls: list[tuple[str, str]]) -> str:
     return _dumps([{"name": name, "arguments": json.loads(arguments)} for name, arguments in calls])
 
 
-def glm4_tools(tools: list[dict]) -> str:
+def glm4_tools(tools: list[dict], today: date) -> str:
     text = "".join(GLM4_TOOL.format(name=tool["name"], body=json.dumps(tool, indent=4, ensure_ascii=False))
                    for tool in map(_function, tools))
     return GLM4_PROMPT.format(tool_text=text)
@@ -116,10 +117,10 @@ FORMATS = {
 }
 
 
-def tools_text(tool_format: str, tools_json: str) -> str:
+def tools_text(tool_format: str, tools_json: str, today: date) -> str:
     """The row's `tools` JSON as the text appended to the system prompt ("" for an empty list)."""
     tools = json.loads(tools_json)
-    return FORMATS[tool_format][0](tools) if len(tools) else ""
+    return FORMATS[tool_format][0](tools, today) if len(tools) else ""
 
 
 def calls_text(tool_format: str, content: str, thought: tuple[str, str]) -> str:

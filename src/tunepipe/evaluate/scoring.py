@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tunepipe.errors import TunepipeError
+from tunepipe.modeling import peft_wrapping
 
 
 def as_text(tokenizer, item) -> str:
@@ -57,7 +58,8 @@ def load_reward_model(trained_dir: str | Path, base_dir: str | Path | None, pad_
         base = AutoModelForSequenceClassification.from_pretrained(
             str(follow_manifest(base_dir)), num_labels=1, dtype=torch_dtype(dtype), use_safetensors=True,
             quantization_config=quantization_config)
-        model = PeftModel.from_pretrained(base, str(trained_dir), is_trainable=False)
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(base, str(trained_dir), is_trainable=False)
     else:
         config_path = trained_dir / "config.json"
         if not config_path.is_file():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tunepipe.config import TrainConfig
 from tunepipe.errors import TunepipeError
+from tunepipe.modeling import peft_wrapping
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def attach_lora(model, train: TrainConfig, task_type: str = "CAUSAL_LM"):
     config.ensure_weight_tying = _trains_tied_embeddings(model, config)
     pissa_snapshot = _pissa_snapshot_dir() if train.pissa_init else None
     try:
-        peft_model = get_peft_model(model, config)
+        with peft_wrapping():
+            peft_model = get_peft_model(model, config)
     except ValueError as exc:
         if "not found in the base model" in str(exc) or "Target module" in str(exc):
             raise TunepipeError(f"train.lora_target={train.lora_target!r} / train.additional_target="
