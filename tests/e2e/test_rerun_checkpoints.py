@@ -19,22 +19,31 @@ STEPS = {"max_steps": 4, "save_steps": 2}
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model_dir):
-    """One uninterrupted run (4 steps, checkpoints at 2 and 4); its files as bytes."""
+    """One uninterrupted run (4 steps, checkpoints at 2 and 4); its files as bytes, its stderr."""
     root = tmp_path_factory.mktemp("finished")
     cfg = write_config(root / "train.yaml", tiny_model_dir, root / "out", **STEPS)
     done = run_cli("train", str(cfg))
     assert done.returncode == 0, done.stderr
-    return cfg, root / "out", file_bytes(root / "out")
+    return cfg, root / "out", file_bytes(root / "out"), done.stderr
 
 
 def fresh_copy(tmp_path, tiny_model_dir, finished_run):
     """The finished run's output dir copied, with a config pointing at the copy."""
     import shutil
 
-    _, out, _ = finished_run
+    out = finished_run[1]
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     return write_config(tmp_path / "train.yaml", tiny_model_dir, copy, **STEPS), copy
+
+
+def test_a_cpu_run_prints_no_library_noise(finished_run):
+    """No FutureWarning from PEFT reading a deprecated transformers property, and no DeepSpeed
+    accelerator line: accelerate imports DeepSpeed (installed here) even when it is not used."""
+    stderr = finished_run[3]
+    assert "== train ==" in stderr
+    assert "FutureWarning" not in stderr and "is_gradient_checkpointing" not in stderr, stderr
+    assert "Setting accelerator to CPU" not in stderr and "[real_accelerator" not in stderr, stderr
 
 
 def test_a_finished_run_run_again_trains_nothing_and_changes_no_byte(tmp_path, tiny_model_dir, finished_run):
