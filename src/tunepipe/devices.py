@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
-import os
 
 from tunepipe.config import TrainConfig
 from tunepipe.errors import TunepipeError
@@ -32,15 +31,6 @@ def has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def name_deepspeed_accelerator() -> None:
-    """accelerate imports DeepSpeed whenever it is installed, in runs that never use it, and
-    DeepSpeed's GPU detection then logs "Setting accelerator to CPU ..." on every CPU run.
-    Without a CUDA GPU, name the CPU accelerator through DeepSpeed's own `DS_ACCELERATOR`: what
-    detection would pick, without the line. A value the user set is kept."""
-    if "DS_ACCELERATOR" not in os.environ and not has_cuda():
-        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def check_precision(train: TrainConfig) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from tunepipe.config import Config
-from tunepipe.devices import check_precision, name_deepspeed_accelerator
+from tunepipe.devices import check_precision
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import hold_run_lock
 from tunepipe.layout import Layout
@@ -39,7 +39,6 @@ def run_train(cfg: Config, layout: Layout) -> dict | None:
     Holds the output dir's run lock (a launched process runs under its parent's), and
     returns at once when this very run already finished and its outputs are untouched."""
     check_precision(cfg.train)  # before a model load or a launch spends time
-    name_deepspeed_accelerator()  # before the Trainer's accelerate imports DeepSpeed (launched ranks inherit it)
     if in_launched_process():
         return _train_here(cfg, layout)
     with hold_run_lock(layout.root, cfg.train.machine_rank):

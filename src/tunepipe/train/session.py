@@ -17,7 +17,6 @@ import logging
 from collections.abc import Callable
 
 from tunepipe.config import Config
-from tunepipe.devices import name_deepspeed_accelerator
 from tunepipe.layout import Layout
 from tunepipe.train.checkpoints import (
     CheckpointManifest,
@@ -42,7 +41,6 @@ def run_session(cfg: Config, layout: Layout, model, tokenizer, has_eval: bool,
     from tunepipe.tracking.tags import data_fingerprint
     from tunepipe.tracking.tracker import Tracker
 
-    name_deepspeed_accelerator()  # before the Trainer's accelerate imports DeepSpeed
     resume = resume_checkpoint(cfg, layout, data_fingerprint(layout.tokenized))
     args = training_arguments(cfg, layout, has_eval)
     tracker = Tracker.start(cfg, layout)
