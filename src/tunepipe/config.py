@@ -40,7 +40,7 @@ class ModelConfig:
     model_name_or_path: str = DEFAULT_MODEL
     """Base model: builtin alias `smollm2-135m-instruct`, a `.gguf` file, a local HF model dir, or a Hub repo id `org/name` (downloaded through huggingface_hub's cache; see [Models and data from the Hub](#models-and-data-from-the-hub))."""
     model_revision: str = "main"
-    """Hub revision of a repo-id model (and adapters): a branch, tag or commit sha; base_model records the commit it resolved to."""
+    """Hub revision of a repo-id base model: a branch, tag or commit sha (an adapter repo id takes its own, `org/name@revision`); base_model records the commit it resolved to."""
     cache_dir: Optional[str] = None
     """Where Hub downloads are cached; unset: huggingface_hub's cache (`HF_HUB_CACHE`, else `HF_HOME/hub`)."""
     hf_hub_token: Optional[str] = None
