@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import yaml
-
 from tests.fixtures.hub import ADGEN, ALPACA, CODE, dpo_rows
 from tests.fixtures.hub_cli import error_lines, errors_per_command, run_batch, run_tunepipe
 
@@ -80,12 +79,12 @@ def test_hub_dataset_failures_are_one_line_errors_and_leave_no_validated_rows(lo
     assert results["bad_row"] == (2, ["error: 1 invalid row in bad_row (data.on_invalid: error)"])
     assert "  hf://datasets/llamafactory/alpaca_gpt4_zh (split train):row 1: " in done.stderr
     repo = "dataset repo 'nobody/no-such-data' (revision 'main')"
-    assert results["no_repo"] == (2, [f"error: {repo} not found on {local_hub.url}, or it is private or gated "
-                                      "and no token was given"])
-    assert results["no_split"] == (2, ["error: dataset repo 'HasturOfficial/adgen' (revision 'main'): Bad split: "
-                                       "test. Available splits: ['train', 'validation']"])
-    assert results["no_subset"] == (2, ["error: dataset repo 'llamafactory/DPO-En-Zh-20k' (revision 'main'): "
-                                        "BuilderConfig 'fr' not found. Available: ['en', 'zh']"])
+    assert results["no_repo"] == (2, [(f"error: {repo} not found on {local_hub.url}, or it is private or gated "
+                                      "and no token was given")])
+    assert results["no_split"] == (2, [("error: dataset repo 'HasturOfficial/adgen' (revision 'main'): Bad split: "
+                                       "test. Available splits: ['train', 'validation']")])
+    assert results["no_subset"] == (2, [("error: dataset repo 'llamafactory/DPO-En-Zh-20k' (revision 'main'): "
+                                        "BuilderConfig 'fr' not found. Available: ['en', 'zh']")])
     assert results["no_revision"][1][0].startswith(
         "error: dataset repo 'HasturOfficial/adgen' (revision 'no-such-tag'): no such revision")
     for name in info:
@@ -97,6 +96,6 @@ def test_hub_dataset_failures_are_one_line_errors_and_leave_no_validated_rows(lo
                            str(tmp_path / "pinned.yaml"), "output_dir=" + str(tmp_path / "offline"), cwd=tmp_path)
     assert offline.returncode == 2
     assert error_lines(offline) == [
-        f"error: dataset repo 'HasturOfficial/adgen' (revision '{adgen_commit}'): HF_HUB_OFFLINE is set, and a hub "
-        f"dataset is streamed from the hub ({local_hub.url}), never cached"]
+        (f"error: dataset repo 'HasturOfficial/adgen' (revision '{adgen_commit}'): HF_HUB_OFFLINE is set, and a hub "
+        f"dataset is streamed from the hub ({local_hub.url}), never cached")]
     assert not (tmp_path / "offline" / "data" / "validated").exists()

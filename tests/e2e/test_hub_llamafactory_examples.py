@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from tests.fixtures.hub import MODEL_ID
 from tests.fixtures.hub_cli import run_batch
 
