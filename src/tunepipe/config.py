@@ -38,7 +38,7 @@ def _require(ok: bool, group: str, key: str, value, why: str) -> None:
 @dataclass
 class ModelConfig:
     model_name_or_path: str = DEFAULT_MODEL
-    """Base model: builtin alias `smollm2-135m-instruct`, a `.gguf` file, a local HF model dir, or a Hub repo id `org/name` (downloaded through huggingface_hub's cache; see [Models and data from the Hub](#models-and-data-from-the-hub))."""
+    """Base model: builtin alias `smollm2-135m-instruct`, a `.gguf` file, a local HF model dir, or a Hub repo id `org/name` (downloaded through huggingface_hub's cache; see the README's "Models and data from the Hub")."""
     model_revision: str = "main"
     """Hub revision of a repo-id base model: a branch, tag or commit sha (an adapter repo id takes its own, `org/name@revision`); base_model records the commit it resolved to."""
     cache_dir: Optional[str] = None
