@@ -31,6 +31,9 @@ MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*
 # Copies of the weights in other layouts that some repos ship beside the HF ones.
 SKIPPED_FILES = ["original/*", "consolidated*", "*.gguf", "onnx/*", "openvino/*"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# huggingface_hub retries a dropped download in place from where it stopped; what still fails
+# is downloaded again by the next run, and every file that completed stays in the cache.
+RERUN_HINT = "run the same command again: the files already downloaded are kept in the cache"
 LOGIN_HINT = ("log in with `hf auth login`, or set HF_TOKEN (or hf_hub_token in the config); "
               "for a gated repo, accept its terms on the repo's page first")
 
@@ -97,8 +100,8 @@ def refuse_other_hubs() -> None:
 
 
 def download_snapshot(repo: HubRepo) -> Path:
-    """The repo's model files at `repo.revision`, in huggingface_hub's cache (downloaded when missing,
-    resumed when a download was cut). Offline, the cached snapshot for that revision."""
+    """The repo's model files at `repo.revision`, in huggingface_hub's cache (downloaded when missing;
+    a dropped connection is retried from where it stopped). Offline, the cached snapshot for that revision."""
     from huggingface_hub import snapshot_download
 
     refuse_other_hubs()
@@ -206,8 +209,7 @@ def hub_errors(repo: HubRepo) -> Iterator[None]:
         raise TunepipeError(f"{repo.label}: a file is missing from the repo ({_short(exc)})") from None
     except errors.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
-        raise TunepipeError(f"{repo.label}: {endpoint()} answered HTTP {status}",
-                            hint="run the same command again later; downloads resume where they stopped") from None
+        raise TunepipeError(f"{repo.label}: {endpoint()} answered HTTP {status}", hint=RERUN_HINT) from None
     except _transport_errors() as exc:
         raise _connection_lost(repo, exc) from None
 
@@ -251,8 +253,7 @@ def _not_cached(repo: HubRepo, exc: Exception) -> TunepipeError:
 
 def _connection_lost(repo: HubRepo, exc: Exception) -> TunepipeError:
     return TunepipeError(f"{repo.label}: the connection to {endpoint()} failed ({type(exc).__name__}); "
-                         "nothing was written to the stage's output",
-                         hint="run the same command again: a cut download resumes where it stopped")
+                         "nothing was written to the stage's output", hint=RERUN_HINT)
 
 
 def _token_state(repo: HubRepo) -> str:

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.fixtures.hub import ADAPTER_ID, MODEL_ID, MODEL_TAG, PICKLE_ID, PRIVATE_ID, gated_hub
+from tests.fixtures.hub import (
+    ADAPTER_ID,
+    MODEL_ID,
+    MODEL_TAG,
+    PICKLE_ID,
+    PRIVATE_ID,
+    dropping_proxy,
+    gated_hub,
+)
 from tests.fixtures.hub_cli import error_lines, run_batch, run_tunepipe
 
 MANIFEST = "tunepipe_base.json"
@@ -103,6 +111,26 @@ def test_a_gated_repo_without_a_token_says_so_and_how_to_log_in(local_hub, tmp_p
     assert error_lines(done) == [f"error: model repo '{MODEL_ID}' (revision 'main') is gated: no token was given"]
     assert "hint: log in with `hf auth login`, or set HF_TOKEN" in done.stderr
     assert not (out / "models").exists()
+
+
+def test_a_dropped_connection_is_one_line_leaves_nothing_and_the_rerun_completes(local_hub, tmp_path):
+    hf_home, out = tmp_path / "hf", tmp_path / "out"
+    cfg = write_yaml(tmp_path / "m.yaml", model_name_or_path=MODEL_ID, output_dir=str(out))
+    with dropping_proxy(local_hub.url) as url:
+        done = run_tunepipe(local_hub.env(hf_home, HF_ENDPOINT=url), "base-model", str(cfg), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert error_lines(done) == [(f"error: model repo '{MODEL_ID}' (revision 'main'): the connection to {url} "
+                                 "failed (RemoteProtocolError); nothing was written to the stage's output")]
+    assert not (out / "models").exists()
+    # huggingface_hub retried the cut file in place (from where it stopped) before giving up; the
+    # files that did complete stay in the cache for the next run, the cut one does not
+    kept = snapshot_files(hf_home, local_hub.commits[MODEL_ID])
+    assert "config.json" in kept and "model.safetensors" not in kept
+
+    done = run_tunepipe(local_hub.env(hf_home), "base-model", str(cfg), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert base_manifest(out)["source"]["commit"] == local_hub.commits[MODEL_ID]
+    assert "model.safetensors" in snapshot_files(hf_home, local_hub.commits[MODEL_ID])
 
 
 def test_an_adapter_by_repo_id_merges_onto_a_base_by_repo_id(local_hub, tmp_path):
