@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from tests.fixtures.hub import ADGEN, ALPACA, CODE, dpo_rows
 from tests.fixtures.hub_cli import error_lines, errors_per_command, run_batch, run_tunepipe
@@ -24,15 +25,47 @@ def validated(out: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_llamafactory_hub_entries_validate_from_the_hub_at_a_recorded_commit(local_hub, lf_demo_dir, tmp_path):
-    runs = {"sft": ("alpaca_gpt4_en,adgen_eval", "sft"), "dpo": ("dpo_mix_en", "dpo"), "pt": ("starcoder_python", "pt")}
-    commands = []
-    for key, (dataset, stage) in runs.items():
-        cfg = write_yaml(tmp_path / f"{key}.yaml", dataset=dataset, stage=stage, dataset_dir=str(lf_demo_dir),
-                         output_dir=str(tmp_path / key))
+LF_RUNS = {"sft": ("alpaca_gpt4_en,adgen_eval", "sft"), "dpo": ("dpo_mix_en", "dpo"),
+           "pt": ("starcoder_python", "pt")}
+
+
+def failing_entries(adgen_commit: str) -> dict[str, dict]:
+    return {"bad_row": {"hf_hub_url": "llamafactory/alpaca_gpt4_zh"},
+            "no_repo": {"hf_hub_url": "nobody/no-such-data"},
+            "no_split": {"hf_hub_url": "HasturOfficial/adgen", "split": "test"},
+            "no_subset": {"hf_hub_url": "llamafactory/DPO-En-Zh-20k", "subset": "fr", "ranking": True,
+                          "formatting": "sharegpt"},
+            "no_revision": {"hf_hub_url": "HasturOfficial/adgen", "revision": "no-such-tag"},
+            "pinned": {"hf_hub_url": "HasturOfficial/adgen", "split": "validation", "revision": adgen_commit,
+                       "columns": {"prompt": "content", "response": "summary"}}}
+
+
+@pytest.fixture(scope="module")
+def validate_runs(local_hub, lf_demo_dir, tmp_path_factory):
+    """Every validate run of this module in one child process (keep going past failures): LLaMA-Factory's
+    entries from its dataset_info.json, then entries of our own that fail, each in its output_dir."""
+    root = tmp_path_factory.mktemp("hub-validate")
+    commands, names = [], []
+    for key, (dataset, stage) in LF_RUNS.items():
+        cfg = write_yaml(root / f"{key}.yaml", dataset=dataset, stage=stage, dataset_dir=str(lf_demo_dir),
+                         output_dir=str(root / key))
         commands.append(["validate", str(cfg)])
-    done = run_batch(local_hub.env(tmp_path / "hf"), commands, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+        names.append(key)
+    info = failing_entries(local_hub.commits["datasets/HasturOfficial/adgen"])
+    (root / "data").mkdir()
+    (root / "data" / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    for name in info:
+        cfg = write_yaml(root / f"{name}.yaml", dataset=name, stage="dpo" if name == "no_subset" else "sft",
+                         dataset_dir=str(root / "data"), output_dir=str(root / name))
+        commands.append(["validate", str(cfg)])
+        names.append(name)
+    done = run_batch(local_hub.env(root / "hf"), commands, cwd=root, keep_going=True)
+    return root, done, dict(zip(names, errors_per_command(done)))
+
+
+def test_llamafactory_hub_entries_validate_from_the_hub_at_a_recorded_commit(local_hub, validate_runs):
+    tmp_path, done, results = validate_runs
+    assert [results[key] for key in LF_RUNS] == [(0, [])] * len(LF_RUNS), done.stderr[-3000:]
 
     # plain (a JSON array at the root) and split: validation (parquet files under data/)
     sft = validated(tmp_path / "sft", "alpaca_gpt4_en")
@@ -55,24 +88,10 @@ def test_llamafactory_hub_entries_validate_from_the_hub_at_a_recorded_commit(loc
     assert pt_report["datasets"]["starcoder_python"]["hub"]["folder"] == "python"
 
 
-def test_hub_dataset_failures_are_one_line_errors_and_leave_no_validated_rows(local_hub, tmp_path):
+def test_hub_dataset_failures_are_one_line_errors_and_leave_no_validated_rows(local_hub, validate_runs):
+    tmp_path, done, results = validate_runs
     adgen_commit = local_hub.commits["datasets/HasturOfficial/adgen"]
-    info = {"bad_row": {"hf_hub_url": "llamafactory/alpaca_gpt4_zh"},
-            "no_repo": {"hf_hub_url": "nobody/no-such-data"},
-            "no_split": {"hf_hub_url": "HasturOfficial/adgen", "split": "test"},
-            "no_subset": {"hf_hub_url": "llamafactory/DPO-En-Zh-20k", "subset": "fr", "ranking": True,
-                          "formatting": "sharegpt"},
-            "no_revision": {"hf_hub_url": "HasturOfficial/adgen", "revision": "no-such-tag"},
-            "pinned": {"hf_hub_url": "HasturOfficial/adgen", "split": "validation", "revision": adgen_commit,
-                       "columns": {"prompt": "content", "response": "summary"}}}
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
-    stages = {"no_subset": "dpo"}
-    commands = [["validate", str(write_yaml(tmp_path / f"{name}.yaml", dataset=name, stage=stages.get(name, "sft"),
-                                            dataset_dir=str(tmp_path / "data"), output_dir=str(tmp_path / name)))]
-                for name in info]
-    done = run_batch(local_hub.env(tmp_path / "hf"), commands, cwd=tmp_path, keep_going=True)
-    results = dict(zip(info, errors_per_command(done)))
+    info = failing_entries(adgen_commit)
     assert results["pinned"] == (0, [])
     assert json.loads((tmp_path / "pinned" / "reports" / "validation.json").read_text()
                       )["datasets"]["pinned"]["hub"]["revision"] == adgen_commit

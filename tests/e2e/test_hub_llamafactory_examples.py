@@ -7,7 +7,8 @@ run's folder has `data` pointing at LLaMA-Factory's demo data folder (read in pl
 
 One more run trains on a hub model and a hub dataset with MLflow on and a token given both
 as `hf_hub_token` and as HF_TOKEN: the MLflow run is tagged with both resolved commits, and
-no file the runs wrote (mlflow.db included), nor their output, holds the token.
+no file the runs wrote (mlflow.db included), nor their output, holds the token. And an
+adapter by repo id is merged onto the base by repo id.
 """
 
 from __future__ import annotations
@@ -17,13 +18,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.fixtures.hub import MODEL_ID
+from tests.fixtures.hub import ADAPTER_ID, MODEL_ID
 from tests.fixtures.hub_cli import run_batch
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "llamafactory-examples"
 TRAIN = ["train_lora/qwen3_lora_sft.yaml", "train_lora/qwen3_lora_dpo.yaml", "train_lora/qwen3_lora_pretrain.yaml"]
 SMALL = ["max_steps=2", "max_samples=16"]
 TOKEN = "hf_e2eSecretTokenThatMustNotLeak0123"
+
+
+def write_yaml(path: Path, **keys) -> Path:
+    path.write_text(yaml.safe_dump(keys, sort_keys=False), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +55,10 @@ def hub_runs(local_hub, lf_demo_dir, tmp_path_factory, mlflow_template_db):
     commands = [["train", str(EXAMPLES / name), *SMALL] for name in TRAIN]
     commands += [["export", str(EXAMPLES / "merge_lora/qwen3_lora_sft.yaml")],
                  ["chat", str(EXAMPLES / "inference/qwen3_lora_sft.yaml")],
-                 ["train", str(secret)], ["export", str(secret), f"export_dir={root / 'secret-export'}"]]
+                 ["train", str(secret)], ["export", str(secret), f"export_dir={root / 'secret-export'}"],
+                 ["export", str(write_yaml(root / "hub-adapter.yaml", model_name_or_path=MODEL_ID,
+                                           adapter_name_or_path=ADAPTER_ID, export_dir=str(root / "hub-adapter"),
+                                           output_dir=str(root / "hub-adapter-run")))]]
     env = local_hub.env(root / "hf", HF_TOKEN=TOKEN, MLFLOW_TRACKING_URI=f"sqlite:///{store}")
     done = run_batch(env, commands, cwd=root, stdin="Who are you?\n/exit\n")
     assert done.returncode == 0, done.stderr[-4000:]
@@ -90,3 +99,13 @@ def test_a_token_given_for_the_hub_is_written_nowhere_and_mlflow_tags_the_commit
     assert run.data.tags["tunepipe.dataset.alpaca_gpt4_en.commit"] == \
         local_hub.commits["datasets/llamafactory/alpaca_gpt4_en"]
     assert run.data.params["model.model_revision"] == "main" and "model.hf_hub_token" not in run.data.params
+
+
+def test_an_adapter_by_repo_id_merges_onto_a_base_by_repo_id(local_hub, hub_runs):
+    from tests.e2e.test_llamafactory_migration import assert_export_equals_base_plus_adapter
+
+    root, done, _, _ = hub_runs
+    assert f"model repo '{ADAPTER_ID}' (revision 'main'): commit" in done.stderr
+    # the mirror's git work trees hold main's files: the reference, loaded with plain transformers + PEFT
+    assert_export_equals_base_plus_adapter(root / "hub-adapter", local_hub.mirrors / "models" / MODEL_ID,
+                                           local_hub.mirrors / "models" / ADAPTER_ID)

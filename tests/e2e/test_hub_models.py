@@ -1,4 +1,5 @@
-"""Base models and adapters by Hub repo id, against the local hub (olah on 127.0.0.1).
+"""Base models by Hub repo id, against the local hub (olah on 127.0.0.1); adapters by repo id
+are merged in tests/e2e/test_hub_llamafactory_examples.py (in its child process).
 
 Each command runs as a user runs it: `tunepipe ...` in a child process whose environment
 names the hub (HF_ENDPOINT) and an empty cache of its own (HF_HOME), so huggingface_hub's
@@ -22,7 +23,7 @@ from tests.fixtures.hub import (
     dropping_proxy,
     gated_hub,
 )
-from tests.fixtures.hub_cli import error_lines, run_batch, run_tunepipe
+from tests.fixtures.hub_cli import error_lines, run_tunepipe
 
 MANIFEST = "tunepipe_base.json"
 
@@ -131,17 +132,3 @@ def test_a_dropped_connection_is_one_line_leaves_nothing_and_the_rerun_completes
     assert done.returncode == 0, done.stderr
     assert base_manifest(out)["source"]["commit"] == local_hub.commits[MODEL_ID]
     assert "model.safetensors" in snapshot_files(hf_home, local_hub.commits[MODEL_ID])
-
-
-def test_an_adapter_by_repo_id_merges_onto_a_base_by_repo_id(local_hub, tmp_path):
-    from tests.e2e.test_llamafactory_migration import assert_export_equals_base_plus_adapter
-
-    export_dir = tmp_path / "export"
-    cfg = write_yaml(tmp_path / "merge.yaml", model_name_or_path=MODEL_ID, adapter_name_or_path=ADAPTER_ID,
-                     export_dir=str(export_dir), output_dir=str(tmp_path / "out"))
-    done = run_batch(local_hub.env(tmp_path / "hf"), [["export", str(cfg)]], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"model repo '{ADAPTER_ID}' (revision 'main'): commit" in done.stderr
-    # the mirror's git work trees hold main's files: the reference, loaded with plain transformers + PEFT
-    assert_export_equals_base_plus_adapter(export_dir, local_hub.mirrors / "models" / MODEL_ID,
-                                           local_hub.mirrors / "models" / ADAPTER_ID)
