@@ -1,8 +1,10 @@
 """base_model stage: make the base model a plain local HF dir.
 
-Reads:   params.yaml model.model_name_or_path, model.dtype
+Reads:   params.yaml model.model_name_or_path, model.model_revision, model.cache_dir, model.dtype
+         (a Hub repo id is downloaded into huggingface_hub's cache: HF_ENDPOINT, HF_TOKEN apply)
 Writes:  models/base/ (safetensors + config + generation config + tokenizer with its
-         chat template), or a manifest pointing at a local HF dir with its content hash
+         chat template), or a manifest pointing at a local HF dir with its content hash,
+         or a manifest naming a Hub repo, the requested revision and the commit it resolved to
 Command: dvc repro base_model   (or: tunepipe base-model params.yaml)
 """
 

@@ -38,6 +38,24 @@ def smollm2_base_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def local_hub(tmp_path_factory):
+    """A Hugging Face Hub on 127.0.0.1 (olah serving git repos built here; see tests/fixtures/hub.py),
+    started once per session and stopped at its end. Talk to it from a child process with
+    `env=local_hub.env(hf_home)`: huggingface_hub and datasets read HF_ENDPOINT / HF_HUB_OFFLINE
+    when they are imported, so this process (offline, see above) cannot be switched over."""
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("olah") is None or shutil.which("git") is None:
+        pytest.skip("the local hub needs olah (pip install -e '.[dev]') and git")
+    from tests.fixtures.hub import build_hub
+
+    hub = build_hub(tmp_path_factory.mktemp("local-hub"))
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture(scope="session")
 def lf_demo_dir() -> Path:
     """../shared/datasets/llamafactory-demo, read in place (never copied)."""
     if not (LF_DEMO / "dataset_info.json").is_file():

@@ -132,7 +132,8 @@ def imported_names(path: Path) -> set[str]:
 
 def test_top_level_fits_on_one_screen():
     entries = [p.name for p in PACKAGE_DIR.iterdir() if p.name != "__pycache__"]
-    assert len(entries) <= 20, sorted(entries)
+    # 21: hub.py (Hub access shared by the base model, adapters and hub datasets) joined the core
+    assert len(entries) <= 21, sorted(entries)
     for sub in SUBPACKAGES:
         init = PACKAGE_DIR / sub / "__init__.py"
         assert ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))), f"{init} has no docstring"

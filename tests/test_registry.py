@@ -1,4 +1,4 @@
-"""dataset_info.json: LLaMA-Factory entries, merged columns/tags, file resolution, hub-only errors."""
+"""dataset_info.json: LLaMA-Factory entries, merged columns/tags, file resolution, hub entries."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_every_schema_file_is_valid_json_schema_2020_12():
         jsonschema.Draft202012Validator.check_schema(schema)
 
 
-def test_lf_demo_local_entries_resolve_and_hub_entries_fail_clearly(lf_demo_dir):
+def test_lf_demo_local_entries_resolve_and_hub_entries_name_their_hub_dataset(lf_demo_dir):
     info = load_dataset_info(lf_demo_dir)  # the real file passes our dataset_info schema unchanged
     local = [name for name, entry in info.items()
              if "file_name" in entry and (lf_demo_dir / entry["file_name"]).exists()]
@@ -45,9 +45,9 @@ def test_lf_demo_local_entries_resolve_and_hub_entries_fail_clearly(lf_demo_dir)
     assert entries["dpo_en_demo"].ranking and entries["dpo_en_demo"].kind("dpo") == "preference"
     assert entries["kto_en_demo"].kind("kto") == "kto"
     assert entries["c4_demo"].kind("pt") == "pretrain" and entries["c4_demo"].file_type == "jsonl"
-    with pytest.raises(TunepipeError, match=r"'alpaca_en'.*cannot be loaded offline") as err:
-        get_entries(["alpaca_en"], lf_demo_dir)
-    assert "file_name" in err.value.hint
+    (hub,) = get_entries(["alpaca_en"], lf_demo_dir)  # no file: read from the Hub (tests/test_hub_data.py)
+    assert hub.files == [] and hub.file_type == "hub" and hub.hub.repo_id == "llamafactory/alpaca_en"
+    assert hub.describe_files(lf_demo_dir) == "hf://datasets/llamafactory/alpaca_en (split train)"
 
 
 def test_user_columns_and_tags_are_merged_with_the_defaults(tmp_path):

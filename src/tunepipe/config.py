@@ -21,6 +21,15 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_TEMPLATE_DATE = "2024-07-26"
 
 
+# Keys whose values are credentials: never tracked, dumped, logged or shown in an error.
+SECRET_KEYS = frozenset({"model.hf_hub_token"})
+
+
+def shown_value(where: str, value) -> str:
+    """`value` as an error message may show it: a secret key's value never is."""
+    return "<hidden>" if where in SECRET_KEYS else repr(value)
+
+
 def _require(ok: bool, group: str, key: str, value, why: str) -> None:
     if not ok:
         raise TunepipeError(f"{group}.{key}={value!r}: {why}")
@@ -29,11 +38,17 @@ def _require(ok: bool, group: str, key: str, value, why: str) -> None:
 @dataclass
 class ModelConfig:
     model_name_or_path: str = DEFAULT_MODEL
-    """Base model: builtin alias `smollm2-135m-instruct`, a `.gguf` file, or a local HF model dir."""
+    """Base model: builtin alias `smollm2-135m-instruct`, a `.gguf` file, a local HF model dir, or a Hub repo id `org/name` (downloaded through huggingface_hub's cache; see the README's "Models and data from the Hub")."""
+    model_revision: str = "main"
+    """Hub revision of a repo-id base model: a branch, tag or commit sha (an adapter repo id takes its own, `org/name@revision`); base_model records the commit it resolved to."""
+    cache_dir: Optional[str] = None
+    """Where Hub downloads are cached; unset: huggingface_hub's cache (`HF_HUB_CACHE`, else `HF_HOME/hub`)."""
+    hf_hub_token: Optional[str] = None
+    """Hub token for private or gated repos; unset: `HF_TOKEN` or the saved `hf auth login`. Never written to any output, log or MLflow."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the base model is saved and loaded in."""
     adapter_name_or_path: Optional[Union[str, list[str]]] = None
-    """Adapter dir(s) to load on top of the base (eval, export, chat); comma-separated or a list."""
+    """Adapter dir(s) or Hub repo id(s) to load on top of the base (eval, export, chat); comma-separated or a list."""
     quantization_bit: Optional[Literal[4, 8]] = None
     """Load the base in 4 or 8 bits with bitsandbytes (QLoRA)."""
     quantization_type: Literal["nf4", "fp4"] = "nf4"
@@ -48,6 +63,8 @@ class ModelConfig:
     def check(self) -> None:
         _require(bool(self.model_name_or_path), "model", "model_name_or_path",
                  self.model_name_or_path, "must not be empty")
+        _require(bool(self.model_revision), "model", "model_revision", self.model_revision,
+                 "must name a branch, tag or commit (main by default)")
 
     def adapters(self) -> list[str]:
         """`adapter_name_or_path` as a list, in merge order."""

@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from tunepipe.config import GROUPS, Config
+from tunepipe.config import GROUPS, Config, shown_value
 from tunepipe.errors import TunepipeError
 from tunepipe.lf_keys import INSTEAD_KEYS, NOOP_VALUES, OPERATIONAL_KEYS, UNSUPPORTED_KEYS
 
@@ -160,7 +160,7 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
     try:
         return _coerce(value, annotation)
     except (TypeError, ValueError) as exc:
-        raise TunepipeError(f"{where}={value!r}: {exc}") from None
+        raise TunepipeError(f"{where}={shown_value(where, value)}: {exc}") from None
 
 
 def _coerce(value: Any, annotation: Any) -> Any:

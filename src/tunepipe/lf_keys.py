@@ -85,14 +85,15 @@ INSTEAD_KEYS: dict[str, tuple[object, str]] = {
                                "for transformers' own activation checkpointing")),
 }
 
+# The hub keys that would upload: an offline mirror cannot take uploads to test them against.
+_UPLOAD = ("no hub uploads from tunepipe; after `tunepipe export`, upload the export dir with "
+           "`hf upload ORG/NAME EXPORT_DIR`")
+
 UNSUPPORTED_KEYS: dict[str, str] = {
     "deepspeed": "use train.accelerate_config with a DeepSpeed accelerate config instead",
     "adapter_folder": "name adapter dirs in adapter_name_or_path",
-    "cache_dir": "models load from local paths only (no hub downloads)",
-    "model_revision": "models load from local paths only (no hub downloads)",
-    "hf_hub_token": "no hub access",
-    "ms_hub_token": "no hub access",
-    "om_hub_token": "no hub access",
+    "ms_hub_token": "ModelScope is not supported; models and data come from the Hugging Face Hub (hf_hub_token)",
+    "om_hub_token": "Modelers is not supported; models and data come from the Hugging Face Hub (hf_hub_token)",
     "add_tokens": "vocabulary changes are not supported yet",
     "add_special_tokens": "vocabulary changes are not supported yet",
     "new_special_tokens": "vocabulary changes are not supported yet",
@@ -100,7 +101,7 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "export_quantization_dataset": "quantized (GPTQ) export is not supported yet",
     "export_quantization_nsamples": "quantized (GPTQ) export is not supported yet",
     "export_quantization_maxlen": "quantized (GPTQ) export is not supported yet",
-    "export_hub_model_id": "no hub uploads; push the export dir yourself",
+    "export_hub_model_id": _UPLOAD,
     "tokenized_path": "tokenized shards are the tokenize stage's DVC output",
     "media_dir": "multimodal data is not supported",
     "image_max_pixels": "multimodal data is not supported",
@@ -159,8 +160,8 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "adam_epsilon": "not supported yet",
     "lr_scheduler_kwargs": "not supported yet",
     "torch_compile": "not supported yet",
-    "push_to_hub": "no hub uploads",
-    "hub_model_id": "no hub uploads",
+    "push_to_hub": _UPLOAD,
+    "hub_model_id": _UPLOAD,
     "new_special_tokens_config": "vocabulary changes are not supported yet",
     "init_special_tokens": "vocabulary changes are not supported yet",
     "use_reentrant_gc": "gradient checkpointing uses transformers' default",

@@ -12,10 +12,18 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunepipe.config import Config
+from tunepipe.config import Config, ModelConfig
 from tunepipe.errors import TunepipeError
+from tunepipe.hub import DEFAULT_REVISION, fetch_model, is_repo_id
 from tunepipe.layout import Layout
-from tunepipe.modeling import ensure_base_model, load_causal_lm, load_tokenizer, peft_wrapping, resolve_source
+from tunepipe.modeling import (
+    ensure_base_model,
+    hub_repo,
+    load_causal_lm,
+    load_tokenizer,
+    peft_wrapping,
+    resolve_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +56,12 @@ def cli_config(args) -> tuple[Config, Layout]:
 
 
 def base_dir_for(cfg: Config, layout: Layout) -> Path:
-    """The base weights: a local HF dir is used in place, anything else goes through models/base."""
-    source = resolve_source(cfg.model.model_name_or_path)
+    """The base weights: a local HF dir is used in place, anything else (a GGUF, a Hub repo id)
+    goes through models/base."""
+    source = resolve_source(cfg.model.model_name_or_path, cfg.model)
     if source.kind == "hf_dir":
         return source.path
-    return ensure_base_model(cfg.model, layout.base_model)
+    return ensure_base_model(cfg.model, layout.base_model, source)
 
 
 def trained_source(cfg: Config, layout: Layout, quiet: bool = False) -> TrainedSource:
@@ -61,7 +70,7 @@ def trained_source(cfg: Config, layout: Layout, quiet: bool = False) -> TrainedS
     `quiet`: no log line (for a check ahead of the command that then loads it and says so)."""
     named = cfg.model.adapters()
     if named:
-        return TrainedSource("adapters", [adapter_dir(name, quiet) for name in named])
+        return TrainedSource("adapters", [adapter_dir(name, quiet, cfg.model) for name in named])
     trained = layout.trained(cfg.train.finetuning_type)
     if (trained / ADAPTER_CONFIG).is_file():
         return TrainedSource("adapters", [trained])
@@ -70,15 +79,19 @@ def trained_source(cfg: Config, layout: Layout, quiet: bool = False) -> TrainedS
     return TrainedSource("none")
 
 
-def adapter_dir(name: str, quiet: bool = False) -> Path:
+def adapter_dir(name: str, quiet: bool = False, model_cfg: ModelConfig | None = None) -> Path:
     """One `adapter_name_or_path` entry as a PEFT adapter dir.
 
     LLaMA-Factory writes the adapter into `output_dir` itself, so its merge and predict
     YAMLs name the train `output_dir`; tunepipe writes it to `output_dir/models/adapter`.
-    Both are accepted: an output_dir resolves to the adapter its train run wrote."""
+    Both are accepted: an output_dir resolves to the adapter its train run wrote. A Hub
+    repo id (`org/name`, or `org/name@revision`, default main) is downloaded into
+    huggingface_hub's cache with `model_cfg`'s cache dir and token."""
     path = Path(name).expanduser()
     if (path / ADAPTER_CONFIG).is_file():
         return path
+    if not path.exists() and is_repo_id(name.split("@", 1)[0]):
+        return hub_adapter(name, model_cfg)
     trained = Layout.at(path)
     if (trained.adapter / ADAPTER_CONFIG).is_file():
         if not quiet:
@@ -91,6 +104,15 @@ def adapter_dir(name: str, quiet: bool = False) -> Path:
     raise TunepipeError(f"model.adapter_name_or_path: {path} holds no {ADAPTER_CONFIG} "
                         f"(nor {trained.adapter.relative_to(path)}/{ADAPTER_CONFIG})",
                         hint="point it at a PEFT adapter dir, or at the output_dir of a LoRA train run")
+
+
+def hub_adapter(name: str, model_cfg: ModelConfig | None) -> Path:
+    """An adapter repo's snapshot. Its revision is its own (`@revision`), not model_revision: a
+    base pinned to one of its commits names no commit of the adapter repo."""
+    repo_id, _, revision = name.partition("@")
+    repo = hub_repo(repo_id, model_cfg, revision=revision or DEFAULT_REVISION)
+    path, _ = fetch_model(repo, needed=ADAPTER_CONFIG)
+    return path
 
 
 def require_trained(source: TrainedSource, cfg: Config, layout: Layout) -> TrainedSource:

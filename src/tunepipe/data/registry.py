@@ -1,7 +1,9 @@
 """dataset_info.json: LLaMA-Factory's dataset registry, read unchanged.
 
-An entry names a local file (or a folder of same-type files) inside `dataset_dir`,
-its `formatting` (alpaca, sharegpt, openai), whether it is a preference set
+An entry names a local file (or a folder of same-type files) inside `dataset_dir`, or a
+Hub dataset (`hf_hub_url`, see `hub_data`; `file_name` wins when an entry has both, so
+local data replaces a hub entry without deleting its URL), its `formatting` (alpaca,
+sharegpt, openai), whether it is a preference set
 (`ranking`), and how its columns and sharegpt tags are called. Unlike LLaMA-Factory,
 the `columns` / `tags` an entry gives are merged over the defaults instead of
 replacing them, so naming one column never silently drops the others.
@@ -14,13 +16,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunepipe.data.hub_data import HubDataset, hub_dataset
 from tunepipe.data.schemas import load_validator, pointer
 from tunepipe.errors import TunepipeError
 
 log = logging.getLogger(__name__)
 
 DATASET_INFO = "dataset_info.json"
-HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 # file extension -> reader kind (as LLaMA-Factory maps them)
 FILE_TYPES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet",
               ".arrow": "arrow", ".txt": "txt"}
@@ -53,9 +55,11 @@ class DatasetEntry:
     """logical columns the entry named itself (a missing one is an error, not a default)"""
     tags: dict[str, str]
     files: list[Path]
-    file_type: str
+    file_type: str  # a key of FILE_TYPES' values, or "hub"
     num_samples: int | None = None
     info: dict = field(default_factory=dict)
+    hub: HubDataset | None = None
+    """the Hub dataset it names (files is then empty)"""
 
     @property
     def is_kto(self) -> bool:
@@ -70,6 +74,8 @@ class DatasetEntry:
         return "kto" if self.is_kto else "sft"
 
     def describe_files(self, dataset_dir: Path) -> str:
+        if self.hub is not None:
+            return self.hub.shown()
         return ", ".join(_relative(f, dataset_dir) for f in self.files)
 
 
@@ -115,22 +121,12 @@ def get_entries(names, dataset_dir: str | Path) -> list[DatasetEntry]:
 
 
 def resolve_entry(name: str, raw: dict, dataset_dir: Path) -> DatasetEntry:
-    if "file_name" not in raw:
-        hub = next(f"{key}={raw[key]!r}" for key in HUB_KEYS if key in raw)
-        raise TunepipeError(
-            f"dataset {name!r} only names a hub dataset ({hub}): it cannot be loaded offline",
-            hint=f"download the data into {dataset_dir}/ and give the entry a \"file_name\" "
-                 f"(a file or folder inside {dataset_dir}), keeping its formatting/columns/tags")
-    split = raw.get("split", "train")
-    if split != "train":
-        raise TunepipeError(f"dataset {name!r}: split {split!r}: a local file has a single split (train)",
-                            hint="point file_name at the file holding that split and drop \"split\"")
-    for key in ("subset", "folder"):
-        if raw.get(key):
-            log.warning("dataset %r: %s=%r only applies to hub datasets; ignored for a local file",
-                        name, key, raw[key])
+    hub = None
+    if "file_name" in raw:
+        files, file_type = local_files(name, raw, dataset_dir)
+    else:
+        hub, files, file_type = hub_dataset(name, raw, dataset_dir), [], "hub"
     formatting = raw.get("formatting", "alpaca")
-    files, file_type = resolve_files(name, raw["file_name"], dataset_dir)
     user_columns = {k: v for k, v in (raw.get("columns") or {}).items() if v}
     columns = {**DEFAULT_COLUMNS[formatting], **user_columns}
     if file_type == "txt" and "prompt" not in user_columns:
@@ -141,7 +137,20 @@ def resolve_entry(name: str, raw: dict, dataset_dir: Path) -> DatasetEntry:
         log.warning("dataset %r: media columns %s are ignored (tunepipe trains text-only models)", name, media)
     return DatasetEntry(name=name, formatting=formatting, ranking=bool(raw.get("ranking", False)),
                         columns=columns, user_columns=frozenset(user_columns), tags=tags, files=files,
-                        file_type=file_type, num_samples=raw.get("num_samples"), info=raw)
+                        file_type=file_type, num_samples=raw.get("num_samples"), info=raw, hub=hub)
+
+
+def local_files(name: str, raw: dict, dataset_dir: Path) -> tuple[list[Path], str]:
+    """An entry's `file_name`, with the hub-only keys that cannot apply to a local file."""
+    split = raw.get("split", "train")
+    if split != "train":
+        raise TunepipeError(f"dataset {name!r}: split {split!r}: a local file has a single split (train)",
+                            hint="point file_name at the file holding that split and drop \"split\"")
+    for key in ("subset", "folder", "revision"):
+        if raw.get(key):
+            log.warning("dataset %r: %s=%r only applies to hub datasets; ignored for a local file",
+                        name, key, raw[key])
+    return resolve_files(name, raw["file_name"], dataset_dir)
 
 
 def resolve_files(name: str, file_name: str, dataset_dir: Path) -> tuple[list[Path], str]:

@@ -21,8 +21,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tunepipe.config import Config
+from tunepipe.config import Config, ModelConfig
 from tunepipe.data.formats import Mapper
+from tunepipe.data.hub_data import resolve as resolve_hub
+from tunepipe.data.hub_data import stream_rows
 from tunepipe.data.readers import RawRow, read_rows
 from tunepipe.data.registry import DatasetEntry, get_entries
 from tunepipe.data.row_checks import check_view, problem_record
@@ -51,13 +53,19 @@ class DatasetResult:
     valid: int = 0  # canonical rows written
     invalid_count: int = 0
     invalid: list[dict] = field(default_factory=list)  # the first ERRORS_IN_FULL records of invalid rows
+    commit: str | None = None  # a hub dataset's resolved commit sha
 
     def summary(self, dataset_dir: Path) -> dict:
-        return {"kind": self.kind, "formatting": self.entry.formatting,
-                "files": [str(dataset_dir / f) for f in _relative_files(self.entry, dataset_dir)],
-                "rows_read": self.rows_read, "valid": self.valid, "invalid": self.invalid_count,
-                "errors": self.invalid[:ERRORS_IN_FULL],
-                "errors_not_shown": max(0, self.invalid_count - ERRORS_IN_FULL)}
+        summary = {"kind": self.kind, "formatting": self.entry.formatting,
+                   "files": [str(dataset_dir / f) for f in _relative_files(self.entry, dataset_dir)],
+                   "rows_read": self.rows_read, "valid": self.valid, "invalid": self.invalid_count,
+                   "errors": self.invalid[:ERRORS_IN_FULL],
+                   "errors_not_shown": max(0, self.invalid_count - ERRORS_IN_FULL)}
+        hub = self.entry.hub
+        if hub is not None:
+            summary["hub"] = {"repo_id": hub.repo_id, "subset": hub.subset, "split": hub.split,
+                              "folder": hub.folder, "revision": hub.revision, "commit": self.commit}
+        return summary
 
 
 @dataclass
@@ -82,7 +90,7 @@ def run_validate(cfg: Config, layout: Layout) -> dict:
         with ValidatedWriter(layout.validated, stage) as out, open(rejected_tmp, "w", encoding="utf-8") as rejected:
             sinks = Sinks(out, rejected)
             for entry in get_entries(list(dict.fromkeys(splits["train"] + splits["eval"])), dataset_dir):
-                results[entry.name] = validate_dataset(entry, stage, dataset_dir, sinks)
+                results[entry.name] = validate_dataset(entry, stage, dataset_dir, sinks, cfg.model)
             report = build_report(cfg, splits, results, dataset_dir)
             write_json_atomic(layout.reports / REPORT, report)
             check_outcome(cfg, results, layout)
@@ -108,7 +116,10 @@ def check_outcome(cfg: Config, results: dict[str, DatasetResult], layout: Layout
                                 f"(see {layout.reports / REPORT})")
 
 
-def validate_dataset(entry: DatasetEntry, stage: str, dataset_dir: Path, sinks: Sinks) -> DatasetResult:
+def validate_dataset(entry: DatasetEntry, stage: str, dataset_dir: Path, sinks: Sinks,
+                     model_cfg: ModelConfig | None = None) -> DatasetResult:
+    """One dataset's rows; a hub dataset is read at the commit its revision names now (recorded),
+    with `model_cfg`'s token and cache dir."""
     kind = entry.kind(stage)
     needed = KINDS_FOR_STAGE[stage]
     if kind != needed:
@@ -117,6 +128,12 @@ def validate_dataset(entry: DatasetEntry, stage: str, dataset_dir: Path, sinks: 
     mapper = Mapper(entry, kind)
     result = DatasetResult(entry, kind)
     sinks.validated.open(entry.name)
+    if entry.hub is not None:
+        token, cache_dir = (model_cfg.hf_hub_token, model_cfg.cache_dir) if model_cfg else (None, None)
+        result.commit = resolve_hub(entry.hub, token, cache_dir)
+        log.info("dataset %r: %s at commit %s", entry.name, entry.hub.shown(), result.commit)
+        validate_file(mapper, stream_rows(entry.hub, result.commit, token, cache_dir), entry.hub.shown(),
+                      result, sinks)
     for path, shown in zip(entry.files, _relative_files(entry, dataset_dir)):
         validate_file(mapper, read_rows(path, entry.file_type, str(dataset_dir / shown)), str(dataset_dir / shown),
                       result, sinks)

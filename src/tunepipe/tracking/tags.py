@@ -40,7 +40,35 @@ def run_tags(cfg: Config, layout: Layout) -> dict[str, str]:
     fingerprint = data_fingerprint(layout.tokenized)
     if fingerprint:
         tags["data_fingerprint"] = fingerprint
+    return {**tags, **hub_tags(layout)}
+
+
+def hub_tags(layout: Layout) -> dict[str, str]:
+    """Where a Hub model and Hub datasets came from: repo, requested revision, resolved commit,
+    as models/base/'s manifest and reports/validation.json recorded them."""
+    tags = {}
+    manifest = _json_or_none(layout.base_model / "tunepipe_base.json") or {}
+    source = manifest.get("source") or {}
+    if source.get("kind") == "hub":
+        tags.update({"tunepipe.base_model.repo_id": source["repo_id"],
+                     "tunepipe.base_model.revision": source["revision"],
+                     "tunepipe.base_model.commit": source["commit"]})
+    report = _json_or_none(layout.reports / "validation.json") or {}
+    for name, summary in (report.get("datasets") or {}).items():
+        hub = summary.get("hub") if isinstance(summary, dict) else None
+        if hub:
+            tags[f"tunepipe.dataset.{name}.repo_id"] = hub["repo_id"]
+            tags[f"tunepipe.dataset.{name}.commit"] = hub["commit"]
     return tags
+
+
+def _json_or_none(path: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:

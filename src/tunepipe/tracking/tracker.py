@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tunepipe.config import GROUPS, Config, TrackingConfig
+from tunepipe.config import GROUPS, SECRET_KEYS, Config, TrackingConfig
 from tunepipe.io_utils import read_json, write_json_atomic
 from tunepipe.layout import Layout
 from tunepipe.tracking.tags import run_tags
@@ -123,11 +123,13 @@ def _experiment_id(client, name: str, resolved_uri: str) -> str:
 
 
 def flatten_params(cfg: Config) -> dict[str, str]:
-    """Every field of every group as `group.key` -> text, e.g. `train.lora_rank` -> `8`."""
+    """Every field of every group as `group.key` -> text, e.g. `train.lora_rank` -> `8`; a secret
+    (`model.hf_hub_token`) is left out, not masked: even its presence is nobody's business."""
     params = {}
     for group in GROUPS:
         for key, value in dataclasses.asdict(getattr(cfg, group)).items():
-            params[f"{group}.{key}"] = param_text(value)
+            if f"{group}.{key}" not in SECRET_KEYS:
+                params[f"{group}.{key}"] = param_text(value)
     return params
 
 

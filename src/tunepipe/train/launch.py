@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from tunepipe.config import GROUPS, Config
+from tunepipe.config import GROUPS, SECRET_KEYS, Config
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 from tunepipe.train.checkpoints import checkpoints_newest_first, read_record
@@ -68,6 +68,8 @@ def relaunch_train(cfg: Config, layout: Layout) -> None:
         command = launcher_command(cfg, config_file, layout.root)
         log.info("launching %d training processes: %s", cfg.train.num_processes, " ".join(command))
         env = child_env(deepspeed=distributed_type(cfg) == "DEEPSPEED")
+        if cfg.model.hf_hub_token:  # left out of config_file (dump_config); huggingface_hub reads it here
+            env["HF_TOKEN"] = cfg.model.hf_hub_token
         returncode, received = relay_signals(command, env=env, preexec_fn=_die_with_parent())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -165,8 +167,12 @@ def child_env(deepspeed: bool = False) -> dict[str, str]:
 
 
 def dump_config(cfg: Config, path: Path) -> Path:
-    """The resolved config as a grouped YAML that `load_config` reads back to an equal Config."""
-    grouped = {name: dataclasses.asdict(getattr(cfg, name)) for name in GROUPS}
+    """The resolved config as a grouped YAML that `load_config` reads back to an equal Config,
+    less its secrets (`model.hf_hub_token`): those reach the workers in their environment
+    (`child_env`), never a file."""
+    grouped = {name: {key: value for key, value in dataclasses.asdict(getattr(cfg, name)).items()
+                      if f"{name}.{key}" not in SECRET_KEYS}
+               for name in GROUPS}
     path.write_text(yaml.safe_dump(grouped, sort_keys=False), encoding="utf-8")
     return path
 
