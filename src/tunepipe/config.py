@@ -279,6 +279,8 @@ class TrainConfig:
     """Processes to launch (torchrun / accelerate), all machines together; 1 trains in-process."""
     accelerate_config: Optional[str] = None
     """accelerate config file (FSDP / DeepSpeed), e.g. configs/accelerate/fsdp.yaml."""
+    deepspeed: Optional[str] = None
+    """DeepSpeed JSON config, as LLaMA-Factory takes it (e.g. its examples/deepspeed/ds_z3_config.json), run in train.num_processes processes."""
     num_machines: int = 1
     """Machines (nodes) of a multi-node run; num_processes counts the processes of all of them."""
     machine_rank: int = 0
@@ -322,6 +324,8 @@ class TrainConfig:
         _require(self.save_total_limit is None or self.save_total_limit >= 1, "train",
                  "save_total_limit", self.save_total_limit, "must be >= 1")
         self._check_optimizer_and_best()
+        _require(not (self.deepspeed and self.accelerate_config), "train", "deepspeed", self.deepspeed,
+                 "give a DeepSpeed JSON or an accelerate config (train.accelerate_config), not both")
         self._check_machines()
 
     def _check_optimizer_and_best(self) -> None:

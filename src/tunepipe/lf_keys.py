@@ -90,7 +90,6 @@ _UPLOAD = ("no hub uploads from tunepipe; after `tunepipe export`, upload the ex
            "`hf upload ORG/NAME EXPORT_DIR`")
 
 UNSUPPORTED_KEYS: dict[str, str] = {
-    "deepspeed": "use train.accelerate_config with a DeepSpeed accelerate config instead",
     "adapter_folder": "name adapter dirs in adapter_name_or_path",
     "ms_hub_token": "ModelScope is not supported; models and data come from the Hugging Face Hub (hf_hub_token)",
     "om_hub_token": "Modelers is not supported; models and data come from the Hugging Face Hub (hf_hub_token)",

@@ -63,6 +63,7 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
         dataloader_drop_last=train.dataloader_drop_last,
         eval_accumulation_steps=train.eval_accumulation_steps,
         full_determinism=train.full_determinism,
+        deepspeed=train.deepspeed,  # the Trainer fills the JSON's "auto" values from these arguments
         bf16=train.bf16_compute,
         fp16=train.fp16,
         activation_checkpointing=train.gradient_checkpointing,  # transformers 5's name for it
