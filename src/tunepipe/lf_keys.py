@@ -90,7 +90,6 @@ _UPLOAD = ("no hub uploads from tunepipe; after `tunepipe export`, upload the ex
            "`hf upload ORG/NAME EXPORT_DIR`")
 
 UNSUPPORTED_KEYS: dict[str, str] = {
-    "deepspeed": "use train.accelerate_config with a DeepSpeed accelerate config instead",
     "adapter_folder": "name adapter dirs in adapter_name_or_path",
     "ms_hub_token": "ModelScope is not supported; models and data come from the Hugging Face Hub (hf_hub_token)",
     "om_hub_token": "Modelers is not supported; models and data come from the Hugging Face Hub (hf_hub_token)",
@@ -142,10 +141,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "vllm_enforce_eager": "vLLM inference is not supported",
     "vllm_max_lora_rank": "vLLM inference is not supported",
     "vllm_config": "vLLM inference is not supported",
-    "early_stopping_steps": "not supported yet",
-    "neftune_noise_alpha": "not supported yet",
-    "load_best_model_at_end": "the last step's model is kept; compare runs in MLflow",
-    "metric_for_best_model": "the last step's model is kept; compare runs in MLflow",
     "galore_target": "GaLore is not supported",
     "galore_rank": "GaLore is not supported",
     "badam_mode": "BAdam is not supported",
@@ -155,10 +150,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "offload_folder": "not supported",
     "moe_aux_loss_coef": "MoE auxiliary loss is not supported yet",
     "block_diag_attn": "packing always uses block-diagonal attention",
-    "adam_beta1": "not supported yet",
-    "adam_beta2": "not supported yet",
-    "adam_epsilon": "not supported yet",
-    "lr_scheduler_kwargs": "not supported yet",
     "torch_compile": "not supported yet",
     "push_to_hub": _UPLOAD,
     "hub_model_id": _UPLOAD,
@@ -235,18 +226,13 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "fsdp": "use train.accelerate_config with an FSDP accelerate config (configs/accelerate/)",
     "fsdp_config": "use train.accelerate_config with an FSDP accelerate config (configs/accelerate/)",
     "gradient_checkpointing_kwargs": "gradient checkpointing uses transformers' default",
-    "logging_first_step": "not supported yet",
     "logging_strategy": "logging follows logging_steps",
     "group_by_length": "not supported yet",
     "data_seed": "split_seed orders the data split; seed the training order",
-    "full_determinism": "not supported yet",
     "tf32": "not supported yet",
     "label_smoothing_factor": "not supported yet",
     "generation_max_length": "use max_new_tokens",
     "generation_num_beams": "beam search is not supported in eval yet",
-    "greater_is_better": "the last step's model is kept; compare runs in MLflow",
-    "dataloader_drop_last": "not supported yet",
-    "eval_accumulation_steps": "not supported yet",
 }
 
 # tunepipe config fields that LLaMA-Factory does not have (every other field is a
