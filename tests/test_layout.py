@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "tunepipe"
 SUBPACKAGES = ("data", "train", "evaluate", "export", "tracking")
-APP_MODULES = ("cli", "chat", "pipeline", "summary", "docgen")
+APP_MODULES = ("cli", "chat", "pipeline", "summary", "docgen", "serve")
 # layer -> the layers it may import (besides itself)
 ALLOWED = {
     "core": set(),
