@@ -63,7 +63,7 @@ async def merged_pieces(engine, tokenizer, ids, choices: list[Sampling], stop: l
         try:
             async for piece, reason, count in pieces(engine, tokenizer, ids, sampling, stop):
                 await out.put((index, piece, reason, count))
-        except Exception as exc:  # handed to the reader, which raises it in the response
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it in the response
             await out.put(exc)
 
     tasks = [asyncio.create_task(run(i, s)) for i, s in enumerate(choices)]
