@@ -201,7 +201,8 @@ def check_equivalence(cfg: Config, export_dir: Path, device: str, probes, refere
 # summation order only; f16 / bf16 the rounding of every weight; q8_0 an 8-bit step per block of
 # 32 weights. Measured max |diff| on the tiny test Llama with a strong random adapter (largest
 # |logit| below 1): f32 1.6e-5, f16 1.3e-2, bf16 5.8e-2, q8_0 0.24; SmolLM2-135M: see
-# docs/architecture.md ("GGUF export"). The limits leave a margin over those figures.
+# q8_0 1.33 with a largest |logit| of 38.7 (0.034 relative). The limits leave a margin over the tiny
+# model, whose random weights make it far noisier than a trained model.
 GGUF_RELATIVE_TOLERANCE = {"f32": 1e-4, "f16": 3e-2, "bf16": 1.2e-1, "q8_0": 4e-1}
 
 
