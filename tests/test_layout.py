@@ -133,7 +133,7 @@ def imported_names(path: Path) -> set[str]:
 def test_top_level_fits_on_one_screen():
     entries = [p.name for p in PACKAGE_DIR.iterdir() if p.name != "__pycache__"]
     # 21: hub.py (Hub access shared by the base model, adapters and hub datasets) joined the core
-    assert len(entries) <= 21, sorted(entries)
+    assert len(entries) <= 22, sorted(entries)  # 22: serve/ (the OpenAI API and web chat)
     for sub in SUBPACKAGES:
         init = PACKAGE_DIR / sub / "__init__.py"
         assert ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))), f"{init} has no docstring"
