@@ -59,6 +59,16 @@ class ModelConfig:
     """Attention kernel: auto picks flash-attention varlen on GPU when installed, else SDPA run per sample; `disabled` is eager. Models that softcap attention logits (Gemma 2) use eager unless flash attention 2 runs. See [Model families](#model-families)."""
     trust_remote_code: bool = False
     """Allow model repos to run their own Python code (off by default)."""
+    infer_backend: Literal["huggingface", "vllm"] = "huggingface"
+    """`tunepipe serve` / `webchat` backend: huggingface (transformers, batched by tunepipe) or vllm (CUDA GPU with vLLM installed; not wired in yet: a clear error)."""
+    vllm_maxlen: int = 4096
+    """vLLM: longest prompt + answer (passed through with infer_backend: vllm)."""
+    vllm_gpu_util: float = 0.7
+    """vLLM: fraction of GPU memory it may take (passed through with infer_backend: vllm)."""
+    vllm_enforce_eager: bool = False
+    """vLLM: disable CUDA graphs (passed through with infer_backend: vllm)."""
+    vllm_max_lora_rank: int = 32
+    """vLLM: largest LoRA rank it serves (passed through with infer_backend: vllm)."""
 
     def check(self) -> None:
         _require(bool(self.model_name_or_path), "model", "model_name_or_path",
@@ -423,6 +433,8 @@ class ExportConfig:
     """Device the merge runs on."""
     export_legacy_format: bool = False
     """Accepted only as false: tunepipe writes safetensors, never pickle .bin files."""
+    export_gguf: Optional[Literal["f32", "f16", "bf16", "q8_0"]] = None
+    """Also write `model-<type>.gguf` for llama.cpp / Ollama beside the safetensors (the Modelfile then names it); its read-back logits are checked like the merge."""
 
     def check(self) -> None:
         _require(not self.export_legacy_format, "export", "export_legacy_format", True,
