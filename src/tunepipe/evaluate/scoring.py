@@ -25,14 +25,18 @@ def as_text(tokenizer, item) -> str:
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, items: list, batch_size: int = 8) -> list[float]:
-    """The reward model's scalar score for each text or conversation in `items`."""
+def score_texts(model, tokenizer, items: list, batch_size: int = 8, max_length: int | None = None) -> list[float]:
+    """The reward model's scalar score for each text or conversation in `items`.
+
+    `max_length`: texts longer than this many tokens are cut to their head first (as
+    LLaMA-Factory's `/v1/score/evaluation` does), so the score is read at the cut."""
     scores: list[float] = []
     device = next(model.parameters()).device
     for start in range(0, len(items), batch_size):
         texts = [as_text(tokenizer, item) for item in items[start:start + batch_size]]
         # The templates carry their own special tokens; training rows were encoded the same way.
-        batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt",
+                          truncation=max_length is not None, max_length=max_length).to(device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         scores.extend(logits.squeeze(-1).float().cpu().tolist())
     return scores

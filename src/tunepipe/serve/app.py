@@ -1,4 +1,5 @@
-"""The FastAPI app: `/v1/models`, `/v1/chat/completions` (plain and SSE), auth, OpenAI-shaped errors.
+"""The FastAPI app: `/v1/models`, `/v1/chat/completions` (plain and SSE), `/v1/score/evaluation`
+(LLaMA-Factory's reward-model route), auth, OpenAI-shaped errors.
 
 Each request is checked (model id, roles, context length, max_tokens) before anything reaches
 the engine, so a bad request costs nothing and never disturbs the ones generating. Answers
@@ -21,7 +22,7 @@ from starlette.exceptions import HTTPException
 from tunepipe.errors import TunepipeError
 from tunepipe.serve import generation
 from tunepipe.serve.prompts import canonical_row, openai_tool_calls, parse_calls, prompt_ids
-from tunepipe.serve.schemas import MAX_N, ChatRequest, error_body
+from tunepipe.serve.schemas import MAX_N, ChatRequest, ScoreRequest, error_body
 
 
 class ApiError(Exception):
@@ -43,7 +44,14 @@ class Served:
     api_key: str | None = None
     tool_format: str | None = None
     seed: int = 0
+    adapters: dict = field(default_factory=dict)  # model id -> the engine's PEFT adapter name (several adapters)
+    reward: object = None  # models.RewardModel when serving a reward model (no engine then)
     counter: itertools.count = field(default_factory=itertools.count)
+
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
 
 
 def create_app(served: Served) -> FastAPI:
@@ -74,6 +82,17 @@ def create_app(served: Served) -> FastAPI:
             return StreamingResponse(stream(served, body, ids, choices, head), media_type="text/event-stream")
         return await complete(served, body, ids, choices, head, number)
 
+    @app.post("/v1/score/evaluation")
+    async def score_evaluation(body: ScoreRequest):
+        number = next(served.counter)
+        check_model(served, body.model)
+        if served.reward is None:
+            raise ApiError(400, f"model {body.model!r} is not a reward model: /v1/score/evaluation needs a "
+                           "`stage: rm` model (serve its adapter with stage: rm)", param="model",
+                           code="not_a_reward_model")
+        scores = await asyncio.to_thread(served.reward.score, body.messages, body.max_length)
+        return {"id": f"scoreval-{number}", "object": "score.evaluation", "model": body.model, "scores": scores}
+
     return app
 
 
@@ -101,10 +120,10 @@ def install_errors(app: FastAPI) -> None:
 
 def prepare(served: Served, body: ChatRequest, number: int) -> tuple[list[int], list]:
     """The prompt ids and one `Sampling` per choice; ApiError for what cannot be served."""
-    if body.model not in served.model_ids:
-        raise ApiError(404, f"model {body.model!r} is not served here (GET /v1/models lists "
-                       f"{', '.join(served.model_ids)})", param="model", code="model_not_found",
-                       kind="not_found_error")
+    check_model(served, body.model)
+    if served.engine is None:
+        raise ApiError(400, f"model {body.model!r} is a reward model: it scores texts (POST "
+                       "/v1/score/evaluation) and does not chat", param="model", code="reward_model")
     try:
         ids = prompt_ids(served.chat_format, canonical_row(body.messages, body.tools))
     except TunepipeError as exc:
@@ -124,9 +143,17 @@ def prepare(served: Served, body: ChatRequest, number: int) -> tuple[list[int], 
     return ids, choices
 
 
+def check_model(served: Served, model: str) -> None:
+    if model not in served.model_ids:
+        raise ApiError(404, f"model {model!r} is not served here (GET /v1/models lists "
+                       f"{', '.join(served.model_ids)})", param="model", code="model_not_found",
+                       kind="not_found_error")
+
+
 async def complete(served: Served, body: ChatRequest, ids, choices, head: dict, number: int) -> dict:
+    adapter = served.adapters.get(body.model)
     results = await asyncio.gather(*(generation.collect(served.engine, served.chat_format.tokenizer, ids, sampling,
-                                                        body.stops()) for sampling in choices))
+                                                        body.stops(), adapter) for sampling in choices))
     out, completion = [], 0
     for index, (text, reason, tokens) in enumerate(results):
         completion += tokens
@@ -160,7 +187,8 @@ async def stream(served: Served, body: ChatRequest, ids, choices, head: dict):
 
     for index in range(len(choices)):
         yield event({"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-    merged = generation.merged_pieces(served.engine, served.chat_format.tokenizer, ids, choices, body.stops())
+    merged = generation.merged_pieces(served.engine, served.chat_format.tokenizer, ids, choices, body.stops(),
+                                      served.adapters.get(body.model))
     texts, completion = [""] * len(choices), 0
     try:
         async for index, piece, reason, tokens in merged:

@@ -18,6 +18,12 @@ Left padding is exact, not approximate: padded key positions are masked out of a
 (their softmax weight is exactly 0) and position ids count only real tokens, so a row's
 logits are those of the row alone up to float rounding; tests check that greedy answers
 under load equal the same requests sent one at a time.
+
+Several adapters (PEFT's multi-adapter model, one `adapter_name` per served model id): the
+active rows are kept in one `Batch` per adapter, and each step runs one forward per group
+with that group's adapter set (`set_adapter`). A forward never carries rows of two adapters:
+PEFT applies the active adapter to the whole batch, so mixing would give one client
+another adapter's answer. Groups take turns, so every client keeps streaming.
 """
 
 from __future__ import annotations
@@ -43,11 +49,14 @@ class Sampling:
 
 @dataclass
 class Request:
-    """One answer to generate: prompt ids in, token ids out through `emit(token or None, reason)`."""
+    """One answer to generate: prompt ids in, token ids out through `emit(token or None, reason)`.
+
+    `adapter`: the PEFT adapter name its forwards run with (None: the model as loaded)."""
 
     prompt: list[int]
     sampling: Sampling
     emit: Callable[[int | None, str | None], None]
+    adapter: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
     generator: object = None
@@ -57,24 +66,38 @@ class Request:
         self.cancelled.set()
 
 
+@dataclass
+class Batch:
+    """The running rows of one adapter and their shared cache."""
+
+    rows: list[Request] = field(default_factory=list)
+    cache: object = None
+    mask: object = None  # [rows, cached length]: 1 for real tokens, 0 for left padding
+    last: object = None  # [rows, 1]: each row's newest token, the next step's input
+
+
 class Engine:
     """Owns the model; `submit` from any thread, answers come back through each request's `emit`."""
 
-    def __init__(self, model, stop_ids: list[int], pad_id: int, max_batch: int = 16, adapter: str | None = None):
+    def __init__(self, model, stop_ids: list[int], pad_id: int, max_batch: int = 16):
         self.model = model
         self.stop_ids = set(stop_ids)
         self.pad_id = pad_id
         self.max_batch = max_batch
         self.pending: queue.Queue[Request | None] = queue.Queue()
-        self.rows: list[Request] = []
-        self.cache = None
-        self.mask = None  # [rows, cached length]: 1 for real tokens, 0 for left padding
-        self.last = None  # [rows, 1]: each row's newest token, the next step's input
+        self.batches: dict[str | None, Batch] = {}
+        self.active: str | None = None  # the adapter set on the model now
         self.steps = 0  # forward passes so far (decode steps with > 1 row show batching happened)
         self.max_rows = 0  # the most rows one decode step carried
+        self.forwards: list[tuple[str | None, frozenset]] = []  # (adapter, adapters of its rows), last 256
         self.cache_key = cache_argument(model)
         self.thread = threading.Thread(target=self._run, name="tunepipe-engine", daemon=True)
         self.thread.start()
+
+    @property
+    def rows(self) -> list[Request]:
+        """Every active row, of every adapter."""
+        return [row for batch in self.batches.values() for row in batch.rows]
 
     def submit(self, request: Request) -> Request:
         import torch
@@ -85,7 +108,7 @@ class Engine:
 
     def close(self, timeout: float = 5.0) -> None:
         """Cancel what is running and stop the thread."""
-        for row in list(self.rows):
+        for row in self.rows:
             row.cancel()
         self.pending.put(None)
         self.thread.join(timeout)
@@ -100,23 +123,24 @@ class Engine:
                 if arrived is None:
                     break
                 try:
-                    if arrived:
-                        self._prefill(arrived)
-                    if self.rows:
-                        self._decode()
+                    for adapter in dict.fromkeys(r.adapter for r in arrived):
+                        self._prefill(adapter, [r for r in arrived if r.adapter == adapter])
+                    for adapter, batch in list(self.batches.items()):
+                        if batch.rows:
+                            self._decode(adapter, batch)
                 except Exception as exc:  # a bug or out of memory: fail these requests, keep serving
                     log.exception("generation failed")
                     for row in self.rows + arrived:
                         row.emit(None, f"error: {type(exc).__name__}")
-                    self.rows, self.cache = [], None
+                    self.batches = {}
 
     def _arrivals(self) -> list[Request] | None:
         """Requests to admit now: wait for one when idle, else take what is queued (None: shut down)."""
         arrived: list[Request] = []
-        block = not self.rows
-        while len(self.rows) + len(arrived) < self.max_batch:
+        running = len(self.rows)
+        while running + len(arrived) < self.max_batch:
             try:
-                item = self.pending.get(block=block and not arrived)
+                item = self.pending.get(block=not running and not arrived)
             except queue.Empty:
                 break
             if item is None:
@@ -127,7 +151,14 @@ class Engine:
                 arrived.append(item)
         return arrived
 
-    def _prefill(self, arrived: list[Request]) -> None:
+    def _forward(self, adapter: str | None, rows: list[Request], **inputs):
+        if adapter is not None and adapter != self.active:
+            self.model.set_adapter(adapter)  # PEFT: swaps which LoRA weights the layers apply
+            self.active = adapter
+        self.forwards = self.forwards[-255:] + [(adapter, frozenset(r.adapter for r in rows))]
+        return self.model(use_cache=True, **inputs)
+
+    def _prefill(self, adapter: str | None, arrived: list[Request]) -> None:
         """Run the new prompts (left-padded together), choose their first tokens, join the batch."""
         import torch
         from transformers import DynamicCache
@@ -137,25 +168,25 @@ class Engine:
         mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in arrived])
         device = self.model.device
         cache = DynamicCache()
-        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
-                         use_cache=True, **{self.cache_key: cache})
-        self._join(arrived, cache, mask.to(device))
-        self._advance(arrived, out.logits[:, -1, :], offset=len(self.rows) - len(arrived))
+        out = self._forward(adapter, arrived, input_ids=ids.to(device), attention_mask=mask.to(device),
+                            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+                            **{self.cache_key: cache})
+        batch = self.batches.setdefault(adapter, Batch())
+        _join(batch, arrived, cache, mask.to(device))
+        self._advance(batch, arrived, out.logits[:, -1, :], offset=len(batch.rows) - len(arrived))
 
-    def _decode(self) -> None:
-        """One step for every active row."""
+    def _decode(self, adapter: str | None, batch: Batch) -> None:
+        """One step for every active row of one adapter."""
         import torch
 
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        out = self.model(input_ids=self.last, attention_mask=self.mask,
-                         position_ids=self.mask.sum(-1, keepdim=True) - 1,
-                         use_cache=True, **{self.cache_key: self.cache})
+        batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
+        out = self._forward(adapter, batch.rows, input_ids=batch.last, attention_mask=batch.mask,
+                            position_ids=batch.mask.sum(-1, keepdim=True) - 1, **{self.cache_key: batch.cache})
         self.steps += 1
-        self.max_rows = max(self.max_rows, len(self.rows))
-        self._advance(list(self.rows), out.logits[:, -1, :], offset=0)
+        self.max_rows = max(self.max_rows, len(batch.rows))
+        self._advance(batch, list(batch.rows), out.logits[:, -1, :], offset=0)
 
-    def _advance(self, rows: list[Request], logits, offset: int) -> None:
+    def _advance(self, batch: Batch, rows: list[Request], logits, offset: int) -> None:
         """Pick each row's next token, hand it out, drop the rows that are done."""
         import torch
 
@@ -170,9 +201,9 @@ class Engine:
                 row.emit(None, reason)
                 done.append(offset + i)
         last = torch.tensor(chosen, device=logits.device).unsqueeze(1)
-        self.last = last if offset == 0 else torch.cat([self.last, last], dim=0)
+        batch.last = last if offset == 0 else torch.cat([batch.last, last], dim=0)
         if done:
-            self._drop(done)
+            _drop(batch, done)
 
     def _finish_reason(self, row: Request, token: int) -> str | None:
         if row.cancelled.is_set():
@@ -183,40 +214,42 @@ class Engine:
             return "length"
         return None
 
-    # -- the batch's cache -----------------------------------------------------------------
-    def _join(self, arrived: list[Request], cache, mask) -> None:
-        """Concatenate the arrivals' cache to the running one, left-padding the shorter of the two."""
+
+# -- a batch's cache -----------------------------------------------------------------------
+def _join(batch: Batch, arrived: list[Request], cache, mask) -> None:
+    """Concatenate the arrivals' cache to the running one, left-padding the shorter of the two."""
+    from transformers import DynamicCache
+
+    if not batch.rows:
+        batch.rows, batch.cache, batch.mask = list(arrived), cache, mask
+        return
+    width = max(batch.mask.shape[1], mask.shape[1])
+    layers = [(_cat_left(old_k, new_k, width), _cat_left(old_v, new_v, width))
+              for (old_k, old_v), (new_k, new_v) in zip(_layers(batch.cache), _layers(cache), strict=True)]
+    batch.mask = _cat_left(batch.mask, mask, width, dim=1)
+    batch.cache = DynamicCache(ddp_cache_data=layers)
+    batch.rows += arrived
+
+
+def _drop(batch: Batch, done: list[int]) -> None:
+    import torch
+
+    keep = [i for i in range(len(batch.rows)) if i not in set(done)]
+    batch.rows = [batch.rows[i] for i in keep]
+    if not keep:
+        batch.cache = batch.mask = batch.last = None
+        return
+    index = torch.tensor(keep, device=batch.mask.device)
+    batch.cache.batch_select_indices(index)
+    batch.mask, batch.last = batch.mask[index], batch.last[index]
+    # columns that are padding in every remaining row carry nothing: cut them off
+    lead = int((batch.mask.cumsum(dim=1) == 0).sum(dim=1).min())
+    if lead:
         from transformers import DynamicCache
 
-        if not self.rows:
-            self.rows, self.cache, self.mask = list(arrived), cache, mask
-            return
-        width = max(self.mask.shape[1], mask.shape[1])
-        layers = [(_cat_left(old_k, new_k, width), _cat_left(old_v, new_v, width))
-                  for (old_k, old_v), (new_k, new_v) in zip(_layers(self.cache), _layers(cache), strict=True)]
-        self.mask = _cat_left(self.mask, mask, width, dim=1)
-        self.cache = DynamicCache(ddp_cache_data=layers)
-        self.rows += arrived
-
-    def _drop(self, done: list[int]) -> None:
-        import torch
-
-        keep = [i for i in range(len(self.rows)) if i not in set(done)]
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.cache = self.mask = self.last = None
-            return
-        index = torch.tensor(keep, device=self.mask.device)
-        self.cache.batch_select_indices(index)
-        self.mask, self.last = self.mask[index], self.last[index]
-        # columns that are padding in every remaining row carry nothing: cut them off
-        lead = int((self.mask.cumsum(dim=1) == 0).sum(dim=1).min())
-        if lead:
-            from transformers import DynamicCache
-
-            self.mask = self.mask[:, lead:]
-            self.cache = DynamicCache(ddp_cache_data=[(k[:, :, lead:], v[:, :, lead:])
-                                                      for k, v in _layers(self.cache)])
+        batch.mask = batch.mask[:, lead:]
+        batch.cache = DynamicCache(ddp_cache_data=[(k[:, :, lead:], v[:, :, lead:])
+                                                   for k, v in _layers(batch.cache)])
 
 
 def cache_argument(model) -> str:

@@ -17,7 +17,7 @@ from tunepipe.serve.text import Detokenizer
 __all__ = ["Sampling", "collect", "merged_pieces", "pieces"]
 
 
-async def pieces(engine, tokenizer, ids: list[int], sampling: Sampling, stop: list[str]):
+async def pieces(engine, tokenizer, ids: list[int], sampling: Sampling, stop: list[str], adapter: str | None = None):
     """Yield (text piece, finish reason or None, completion tokens so far) until the answer ends."""
     loop = asyncio.get_running_loop()
     tokens: asyncio.Queue = asyncio.Queue()
@@ -25,7 +25,7 @@ async def pieces(engine, tokenizer, ids: list[int], sampling: Sampling, stop: li
     def emit(token, reason):
         loop.call_soon_threadsafe(tokens.put_nowait, (token, reason))
 
-    request = engine.submit(Request(prompt=list(ids), sampling=sampling, emit=emit))
+    request = engine.submit(Request(prompt=list(ids), sampling=sampling, emit=emit, adapter=adapter))
     detok = Detokenizer(tokenizer, stop)
     try:
         while True:
@@ -46,22 +46,23 @@ async def pieces(engine, tokenizer, ids: list[int], sampling: Sampling, stop: li
         request.cancel()
 
 
-async def collect(engine, tokenizer, ids, sampling: Sampling, stop: list[str]) -> tuple[str, str, int]:
+async def collect(engine, tokenizer, ids, sampling: Sampling, stop: list[str],
+                  adapter: str | None = None) -> tuple[str, str, int]:
     """The whole answer: (text, finish reason, completion tokens)."""
     text, reason, count = "", "stop", 0
-    async for piece, finish, count in pieces(engine, tokenizer, ids, sampling, stop):
+    async for piece, finish, count in pieces(engine, tokenizer, ids, sampling, stop, adapter):
         text += piece
         reason = finish or reason
     return text, reason, count
 
 
-async def merged_pieces(engine, tokenizer, ids, choices: list[Sampling], stop: list[str]):
+async def merged_pieces(engine, tokenizer, ids, choices: list[Sampling], stop: list[str], adapter: str | None = None):
     """Several choices of one request interleaved as they come: (index, piece, reason, tokens)."""
     out: asyncio.Queue = asyncio.Queue()
 
     async def run(index: int, sampling: Sampling):
         try:
-            async for piece, reason, count in pieces(engine, tokenizer, ids, sampling, stop):
+            async for piece, reason, count in pieces(engine, tokenizer, ids, sampling, stop, adapter):
                 await out.put((index, piece, reason, count))
         except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it in the response
             await out.put(exc)
