@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from tunepipe.config import Config
@@ -131,11 +132,29 @@ def serve_command(args) -> int:
     print(f"serving {served.model_ids[0]} at {where}/v1" + (f" (web chat: {where}/)" if
           getattr(args, "webchat", False) else "") + (" (API key required)" if served.api_key else ""),
           file=sys.stderr)
+    stopped = keep_signals_graceful()
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_SECONDS)
     finally:
         served.close()
+    if stopped:
+        print(f"stopped by {signal.Signals(stopped[0]).name}: in-flight answers finished or cancelled",
+              file=sys.stderr)
     return 0
+
+
+def keep_signals_graceful() -> list[int]:
+    """Handlers that just record SIGTERM / SIGINT, installed before uvicorn runs.
+
+    Why: uvicorn catches the signal, shuts down gracefully (stops accepting, waits up to
+    `timeout_graceful_shutdown` for in-flight responses, cancels the rest), then restores the
+    handlers it found and raises the signal again. With the default handlers that second
+    raise would kill the process (exit 143) or raise KeyboardInterrupt; the contract here is
+    a graceful stop that exits 0, so the restored handlers only note which signal came."""
+    stopped: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stopped.append(signum))
+    return stopped
 
 
 def webchat_command(args) -> int:
