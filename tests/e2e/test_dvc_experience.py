@@ -26,8 +26,8 @@ from tests.e2e.dvc_deps import library_deps
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-COPIED = ["dvc.yaml", "params.yaml", "stages", "src", "data", "schemas", ".dvcignore", ".gitignore"]
-PIPELINE = ["base_model", "validate", "tokenize", "train", "evaluate", "merge"]
+COPIED = ["dvc.yaml", "params.yaml", "stages", "src", "data", "schemas", "configs", ".dvcignore", ".gitignore"]
+PIPELINE = ["base_model", "validate", "tokenize", "train", "evaluate", "benchmark", "merge"]
 
 
 def small_params(params: dict, model_dir: Path) -> dict:
@@ -128,7 +128,7 @@ def test_second_repro_runs_no_stage(dvc_repo):
 def test_learning_rate_experiment_reruns_only_train_evaluate_merge_and_shows_in_exp_show_and_plots(dvc_repo):
     before = adapter_hash(dvc_repo)
     proc = dvc(dvc_repo, "exp", "run", "-S", "train.learning_rate=2e-4")
-    assert stages_run(proc) == {"train", "evaluate", "merge"}  # validate and tokenize are cached
+    assert stages_run(proc) == {"train", "evaluate", "benchmark", "merge"}  # validate and tokenize are cached
     assert adapter_hash(dvc_repo) != before
 
     shown = json.loads(dvc(dvc_repo, "exp", "show", "--json").stdout)
@@ -150,7 +150,7 @@ def test_learning_rate_experiment_reruns_only_train_evaluate_merge_and_shows_in_
 @pytest.mark.slow
 def test_cutoff_len_change_reruns_from_tokenize(dvc_repo):
     edit_params(dvc_repo, "data", "cutoff_len", 48)
-    assert repro(dvc_repo) == {"tokenize", "train", "evaluate", "merge"}
+    assert repro(dvc_repo) == {"tokenize", "train", "evaluate", "benchmark", "merge"}
     meta = json.loads((dvc_repo / "data" / "tokenized" / "meta.json").read_text())
     assert meta["cutoff_len"] == 48
 
@@ -164,7 +164,7 @@ def test_raw_data_change_reruns_from_validate_and_checkout_restores_data_with_it
 
     (dvc_repo / "data/raw/big.json").write_text(json.dumps(big_rows("pears")))
     dvc(dvc_repo, "add", "-q", "data/raw/big.json")
-    assert repro(dvc_repo) == {"validate", "tokenize", "train", "evaluate", "merge"}
+    assert repro(dvc_repo) == {"validate", "tokenize", "train", "evaluate", "benchmark", "merge"}
     git(dvc_repo, "add", "-A")
     git(dvc_repo, "commit", "-q", "-m", "big.json v2")
     new_data, new_adapter = sha(dvc_repo / "data/raw/big.json"), adapter_hash(dvc_repo)
