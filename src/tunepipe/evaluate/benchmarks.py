@@ -206,14 +206,22 @@ def documents(loaded: dict, n_samples: dict, names: list[str]) -> dict[str, int]
     return out
 
 
-def run_benchmarks(cfg: Config, layout: Layout) -> dict:
-    """Benchmark tuned and base on `eval.tasks` / `eval.task`; write metrics/benchmarks.json; return it."""
+def prepare_benchmarks(cfg: Config) -> dict | None:
+    """The built tasks of `eval.tasks` / `eval.task` (None when there are none): run this before
+    loading any model, so a bad name or unreachable data fails fast."""
     specs = task_specs(cfg.eval)
-    if not specs:
+    return load_tasks(specs, task_manager(cfg.eval)) if specs else None
+
+
+def run_benchmarks(cfg: Config, layout: Layout, loaded: dict | None = None) -> dict:
+    """Benchmark tuned and base on `eval.tasks` / `eval.task`; write metrics/benchmarks.json; return it.
+
+    `loaded`: what `prepare_benchmarks` returned, when the caller checked the tasks earlier."""
+    loaded = loaded if loaded is not None else prepare_benchmarks(cfg)
+    if loaded is None:
         report: dict = {"benchmarks": {}}
         write_benchmarks(cfg, layout, report, None)
         return report
-    loaded = load_tasks(specs, task_manager(cfg.eval))  # before any model
     names = reported_names(loaded)
     source = trained_source(cfg, layout)
     base_dir = base_dir_for(cfg, layout)
