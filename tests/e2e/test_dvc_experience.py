@@ -224,3 +224,24 @@ def test_every_stage_depends_on_exactly_the_library_modules_it_imports():
         for dep in sorted(listed - imported):
             problems.append(f"{name}: deps list {dep} but the stage never imports from it")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.slow
+def test_a_benchmark_list_reruns_only_the_benchmark_stage_and_shows_in_metrics_diff(dvc_repo, local_hub,
+                                                                                    tmp_path, monkeypatch):
+    # mmlu_anatomy: one subject of mmlu, served by the local hub as cais/mmlu (the whole mmlu group
+    # from the mirror: tests/e2e/test_benchmarks_hub.py); example_mc: a task YAML in the repo
+    for key, value in local_hub.env(tmp_path / "hf").items():
+        monkeypatch.setenv(key, value)
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    edit_params(dvc_repo, "eval", "tasks", ["configs/benchmarks/example_mc.yaml", "mmlu_anatomy"])
+    edit_params(dvc_repo, "eval", "limit", 2)
+    assert repro(dvc_repo) == {"benchmark"}
+    report = json.loads((dvc_repo / "metrics" / "benchmarks.json").read_text())
+    assert set(report["benchmarks"]) == {"example_mc", "mmlu_anatomy"}
+    assert report["documents"] == {"example_mc": 2, "mmlu_anatomy": 2}
+    for cell in (report["benchmarks"][task]["acc"] for task in report["benchmarks"]):
+        assert {"tuned", "base", "diff", "stderr"} <= set(cell)
+    diff = dvc(dvc_repo, "metrics", "diff").stdout
+    assert "benchmarks.example_mc.acc.tuned" in diff and "benchmarks.mmlu_anatomy.acc.base" in diff
