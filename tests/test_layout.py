@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "tunepipe"
 SUBPACKAGES = ("data", "train", "evaluate", "export", "tracking")
-APP_MODULES = ("cli", "chat", "pipeline", "summary", "docgen")
+APP_MODULES = ("cli", "chat", "pipeline", "summary", "docgen", "serve")
 # layer -> the layers it may import (besides itself)
 ALLOWED = {
     "core": set(),
@@ -133,7 +133,7 @@ def imported_names(path: Path) -> set[str]:
 def test_top_level_fits_on_one_screen():
     entries = [p.name for p in PACKAGE_DIR.iterdir() if p.name != "__pycache__"]
     # 21: hub.py (Hub access shared by the base model, adapters and hub datasets) joined the core
-    assert len(entries) <= 21, sorted(entries)
+    assert len(entries) <= 22, sorted(entries)  # 22: serve/ (the OpenAI API and web chat)
     for sub in SUBPACKAGES:
         init = PACKAGE_DIR / sub / "__init__.py"
         assert ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))), f"{init} has no docstring"

@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                  "tokenize validated rows into Arrow shards (validates first when needed)"),
     "base-model": ("tunepipe.pipeline", "base_model_command", "prepare models/base from model.model_name_or_path"),
     "score": ("tunepipe.evaluate.scoring", "score_command", "score text with a trained reward model"),
+    "serve": ("tunepipe.serve.server", "serve_command",
+              "serve the model over an OpenAI-compatible HTTP API (like llamafactory-cli api)"),
+    "webchat": ("tunepipe.serve.server", "webchat_command",
+                "chat in the browser with the model, streamed (like llamafactory-cli webchat)"),
 }
 
 

@@ -59,6 +59,16 @@ class ModelConfig:
     """Attention kernel: auto picks flash-attention varlen on GPU when installed, else SDPA run per sample; `disabled` is eager. Models that softcap attention logits (Gemma 2) use eager unless flash attention 2 runs. See [Model families](#model-families)."""
     trust_remote_code: bool = False
     """Allow model repos to run their own Python code (off by default)."""
+    infer_backend: Literal["huggingface", "vllm"] = "huggingface"
+    """`tunepipe serve` / `webchat` backend: huggingface (transformers, batched by tunepipe) or vllm (CUDA GPU with vLLM installed; not wired in yet: a clear error)."""
+    vllm_maxlen: int = 4096
+    """vLLM: longest prompt + answer (passed through with infer_backend: vllm)."""
+    vllm_gpu_util: float = 0.7
+    """vLLM: fraction of GPU memory it may take (passed through with infer_backend: vllm)."""
+    vllm_enforce_eager: bool = False
+    """vLLM: disable CUDA graphs (passed through with infer_backend: vllm)."""
+    vllm_max_lora_rank: int = 32
+    """vLLM: largest LoRA rank it serves (passed through with infer_backend: vllm)."""
 
     def check(self) -> None:
         _require(bool(self.model_name_or_path), "model", "model_name_or_path",
@@ -219,6 +229,32 @@ class TrainConfig:
     """AdamW weight decay."""
     optim: str = "adamw_torch"
     """transformers optimizer name."""
+    adam_beta1: float = 0.9
+    """Adam / AdamW beta1."""
+    adam_beta2: float = 0.999
+    """Adam / AdamW beta2."""
+    adam_epsilon: float = 1.0e-8
+    """Adam / AdamW epsilon."""
+    lr_scheduler_kwargs: Optional[Union[dict, str]] = None
+    """Extra arguments of the learning-rate schedule (a mapping, or its JSON text), e.g. {"num_cycles": 2}."""
+    neftune_noise_alpha: Optional[float] = None
+    """NEFTune: uniform noise of this scale added to the input embeddings while training (not in eval)."""
+    early_stopping_steps: Optional[int] = None
+    """Stop when the eval metric has not improved for this many evaluations (needs an eval split)."""
+    load_best_model_at_end: bool = False
+    """Keep the checkpoint with the best eval metric as the trained output, not the last step's."""
+    metric_for_best_model: Optional[str] = None
+    """Eval metric that picks the best checkpoint (default: eval loss)."""
+    greater_is_better: Optional[bool] = None
+    """Whether a larger metric_for_best_model is better (default: false for a loss)."""
+    logging_first_step: bool = False
+    """Log the first optimizer step too."""
+    dataloader_drop_last: bool = False
+    """Drop the last incomplete micro-batch of each epoch."""
+    eval_accumulation_steps: Optional[int] = None
+    """Eval batches gathered before moving predictions off the device."""
+    full_determinism: bool = False
+    """Deterministic algorithms everywhere (torch.use_deterministic_algorithms); slower."""
     bf16: bool = False
     """Train with bfloat16 autocast."""
     pure_bf16: bool = False
@@ -253,6 +289,8 @@ class TrainConfig:
     """Processes to launch (torchrun / accelerate), all machines together; 1 trains in-process."""
     accelerate_config: Optional[str] = None
     """accelerate config file (FSDP / DeepSpeed), e.g. configs/accelerate/fsdp.yaml."""
+    deepspeed: Optional[str] = None
+    """DeepSpeed JSON config, as LLaMA-Factory takes it (e.g. its examples/deepspeed/ds_z3_config.json), run in train.num_processes processes."""
     num_machines: int = 1
     """Machines (nodes) of a multi-node run; num_processes counts the processes of all of them."""
     machine_rank: int = 0
@@ -295,7 +333,46 @@ class TrainConfig:
         _require(not (self.pure_bf16 and self.fp16), "train", "fp16", self.fp16, "pure_bf16 and fp16 are exclusive")
         _require(self.save_total_limit is None or self.save_total_limit >= 1, "train",
                  "save_total_limit", self.save_total_limit, "must be >= 1")
+        self._check_optimizer_and_best()
+        _require(not (self.deepspeed and self.accelerate_config), "train", "deepspeed", self.deepspeed,
+                 "give a DeepSpeed JSON or an accelerate config (train.accelerate_config), not both")
         self._check_machines()
+
+    def _check_optimizer_and_best(self) -> None:
+        for key in ("adam_beta1", "adam_beta2"):
+            _require(0 <= getattr(self, key) < 1, "train", key, getattr(self, key), "must be in [0, 1)")
+        _require(self.adam_epsilon > 0, "train", "adam_epsilon", self.adam_epsilon, "must be > 0")
+        _require(self.neftune_noise_alpha is None or self.neftune_noise_alpha > 0, "train",
+                 "neftune_noise_alpha", self.neftune_noise_alpha, "must be > 0")
+        _require(self.early_stopping_steps is None or self.early_stopping_steps >= 1, "train",
+                 "early_stopping_steps", self.early_stopping_steps, "must be >= 1")
+        _require(self.eval_accumulation_steps is None or self.eval_accumulation_steps >= 1, "train",
+                 "eval_accumulation_steps", self.eval_accumulation_steps, "must be >= 1")
+        wants_eval = self.early_stopping_steps is not None or self.load_best_model_at_end
+        _require(not wants_eval or self.eval_strategy != "no", "train", "eval_strategy", self.eval_strategy,
+                 "early_stopping_steps / load_best_model_at_end compare evaluations: set eval_strategy: steps")
+        _require(not self.load_best_model_at_end or self.eval_strategy == "steps", "train", "eval_strategy",
+                 self.eval_strategy, "load_best_model_at_end keeps an evaluated checkpoint, and checkpoints are "
+                 "written every save_steps: set eval_strategy: steps")
+        _require(not self.load_best_model_at_end
+                 or self.save_steps % (self.eval_steps or self.logging_steps) == 0, "train", "save_steps",
+                 self.save_steps, "load_best_model_at_end keeps an evaluated checkpoint: save_steps must be a "
+                 "multiple of eval_steps")
+
+    def scheduler_kwargs(self) -> dict:
+        """`lr_scheduler_kwargs` as a mapping (LLaMA-Factory also takes its JSON text)."""
+        value = self.lr_scheduler_kwargs
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = None
+            if not isinstance(value, dict):
+                raise TunepipeError(f"train.lr_scheduler_kwargs={self.lr_scheduler_kwargs!r}: "
+                                    "must be a mapping or its JSON text")
+        return dict(value or {})
 
     def _check_machines(self) -> None:
         _require(self.num_machines >= 1, "train", "num_machines", self.num_machines, "must be >= 1")
@@ -388,6 +465,8 @@ class ExportConfig:
     """Device the merge runs on."""
     export_legacy_format: bool = False
     """Accepted only as false: tunepipe writes safetensors, never pickle .bin files."""
+    export_gguf: Optional[Literal["f32", "f16", "bf16", "q8_0"]] = None
+    """Also write `model-<type>.gguf` for llama.cpp / Ollama beside the safetensors (the Modelfile then names it); its read-back logits are checked like the merge."""
 
     def check(self) -> None:
         _require(not self.export_legacy_format, "export", "export_legacy_format", True,

@@ -220,6 +220,10 @@ def _coerce_scalar(value: Any, kind: type) -> Any:
             except ValueError:
                 pass
         raise TypeError("expected a number")
+    if kind is dict:
+        if isinstance(value, dict):
+            return value
+        raise TypeError("expected a mapping")
     if kind is str:
         if isinstance(value, str):
             return value

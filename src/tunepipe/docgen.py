@@ -77,7 +77,7 @@ def render_type(annotation: str) -> str:
     return _render_type_node(ast.parse(annotation, mode="eval").body)
 
 
-_SCALARS = {"str": "string", "int": "integer", "float": "number", "bool": "bool"}
+_SCALARS = {"str": "string", "int": "integer", "float": "number", "bool": "bool", "dict": "mapping"}
 
 
 def _render_type_node(node) -> str:

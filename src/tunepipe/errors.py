@@ -51,6 +51,24 @@ def disk_full_cause(exc: BaseException | None) -> OSError | None:
     return None
 
 
+def name_deepspeed_accelerator() -> None:
+    """accelerate imports DeepSpeed whenever it is installed, also in runs that never use it
+    (Trainer set-up, save_pretrained), and DeepSpeed's GPU detection then logs "Setting
+    accelerator to CPU ..." in every stage. A CPU-only torch build can only give DeepSpeed its
+    CPU accelerator, so every entry point (`guarded`) names that one through DeepSpeed's own
+    `DS_ACCELERATOR`, read from torch's version tag (importing torch would cost every command a
+    second). A value already set is kept; launched ranks inherit it."""
+    import importlib.metadata
+    import os
+
+    try:
+        cpu_only = importlib.metadata.version("torch").endswith("+cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if cpu_only:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def guarded(fn, debug: bool = False) -> int:
     """Run `fn`; print user errors as `error: ...` (exit 2), tracebacks only with --debug.
 
@@ -60,6 +78,7 @@ def guarded(fn, debug: bool = False) -> int:
     """
     import sys
 
+    name_deepspeed_accelerator()
     try:
         with _sigterm_as_interrupt():
             return fn() or 0

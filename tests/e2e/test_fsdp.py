@@ -64,7 +64,8 @@ def test_fsdp_lora_matches_one_process_with_doubled_accumulation(config, one_pro
     assert_same_training(fsdp, one_process)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3 through an accelerate config; ZeRO-2 and ZeRO-3 through LLaMA-Factory's DeepSpeed JSON below
+@pytest.mark.parametrize("stage", [3])
 def test_deepspeed_lora_matches_one_process_with_doubled_accumulation(config, one_process, tmp_path, stage):
     pytest.importorskip("deepspeed")
     zero = Layout.at(tmp_path)
@@ -73,6 +74,24 @@ def test_deepspeed_lora_matches_one_process_with_doubled_accumulation(config, on
                                             "train.num_processes=2", "train.gradient_accumulation_steps=4"]), zero)
     assert_same_training(zero, one_process)
     assert (zero.checkpoints / "checkpoint-3" / "global_step3").is_dir()  # DeepSpeed's engine saved it
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_llamafactory_deepspeed_json_matches_one_process_with_doubled_accumulation(
+        config, one_process, tmp_path, stage):
+    """`deepspeed: examples/deepspeed/ds_z{2,3}_config.json`, LLaMA-Factory's own files read unchanged."""
+    pytest.importorskip("deepspeed")
+    json_file = REPO.parent / "shared" / "llamafactory-examples" / "deepspeed" / f"ds_z{stage}_config.json"
+    if not json_file.is_file():
+        pytest.skip(f"{json_file} not found")
+    zero = Layout.at(tmp_path)
+    run_train_pipeline(load_config(config, [f"train.deepspeed={json_file}", "train.num_processes=2",
+                                            "train.gradient_accumulation_steps=4"]), zero)
+    assert_same_training(zero, one_process)
+    saved = {path.name for path in (zero.checkpoints / "checkpoint-3" / "global_step3").iterdir()}
+    # DeepSpeed names ZeRO-3's partitioned model states per rank; ZeRO-2 keeps one model file
+    expected = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
+    assert expected in saved, saved
 
 
 def free_port() -> int:

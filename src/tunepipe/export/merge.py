@@ -26,6 +26,7 @@ from tunepipe.data.chat_format import stop_token_ids
 from tunepipe.data.named_templates import stop_words
 from tunepipe.data.templates import apply_template
 from tunepipe.errors import TunepipeError
+from tunepipe.export import gguf_export
 from tunepipe.export.modelfile import MODELFILE, modelfile_text
 from tunepipe.export.shards import export_size_bytes, save_sharded, verify_shards
 from tunepipe.io_utils import atomic_dir, write_json_atomic, write_text_atomic
@@ -70,18 +71,26 @@ def run_export(cfg: Config, layout: Layout) -> dict:
     tokenizer = apply_template(tokenizer_for(cfg, base_dir, source), cfg.data.template)
     probes = probe_inputs(tokenizer)
     device = device_for(cfg.export.export_device)
+    gguf_type = cfg.export.export_gguf
+    if gguf_type:  # an architecture the GGUF writer cannot map fails here, before any merge work
+        gguf_export.check_architecture(_model_config(source.paths[0] if source.kind == "full" else base_dir))
     with atomic_dir(export_dir) as tmp:
         model, reference, merge_diff = build_export_model(cfg, base_dir, source, device, probes)
         model.generation_config.eos_token_id = stop_token_ids(tokenizer, model.generation_config,
                                                               stop_words(cfg.data.template))
         model = model.to(torch_dtype(cfg.model.dtype))  # the one rounding to the export dtype
         save_sharded(model, tmp, limit)
+        tokenizer.save_pretrained(str(tmp))
+        if gguf_type:  # from the rounded weights, so the GGUF is the export, not the float32 merge
+            gguf_export.write_gguf(model, tokenizer, tmp, gguf_type, model.generation_config.eos_token_id)
         del model
         gc.collect()
-        tokenizer.save_pretrained(str(tmp))
-        text, has_template = modelfile_text(tokenizer, _generation_config(tmp))
+        source_line = f"./{gguf_export.gguf_name(gguf_type)}" if gguf_type else "."
+        text, has_template = modelfile_text(tokenizer, _generation_config(tmp), source_line)
         write_text_atomic(tmp / MODELFILE, text)
         metrics = verify_shards(tmp, limit)
+        if gguf_type:
+            metrics.update(check_gguf(cfg, tmp, probes, reference))
         noise = dtype_noise(cfg, base_dir, source, device, probes, reference)
         metrics.update(check_equivalence(cfg, tmp, device, probes, reference, merge_diff, noise))
     metrics.update({"export_size_bytes": limit, "merged_adapters": len(source.paths) * (source.kind == "adapters"),
@@ -186,6 +195,37 @@ def check_equivalence(cfg: Config, export_dir: Path, device: str, probes, refere
             hint="an adapter that does not match this base model, or a bug worth reporting")
     return {"max_abs_logit_diff": diff, "logit_tolerance": limit, "dtype_noise_max_abs_logit_diff": noise,
             "probe_prompts": len(probes), "probe_tokens": sum(len(ids) for ids in probes)}
+
+
+# GGUF read-back tolerance, relative to the largest |logit| of the probes (at least 1): f32 carries
+# summation order only; f16 / bf16 the rounding of every weight; q8_0 an 8-bit step per block of
+# 32 weights. Measured max |diff| on the tiny test Llama with a strong random adapter (largest
+# |logit| below 1): f32 1.6e-5, f16 1.3e-2, bf16 5.8e-2, q8_0 0.24; SmolLM2-135M: see
+# q8_0 1.33 with a largest |logit| of 38.7 (0.034 relative). The limits leave a margin over the tiny
+# model, whose random weights make it far noisier than a trained model.
+GGUF_RELATIVE_TOLERANCE = {"f32": 1e-4, "f16": 3e-2, "bf16": 1.2e-1, "q8_0": 4e-1}
+
+
+def check_gguf(cfg: Config, export_dir: Path, probes, reference) -> dict:
+    """Read the GGUF back with transformers and compare its logits with base + adapter (float32)."""
+    gguf_type = cfg.export.export_gguf
+    logits = gguf_export.gguf_logits(export_dir, gguf_type, probes, probe_logits)
+    diff = max_abs_diff(logits, reference)
+    scale = max(1.0, max(x.abs().max().item() for x in reference))
+    limit = GGUF_RELATIVE_TOLERANCE[gguf_type] * scale
+    if diff > limit:
+        raise TunepipeError(f"GGUF check failed: {gguf_export.gguf_name(gguf_type)} read back gives logits "
+                            f"{diff:.4g} from base + adapter (tolerance {limit:.4g}); nothing was written to "
+                            f"{cfg.export.export_dir}", hint="a bug worth reporting (architecture, GGUF type)")
+    return {"gguf_file": gguf_export.gguf_name(gguf_type), "gguf_type": gguf_type,
+            "gguf_bytes": (export_dir / gguf_export.gguf_name(gguf_type)).stat().st_size,
+            "gguf_max_abs_logit_diff": diff, "gguf_logit_tolerance": limit}
+
+
+def _model_config(directory: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(directory))
 
 
 def quantized_gap(cfg: Config, base_dir: Path, source: TrainedSource, device: str, probes, reference) -> float:

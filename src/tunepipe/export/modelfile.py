@@ -33,10 +33,11 @@ def _quoted_block(text: str) -> str | None:
     return None if '"""' in text else f'"""{text}"""'
 
 
-def modelfile_text(tokenizer, generation_config=None) -> tuple[str, bool]:
-    """The Modelfile, and whether it carries the chat template."""
+def modelfile_text(tokenizer, generation_config=None, source: str = ".") -> tuple[str, bool]:
+    """The Modelfile, and whether it carries the chat template. `source`: `.` (the safetensors) or
+    `./model-<type>.gguf` (export.export_gguf)."""
     lines = ["# Ollama Modelfile written by tunepipe. In this folder: ollama create NAME -f Modelfile",
-             "FROM ."]
+             f"FROM {source}"]
     fmt = turn_format(tokenizer) if tokenizer.chat_template else None
     template = _quoted_block(go_template(fmt)) if fmt else None
     if template:

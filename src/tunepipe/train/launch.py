@@ -56,7 +56,8 @@ def in_launched_process() -> bool:
 
 def should_relaunch(cfg: Config) -> bool:
     train = cfg.train
-    wants_launcher = train.num_processes > 1 or train.accelerate_config is not None or train.num_machines > 1
+    wants_launcher = (train.num_processes > 1 or train.accelerate_config is not None or train.num_machines > 1
+                      or train.deepspeed is not None)  # DeepSpeed's engine needs a process group
     return wants_launcher and not in_launched_process()
 
 
@@ -67,7 +68,7 @@ def relaunch_train(cfg: Config, layout: Layout) -> None:
         config_file = dump_config(cfg, scratch / "config.yaml")
         command = launcher_command(cfg, config_file, layout.root)
         log.info("launching %d training processes: %s", cfg.train.num_processes, " ".join(command))
-        env = child_env(deepspeed=distributed_type(cfg) == "DEEPSPEED")
+        env = child_env(deepspeed=distributed_type(cfg) == "DEEPSPEED" or cfg.train.deepspeed is not None)
         if cfg.model.hf_hub_token:  # left out of config_file (dump_config); huggingface_hub reads it here
             env["HF_TOKEN"] = cfg.model.hf_hub_token
         returncode, received = relay_signals(command, env=env, preexec_fn=_die_with_parent())
@@ -100,6 +101,8 @@ def launcher_command(cfg: Config, config_file: Path, root: Path) -> list[str]:
                         "--main_process_ip", train.main_process_ip, "--main_process_port",
                         str(train.main_process_port)]
         return command + entry
+    if train.deepspeed is not None:
+        check_deepspeed_json(train.deepspeed)  # each rank's Trainer then runs DeepSpeed from it
     per_machine = str(train.num_processes // train.num_machines)
     if train.num_machines == 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", per_machine,
@@ -130,6 +133,25 @@ def check_accelerate_config(path: str) -> Path:
         raise TunepipeError(f"{path}: a DeepSpeed config needs the deepspeed package",
                             hint="pip install 'tunepipe[deepspeed]' (or deepspeed)")
     return file
+
+
+def check_deepspeed_json(path: str) -> None:
+    """`train.deepspeed` must be a readable JSON object, and deepspeed installed, before any launch."""
+    import json
+
+    file = Path(path)
+    if not file.is_file():
+        raise TunepipeError(f"train.deepspeed={path!r}: file not found",
+                            hint="LLaMA-Factory's examples/deepspeed/ds_z{0,2,3}_config.json work as they are")
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise TunepipeError(f"train.deepspeed={path!r}: not valid JSON: {exc}") from None
+    if not isinstance(settings, dict):
+        raise TunepipeError(f"train.deepspeed={path!r}: a DeepSpeed config is a JSON object")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise TunepipeError(f"train.deepspeed={path!r} needs the deepspeed package",
+                            hint="pip install 'tunepipe[deepspeed]' (or deepspeed)")
 
 
 def _read_distributed_type(file: Path) -> str:

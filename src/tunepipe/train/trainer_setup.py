@@ -51,6 +51,19 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
         max_grad_norm=train.max_grad_norm,
         weight_decay=train.weight_decay,
         optim=train.optim,
+        adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2,
+        adam_epsilon=train.adam_epsilon,
+        lr_scheduler_kwargs=train.scheduler_kwargs(),
+        neftune_noise_alpha=train.neftune_noise_alpha,
+        load_best_model_at_end=train.load_best_model_at_end and eval_strategy != "no",
+        metric_for_best_model=train.metric_for_best_model or ("loss" if wants_best(train) else None),
+        greater_is_better=train.greater_is_better,
+        logging_first_step=train.logging_first_step,
+        dataloader_drop_last=train.dataloader_drop_last,
+        eval_accumulation_steps=train.eval_accumulation_steps,
+        full_determinism=train.full_determinism,
+        deepspeed=train.deepspeed,  # the Trainer fills the JSON's "auto" values from these arguments
         bf16=train.bf16_compute,
         fp16=train.fp16,
         activation_checkpointing=train.gradient_checkpointing,  # transformers 5's name for it
@@ -79,6 +92,21 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
         liger_kernel_config={"fused_linear_cross_entropy": False, "cross_entropy": False},
         **extra,
     )
+
+
+def wants_best(train) -> bool:
+    """Whether evaluations are compared (early stopping, keeping the best checkpoint)."""
+    return train.early_stopping_steps is not None or train.load_best_model_at_end
+
+
+def early_stopping(train) -> list:
+    """transformers' EarlyStoppingCallback for `early_stopping_steps` (LLaMA-Factory's key: the
+    number of evaluations without improvement), else nothing."""
+    if train.early_stopping_steps is None:
+        return []
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(early_stopping_patience=train.early_stopping_steps)]
 
 
 # ---------------------------------------------------------------------------- progress

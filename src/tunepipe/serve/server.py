@@ -1,0 +1,105 @@
+"""`tunepipe serve CONFIG.yaml [k=v ...]`: load the model `tunepipe chat` would, serve it over HTTP.
+
+LLaMA-Factory's environment variables: `API_HOST` (default 0.0.0.0), `API_PORT` (8000),
+`API_KEY` (set: every /v1 request needs `Authorization: Bearer <key>`), `API_MODEL_NAME`
+(the id `/v1/models` lists and requests name; default gpt-3.5-turbo, as there). Decoding
+defaults come from the `eval` group (`max_new_tokens`, `do_sample`, `temperature`, `top_p`),
+so an unset field in a request decodes as `tunepipe chat` does. uvicorn stops on SIGTERM /
+Ctrl-C: it stops accepting, lets in-flight answers finish for up to `GRACE_SECONDS`, cancels
+the rest and the command exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from tunepipe.config import Config
+from tunepipe.data.chat_format import stop_token_ids
+from tunepipe.data.named_templates import stop_words
+from tunepipe.data.templates import ChatFormat, apply_template
+from tunepipe.errors import TunepipeError
+from tunepipe.loading import base_dir_for, cli_config, device_for, load_trained, tokenizer_for, trained_source
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "gpt-3.5-turbo"  # LLaMA-Factory's API_MODEL_NAME default
+GRACE_SECONDS = 10
+MAX_BATCH = 16  # rows one forward pass carries; more requests wait in the engine's queue
+
+
+def check_backend(cfg: Config) -> None:
+    """`infer_backend: vllm` runs nowhere but a CUDA machine with vLLM installed: say so before loading."""
+    backend = cfg.model.infer_backend
+    if backend == "huggingface":
+        return
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TunepipeError(f"infer_backend: {backend} needs a CUDA GPU, and this machine has none",
+                            hint="drop infer_backend (tunepipe serves on transformers, batching requests)")
+    if importlib.util.find_spec(backend) is None:
+        raise TunepipeError(f"infer_backend: {backend}, but {backend} is not installed",
+                            hint=f"pip install {backend}, or drop infer_backend")
+    raise TunepipeError(f"infer_backend: {backend} is not wired into tunepipe serve yet",
+                        hint="drop infer_backend (tunepipe serves on transformers, batching requests)")
+
+
+def build_served(cfg: Config, layout, api_key: str | None = None, model_name: str | None = None):
+    """The engine (model loaded, thread started) and everything the routes need."""
+    from tunepipe.serve.app import Served
+    from tunepipe.serve.engine import Engine
+
+    check_backend(cfg)
+    base_dir = base_dir_for(cfg, layout)
+    source = trained_source(cfg, layout)
+    tokenizer = apply_template(tokenizer_for(cfg, base_dir, source), cfg.data.template)
+    chat_format = ChatFormat(tokenizer, cfg.data.template, cfg.data.tool_format, today=cfg.data.today())
+    model = load_trained(cfg, base_dir, source, device_for())
+    stops = stop_token_ids(tokenizer, model.generation_config, stop_words(cfg.data.template))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    engine = Engine(model, stops, pad, max_batch=MAX_BATCH)
+    defaults = {"max_tokens": cfg.eval.max_new_tokens, "top_p": cfg.eval.top_p if cfg.eval.do_sample else 1.0,
+                "temperature": cfg.eval.temperature if cfg.eval.do_sample else 0.0}
+    tool_format = chat_format.tool_format if chat_format.named is not None else None
+    return Served(engine=engine, chat_format=chat_format, model_ids=[model_name or DEFAULT_MODEL_NAME],
+                  context=context_length(model.config), defaults=defaults, api_key=api_key or None,
+                  tool_format=tool_format, seed=cfg.train.seed)
+
+
+def context_length(config) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "max_position_embeddings", 0) or 2048)
+
+
+def serve_command(args) -> int:
+    import uvicorn
+
+    cfg, layout = cli_config(args)
+    host = os.environ.get("API_HOST", "0.0.0.0")
+    port = int(os.environ.get("API_PORT", "8000"))
+    served = build_served(cfg, layout, os.environ.get("API_KEY"), os.environ.get("API_MODEL_NAME"))
+    from tunepipe.serve.app import create_app
+
+    app = create_app(served)
+    if getattr(args, "webchat", False):
+        from tunepipe.serve.webchat import add_webchat
+
+        add_webchat(app, served)
+    where = f"http://{host}:{port}"
+    print(f"serving {served.model_ids[0]} at {where}/v1" + (f" (web chat: {where}/)" if
+          getattr(args, "webchat", False) else "") + (" (API key required)" if served.api_key else ""),
+          file=sys.stderr)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_SECONDS)
+    finally:
+        served.engine.close()
+    return 0
+
+
+def webchat_command(args) -> int:
+    args.webchat = True
+    return serve_command(args)

@@ -1,0 +1,13 @@
+"""The tiny model served once per test module that asks for `server` (see tests/fixtures/serving.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fixtures.adapters import make_adapter
+
+
+@pytest.fixture(scope="package")
+def strong_adapter(tiny_model_dir, tmp_path_factory):
+    # A strong adapter: the random tiny model alone ends every answer at once.
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("serve") / "adapter", scale=1.0)
