@@ -20,6 +20,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + str(REPO / ".pytest_cache" / "mlflow-tests.db"))
 
 
+# The slowest files, slowest first (`pytest --durations`, docs/benchmarks.md): `make test` gives whole
+# files to two xdist workers in collection order, so starting these first keeps one long file from
+# running alone at the end while the other worker idles (longest-first scheduling). Files not named
+# keep their order, after these; the list only orders, it never selects.
+SLOWEST_FIRST = [
+    "e2e/test_dvc_experience.py", "e2e/test_preemption.py", "e2e/test_fsdp.py", "e2e/test_disk_full.py",
+    "e2e/test_rerun_checkpoints.py", "e2e/test_benchmarks_hub.py", "e2e/test_pref_real.py",
+    "e2e/test_train_real_model.py", "test_template_parity.py", "test_benchmarks.py", "test_tokenize.py",
+    "e2e/test_hub_llamafactory_examples.py", "e2e/test_concurrent_runs.py", "e2e/test_train_resume.py",
+    "e2e/test_ddp.py", "e2e/test_data_stages.py", "serve/test_tools_and_load.py", "serve/test_webchat.py",
+]
+
+
+def pytest_collection_modifyitems(items) -> None:
+    tests_dir = Path(__file__).parent
+    rank = {name: k for k, name in enumerate(SLOWEST_FIRST)}
+
+    def order(item) -> int:
+        return rank.get(Path(item.fspath).relative_to(tests_dir).as_posix(), len(rank))
+
+    items.sort(key=order)  # stable: within a file, and among the other files, nothing moves
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama (2 layers, hidden 64) with a ChatML-template tokenizer."""

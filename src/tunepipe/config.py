@@ -396,6 +396,10 @@ class TrainConfig:
         return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
 
 
+# LLaMA-Factory's `task:` values -> the lm-evaluation-harness task that runs the same benchmark.
+LF_BENCHMARKS: dict[str, str] = {"mmlu_test": "mmlu", "cmmlu_test": "cmmlu", "ceval_validation": "ceval-valid"}
+
+
 @dataclass
 class EvalConfig:
     predict_with_generate: bool = True
@@ -416,11 +420,39 @@ class EvalConfig:
     """Also score the base model, so metrics show tuned vs base."""
     identity_keywords: list[str] = field(default_factory=list)
     """Words a correct identity answer contains (e.g. the new name); adds identity_accuracy."""
+    tasks: list[str] = field(default_factory=list)
+    """Standard benchmarks run by the benchmark stage on tuned and base: lm-evaluation-harness task or group names (`mmlu`, `arc_easy`, ...) or paths to task YAMLs in the repo (see the README's "Standard benchmarks")."""
+    num_fewshot: Optional[int] = None
+    """Few-shot examples per benchmark prompt; unset: each task's own default (0 for most)."""
+    limit: Optional[Union[int, float]] = None
+    """Benchmark at most this many documents per task (a number below 1: that fraction); unset: all. For quick checks: published scores use every document."""
+    batch_size: int = 8
+    """Benchmark batch size (LLaMA-Factory's eval `batch_size`)."""
+    task: Optional[str] = None
+    """LLaMA-Factory's benchmark: `mmlu_test`, `cmmlu_test` or `ceval_validation`, run as the harness task mmlu, cmmlu or ceval-valid (added to `tasks`)."""
+    n_shot: int = 5
+    """LLaMA-Factory's few-shot count for `task` (used when num_fewshot is unset)."""
+    lang: Literal["en", "zh"] = "en"
+    """LLaMA-Factory's prompt language for `task`; the harness's prompts have one language per task (see docs/migrating-from-llama-factory.md)."""
+    task_dir: Optional[str] = None
+    """A folder of lm-evaluation-harness task YAMLs whose tasks `tasks` / `task` may name (LLaMA-Factory's folder of dataset scripts is not read: the data comes from the Hub)."""
+    save_dir: Optional[str] = None
+    """Also write the benchmark report to SAVE_DIR/results.json (as `llamafactory-cli eval` does)."""
 
     def check(self) -> None:
         _require(self.max_new_tokens >= 1, "eval", "max_new_tokens", self.max_new_tokens, "must be >= 1")
         _require(self.temperature > 0, "eval", "temperature", self.temperature, "must be > 0")
         _require(0 < self.top_p <= 1, "eval", "top_p", self.top_p, "must be in (0, 1]")
+        _require(all(isinstance(t, str) and t.strip() for t in self.tasks), "eval", "tasks", self.tasks,
+                 "each entry must name a task, a group or a task YAML")
+        _require(self.num_fewshot is None or self.num_fewshot >= 0, "eval", "num_fewshot", self.num_fewshot,
+                 "must be >= 0")
+        _require(self.limit is None or self.limit > 0, "eval", "limit", self.limit, "must be > 0")
+        _require(self.batch_size >= 1, "eval", "batch_size", self.batch_size, "must be >= 1")
+        _require(self.n_shot >= 0, "eval", "n_shot", self.n_shot, "must be >= 0")
+        _require(self.task is None or self.task in LF_BENCHMARKS, "eval", "task", self.task,
+                 f"LLaMA-Factory's benchmarks are {', '.join(LF_BENCHMARKS)}; name any other "
+                 "lm-evaluation-harness task in eval.tasks")
 
 
 @dataclass

@@ -72,6 +72,7 @@ NOOP_VALUES: dict[str, object] = {
     "use_kv_cache": True,
     "fp8": False,
     "save_safetensors": True,
+    "download_mode": "reuse_dataset_if_exists",
 }
 
 # LLaMA-Factory speed-ups tunepipe does not integrate: any value is accepted, so one YAML runs
@@ -211,13 +212,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "resources_per_worker": "Ray is not supported; launch several processes with accelerate (num_processes)",
     "placement_strategy": "Ray is not supported; launch several processes with accelerate (num_processes)",
     "ray_init_kwargs": "Ray is not supported; launch several processes with accelerate (num_processes)",
-    "task": "benchmark evaluation (MMLU, C-Eval, CMMLU) is not supported; `tunepipe eval` scores the eval split",
-    "task_dir": "benchmark evaluation (MMLU, C-Eval, CMMLU) is not supported; `tunepipe eval` scores the eval split",
-    "n_shot": "benchmark evaluation (MMLU, C-Eval, CMMLU) is not supported; `tunepipe eval` scores the eval split",
-    "lang": "benchmark evaluation (MMLU, C-Eval, CMMLU) is not supported; `tunepipe eval` scores the eval split",
-    "save_dir": "benchmark evaluation (MMLU, C-Eval, CMMLU) is not supported; `tunepipe eval` scores the eval split",
-    "download_mode": "benchmark evaluation (MMLU, C-Eval, CMMLU) is not supported; `tunepipe eval` scores the eval split",
-    "batch_size": "benchmark evaluation (MMLU, C-Eval, CMMLU) is not supported; use per_device_eval_batch_size",
     "fsdp": "use train.accelerate_config with an FSDP accelerate config (configs/accelerate/)",
     "fsdp_config": "use train.accelerate_config with an FSDP accelerate config (configs/accelerate/)",
     "gradient_checkpointing_kwargs": "gradient checkpointing uses transformers' default",
@@ -236,5 +230,5 @@ TUNEPIPE_ONLY_KEYS: frozenset[str] = frozenset({
     "dtype", "overlong", "split_seed", "on_invalid", "num_processes", "accelerate_config",
     "num_machines", "machine_rank", "main_process_ip", "main_process_port",
     "precompute_ref_log_probs", "max_predict_samples", "compare_base", "identity_keywords",
-    "tracking_uri", "experiment_name", "template_date",
+    "tracking_uri", "experiment_name", "template_date", "tasks", "num_fewshot", "limit",
 })

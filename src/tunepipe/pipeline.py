@@ -88,15 +88,26 @@ def refuse_adapter_to_continue(cfg: Config) -> None:
 
 
 def eval_command(args) -> int:
-    """validate and tokenize when their outputs are missing, then evaluate (`tunepipe eval`)."""
+    """validate and tokenize when their outputs are missing, then evaluate, then the benchmarks
+    of `eval.tasks` (`tunepipe eval`). With LLaMA-Factory's `eval.task` set it is
+    `llamafactory-cli eval`: benchmarks only, of the trained model if there is one, else the base."""
+    from tunepipe.evaluate.benchmarks import prepare_benchmarks, print_benchmarks, run_benchmarks
     from tunepipe.evaluate.run import print_report, run_evaluate
     from tunepipe.loading import require_trained, trained_source
 
     cfg, layout = cli_config(args)
-    require_trained(trained_source(cfg, layout, quiet=True), cfg, layout)  # before any data work
-    ensure_eval_data(cfg, layout)
-    log.info("== evaluate ==")
-    print_report(run_evaluate(cfg, layout), layout)
+    benchmarks_only = cfg.eval.task is not None
+    if not benchmarks_only:
+        require_trained(trained_source(cfg, layout, quiet=True), cfg, layout)  # before any data work
+    loaded = prepare_benchmarks(cfg)  # unknown tasks and unreachable data fail before any model loads
+    if not benchmarks_only:
+        ensure_eval_data(cfg, layout)
+        log.info("== evaluate ==")
+        print_report(run_evaluate(cfg, layout), layout)
+    if loaded is not None:
+        log.info("== benchmark ==")
+        print_benchmarks(run_benchmarks(cfg, layout, loaded))
+        print(f"wrote {layout.metrics / 'benchmarks.json'}")
     return 0
 
 

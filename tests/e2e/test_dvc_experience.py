@@ -26,8 +26,8 @@ from tests.e2e.dvc_deps import library_deps
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-COPIED = ["dvc.yaml", "params.yaml", "stages", "src", "data", "schemas", ".dvcignore", ".gitignore"]
-PIPELINE = ["base_model", "validate", "tokenize", "train", "evaluate", "merge"]
+COPIED = ["dvc.yaml", "params.yaml", "stages", "src", "data", "schemas", "configs", ".dvcignore", ".gitignore"]
+PIPELINE = ["base_model", "validate", "tokenize", "train", "evaluate", "benchmark", "merge"]
 
 
 def small_params(params: dict, model_dir: Path) -> dict:
@@ -128,7 +128,7 @@ def test_second_repro_runs_no_stage(dvc_repo):
 def test_learning_rate_experiment_reruns_only_train_evaluate_merge_and_shows_in_exp_show_and_plots(dvc_repo):
     before = adapter_hash(dvc_repo)
     proc = dvc(dvc_repo, "exp", "run", "-S", "train.learning_rate=2e-4")
-    assert stages_run(proc) == {"train", "evaluate", "merge"}  # validate and tokenize are cached
+    assert stages_run(proc) == {"train", "evaluate", "benchmark", "merge"}  # validate and tokenize are cached
     assert adapter_hash(dvc_repo) != before
 
     shown = json.loads(dvc(dvc_repo, "exp", "show", "--json").stdout)
@@ -150,7 +150,7 @@ def test_learning_rate_experiment_reruns_only_train_evaluate_merge_and_shows_in_
 @pytest.mark.slow
 def test_cutoff_len_change_reruns_from_tokenize(dvc_repo):
     edit_params(dvc_repo, "data", "cutoff_len", 48)
-    assert repro(dvc_repo) == {"tokenize", "train", "evaluate", "merge"}
+    assert repro(dvc_repo) == {"tokenize", "train", "evaluate", "benchmark", "merge"}
     meta = json.loads((dvc_repo / "data" / "tokenized" / "meta.json").read_text())
     assert meta["cutoff_len"] == 48
 
@@ -164,7 +164,7 @@ def test_raw_data_change_reruns_from_validate_and_checkout_restores_data_with_it
 
     (dvc_repo / "data/raw/big.json").write_text(json.dumps(big_rows("pears")))
     dvc(dvc_repo, "add", "-q", "data/raw/big.json")
-    assert repro(dvc_repo) == {"validate", "tokenize", "train", "evaluate", "merge"}
+    assert repro(dvc_repo) == {"validate", "tokenize", "train", "evaluate", "benchmark", "merge"}
     git(dvc_repo, "add", "-A")
     git(dvc_repo, "commit", "-q", "-m", "big.json v2")
     new_data, new_adapter = sha(dvc_repo / "data/raw/big.json"), adapter_hash(dvc_repo)
@@ -224,3 +224,24 @@ def test_every_stage_depends_on_exactly_the_library_modules_it_imports():
         for dep in sorted(listed - imported):
             problems.append(f"{name}: deps list {dep} but the stage never imports from it")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.slow
+def test_a_benchmark_list_reruns_only_the_benchmark_stage_and_shows_in_metrics_diff(dvc_repo, local_hub,
+                                                                                    tmp_path, monkeypatch):
+    # mmlu_anatomy: one subject of mmlu, served by the local hub as cais/mmlu (the whole mmlu group
+    # from the mirror: tests/e2e/test_benchmarks_hub.py); example_mc: a task YAML in the repo
+    for key, value in local_hub.env(tmp_path / "hf").items():
+        monkeypatch.setenv(key, value)
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    edit_params(dvc_repo, "eval", "tasks", ["configs/benchmarks/example_mc.yaml", "mmlu_anatomy"])
+    edit_params(dvc_repo, "eval", "limit", 2)
+    assert repro(dvc_repo) == {"benchmark"}
+    report = json.loads((dvc_repo / "metrics" / "benchmarks.json").read_text())
+    assert set(report["benchmarks"]) == {"example_mc", "mmlu_anatomy"}
+    assert report["documents"] == {"example_mc": 2, "mmlu_anatomy": 2}
+    for cell in (report["benchmarks"][task]["acc"] for task in report["benchmarks"]):
+        assert {"tuned", "base", "diff", "stderr"} <= set(cell)
+    diff = dvc(dvc_repo, "metrics", "diff").stdout
+    assert "benchmarks.example_mc.acc.tuned" in diff and "benchmarks.mmlu_anatomy.acc.base" in diff
