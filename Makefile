@@ -38,7 +38,8 @@ demo: setup
 
 # Two pytest-xdist workers, one thread each (two cores; several test processes with torch's
 # default threads oversubscribe them); whole files per worker, so module fixtures are built once.
-# Measured on 2 cores: 13 min 38 s in one process, 8 min 11 s on two workers (docs/benchmarks.md).
+# Measured on 2 cores (docs/benchmarks.md): 615 tests took 13 min 38 s in one process, 8 min 11 s on
+# two workers; 725 tests take about 13 min on two.
 TEST_WORKERS ?= 2
 
 test: setup
