@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.fixtures.adapters import make_adapter, make_reward_adapter
-from tests.fixtures.serving import running, serve_config
+from tests.fixtures.serving import openai_client, running, serve_config
 from tunepipe.layout import Layout
 
 QUESTIONS = ["Who are you?", "What is the capital of France?", "Give three tips for staying healthy.",
@@ -34,16 +34,8 @@ def served(tiny_model_dir, adapters, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(served):
-    from tunepipe.serve.app import create_app
-
-    with running(create_app(served), served) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
 def client(url):
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(url, timeout=120)
 
 
 def ask(client, model: str, question: str) -> str:

@@ -10,7 +10,7 @@ import openai
 import pytest
 import torch
 
-from tests.fixtures.serving import running, serve_config
+from tests.fixtures.serving import openai_client, running, serve_config
 from tunepipe.layout import Layout
 
 MODEL = "tiny"
@@ -26,16 +26,8 @@ def served(tiny_model_dir, strong_adapter, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(served):
-    from tunepipe.serve.app import create_app
-
-    with running(create_app(served), served) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
 def client(url):
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(url, timeout=60)
 
 
 def ask(client, messages=QUESTION, **kw):
