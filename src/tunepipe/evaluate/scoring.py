@@ -84,7 +84,7 @@ def score_command(args) -> int:
 
     A `--text` that is a JSON list of messages is rendered with the chat template.
     """
-    from tunepipe.config_loader import load_config
+    from tunepipe.config.loader import load_config
     from tunepipe.layout import Layout
     from tunepipe.loading import (
         base_dir_for,
