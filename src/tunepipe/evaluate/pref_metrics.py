@@ -1,6 +1,6 @@
 """Preference metrics on eval pairs: implicit rewards, their margins and accuracy.
 
-The rewards are the ones the preference trainers log (`tunepipe.train.pref_losses`),
+The rewards are the ones the preference trainers log (`tunepipe.train.preference.losses`),
 recomputed on the eval split: DPO (`sigmoid`, `hinge`) rewards a sequence by beta x
 its summed log-prob ratio to the reference (the base), IPO the same on mean log-probs,
 ORPO and SimPO by beta x the mean log-prob (no reference), KTO by beta x the summed

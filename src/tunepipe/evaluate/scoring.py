@@ -1,7 +1,7 @@
 """Scoring text with a trained reward model: `tunepipe score CONFIG.yaml --text ...` and
 `score_texts` for library use.
 
-Kept apart from train/rm.py so that the train stage does not depend on inference code.
+Kept apart from train/preference/rm.py so that the train stage does not depend on inference code.
 The reward of a text is the value head's output at its last token, as in training.
 """
 

@@ -13,15 +13,15 @@ from tunepipe.config import Config
 from tunepipe.layout import Layout
 from tunepipe.modeling import load_tokenizer
 from tunepipe.train.model_setup import build_trainable_model
-from tunepipe.train.pref_common import (
+from tunepipe.train.preference.common import (
     Objective,
     Reference,
     forward_log_probs,
     reward_metrics,
     train_with_objective,
 )
-from tunepipe.train.pref_data import PREFERENCE_COLUMNS, REF_COLUMNS, PreferenceCollator
-from tunepipe.train.pref_losses import (
+from tunepipe.train.preference.data import PREFERENCE_COLUMNS, REF_COLUMNS, PreferenceCollator
+from tunepipe.train.preference.losses import (
     USES_MEAN_LOGPS,
     dpo_hinge_loss,
     dpo_sigmoid_loss,
@@ -29,7 +29,7 @@ from tunepipe.train.pref_losses import (
     orpo_loss,
     simpo_loss,
 )
-from tunepipe.train.ref_cache import reference_for
+from tunepipe.train.preference.ref_cache import reference_for
 from tunepipe.train.tokenized import load_tokenized
 
 REFERENCE_FREE = frozenset({"orpo", "simpo"})
