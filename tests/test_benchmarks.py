@@ -190,3 +190,82 @@ def test_benchmark_rows_pair_tuned_and_base():
         "mmlu": {"acc": {"tuned": 0.5, "stderr": 0.1, "base": 0.25, "base_stderr": None, "diff": 0.25}}}
     results = {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": "N/A"}}
     assert benchmarks.scores(results, ["gsm8k"]) == {"gsm8k": {"exact_match_strict-match": (0.5, None)}}
+
+
+def test_a_short_lora_training_on_the_answers_flips_the_tuned_accuracy_unmerged_and_logs_it(
+        tmp_path, tiny_model_dir, mlflow_uri, monkeypatch):
+    """A real training (the CLI's `tunepipe train`, seeded, 30 steps) on rows that teach the answers
+    of a local task, the answers being the ones the base does not prefer: the base scores 0, the
+    tuned model (the trained adapter over the base, scored as a PEFT model) scores 1, the base
+    weights on disk are byte-for-byte what they were, and the figures reach the train run in MLflow."""
+    from mlflow import MlflowClient
+
+    from tunepipe.cli import main as tunepipe
+    from tunepipe.loading import base_dir_for
+    from tunepipe.tracking.tracker import read_run_record
+
+    monkeypatch.chdir(tmp_path)
+    answers = unpreferred_answers(tiny_model_dir)
+    write_task(tmp_path, answers)
+    config = write_teaching_run(tmp_path, tiny_model_dir, answers, mlflow_uri)
+    assert tunepipe(["train", str(config)]) == 0
+
+    cfg, layout = load_config(str(config)), Layout.at(tmp_path / "out")
+    base_dir = base_dir_for(cfg, layout)
+    assert base_dir == tiny_model_dir  # a local base is read in place: nothing may write into it
+    before = tree_hash(base_dir), tree_hash(layout.adapter)
+    scored = []
+    real_run = benchmarks.run_tasks
+
+    def spy(model, tokenizer, loaded, eval_cfg, name):
+        scored.append((name, type(model).__name__))
+        return real_run(model, tokenizer, loaded, eval_cfg, name)
+
+    monkeypatch.setattr(benchmarks, "run_tasks", spy)
+    report = benchmarks.run_benchmarks(cfg, layout)
+
+    cell = report["benchmarks"]["known_mc"]["acc"]
+    assert (cell["base"], cell["tuned"], cell["diff"]) == (0.0, 1.0, 1.0)
+    assert scored == [("tuned", "PeftModelForCausalLM"), ("base", "LlamaForCausalLM")]
+    assert (tree_hash(base_dir), tree_hash(layout.adapter)) == before  # never merged, nothing rewritten
+    run_id = read_run_record(layout.adapter)["mlflow_run_id"]
+    logged = MlflowClient(tracking_uri=mlflow_uri).get_run(run_id).data.metrics
+    assert {key: value for key, value in logged.items() if key.startswith("bench/")} == {
+        "bench/known_mc/acc/tuned": 1.0, "bench/known_mc/acc/base": 0.0, "bench/known_mc/acc/diff": 1.0}
+
+
+def unpreferred_answers(base_dir: Path) -> list[int]:
+    """For each question, the choice (0: A, 1: B) the base model finds less likely at the answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    a_id, b_id = choice_ids(tokenizer)
+    _, logits = last_position_inputs(model, tokenizer)
+    return [0 if prefers_b else 1 for prefers_b in (logits[:, b_id] > logits[:, a_id]).tolist()]
+
+
+def write_task(folder: Path, answers: list[int]) -> None:
+    (folder / "known_mc.json").write_text(json.dumps([{"n": n, "answer": a} for n, a in enumerate(answers)]))
+    (folder / "known_mc.yaml").write_text(yaml.safe_dump(TASK))
+
+
+def write_teaching_run(folder: Path, base_dir: Path, answers: list[int], mlflow_uri: str) -> Path:
+    """A LLaMA-Factory-style YAML training a LoRA on "Question n / Answer:" -> the answer's letter.
+
+    Template `empty`: the prompt's tokens are exactly the task's context and the answer's token
+    the scored choice, so the training teaches what the benchmark asks."""
+    data = folder / "data"
+    data.mkdir()
+    rows = [{"instruction": text, "input": "", "output": "AB"[a]} for text, a in zip(contexts(), answers)]
+    (data / "teach.json").write_text(json.dumps(rows))
+    (data / "dataset_info.json").write_text(json.dumps({"teach": {"file_name": "teach.json"}}))
+    keys = {"model_name_or_path": str(base_dir), "dataset": "teach", "dataset_dir": str(data), "template": "empty",
+            "cutoff_len": 32, "val_size": 0.0, "output_dir": str(folder / "out"), "finetuning_type": "lora",
+            "lora_rank": 8, "max_steps": 30, "per_device_train_batch_size": len(rows),
+            "gradient_accumulation_steps": 1, "learning_rate": 1e-2, "lr_scheduler_type": "constant",
+            "logging_steps": 30, "save_steps": 1000, "seed": 0, "report_to": "mlflow", "tracking_uri": mlflow_uri,
+            "tasks": ["known_mc.yaml"], "batch_size": 8}
+    config = folder / "teach.yaml"
+    config.write_text(yaml.safe_dump(keys))
+    return config

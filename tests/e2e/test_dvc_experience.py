@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 from tests.e2e.dvc_deps import library_deps
+from tests.fixtures.hub import mmlu_subjects
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -226,22 +227,40 @@ def test_every_stage_depends_on_exactly_the_library_modules_it_imports():
     assert not problems, "\n".join(problems)
 
 
+MMLU_GROUPS = {"mmlu", "mmlu_humanities", "mmlu_other", "mmlu_social_sciences", "mmlu_stem"}
+
+
 @pytest.mark.slow
 def test_a_benchmark_list_reruns_only_the_benchmark_stage_and_shows_in_metrics_diff(dvc_repo, local_hub,
                                                                                     tmp_path, monkeypatch):
-    # mmlu_anatomy: one subject of mmlu, served by the local hub as cais/mmlu (the whole mmlu group
-    # from the mirror: tests/e2e/test_benchmarks_hub.py); example_mc: a task YAML in the repo
+    # mmlu: the harness's whole group (57 subjects), its data served by the local hub as cais/mmlu
+    # (two test rows a subject); example_mc: a task YAML in the repo, cut to 2 documents by eval.limit
     for key, value in local_hub.env(tmp_path / "hf").items():
         monkeypatch.setenv(key, value)
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(key, raising=False)
-    edit_params(dvc_repo, "eval", "tasks", ["configs/benchmarks/example_mc.yaml", "mmlu_anatomy"])
+    edit_params(dvc_repo, "eval", "tasks", ["configs/benchmarks/example_mc.yaml", "mmlu"])
     edit_params(dvc_repo, "eval", "limit", 2)
-    assert repro(dvc_repo) == {"benchmark"}
+    proc = dvc(dvc_repo, "repro")
+    assert stages_run(proc) == {"benchmark"}
+    # the harness's progress bar, once for the tuned model and once for the base
+    assert (proc.stdout + proc.stderr).count("Running loglikelihood requests: 100%") >= 2
+
     report = json.loads((dvc_repo / "metrics" / "benchmarks.json").read_text())
-    assert set(report["benchmarks"]) == {"example_mc", "mmlu_anatomy"}
-    assert report["documents"] == {"example_mc": 2, "mmlu_anatomy": 2}
+    # a group is reported as its aggregate rows (mmlu and its four categories), not one row per subject
+    assert set(report["benchmarks"]) == {"example_mc"} | MMLU_GROUPS
+    subjects = len(mmlu_subjects())
+    assert report["documents"]["example_mc"] == 2 and report["documents"]["mmlu"] == 2 * subjects
+    categories = sorted(MMLU_GROUPS - {"mmlu"})
+    assert sum(report["documents"][name] for name in categories) == 2 * subjects
     for cell in (report["benchmarks"][task]["acc"] for task in report["benchmarks"]):
-        assert {"tuned", "base", "diff", "stderr"} <= set(cell)
+        assert {"tuned", "base", "diff", "stderr", "base_stderr"} <= set(cell)
+        assert cell["diff"] == pytest.approx(cell["tuned"] - cell["base"], abs=2e-6)
+    for column in ("tuned", "base"):  # mmlu's score is its categories' mean weighted by their documents
+        weighted = sum(report["benchmarks"][name]["acc"][column] * report["documents"][name] for name in categories)
+        assert report["benchmarks"]["mmlu"]["acc"][column] == pytest.approx(weighted / (2 * subjects), abs=1e-5)
+
     diff = dvc(dvc_repo, "metrics", "diff").stdout
-    assert "benchmarks.example_mc.acc.tuned" in diff and "benchmarks.mmlu_anatomy.acc.base" in diff
+    for row in ("benchmarks.example_mc.acc.tuned", "benchmarks.mmlu.acc.tuned", "benchmarks.mmlu.acc.base",
+                "benchmarks.mmlu.acc.diff", "benchmarks.mmlu_stem.acc.base"):
+        assert row in diff, f"{row} missing from dvc metrics diff:\n{diff}"
