@@ -139,6 +139,28 @@ def test_known_answers_give_the_expected_accuracy_for_the_unmerged_adapter_and_t
     assert again == report
 
 
+def test_a_full_fine_tune_is_scored_as_itself(known_task, tiny_model_dir, monkeypatch):
+    """finetuning_type full: models/full is the tuned model (no adapter), here the prefer-B LoRA merged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = untied_copy(tiny_model_dir, known_task / "base")
+    prefer_b_adapter(base_dir, known_task / "adapter")
+    layout = Layout.at(known_task / "out")
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(known_task / "adapter"))
+    merged.merge_and_unload().save_pretrained(str(layout.full))
+    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(layout.full))  # a full run keeps its own
+    scored = []
+    real_run = benchmarks.run_tasks
+    monkeypatch.setattr(benchmarks, "run_tasks", lambda model, *args: scored.append(type(model).__name__)
+                        or real_run(model, *args))
+    cfg = load_config(None, [f"model_name_or_path={base_dir}", "finetuning_type=full", "compare_base=false",
+                             "tasks=[known_mc.yaml]", "report_to=none"])
+    report = benchmarks.run_benchmarks(cfg, layout)
+    assert report["benchmarks"]["known_mc"]["acc"]["tuned"] == pytest.approx(ANSWERS.count(1) / len(ANSWERS))
+    assert "base" not in report["benchmarks"]["known_mc"]["acc"] and scored == ["LlamaForCausalLM"]
+
+
 def test_no_tasks_writes_an_empty_report_and_loads_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmarks, "load_base", _no_model)
     cfg = load_config(None, ["report_to=none"])
@@ -160,14 +182,42 @@ def test_a_missing_task_yaml_fails_before_any_model(tmp_path, monkeypatch):
     assert not (tmp_path / "metrics").exists()
 
 
-def test_unknown_names_and_unreachable_data_are_named():
-    # one index of the harness's tasks for both (building it takes seconds); the hub is offline here
-    manager = benchmarks.task_manager(load_config(None, ["tasks=[mmlu]"]).eval)
+@pytest.fixture(scope="module")
+def harness_index():
+    """The harness's task index, built once for the module (indexing its YAMLs takes seconds)."""
+    return benchmarks.task_manager(load_config(None, ["tasks=[mmlu]"]).eval)
+
+
+def test_unknown_names_and_unreachable_data_are_named(harness_index):
+    # the hub is offline here: arc_easy's data (allenai/ai2_arc) cannot be reached
     with pytest.raises(TunepipeError, match=r"'mmlu_tset' is not an lm-evaluation-harness task") as info:
-        benchmarks.load_tasks(["mmlu_tset"], manager)
+        benchmarks.load_tasks(["mmlu_tset"], harness_index)
     assert "did you mean mmlu" in info.value.hint
     with pytest.raises(TunepipeError, match=r"eval.tasks: arc_easy: its data could not be loaded"):
-        benchmarks.load_tasks(["arc_easy"], manager)
+        benchmarks.load_tasks(["arc_easy"], harness_index)
+
+
+@pytest.mark.parametrize("task, error", [
+    ("mmlu_tset", "error: eval.tasks: 'mmlu_tset' is not an lm-evaluation-harness task"),
+    ("arc_easy", "error: eval.tasks: arc_easy: its data could not be loaded"),
+])
+def test_tunepipe_eval_stops_on_a_bad_task_before_loading_any_model(task, error, harness_index, tmp_path,
+                                                                    monkeypatch, capsys):
+    """`tunepipe eval` of an LLaMA-Factory eval YAML plus one bad harness task: the error, and not
+    one model (base, adapter or tokenizer) read."""
+    import transformers
+
+    from tunepipe.cli import main as tunepipe
+
+    for loader in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(loader, "from_pretrained", _no_model)
+    monkeypatch.setattr(benchmarks, "task_manager", lambda eval_cfg: harness_index)
+    config = tmp_path / "lf_eval.yaml"
+    config.write_text(yaml.safe_dump({"model_name_or_path": "Qwen/Qwen3-0.6B", "task": "mmlu_test", "n_shot": 5,
+                                      "tasks": [task], "output_dir": str(tmp_path / "out"), "report_to": "none"}))
+    assert tunepipe(["eval", str(config)]) != 0
+    assert error in capsys.readouterr().err
+    assert not (tmp_path / "out" / "metrics").exists()
 
 
 def test_llamafactory_task_keys_map_to_harness_tasks(caplog):
