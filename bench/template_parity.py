@@ -93,7 +93,7 @@ def tunepipe_rows(template: str, dataset: str, stage: str, base: Path, cutoff_le
     """(columns of the train shard, the canonical rows it came from) from tunepipe's validate + tokenize."""
     from datasets import load_from_disk
 
-    from tunepipe.config_loader import load_config
+    from tunepipe.config.loader import load_config
     from tunepipe.data.tokenize import run_tokenize
     from tunepipe.data.validate import run_validate
     from tunepipe.data.validated import read_manifest, read_validated

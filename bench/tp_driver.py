@@ -24,7 +24,7 @@ def tokenize(config_path: str) -> dict:
     from datasets import load_from_disk
     from transformers import AutoConfig
 
-    from tunepipe.config_loader import load_config
+    from tunepipe.config.loader import load_config
     from tunepipe.data.tokenize import run_tokenize
     from tunepipe.data.validate import run_validate
     from tunepipe.layout import Layout
@@ -56,7 +56,7 @@ def floor(config_path: str) -> dict:
     tokenize would encode, in the same chunks, on every core. Validation, rendering and
     reading are done before the timer. No implementation that uses this tokenizer can be
     faster than this, which bounds the ratio against LLaMA-Factory."""
-    from tunepipe.config_loader import load_config
+    from tunepipe.config.loader import load_config
     from tunepipe.data.batching import CHUNK, BatchEncoder
     from tunepipe.data.chunks import Job, read_plan_rows
     from tunepipe.data.templates import ChatFormat
@@ -99,7 +99,7 @@ def train(config_path: str) -> dict:
 
 def own_train_metrics(config_path: str) -> dict:
     """tunepipe's metrics/train.json, to cross-check the probe's counts."""
-    from tunepipe.config_loader import load_config
+    from tunepipe.config.loader import load_config
 
     path = Path(load_config(config_path).train.output_dir) / "metrics" / "train.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -8,7 +8,7 @@ Writes:  models/base/ (safetensors + config + generation config + tokenizer with
 Command: dvc repro base_model   (or: tunepipe base-model params.yaml)
 """
 
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.errors import stage_main
 from tunepipe.layout import Layout
 from tunepipe.modeling import prepare_base_model

@@ -13,7 +13,7 @@ Its own stage so that a new task list re-runs only this (the evaluate stage's ev
 scores and the merge stay cached).
 """
 
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.errors import stage_main
 from tunepipe.evaluate.benchmarks import print_benchmarks, run_benchmarks
 from tunepipe.layout import Layout

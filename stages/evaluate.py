@@ -10,7 +10,7 @@ Writes:  metrics/eval.json (tuned, base and diff for eval_loss, perplexity, toke
 Command: dvc repro evaluate   (or: tunepipe eval params.yaml)
 """
 
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.errors import stage_main
 from tunepipe.evaluate.run import print_table, run_evaluate
 from tunepipe.layout import Layout

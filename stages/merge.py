@@ -9,7 +9,7 @@ Writes:  export.export_dir (default models/export): sharded safetensors + index,
 Command: dvc repro merge   (or: tunepipe export params.yaml)
 """
 
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.errors import stage_main
 from tunepipe.export.merge import run_export
 from tunepipe.layout import Layout

@@ -13,7 +13,7 @@ Writes:  data/tokenized/{train,eval} (HF datasets, load_from_disk) + meta.json,
 Command: dvc repro tokenize   (or: tunepipe tokenize params.yaml)
 """
 
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.data.tokenize import run_tokenize
 from tunepipe.errors import stage_main
 from tunepipe.layout import Layout

@@ -10,7 +10,7 @@ Writes:  models/adapter/ (PEFT) for lora, or models/full/ for freeze / full (the
 Command: dvc repro train   (or: tunepipe train params.yaml, which also validates and tokenizes)
 """
 
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.errors import stage_main
 from tunepipe.layout import Layout
 from tunepipe.train import run_train

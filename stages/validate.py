@@ -10,7 +10,7 @@ Writes:  data/validated/ (<dataset>.jsonl canonical rows + manifest.json),
 Command: dvc repro validate   (or: tunepipe validate params.yaml); exit code 2 on bad rows
 """
 
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.data.validate import run_validate
 from tunepipe.errors import stage_main
 from tunepipe.layout import Layout

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.errors import TunepipeError
 from tunepipe.evaluate import benchmarks
 from tunepipe.layout import Layout

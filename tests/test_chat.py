@@ -11,7 +11,7 @@ import torch
 
 from tests.fixtures.adapters import make_adapter
 from tunepipe.chat import ChatSession, repl
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.errors import TunepipeError
 
 LF_EXAMPLE = textwrap.dedent("""\

@@ -15,7 +15,7 @@ import pytest
 
 from tunepipe import devices
 from tunepipe.config import Config, TrainConfig
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 from tunepipe.train.trainer_setup import training_arguments
@@ -113,7 +113,7 @@ def test_liger_kernel_is_a_train_param_of_the_dvc_stage():
 def test_unsloth_is_accepted_with_one_line_on_what_tunepipe_does_instead(tmp_path, caplog, key):
     config = tmp_path / "cfg.yaml"
     config.write_text(f"{key}: true\n")
-    with caplog.at_level(logging.WARNING, logger="tunepipe.config_loader"):
+    with caplog.at_level(logging.WARNING, logger="tunepipe.config.loader"):
         load_config(config)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and lines[0].startswith(f"{key}: True: tunepipe has no Unsloth integration")

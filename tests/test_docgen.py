@@ -7,15 +7,20 @@ import re
 
 import pytest
 
-from tunepipe import docgen
-from tunepipe.config import GROUPS
+from tunepipe.config import GROUPS, docgen
+from tunepipe.config.lf_keys import (
+    INSTEAD_KEYS,
+    NOOP_VALUES,
+    OPERATIONAL_KEYS,
+    TUNEPIPE_ONLY_KEYS,
+    UNSUPPORTED_KEYS,
+)
 from tunepipe.errors import TunepipeError
-from tunepipe.lf_keys import INSTEAD_KEYS, NOOP_VALUES, OPERATIONAL_KEYS, TUNEPIPE_ONLY_KEYS, UNSUPPORTED_KEYS
 
 
 def test_committed_docs_are_current():
     stale = [str(path) for path, (current, new) in docgen.render_all().items() if current != new]
-    assert not stale, f"generated sections are stale in {stale}: run `python -m tunepipe.docgen`"
+    assert not stale, f"generated sections are stale in {stale}: run `python -m tunepipe.config.docgen`"
 
 
 def test_every_config_field_has_a_docstring_and_a_reference_row():

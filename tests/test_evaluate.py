@@ -15,7 +15,7 @@ from tests.fixtures.adapters import (
     save_split,
     write_sft_eval_split,
 )
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.errors import TunepipeError
 from tunepipe.evaluate.run import run_evaluate
 from tunepipe.layout import Layout

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.fixtures.adapters import make_adapter
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.errors import TunepipeError
 from tunepipe.export import merge as export_module
 from tunepipe.export.merge import run_export

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.errors import TunepipeError
 
 TOKEN = "hf_unitTestSecretToken0123456789"

@@ -12,7 +12,7 @@ from unittest import mock
 
 import pytest
 
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.errors import TunepipeError
 from tunepipe.train.launch import (
     LAUNCHED_ENV,

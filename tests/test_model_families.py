@@ -183,8 +183,8 @@ def test_the_window_and_the_softcap_change_the_reference(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_preference_pairs_equal_each_answer_alone(family_dirs, name, flash_attn):
     """DPO / KTO batches (chosen rows then rejected rows, right-padded) on the same kernels."""
-    from tunepipe.train.pref_common import forward_log_probs
-    from tunepipe.train.pref_data import PreferenceCollator
+    from tunepipe.train.preference.common import forward_log_probs
+    from tunepipe.train.preference.data import PreferenceCollator
 
     model, reference = trainable_pair(family_dirs(name), flash_attn)
     rows = [labelled(ids) for ids in samples()]
@@ -311,8 +311,8 @@ def test_reward_model_scores_a_padded_batch_like_each_row_alone(family_dirs, nam
     """`stage: rm` (TRL's right-padded batches, reward at the last real token) on the kernel
     tunepipe picks equals each row alone on eager; a family without a value head is a clear error."""
     from tunepipe.errors import TunepipeError
-    from tunepipe.train.pref_data import pad_rows
-    from tunepipe.train.rm import build_reward_model
+    from tunepipe.train.preference.data import pad_rows
+    from tunepipe.train.preference.rm import build_reward_model
 
     layout = family_dirs(name)
     if name == "granite":  # transformers ships no GraniteForSequenceClassification

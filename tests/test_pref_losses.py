@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tunepipe.train.pref_losses import (
+from tunepipe.train.preference.losses import (
     dpo_hinge_loss,
     dpo_sigmoid_loss,
     ipo_loss,

@@ -12,10 +12,10 @@ from tests.fixtures.pref_rows import kto_dataset, preference_dataset
 from tests.fixtures.tiny_model import build_tiny_model_dir
 from tunepipe.config import Config, TrainConfig
 from tunepipe.errors import TunepipeError
-from tunepipe.train import ref_cache
-from tunepipe.train.dpo import dpo_objective
-from tunepipe.train.pref_common import build_reference, forward_log_probs, step_zero_log_probs
-from tunepipe.train.pref_data import KtoCollator, PreferenceCollator, add_kto_kl_pairs, prompt_length
+from tunepipe.train.preference import ref_cache
+from tunepipe.train.preference.common import build_reference, forward_log_probs, step_zero_log_probs
+from tunepipe.train.preference.data import KtoCollator, PreferenceCollator, add_kto_kl_pairs, prompt_length
+from tunepipe.train.preference.dpo import dpo_objective
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_precomputed_reference_is_cached_and_keyed(tiny_model_dir, tokenizer, tm
 
 
 def test_answer_only_projection_equals_full_logits(tiny_model_dir, tokenizer):
-    from tunepipe.train.pref_losses import sequence_log_probs
+    from tunepipe.train.preference.losses import sequence_log_probs
 
     model = lora_model(tiny_model_dir, nonzero=True)
     batch = batch_of(tokenizer, rows=4)
@@ -159,7 +159,7 @@ def test_answer_only_projection_equals_full_logits(tiny_model_dir, tokenizer):
 
 
 def test_objective_normalises_per_loss_and_mixes_in_sft(tiny_model_dir, tokenizer):
-    from tunepipe.train.pref_losses import ipo_loss
+    from tunepipe.train.preference.losses import ipo_loss
 
     policy, base = lora_model(tiny_model_dir, nonzero=True), load_model(tiny_model_dir)
     batch = batch_of(tokenizer, rows=3)

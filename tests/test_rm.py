@@ -12,7 +12,7 @@ import yaml
 from tests.fixtures.pref_rows import PAIRS, preference_dataset
 from tests.fixtures.pref_runs import pref_config, write_tree
 from tunepipe.evaluate.scoring import load_reward_model, score_texts
-from tunepipe.train import rm
+from tunepipe.train.preference import rm
 
 
 @pytest.fixture(scope="module")

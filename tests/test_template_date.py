@@ -16,7 +16,7 @@ import time_machine
 
 from tests.test_tokenize import model_with_template, run_stages, tree_hashes
 from tunepipe.config import DEFAULT_TEMPLATE_DATE
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.data.templates import ChatFormat
 from tunepipe.errors import TunepipeError
 from tunepipe.modeling import load_tokenizer

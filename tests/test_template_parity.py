@@ -21,7 +21,7 @@ import pytest
 import time_machine
 
 from tunepipe.config import DEFAULT_TEMPLATE_DATE
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.data.encoding import Stats, encode_conversations, encode_preference
 from tunepipe.data.named_templates import TEMPLATES
 from tunepipe.data.templates import ChatFormat

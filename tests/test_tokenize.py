@@ -11,7 +11,7 @@ import pytest
 from datasets import load_from_disk
 
 from tests.test_registry import write_info
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.data.encoding import IGNORE, infer_seqlen
 from tunepipe.data.packing import unpack
 from tunepipe.data.templates import ChatFormat

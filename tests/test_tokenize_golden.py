@@ -47,7 +47,7 @@ CASES = {
 
 def run_case(root: Path, base_dir: Path, dataset_dir: Path, stage: str, dataset: str, data: dict,
              extra: tuple = ()) -> dict[str, str]:
-    from tunepipe.config_loader import load_config
+    from tunepipe.config.loader import load_config
     from tunepipe.data.tokenize import run_tokenize
     from tunepipe.data.validate import run_validate
     from tunepipe.layout import Layout

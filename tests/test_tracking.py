@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from tunepipe.config import GROUPS
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.layout import Layout
 from tunepipe.tracking.tags import data_fingerprint
 from tunepipe.tracking.tracker import (

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from tests.fixtures.train_runs import tiny_run
 from tunepipe.config import Config, TrainConfig
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 from tunepipe.train import run_train

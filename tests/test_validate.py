@@ -9,7 +9,7 @@ import pytest
 
 from tests.test_registry import write_info
 from tunepipe.cli import main as cli_main
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.data.validate import run_validate
 from tunepipe.data.validated import read_manifest, read_validated
 from tunepipe.errors import TunepipeError

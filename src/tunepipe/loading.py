@@ -49,7 +49,7 @@ def cli_config(args) -> tuple[Config, Layout]:
     The same as `tunepipe.pipeline.cli_config`, repeated rather than imported: the pipeline
     module names validate / tokenize / train, which would become merge's DVC deps.
     """
-    from tunepipe.config_loader import load_config
+    from tunepipe.config.loader import load_config
 
     cfg = load_config(args.config, args.overrides)
     return cfg, Layout.at(cfg.train.output_dir)

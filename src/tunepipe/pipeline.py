@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from tunepipe.config import Config
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.devices import check_precision
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import hold_run_lock, read_json

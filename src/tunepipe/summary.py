@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from tunepipe.config import Config
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.errors import TunepipeError, stage_main
 from tunepipe.layout import Layout
 

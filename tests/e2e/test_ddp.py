@@ -15,7 +15,7 @@ import logging
 import yaml
 from tests.fixtures.same_training import assert_same_training, loss_points
 
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.io_utils import read_json
 from tunepipe.layout import Layout
 from tunepipe.pipeline import run_train_pipeline

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from tests.fixtures.same_training import adapter_tensors, assert_same_training, loss_points
 
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.layout import Layout
 from tunepipe.pipeline import run_train_pipeline
 

@@ -8,7 +8,7 @@ side, finds the learning rates and the metrics that differ because of them.
 
 from __future__ import annotations
 
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.evaluate.run import run_evaluate
 from tunepipe.export.merge import run_export
 from tunepipe.io_utils import read_json

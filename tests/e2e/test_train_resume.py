@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file
 from tests.fixtures.train_runs import tiny_run
 
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.layout import Layout
 from tunepipe.train import run_train
 

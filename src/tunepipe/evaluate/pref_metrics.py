@@ -1,6 +1,6 @@
 """Preference metrics on eval pairs: implicit rewards, their margins and accuracy.
 
-The rewards are the ones the preference trainers log (`tunepipe.train.pref_losses`),
+The rewards are the ones the preference trainers log (`tunepipe.train.preference.losses`),
 recomputed on the eval split: DPO (`sigmoid`, `hinge`) rewards a sequence by beta x
 its summed log-prob ratio to the reference (the base), IPO the same on mean log-probs,
 ORPO and SimPO by beta x the mean log-prob (no reference), KTO by beta x the summed
@@ -17,7 +17,7 @@ from tunepipe.config import TrainConfig
 from tunepipe.evaluate.lm_metrics import sequence_logps
 
 REFERENCE_FREE = frozenset({"orpo", "simpo"})
-# Losses computed on log-probs averaged over the answer tokens (pref_losses.USES_MEAN_LOGPS).
+# Losses computed on log-probs averaged over the answer tokens (train/preference/losses.py USES_MEAN_LOGPS).
 MEAN_LOGPS = frozenset({"ipo", "orpo", "simpo"})
 
 

@@ -1,7 +1,7 @@
 """Scoring text with a trained reward model: `tunepipe score CONFIG.yaml --text ...` and
 `score_texts` for library use.
 
-Kept apart from train/rm.py so that the train stage does not depend on inference code.
+Kept apart from train/preference/rm.py so that the train stage does not depend on inference code.
 The reward of a text is the value head's output at its last token, as in training.
 """
 
@@ -84,7 +84,7 @@ def score_command(args) -> int:
 
     A `--text` that is a JSON list of messages is rendered with the chat template.
     """
-    from tunepipe.config_loader import load_config
+    from tunepipe.config.loader import load_config
     from tunepipe.layout import Layout
     from tunepipe.loading import (
         base_dir_for,

@@ -5,8 +5,8 @@
 torchrun / accelerate (`launch.py`); each launched process (`worker.py`) lands here again
 and trains its rank in-process.
 
-Entry point: `run_train`. Modules: `sft` (also continued pretraining), `dpo` (dpo / orpo /
-simpo), `kto`, `rm`; `model_setup` + `adapters` build the model, `collate` + `varlen_attention`
+Entry point: `run_train`. Objectives: `sft` (also continued pretraining) here, and the
+preference objectives in `preference/` (`dpo` for dpo / orpo / simpo, `kto`, `rm`); `model_setup` + `adapters` build the model, `collate` + `varlen_attention`
 + `loss` the padding-free batches, `trainer_setup` + `session` + `outputs` the Trainer run.
 """
 
@@ -19,8 +19,9 @@ from tunepipe.devices import check_precision
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import hold_run_lock
 from tunepipe.layout import Layout
-from tunepipe.train import dpo, kto, rm, sft
+from tunepipe.train import sft
 from tunepipe.train.launch import in_launched_process, relaunch_train, should_relaunch
+from tunepipe.train.preference import dpo, kto, rm
 
 log = logging.getLogger(__name__)
 

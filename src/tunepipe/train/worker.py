@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from tunepipe.config_loader import load_config
+from tunepipe.config.loader import load_config
 from tunepipe.errors import Interrupted, guarded
 from tunepipe.layout import Layout
 from tunepipe.train import run_train

@@ -4,12 +4,12 @@ Two kinds of section, each between `<!-- BEGIN GENERATED name -->` and
 `<!-- END GENERATED name -->` markers in a Markdown file:
 
 - `config-reference` (README.md): every key of every params.yaml group with its type,
-  default and the one-line docstring written under the field in `config.py`;
+  default and the one-line docstring written under the field (config/groups.py, config/training.py);
 - `lf-keys` / `tunepipe-keys` (docs/migrating-from-llama-factory.md): every
   LLaMA-Factory key and what tunepipe does with it, from the config fields and
   `lf_keys.py`; then the keys tunepipe adds.
 
-`python -m tunepipe.docgen` rewrites the sections in place; `--check` only reports
+`python -m tunepipe.config.docgen` rewrites the sections in place; `--check` only reports
 stale files (exit 1). tests/test_docgen.py runs the check.
 """
 
@@ -24,13 +24,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tunepipe import config as config_module
 from tunepipe.config import GROUPS
+from tunepipe.config.lf_keys import (
+    INSTEAD_KEYS,
+    NOOP_VALUES,
+    OPERATIONAL_KEYS,
+    TUNEPIPE_ONLY_KEYS,
+    UNSUPPORTED_KEYS,
+)
 from tunepipe.errors import TunepipeError
-from tunepipe.lf_keys import INSTEAD_KEYS, NOOP_VALUES, OPERATIONAL_KEYS, TUNEPIPE_ONLY_KEYS, UNSUPPORTED_KEYS
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BEGIN = "<!-- BEGIN GENERATED {name}: edit the code, then run `python -m tunepipe.docgen` -->"
+REPO_ROOT = Path(__file__).resolve().parents[3]
+BEGIN = "<!-- BEGIN GENERATED {name}: edit the code, then run `python -m tunepipe.config.docgen` -->"
 END = "<!-- END GENERATED {name} -->"
 
 
@@ -38,7 +43,9 @@ def field_docs(source: str | None = None) -> dict[str, dict[str, str]]:
     """class name -> field name -> the string literal right after the field (ast only:
     dataclass fields have no runtime docstrings)."""
     if source is None:
-        source = Path(config_module.__file__).read_text(encoding="utf-8")
+        # every module that defines a group's dataclass (the train group has a file of its own)
+        files = sorted({Path(sys.modules[cls.__module__].__file__) for cls in GROUPS.values()})
+        source = "\n".join(path.read_text(encoding="utf-8") for path in files)
     docs: dict[str, dict[str, str]] = {}
     for node in ast.parse(source).body:
         if not isinstance(node, ast.ClassDef):
@@ -66,7 +73,7 @@ def group_fields() -> list[tuple[str, dataclasses.Field, str]]:
         for fld in dataclasses.fields(cls):
             doc = docs.get(cls.__name__, {}).get(fld.name)
             if not doc:
-                raise TunepipeError(f"src/tunepipe/config.py: {cls.__name__}.{fld.name} has no docstring",
+                raise TunepipeError(f"{cls.__module__}: {cls.__name__}.{fld.name} has no docstring",
                                     hint="write a one-line string literal right under the field")
             rows.append((group, fld, doc))
     return rows
@@ -196,7 +203,7 @@ def render_all(root: Path = REPO_ROOT) -> dict[Path, tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tunepipe.docgen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tunepipe.config.docgen", description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=REPO_ROOT, help="repository root")
     parser.add_argument("--check", action="store_true", help="only report stale files (exit 1)")
     args = parser.parse_args(argv)
@@ -210,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rewrote {path}")
     if args.check and stale:
         print("stale generated docs: " + ", ".join(map(str, stale))
-              + "\nrun: python -m tunepipe.docgen", file=sys.stderr)
+              + "\nrun: python -m tunepipe.config.docgen", file=sys.stderr)
         return 1
     return 0
 

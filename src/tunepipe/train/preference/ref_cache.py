@@ -115,7 +115,7 @@ def precompute_reference(cfg, layout, model, splits, collator, columns: tuple[st
 
     from accelerate import PartialState
 
-    from tunepipe.train.pref_common import step_zero_log_probs
+    from tunepipe.train.preference.common import step_zero_log_probs
 
     device = PartialState().device  # this process's training device (its GPU under DDP)
     if cfg.model.quantization_bit is None:  # bitsandbytes placed quantized weights already
@@ -149,7 +149,7 @@ def precompute_reference(cfg, layout, model, splits, collator, columns: tuple[st
 def reference_for(cfg, layout, model, splits, collator, columns: tuple[str, ...], out_columns: tuple[str, str]):
     """(splits, Reference): log-probs precomputed into the splits with
     `precompute_ref_log_probs`, else the live reference (adapter disabled or a frozen copy)."""
-    from tunepipe.train.pref_common import Reference, build_reference
+    from tunepipe.train.preference.common import Reference, build_reference
 
     if cfg.train.precompute_ref_log_probs:
         splits = precompute_reference(cfg, layout, model, splits, collator, columns, out_columns)

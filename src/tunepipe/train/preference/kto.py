@@ -15,15 +15,15 @@ from tunepipe.config import Config
 from tunepipe.layout import Layout
 from tunepipe.modeling import load_tokenizer
 from tunepipe.train.model_setup import build_trainable_model
-from tunepipe.train.pref_common import (
+from tunepipe.train.preference.common import (
     Objective,
     Reference,
     forward_log_probs,
     train_with_objective,
 )
-from tunepipe.train.pref_data import KTO_COLUMNS, KTO_REF_COLUMNS, KtoCollator, add_kto_kl_pairs
-from tunepipe.train.pref_losses import kto_kl_estimate, kto_loss
-from tunepipe.train.ref_cache import reference_for
+from tunepipe.train.preference.data import KTO_COLUMNS, KTO_REF_COLUMNS, KtoCollator, add_kto_kl_pairs
+from tunepipe.train.preference.losses import kto_kl_estimate, kto_loss
+from tunepipe.train.preference.ref_cache import reference_for
 from tunepipe.train.tokenized import load_tokenized
 
 # The reference columns are keyed on the rows as batched, KL pairs included.

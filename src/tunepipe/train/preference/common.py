@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from tunepipe.errors import TunepipeError
-from tunepipe.train.pref_losses import IGNORE_INDEX
+from tunepipe.train.preference.losses import IGNORE_INDEX
 
 # objective(model, batch) -> (loss, {metric name: (sum over rows, row count)})
 Objective = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, tuple[float, int]]]]

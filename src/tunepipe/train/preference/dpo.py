@@ -4,7 +4,7 @@ sigmoid (DPO), hinge and ipo compare the policy with a reference model; orpo and
 need none. The reference is the base with the LoRA adapter disabled (no second copy of
 the weights), a frozen copy for full / freeze fine-tuning, or log-probs precomputed once
 and cached (`precompute_ref_log_probs`). Chosen and rejected answers go through one
-forward (a 2B-row batch). Loss formulas live in pref_losses.py.
+forward (a 2B-row batch). Loss formulas live in losses.py.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from tunepipe.config import Config
 from tunepipe.layout import Layout
 from tunepipe.modeling import load_tokenizer
 from tunepipe.train.model_setup import build_trainable_model
-from tunepipe.train.pref_common import (
+from tunepipe.train.preference.common import (
     Objective,
     Reference,
     forward_log_probs,
     reward_metrics,
     train_with_objective,
 )
-from tunepipe.train.pref_data import PREFERENCE_COLUMNS, REF_COLUMNS, PreferenceCollator
-from tunepipe.train.pref_losses import (
+from tunepipe.train.preference.data import PREFERENCE_COLUMNS, REF_COLUMNS, PreferenceCollator
+from tunepipe.train.preference.losses import (
     USES_MEAN_LOGPS,
     dpo_hinge_loss,
     dpo_sigmoid_loss,
@@ -29,7 +29,7 @@ from tunepipe.train.pref_losses import (
     orpo_loss,
     simpo_loss,
 )
-from tunepipe.train.ref_cache import reference_for
+from tunepipe.train.preference.ref_cache import reference_for
 from tunepipe.train.tokenized import load_tokenized
 
 REFERENCE_FREE = frozenset({"orpo", "simpo"})

@@ -23,8 +23,8 @@ from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 from tunepipe.modeling import load_tokenizer
 from tunepipe.train.model_setup import upcast_trainable
-from tunepipe.train.pref_common import add_objective_metrics, reward_metrics
-from tunepipe.train.pref_data import PREFERENCE_COLUMNS
+from tunepipe.train.preference.common import add_objective_metrics, reward_metrics
+from tunepipe.train.preference.data import PREFERENCE_COLUMNS
 from tunepipe.train.session import run_session
 from tunepipe.train.tokenized import load_tokenized
 from tunepipe.train.trainer_setup import optimizer_for

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tunepipe.train.pref_losses import IGNORE_INDEX
+from tunepipe.train.preference.losses import IGNORE_INDEX
 
 PREFERENCE_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 KTO_COLUMNS = ("input_ids", "labels", "kto_tag")

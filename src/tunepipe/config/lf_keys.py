@@ -1,6 +1,6 @@
 """LLaMA-Factory keys that are not tunepipe config fields, and what happens to each.
 
-Keys that are tunepipe fields (same name, same meaning) live in `config.py`. The rest
+Keys that are tunepipe fields (same name, same meaning) live in `groups.py` / `training.py`. The rest
 fall into four lists, so that no LLaMA-Factory key is ever silently ignored:
 
 - OPERATIONAL_KEYS: purely operational (worker counts, timeouts); accepted with a
@@ -11,7 +11,7 @@ fall into four lists, so that no LLaMA-Factory key is ever silently ignored:
 - UNSUPPORTED_KEYS: features tunepipe does not have (yet); an error lists them.
 
 TUNEPIPE_ONLY_KEYS names the config fields LLaMA-Factory does not have.
-`python -m tunepipe.docgen` renders all of this into the key table of
+`python -m tunepipe.config.docgen` renders all of this into the key table of
 docs/migrating-from-llama-factory.md.
 """
 

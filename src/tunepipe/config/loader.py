@@ -20,8 +20,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from tunepipe.config import GROUPS, Config, shown_value
+from tunepipe.config.lf_keys import INSTEAD_KEYS, NOOP_VALUES, OPERATIONAL_KEYS, UNSUPPORTED_KEYS
 from tunepipe.errors import TunepipeError
-from tunepipe.lf_keys import INSTEAD_KEYS, NOOP_VALUES, OPERATIONAL_KEYS, UNSUPPORTED_KEYS
 
 log = logging.getLogger(__name__)
 
