@@ -101,3 +101,19 @@ def test_an_unmappable_architecture_is_refused_before_any_work(family, overrides
     with pytest.raises(TunepipeError, match=message):
         run_export(cfg, Layout.at(tmp_path))
     assert not (tmp_path / "export").exists()
+
+
+def test_a_tokenizer_other_than_byte_level_bpe_is_refused(tmp_path):
+    """SentencePiece-style vocabularies need merge scores llama.cpp tokenizes by; they are refused, not
+    written with constant scores."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    from tunepipe.export.gguf_export import check_architecture
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "a": 4, "▁a": 5}
+    backend = Tokenizer(models.BPE(vocab, [("▁", "a")], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    with pytest.raises(TunepipeError, match="only byte-level BPE tokenizers .* are written to GGUF here"):
+        check_architecture(LlamaConfig(), tokenizer)

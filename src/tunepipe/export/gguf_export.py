@@ -34,9 +34,17 @@ def gguf_name(gguf_type: str) -> str:
     return f"model-{gguf_type}.gguf"
 
 
-def check_architecture(config, key: str = "export.export_gguf") -> None:
-    """Refuse, before any work, a model whose architecture this exporter cannot map."""
+def check_architecture(config, tokenizer=None, key: str = "export.export_gguf") -> None:
+    """Refuse, before any work, a model whose architecture or tokenizer this exporter cannot map."""
     family_for(config, key)
+    if tokenizer is not None and not _byte_level(tokenizer):
+        # SentencePiece-style BPE (byte fallback) needs each token's merge score in the GGUF for
+        # llama.cpp's tokenizer; gguf.vocab.LlamaHfVocab writes a constant one, so it is refused
+        # rather than written with a tokenizer that splits text differently.
+        raise TunepipeError(f"{key}: cannot write GGUF for this {config.model_type} model's tokenizer: only "
+                            "byte-level BPE tokenizers (Llama 3, SmolLM2, Qwen) are written to GGUF here",
+                            hint="SentencePiece-style tokenizers (Gemma, Mistral, Phi-3, Llama 2): unset "
+                                 f"{key} and convert the export with llama.cpp's convert_hf_to_gguf.py")
 
 
 def write_gguf(model, tokenizer, export_dir: Path, gguf_type: str, stop_ids: list[int]) -> Path:
@@ -44,6 +52,7 @@ def write_gguf(model, tokenizer, export_dir: Path, gguf_type: str, stop_ids: lis
     import gguf
 
     config = model.config
+    check_architecture(config, tokenizer)
     family = family_for(config)
     arch = getattr(gguf.MODEL_ARCH, family.arch)
     path = export_dir / gguf_name(gguf_type)
@@ -111,29 +120,17 @@ def write_hparams(writer, config, file_type) -> None:
 
 
 def write_vocab(writer, tokenizer, export_dir: Path, stop_ids: list[int], pre: str) -> None:
-    """The vocabulary (byte-level BPE: "gpt2"; SentencePiece-style BPE with byte fallback: "llama"),
-    merges, special ids, chat template and the end-of-turn token."""
+    """The byte-level BPE vocabulary ("gpt2" in GGUF terms), merges, special ids, chat template and
+    the end-of-turn token."""
     import gguf
 
-    size = len(tokenizer)
-    if _byte_level(tokenizer):
-        tokens, scores, types = _byte_level_tokens(tokenizer, gguf)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre)
-    else:
-        try:  # gguf's reader of an HF tokenizer.json with byte fallback (Gemma, Mistral, Phi-3, Llama 2)
-            vocab = gguf.vocab.LlamaHfVocab(export_dir)
-        except (FileNotFoundError, TypeError) as exc:
-            raise TunepipeError("export.export_gguf: the tokenizer is neither byte-level BPE nor BPE with byte "
-                                f"fallback ({exc}); it cannot be written to GGUF here") from exc
-        tokens, scores, types = zip(*vocab.all_tokens(), strict=True)
-        tokens = [token.decode("utf-8") if isinstance(token, bytes) else token for token in tokens]
-        writer.add_tokenizer_model("llama")
-        writer.add_tokenizer_pre("default")
+    tokens, scores, types = _byte_level_tokens(tokenizer, gguf)  # check_architecture refused any other kind
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(list(tokens))
     writer.add_token_scores(list(scores))
     writer.add_token_types(list(types))
-    special = gguf.SpecialVocab(export_dir, load_merges=_byte_level(tokenizer), n_vocab=size)
+    special = gguf.SpecialVocab(export_dir, load_merges=True, n_vocab=len(tokenizer))
     special.add_to_gguf(writer)
     if special.chat_template is None and tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)

@@ -73,7 +73,8 @@ def run_export(cfg: Config, layout: Layout) -> dict:
     device = device_for(cfg.export.export_device)
     gguf_type = cfg.export.export_gguf
     if gguf_type:  # an architecture the GGUF writer cannot map fails here, before any merge work
-        gguf_export.check_architecture(_model_config(source.paths[0] if source.kind == "full" else base_dir))
+        gguf_export.check_architecture(_model_config(source.paths[0] if source.kind == "full" else base_dir),
+                                       tokenizer)
     with atomic_dir(export_dir) as tmp:
         model, reference, merge_diff = build_export_model(cfg, base_dir, source, device, probes)
         model.generation_config.eos_token_id = stop_token_ids(tokenizer, model.generation_config,
