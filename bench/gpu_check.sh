@@ -4,7 +4,11 @@
 # weights stored in bf16) and bf16 with Liger kernels (`enable_liger_kernel`; LoRA bf16 is the
 # "off" row), 4-bit QLoRA in bf16, and FSDP+QLoRA on one GPU (FSDP2 through
 # configs/accelerate/fsdp.yaml, one process; the launched rank's own metrics/train.json, as the
-# in-process probe cannot see a child process). About 6 minutes on one H100.
+# in-process probe cannot see a child process). About 6 minutes on one H100. Then the vllm-serve row:
+# `tunepipe serve` with `infer_backend: vllm` on the base + the lora row's adapter (a vLLM LoRA
+# adapter, not merged), 16 concurrent chat requests through the OpenAI API, output tokens/s. vLLM
+# is too big to carry here (hundreds of MiB of wheels, and the machine has no network), so the row
+# runs where the image has vLLM and otherwise says it was skipped and why.
 #
 # The GPU machine has no network, so everything it lacks travels from here, in a folder that
 # git ignores (bench/.gpu/), split into bundles of at most ~55 MiB so each fits one transfer:
@@ -39,8 +43,8 @@ py="${PYTHON:-python3}"  # the GPU image's python3 holds torch
 # GPU_CHECK_DRY=1: rehearse `run` on a CPU machine with the project's venv (PYTHON=.venv/bin/python,
 # GPU_CHECK_STEPS=2): no wheel install, no CUDA check. Only for checking this script.
 dry="${GPU_CHECK_DRY:-0}"
-# GPU_CHECK_ROWS="qlora fsdp-qlora": run only these rows (default: all six).
-rows="${GPU_CHECK_ROWS:-lora-fp32 lora lora-pure_bf16 lora-liger qlora fsdp-qlora}"
+# GPU_CHECK_ROWS="qlora fsdp-qlora": run only these rows (default: all seven; vllm-serve needs the lora row).
+rows="${GPU_CHECK_ROWS:-lora-fp32 lora lora-pure_bf16 lora-liger qlora fsdp-qlora vllm-serve}"
 # Wheels the GPU image lacks; versions are the ones the project's CPU venv runs.
 # liger-kernel is pure Python (its Triton kernels compile on the GPU; the torch image has triton).
 wheels=(bitsandbytes==0.50.2 datasets==5.2.0 "dill>=0.3.0,<0.4.2" "multiprocess<0.70.20" trl==1.16.0
@@ -172,6 +176,7 @@ run() {
   write_config fsdp-qlora "$qlora"$'\n'"accelerate_config: $work/fsdp-1gpu.yaml"
   local results=()
   for name in $rows; do
+    [[ "$name" == vllm-serve ]] && continue  # served after the training rows, from the lora row's adapter
     if [[ "$name" == fsdp-qlora ]]; then  # launched: the probe cannot see the child process
       echo "[gpu_check] == $name: $steps steps, FSDP2 on 1 GPU =="
       "$py" -m tunepipe.cli train "$work/$name.yaml" 2>&1 | tee "$work/$name.log"
@@ -205,7 +210,59 @@ PY
   done
   echo "(fsdp-qlora: tunepipe's own metrics/train.json of the launched rank: train s is the whole"
   echo " Trainer.train, not only the optimizer steps the probe times for the other rows)"
+  [[ " $rows " == *" vllm-serve "* ]] && vllm_serve
   echo "[gpu_check] done in $((SECONDS - start)) s"
+}
+
+vllm_serve() {  # the vllm-serve row: tunepipe serve on vLLM, base + the lora row's adapter as a LoRA adapter
+  if ! "$py" -c "import vllm" 2>/dev/null; then
+    echo "[gpu_check] vllm-serve: skipped: vLLM is not installed in this image (and there is no network to install it)"
+    return 0
+  fi
+  [[ -f "$work/lora/models/adapter/adapter_config.json" ]] || { echo "[gpu_check] vllm-serve: skipped: run the lora row first"; return 0; }
+  printf 'model_name_or_path: %s\nadapter_name_or_path: %s\ntemplate: chatml\ninfer_backend: vllm\nvllm_maxlen: 2048\nvllm_gpu_util: 0.5\nvllm_max_lora_rank: 8\nmax_new_tokens: 64\nreport_to: none\noutput_dir: %s\n' \
+    "$work/base" "$work/lora/models/adapter" "$work/vllm-serve" > "$work/vllm-serve.yaml"
+  local port=18765
+  API_PORT=$port API_HOST=127.0.0.1 "$py" -m tunepipe.cli serve "$work/vllm-serve.yaml" > "$work/vllm-serve.log" 2>&1 &
+  local server=$!
+  "$py" - "$port" <<'PY' || { tail -30 "$work/vllm-serve.log"; kill "$server"; return 1; }
+import json
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+base = f"http://127.0.0.1:{sys.argv[1]}/v1"
+for _ in range(600):  # vLLM's start (weights, CUDA graphs) takes a minute or two
+    try:
+        model = json.load(urllib.request.urlopen(base + "/models", timeout=5))["data"][0]["id"]
+        break
+    except OSError:
+        time.sleep(1)
+else:
+    sys.exit("vllm-serve: the server did not come up")
+
+
+def ask(i):
+    body = json.dumps({"model": model, "max_tokens": 64, "temperature": 0,
+                       "messages": [{"role": "user", "content": f"Give me tip number {i} for learning Python."}]})
+    request = urllib.request.Request(base + "/chat/completions", body.encode(), {"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(request, timeout=300))
+
+
+ask(0)  # warm-up
+start = time.perf_counter()
+with ThreadPoolExecutor(16) as pool:
+    answers = list(pool.map(ask, range(1, 17)))
+seconds = time.perf_counter() - start
+tokens = sum(a["usage"]["completion_tokens"] for a in answers)
+print("| backend | requests | concurrency | output tokens | s | output tokens/s |")
+print("| --- | --- | --- | --- | --- | --- |")
+print(f"| vllm (LoRA adapter, not merged) | 16 | 16 | {tokens} | {seconds:.2f} | {tokens / seconds:.1f} |")
+print("first answer:", answers[0]["choices"][0]["message"]["content"][:120].replace("\n", " "))
+PY
+  kill -TERM "$server"
+  wait "$server" || true
 }
 
 own_result() {  # $1 = output_dir of a launched run: its metrics/train.json as a result line

@@ -1,6 +1,6 @@
 """`tunepipe webchat`: headless Chromium (Debian's chromium + chromium-driver, through Selenium) loads the
-page, types a question, and sees the streamed answer, which equals the API's answer; a screenshot goes
-to docs/webchat.png."""
+page, types a question, and sees the streamed answer, which equals the API's answer. Its screenshot stays
+in the test's tmp dir: docs/webchat.png shows the tuned demo model (bench/webchat_screenshot.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from tests.fixtures.serving import running, serve_config
 from tunepipe.layout import Layout
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "webchat.png"
 
 pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).is_file() and Path(DRIVER).is_file()),
                                 reason="needs Debian's chromium and chromium-driver (make setup installs them)")
@@ -50,7 +49,7 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
-def test_page_streams_the_answer_the_api_gives(url, browser):
+def test_page_streams_the_answer_the_api_gives(url, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -65,7 +64,7 @@ def test_page_streams_the_answer_the_api_gives(url, browser):
         {"role": "system", "content": "You are Tuney."}, {"role": "user", "content": "Who are you?"}])
     assert shown and shown == want.choices[0].message.content.strip()
     assert browser.find_element(By.CSS_SELECTOR, ".user").text == "Who are you?"
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    browser.save_screenshot(str(SCREENSHOT))
+    assert browser.save_screenshot(str(tmp_path / "webchat.png"))
+    assert (tmp_path / "webchat.png").read_bytes().startswith(b"\x89PNG")
     browser.find_element(By.ID, "reset").click()
     assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []

@@ -43,15 +43,15 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Allow model repos to run their own Python code (off by default)."""
     infer_backend: Literal["huggingface", "vllm"] = "huggingface"
-    """`tunepipe serve` / `webchat` backend: huggingface (transformers, batched by tunepipe) or vllm (CUDA GPU with vLLM installed; not wired in yet: a clear error)."""
+    """`tunepipe serve` / `webchat` backend: huggingface (transformers, batched by tunepipe) or vllm (vLLM's AsyncLLMEngine on a CUDA GPU, adapters as vLLM LoRA adapters; without CUDA or vLLM: a clear error before loading)."""
     vllm_maxlen: int = 4096
-    """vLLM: longest prompt + answer (passed through with infer_backend: vllm)."""
+    """vLLM: longest prompt + answer (vLLM's max_model_len, with infer_backend: vllm)."""
     vllm_gpu_util: float = 0.7
-    """vLLM: fraction of GPU memory it may take (passed through with infer_backend: vllm)."""
+    """vLLM: fraction of GPU memory it may take (gpu_memory_utilization, with infer_backend: vllm)."""
     vllm_enforce_eager: bool = False
-    """vLLM: disable CUDA graphs (passed through with infer_backend: vllm)."""
+    """vLLM: disable CUDA graphs (enforce_eager, with infer_backend: vllm)."""
     vllm_max_lora_rank: int = 32
-    """vLLM: largest LoRA rank it serves (passed through with infer_backend: vllm)."""
+    """vLLM: largest LoRA rank it serves (max_lora_rank; a higher-rank adapter is refused before loading)."""
 
     def check(self) -> None:
         require(bool(self.model_name_or_path), "model", "model_name_or_path",

@@ -136,7 +136,7 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "max_length": "use max_new_tokens",
     "default_system": "put the system prompt in the data (system column)",
     "skip_special_tokens": "predictions always skip special tokens",
-    "vllm_config": "vLLM is not wired into tunepipe serve yet",
+    "vllm_config": "extra vLLM engine arguments are not passed through (vllm_maxlen, vllm_gpu_util, vllm_enforce_eager and vllm_max_lora_rank are)",
     "galore_target": "GaLore is not supported",
     "galore_rank": "GaLore is not supported",
     "badam_mode": "BAdam is not supported",

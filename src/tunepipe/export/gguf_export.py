@@ -2,14 +2,15 @@
 
 The `gguf` package (llama.cpp's own Python library) provides the writer, the tensor-name map
 (`get_tensor_name_map`: HF parameter name -> GGUF tensor name for each architecture), the
-quantizers (`gguf.quants.quantize`) and `SpecialVocab` (merges, special token ids, chat
-template from the tokenizer files). The glue here: which architectures map, the
-hyper-parameter keys, the vocabulary, and one layout change llama.cpp's Llama code expects
-(below). 1-D tensors (norms, biases) stay float32, as llama.cpp's converter keeps them.
+quantizers (`gguf.quants.quantize`), the vocabulary readers (`gguf.vocab`) and `SpecialVocab`
+(merges, special token ids, chat template from the tokenizer files). The glue here: the
+hyper-parameter keys and the layout / value changes llama.cpp expects, per family in
+`gguf_families`. 1-D tensors (norms, biases) stay float32, as llama.cpp's converter keeps them.
 
 Llama / Mistral store q_proj and k_proj rows in HF's "rotate half" order; llama.cpp's
 rope for these architectures pairs adjacent rows, so their rows are permuted on the way
-out (and transformers' GGUF reader permutes them back).
+out (and transformers' GGUF reader permutes them back). The other families use the
+"neox" rope, HF's own order.
 """
 
 from __future__ import annotations
@@ -18,42 +19,47 @@ import logging
 from pathlib import Path
 
 from tunepipe.errors import TunepipeError
+from tunepipe.export.gguf_families import family_for, readback_overrides, rope_theta, rotary_dims
 
 log = logging.getLogger(__name__)
 
-# HF model_type -> (gguf MODEL_ARCH member name, permute q/k rows). Only what the read-back test
-# passes: Qwen2 / Qwen3 wrote but failed it (sliding-window layers and Qwen3's head_dim are not
-# carried yet), Mistral's sliding window likewise, so they are refused until they pass.
-ARCHITECTURES = {"llama": ("LLAMA", True)}
 TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
          "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+# llama.cpp picks its pre-tokenizer regex by this name; Qwen's differs from GPT-2's in digits and
+# CJK runs. Families not listed get llama.cpp's default.
+TOKENIZER_PRE = {"qwen2": "qwen2", "qwen3": "qwen2"}
 
 
 def gguf_name(gguf_type: str) -> str:
     return f"model-{gguf_type}.gguf"
 
 
-def check_architecture(config, key: str = "export.export_gguf") -> None:
-    """Refuse, before any work, a model whose architecture this exporter cannot map."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise TunepipeError(f"{key}: cannot write GGUF for model_type {model_type!r}",
-                            hint=f"GGUF export maps {', '.join(sorted(ARCHITECTURES))}; unset {key} "
-                                 "and convert with llama.cpp's convert_hf_to_gguf.py")
+def check_architecture(config, tokenizer=None, key: str = "export.export_gguf") -> None:
+    """Refuse, before any work, a model whose architecture or tokenizer this exporter cannot map."""
+    family_for(config, key)
+    if tokenizer is not None and not _byte_level(tokenizer):
+        # SentencePiece-style BPE (byte fallback) needs each token's merge score in the GGUF for
+        # llama.cpp's tokenizer; gguf.vocab.LlamaHfVocab writes a constant one, so it is refused
+        # rather than written with a tokenizer that splits text differently.
+        raise TunepipeError(f"{key}: cannot write GGUF for this {config.model_type} model's tokenizer: only "
+                            "byte-level BPE tokenizers (Llama 3, SmolLM2, Qwen) are written to GGUF here",
+                            hint="SentencePiece-style tokenizers (Gemma, Mistral, Phi-3, Llama 2): unset "
+                                 f"{key} and convert the export with llama.cpp's convert_hf_to_gguf.py")
 
 
 def write_gguf(model, tokenizer, export_dir: Path, gguf_type: str, stop_ids: list[int]) -> Path:
-    """Write `export_dir/model-<type>.gguf` from the float32 model in memory; return its path."""
+    """Write `export_dir/model-<type>.gguf` from the model in memory; return its path."""
     import gguf
 
     config = model.config
-    check_architecture(config)
-    arch_name, permute = ARCHITECTURES[config.model_type]
-    arch = getattr(gguf.MODEL_ARCH, arch_name)
+    check_architecture(config, tokenizer)
+    family = family_for(config)
+    arch = getattr(gguf.MODEL_ARCH, family.arch)
     path = export_dir / gguf_name(gguf_type)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     write_hparams(writer, config, getattr(gguf.LlamaFileType, TYPES[gguf_type][1]))
-    write_vocab(writer, tokenizer, export_dir, stop_ids)
+    family.extra_hparams(writer, config)
+    write_vocab(writer, tokenizer, export_dir, stop_ids, TOKENIZER_PRE.get(config.model_type, "default"))
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     qtype = getattr(gguf.GGMLQuantizationType, TYPES[gguf_type][0])
     for hf_name, tensor in model.state_dict().items():
@@ -63,9 +69,11 @@ def write_gguf(model, tokenizer, export_dir: Path, gguf_type: str, stop_ids: lis
         if name is None:
             raise TunepipeError(f"export.export_gguf: no GGUF name for tensor {hf_name} ({config.model_type})")
         data = tensor.detach().float().cpu().numpy()
-        if permute and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+        if family.permute_qk and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
             data = rope_interleave(data, heads)
+        if family.norm_offset and hf_name.endswith("norm.weight"):
+            data = data + family.norm_offset
         add_tensor(writer, gguf, name, data, qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -102,37 +110,27 @@ def write_hparams(writer, config, file_type) -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(rotary_dims(config, head_dim))
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    rope = getattr(config, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
-    writer.add_rope_freq_base(float(theta or getattr(config, "rope_theta", 10000.0)))
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
 
 
-def write_vocab(writer, tokenizer, export_dir: Path, stop_ids: list[int]) -> None:
-    """A byte-level BPE vocabulary ("gpt2" in GGUF terms), merges, special ids, chat template."""
+def write_vocab(writer, tokenizer, export_dir: Path, stop_ids: list[int], pre: str) -> None:
+    """The byte-level BPE vocabulary ("gpt2" in GGUF terms), merges, special ids, chat template and
+    the end-of-turn token."""
     import gguf
 
-    if not getattr(tokenizer, "is_fast", False) or tokenizer.backend_tokenizer.model.__class__.__name__ != "BPE":
-        raise TunepipeError("export.export_gguf: only byte-level BPE tokenizers are written to GGUF here")
-    size = len(tokenizer)
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for index, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(size)))):
-        tokens.append(token)
-        if index in added:
-            types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
-        else:
-            types.append(gguf.TokenType.NORMAL)
+    tokens, scores, types = _byte_level_tokens(tokenizer, gguf)  # check_architecture refused any other kind
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(export_dir, load_merges=True, n_vocab=size)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(list(tokens))
+    writer.add_token_scores(list(scores))
+    writer.add_token_types(list(types))
+    special = gguf.SpecialVocab(export_dir, load_merges=True, n_vocab=len(tokenizer))
     special.add_to_gguf(writer)
     if special.chat_template is None and tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
@@ -142,15 +140,51 @@ def write_vocab(writer, tokenizer, export_dir: Path, stop_ids: list[int]) -> Non
         writer.add_eot_token_id(extra[0])
 
 
+def _byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and backend.model.__class__.__name__ == "BPE" and \
+        backend.decoder.__class__.__name__ == "ByteLevel"
+
+
+def _byte_level_tokens(tokenizer, gguf):
+    """Tokens in id order; added tokens typed CONTROL (special) or USER_DEFINED, as llama.cpp expects."""
+    added = tokenizer.added_tokens_decoder
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    types = [(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
+             if index in added else gguf.TokenType.NORMAL for index in range(len(tokens))]
+    return tokens, [0.0] * len(tokens), types
+
+
+def gguf_metadata(path: Path) -> dict:
+    """The GGUF's scalar and string metadata (arrays such as the vocabulary left out)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return {name: field.contents() for name, field in reader.fields.items()
+            if not name.startswith("GGUF.") and field.types and field.types[0] != gguf.GGUFValueType.ARRAY}
+
+
+def readback_model(export_dir: Path, gguf_type: str):
+    """The GGUF loaded by transformers (dequantized to float32), configured as llama.cpp reads the file."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = gguf_name(gguf_type)
+    config = AutoConfig.from_pretrained(str(export_dir), gguf_file=name)
+    for key, value in readback_overrides(gguf_metadata(export_dir / name)).items():
+        if key == "rope_scaling":  # Gemma 3's linear scaling of the full-attention rope
+            config.rope_parameters["full_attention"].update(value)
+        else:
+            setattr(config, key, value)
+    return AutoModelForCausalLM.from_pretrained(str(export_dir), gguf_file=name, config=config,
+                                                dtype=torch.float32).eval()
+
+
 def gguf_logits(export_dir: Path, gguf_type: str, probes, probe_logits) -> list:
-    """Probe logits of the GGUF read back by transformers (dequantized to float32)."""
+    """Probe logits of the GGUF read back (see `readback_model`)."""
     import gc
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(export_dir), gguf_file=gguf_name(gguf_type),
-                                                 dtype=torch.float32).eval()
+    model = readback_model(export_dir, gguf_type)
     logits = probe_logits(model, probes)
     del model
     gc.collect()
