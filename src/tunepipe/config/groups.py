@@ -269,7 +269,7 @@ class Config:
         if self.data.streaming and self.train.max_steps <= 0:  # LLaMA-Factory's rule: no length to count epochs by
             raise TunepipeError("data.streaming=true needs train.max_steps > 0, as in LLaMA-Factory",
                                 hint="set max_steps, or drop streaming: tunepipe streams every dataset anyway")
-        if self.model.quantization_bit is not None and self.train.finetuning_type != "lora":
+        if self.model.quantization_bit is not None and not self.train.uses_adapter:
             raise TunepipeError(
-                f"model.quantization_bit={self.model.quantization_bit} needs train.finetuning_type=lora "
+                f"model.quantization_bit={self.model.quantization_bit} needs train.finetuning_type=lora or oft "
                 f"(got {self.train.finetuning_type!r}): quantized weights cannot be trained directly")
