@@ -22,6 +22,7 @@ from tunepipe.modeling import (
     load_causal_lm,
     load_tokenizer,
     peft_wrapping,
+    resize_embeddings,
     resolve_source,
 )
 
@@ -161,6 +162,9 @@ def apply_adapters(model, paths: list[Path], merge_last: bool = False):
     from peft import PeftModel
 
     for index, path in enumerate(paths):
+        grown = grown_tokenizer_dir(path)
+        if grown is not None:  # an adapter trained with new tokens carries rows past the base's vocabulary
+            resize_embeddings(model, len(load_tokenizer(grown)))
         with peft_wrapping():
             model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
         if index < len(paths) - 1 or merge_last:
@@ -185,6 +189,18 @@ def load_trained(cfg: Config, base_dir: Path, source: TrainedSource, device: str
 
 
 def tokenizer_for(cfg: Config, base_dir: Path, source: TrainedSource):
-    """A full fine-tune carries its own tokenizer; adapters use the base's."""
+    """A full fine-tune carries its own tokenizer; adapters use the base's, unless one was trained
+    with new tokens (then the grown tokenizer saved beside it)."""
     directory = source.paths[0] if source.kind == "full" else base_dir
-    return load_tokenizer(directory, trust_remote_code=cfg.model.trust_remote_code)
+    grown = [found for path in source.paths if (found := grown_tokenizer_dir(path))] if source.kind == "adapters" else []
+    return load_tokenizer(grown[-1] if grown else directory, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def grown_tokenizer_dir(adapter: Path) -> Path | None:
+    """The adapter dir when it trains whole modules (modules_to_save: how new tokens' embedding
+    rows travel) and holds the tokenizer it was trained with; else None (the base's applies)."""
+    import json
+
+    config = json.loads((Path(adapter) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    has_tokenizer = (Path(adapter) / "tokenizer_config.json").is_file()
+    return Path(adapter) if config.get("modules_to_save") and has_tokenizer else None

@@ -221,6 +221,17 @@ def load_tokenizer(base_dir: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
+def resize_embeddings(model, vocab_size: int) -> bool:
+    """Grow the input embeddings (and an untied LM head) to hold `vocab_size` tokens, padded to a
+    multiple of 64 as LLaMA-Factory does; a matrix already big enough stays. Training and every
+    later load resize alike, so an adapter that carries the grown rows fits the base. The new rows
+    are left to the caller (transformers' mean resizing is off: training sets them itself)."""
+    if vocab_size <= model.get_input_embeddings().weight.shape[0]:
+        return False
+    model.resize_token_embeddings(vocab_size, pad_to_multiple_of=64, mean_resizing=False)
+    return True
+
+
 def load_causal_lm(base_dir: str | Path, dtype: str | None = None, trust_remote_code: bool = False,
                    **kwargs):
     """Load the base causal LM from a models/base/ dir (or any local HF dir), safetensors only."""

@@ -17,6 +17,7 @@ from tunepipe.layout import Layout
 from tunepipe.modeling import load_causal_lm
 from tunepipe.train.adapters import attach_lora, name_list
 from tunepipe.train.llama_pro import expanded_block_ids
+from tunepipe.train.vocabulary import grow_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ def build_trainable_model(cfg: Config, layout: Layout):
 
     set_seed(cfg.train.seed)  # LoRA / PiSSA init must be the same on a resumed run
     model = load_base_for_training(cfg, layout)
-    model = apply_finetuning(model, cfg.train, quantized=cfg.model.quantization_bit is not None)
+    train = grow_vocabulary(model, cfg, layout)  # new tokens: rows resized, initialised, and trained
+    model = apply_finetuning(model, train, quantized=cfg.model.quantization_bit is not None)
     log.info("%s", trainable_summary(model))
     return model
 
