@@ -31,6 +31,11 @@ class Layout:
         return self.root / "data" / "tokenized"
 
     @property
+    def grown_tokenizer(self) -> Path:
+        """The tokenizer the shards were made with, kept only when the vocabulary grew (new tokens)."""
+        return self.tokenized / "tokenizer"
+
+    @property
     def reports(self) -> Path:
         return self.root / "reports"
 

@@ -31,7 +31,7 @@ from tunepipe.data.packing import BlockCutter
 from tunepipe.data.shards import ShardWriter, to_table
 from tunepipe.data.templates import ChatFormat
 from tunepipe.data.validated import KINDS_FOR_STAGE, line_offsets, read_manifest
-from tunepipe.data.vocabulary import extend_tokenizer, save_grown_tokenizer
+from tunepipe.data.vocabulary import extend_tokenizer
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import atomic_dir, write_json_atomic
 from tunepipe.layout import Layout
@@ -74,7 +74,7 @@ def run_tokenize(cfg: Config, layout: Layout) -> dict:
                                     hint="raise data.cutoff_len or use data.overlong: truncate")
         added += fmt.added_tokens if fmt else []
         if added:  # training resizes the embeddings for these; eval / export / chat get this tokenizer
-            save_grown_tokenizer(tokenizer, tmp)
+            tokenizer.save_pretrained(str(tmp / layout.grown_tokenizer.relative_to(layout.tokenized)))
         meta = build_meta(cfg, kind, tokenizer, fmt, rows) | {"added_tokens": added}
         if descriptions:  # for init_special_tokens: desc_init
             meta["token_descriptions"] = descriptions

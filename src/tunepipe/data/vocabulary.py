@@ -3,7 +3,7 @@
 The tokenize stage adds them to the base tokenizer before anything is encoded (LLaMA-Factory
 does it when it loads the tokenizer, before the template adds its own), so each new token
 encodes as one id. When the vocabulary grew, the stage keeps the grown tokenizer beside the
-shards (`data/tokenized/tokenizer/`) and lists the new tokens (and their descriptions, for
+shards (`Layout.grown_tokenizer`, `data/tokenized/tokenizer/`) and lists the new tokens (and their descriptions, for
 `init_special_tokens: desc_init`) in `meta.json`: training reads both from there, resizes
 the embeddings and initialises the new rows (`train/vocabulary.py`).
 """
@@ -17,8 +17,6 @@ import yaml
 from tunepipe.config import ModelConfig
 from tunepipe.config.checks import name_list
 from tunepipe.errors import TunepipeError
-
-TOKENIZER_DIR = "tokenizer"  # under data/tokenized/, only when the vocabulary grew
 
 
 def token_descriptions(model_cfg: ModelConfig) -> dict[str, str]:
@@ -61,7 +59,3 @@ def extend_tokenizer(tokenizer, model_cfg: ModelConfig) -> tuple[list[str], dict
     if special:
         tokenizer.add_tokens(special, special_tokens=True)
     return tokenizer.convert_ids_to_tokens(list(range(before, len(tokenizer)))), descriptions
-
-
-def save_grown_tokenizer(tokenizer, out_dir: Path) -> None:
-    tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))

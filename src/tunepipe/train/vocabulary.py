@@ -24,7 +24,6 @@ from dataclasses import dataclass, field, replace
 
 from tunepipe.config import Config, TrainConfig
 from tunepipe.config.checks import name_list
-from tunepipe.data.vocabulary import TOKENIZER_DIR
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import read_json
 from tunepipe.layout import Layout
@@ -48,7 +47,7 @@ def new_tokens(layout: Layout) -> NewTokens:
 
 def training_tokenizer(cfg: Config, layout: Layout):
     """The tokenizer the shards were made with: the grown one when tokens were added, else the base's."""
-    grown = layout.tokenized / TOKENIZER_DIR
+    grown = layout.grown_tokenizer
     source = grown if (grown / "tokenizer_config.json").is_file() else layout.base_model
     return load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
 
