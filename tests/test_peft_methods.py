@@ -19,7 +19,7 @@ from tunepipe.config.loader import load_config
 from tunepipe.errors import TunepipeError
 from tunepipe.modeling import load_causal_lm
 from tunepipe.train import run_train
-from tunepipe.train.adapters import attach_lora, lora_config, loraplus_optimizer
+from tunepipe.train.adapters import attach_lora, lora_config, loraplus_optimizer, merge_named_adapters
 from tunepipe.train.model_setup import apply_finetuning
 
 
@@ -134,3 +134,29 @@ def test_freeze_extra_modules_train_beside_the_layers(tiny_model_dir):
     with pytest.raises(TunepipeError, match="not outside the decoder layers"):
         apply_finetuning(fresh_model(tiny_model_dir),
                          TrainConfig(finetuning_type="freeze", freeze_extra_modules="q_proj"))
+
+
+def first_loss(layout) -> float:
+    import csv
+
+    with open(layout.plots / "train_loss.csv", newline="") as handle:
+        return float(next(csv.DictReader(handle))["loss"])
+
+
+def test_create_new_adapter_trains_on_top_of_the_merged_adapters(tmp_path, tiny_model_dir):
+    from tests.fixtures.adapters import make_adapter
+    from tunepipe.loading import trained_source
+
+    old = make_adapter(tiny_model_dir, tmp_path / "old", scale=1.0)
+    plain_cfg, plain = tiny_run(tmp_path / "plain", tiny_model_dir, max_steps=1)
+    run_train(plain_cfg, plain)
+    cfg, layout = tiny_run(tmp_path / "new", tiny_model_dir, max_steps=2, create_new_adapter=True,
+                           model={"adapter_name_or_path": str(old)})
+    run_train(cfg, layout)
+    # the same first batch, before any update (LoRA B starts at zero): base + old adapter, not the base
+    assert first_loss(layout) != pytest.approx(first_loss(plain), abs=1e-4)
+    # eval / export / chat apply the old adapter, then the new one (tests/test_export.py: ordered merges)
+    assert trained_source(cfg, layout).paths == [old, layout.adapter]
+    cfg.train.create_new_adapter = False
+    with pytest.raises(TunepipeError, match="create_new_adapter"):
+        apply_finetuning(merge_named_adapters(fresh_model(tiny_model_dir), cfg), cfg.train)

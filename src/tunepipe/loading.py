@@ -66,13 +66,17 @@ def base_dir_for(cfg: Config, layout: Layout) -> Path:
 
 
 def trained_source(cfg: Config, layout: Layout, quiet: bool = False) -> TrainedSource:
-    """`model.adapter_name_or_path` if set, else what the train stage wrote under `layout`.
+    """`model.adapter_name_or_path` if set (followed by the adapter trained on top of them with
+    `create_new_adapter`), else what the train stage wrote under `layout`.
 
     `quiet`: no log line (for a check ahead of the command that then loads it and says so)."""
     named = cfg.model.adapters()
-    if named:
-        return TrainedSource("adapters", [adapter_dir(name, quiet, cfg.model) for name in named])
     trained = layout.trained(cfg.train.finetuning_type)
+    if named:
+        paths = [adapter_dir(name, quiet, cfg.model) for name in named]
+        if cfg.train.create_new_adapter and (trained / ADAPTER_CONFIG).is_file() and trained not in paths:
+            paths.append(trained)  # trained on top of the named ones: applied after them
+        return TrainedSource("adapters", paths)
     if (trained / ADAPTER_CONFIG).is_file():
         return TrainedSource("adapters", [trained])
     if (trained / "config.json").is_file():

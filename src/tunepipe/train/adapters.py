@@ -197,3 +197,25 @@ def loraplus_optimizer(model, train: TrainConfig):
                                      loraplus_lr_ratio=train.loraplus_lr_ratio,
                                      loraplus_lr_embedding=train.loraplus_lr_embedding,
                                      weight_decay=train.weight_decay)
+
+
+def merge_named_adapters(model, cfg):
+    """`create_new_adapter`: the `adapter_name_or_path` adapters merged into the base, in order,
+    so the adapter trained next starts on top of them (LLaMA-Factory's meaning). Later stages
+    apply them and then the new one (`tunepipe.loading.trained_source`)."""
+    from tunepipe.loading import adapter_dir, apply_adapters
+
+    names = cfg.model.adapters()
+    if not names:
+        return model
+    if not (cfg.train.create_new_adapter and cfg.train.uses_adapter):
+        raise TunepipeError(f"model.adapter_name_or_path={cfg.model.adapter_name_or_path!r} in training needs "
+                            "train.create_new_adapter: true and finetuning_type lora or oft",
+                            hint="the new adapter trains on top of these, merged into the base")
+    if cfg.model.quantization_bit is not None:
+        raise TunepipeError("train.create_new_adapter with model.quantization_bit: merging adapters into "
+                            "quantized weights would bake the quantization error in",
+                            hint="train on an unquantized base, or merge them first with `tunepipe export`")
+    paths = [adapter_dir(name, model_cfg=cfg.model) for name in names]
+    log.info("create_new_adapter: merging %s into the base before the new adapter", ", ".join(map(str, paths)))
+    return apply_adapters(model, paths, merge_last=True)

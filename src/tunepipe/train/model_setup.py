@@ -15,7 +15,7 @@ from tunepipe.config import Config, ModelConfig, TrainConfig
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 from tunepipe.modeling import load_causal_lm
-from tunepipe.train.adapters import attach_lora, name_list
+from tunepipe.train.adapters import attach_lora, merge_named_adapters, name_list
 from tunepipe.train.llama_pro import expanded_block_ids
 from tunepipe.train.vocabulary import grow_vocabulary
 
@@ -27,7 +27,7 @@ def build_trainable_model(cfg: Config, layout: Layout):
     from transformers import set_seed
 
     set_seed(cfg.train.seed)  # LoRA / PiSSA init must be the same on a resumed run
-    model = load_base_for_training(cfg, layout)
+    model = merge_named_adapters(load_base_for_training(cfg, layout), cfg)  # create_new_adapter
     train = grow_vocabulary(model, cfg, layout)  # new tokens: rows resized, initialised, and trained
     model = apply_finetuning(model, train, quantized=cfg.model.quantization_bit is not None)
     log.info("%s", trainable_summary(model))
