@@ -45,7 +45,6 @@ NOOP_VALUES: dict[str, object] = {
     "use_apollo": False,
     "use_adam_mini": False,
     "use_muon": False,
-    "create_new_adapter": False,
     "disable_gradient_checkpointing": True,
     "low_cpu_mem_usage": True,
     "use_fast_tokenizer": True,
