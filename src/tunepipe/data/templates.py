@@ -73,7 +73,8 @@ class ChatFormat:
             self.added_tokens = nt.fix_tokenizer(tokenizer, self.named)
             if self.added_tokens:
                 log.warning("template %s added %s to the tokenizer, which lacked them (as LLaMA-Factory does); "
-                            "the model needs embeddings for them: prefer a model whose tokenizer has them",
+                            "training grows the embeddings and trains their rows: prefer a model whose "
+                            "tokenizer has them",
                             name, ", ".join(self.added_tokens))
             self.template = self.tool_template = nt.jinja(self.named, tokenizer)
             self.native_tools = False
