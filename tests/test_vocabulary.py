@@ -110,16 +110,21 @@ def test_rows_start_as_init_special_tokens_says(vocab_run, tiny_model_dir):
     assert {"embed_tokens", "lm_head"} <= set(train.additional_target)
 
 
-def test_noise_init_is_the_mean_plus_noise_of_std_one_over_sqrt_hidden():
+@pytest.mark.parametrize("method", ["noise_init", "desc_init_w_noise"])
+def test_noise_is_added_to_the_start_row_with_std_one_over_sqrt_hidden(method, tiny_model_dir):
+    from tunepipe.modeling import load_tokenizer
     from tunepipe.train.vocabulary import initialise_rows
 
+    tokenizer = load_tokenizer(tiny_model_dir)
     torch.manual_seed(0)
-    embedding = torch.nn.Embedding(400, 256)
+    embedding = torch.nn.Embedding(len(tokenizer) + 20, 256)
     model = type("M", (), {"get_input_embeddings": lambda self: embedding, "get_output_embeddings": lambda self: None})()
-    ids = list(range(380, 400))
-    initialise_rows(model, None, ids, "noise_init", {})
-    mean = embedding.weight[:380].mean(dim=0)
-    noise = (embedding.weight[ids] - mean).detach()
+    ids = list(range(len(tokenizer), len(tokenizer) + 20))
+    tokenizer.add_tokens([f"<n{i}>" for i in range(20)], special_tokens=True)
+    described = tokenizer(DESCRIPTION, add_special_tokens=False)["input_ids"]
+    start = (embedding.weight[described] if method == "desc_init_w_noise" else embedding.weight[:ids[0]]).mean(dim=0)
+    initialise_rows(model, tokenizer, ids, method, {f"<n{i}>": DESCRIPTION for i in range(20)})
+    noise = (embedding.weight[ids] - start).detach()
     assert abs(noise.mean().item()) < 0.01
     assert noise.std().item() == pytest.approx(1 / math.sqrt(256), rel=0.05)
 
@@ -161,3 +166,37 @@ def test_export_has_the_tokens_and_equals_base_plus_adapter(vocab_run, tiny_mode
         torch.testing.assert_close(merged(prompt).logits, unmerged(prompt).logits, atol=1e-4, rtol=1e-4)
     # evaluate / chat / serve load the grown tokenizer from the adapter
     assert len(tokenizer_for(cfg, tiny_model_dir, trained_source(cfg, layout))) == len(exported)
+
+
+def test_special_token_keys_and_their_precedence(tiny_model_dir):
+    from tunepipe.config import ModelConfig
+    from tunepipe.data.vocabulary import extend_tokenizer
+    from tunepipe.modeling import load_tokenizer
+
+    def added(**keys):
+        tokenizer = load_tokenizer(tiny_model_dir)
+        tokens, _ = extend_tokenizer(tokenizer, ModelConfig(**keys))
+        return tokens, [tokenizer.added_tokens_decoder[tokenizer.convert_tokens_to_ids(t)].special for t in tokens]
+
+    assert added(add_tokens="<a>,<b>", add_special_tokens=["<s1>"]) == (["<a>", "<b>", "<s1>"], [False, False, True])
+    assert added(new_special_tokens="<old>") == (["<old>"], [True])  # LLaMA-Factory's older name
+    # new_special_tokens_config's tokens replace add_special_tokens', as in LLaMA-Factory
+    assert added(add_special_tokens="<s1>", new_special_tokens_config={"<d>": "text"}) == (["<d>"], [True])
+    assert added(add_tokens="<|im_end|>") == ([], [])  # already in the vocabulary: nothing grows
+
+
+def test_resize_vocab_alone_trains_the_embedding_modules(tmp_path, tiny_model_dir):
+    from tunepipe.modeling import load_causal_lm
+    from tunepipe.train.vocabulary import grow_vocabulary
+
+    layout = Layout.at(tmp_path)
+    layout.tokenized.mkdir(parents=True)
+    (layout.tokenized / "meta.json").write_text(json.dumps({"added_tokens": []}))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "base").symlink_to(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir, dtype="float32")
+    before = model.get_input_embeddings().weight.detach().clone()
+    assert grow_vocabulary(model, load_config(None, []), layout).additional_target is None
+    train = grow_vocabulary(model, load_config(None, ["model.resize_vocab=true"]), layout)
+    assert train.additional_target == ["embed_tokens", "lm_head"]
+    assert torch.equal(model.get_input_embeddings().weight, before)  # nothing to add: no row changed
