@@ -37,17 +37,18 @@ def write_dataset(folder: Path) -> Path:
 def vocab_config(root: Path, tiny_model_dir: Path, *extra: str):
     return load_config(None, [
         f"model.model_name_or_path={tiny_model_dir}", "data.dataset=think", f"data.dataset_dir={root / 'data'}",
-        "data.val_size=0", f"model.add_tokens={PLAIN}", "model.init_special_tokens=desc_init",
+        "data.val_size=0.25", f"model.add_tokens={PLAIN}", "model.init_special_tokens=desc_init",
         f"model.new_special_tokens_config={{'{SPECIAL}': '{DESCRIPTION}'}}",
         "train.max_steps=4", "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1",
         "train.learning_rate=1e-2", "train.lr_scheduler_type=constant", "train.logging_steps=1",
-        "train.lora_target=q_proj", "tracking.report_to=none", f"export.export_dir={root / 'export'}", *extra])
+        "train.lora_target=q_proj", "eval.max_new_tokens=8", "tracking.report_to=none", f"export.export_dir={root / 'export'}", *extra])
 
 
 @pytest.fixture(scope="module")
 def vocab_run(tmp_path_factory, tiny_model_dir):
     from tunepipe.data.tokenize import run_tokenize
     from tunepipe.data.validate import run_validate
+    from tunepipe.evaluate.run import run_evaluate
     from tunepipe.export.merge import run_export
     from tunepipe.modeling import prepare_base_model
     from tunepipe.train import run_train
@@ -61,6 +62,7 @@ def vocab_run(tmp_path_factory, tiny_model_dir):
     run_tokenize(cfg, layout)
     run_train(cfg, layout)
     metrics = run_export(cfg, layout)
+    run_evaluate(cfg, layout)
     return cfg, layout, metrics
 
 
@@ -200,3 +202,10 @@ def test_resize_vocab_alone_trains_the_embedding_modules(tmp_path, tiny_model_di
     train = grow_vocabulary(model, load_config(None, ["model.resize_vocab=true"]), layout)
     assert train.additional_target == ["embed_tokens", "lm_head"]
     assert torch.equal(model.get_input_embeddings().weight, before)  # nothing to add: no row changed
+
+
+def test_eval_scores_the_tuned_and_the_grown_base(vocab_run):
+    _, layout, _ = vocab_run
+    report = json.loads((layout.metrics / "eval.json").read_text())
+    tuned, base = report["tuned"]["eval_loss"], report["base"]["eval_loss"]
+    assert math.isfinite(tuned) and math.isfinite(base) and tuned < base  # the new tokens were learnt
