@@ -209,3 +209,19 @@ def test_eval_scores_the_tuned_and_the_grown_base(vocab_run):
     report = json.loads((layout.metrics / "eval.json").read_text())
     tuned, base = report["tuned"]["eval_loss"], report["base"]["eval_loss"]
     assert math.isfinite(tuned) and math.isfinite(base) and tuned < base  # the new tokens were learnt
+
+
+def test_create_new_adapter_keeps_the_rows_the_merged_adapter_trained(vocab_run, tiny_model_dir):
+    from tunepipe.modeling import load_causal_lm, load_tokenizer
+    from tunepipe.train.adapters import merge_named_adapters
+    from tunepipe.train.vocabulary import grow_vocabulary
+
+    _, layout, _ = vocab_run
+    on_top = vocab_config(layout.root, tiny_model_dir, "train.create_new_adapter=true",
+                          f"model.adapter_name_or_path={layout.adapter}")
+    model = merge_named_adapters(load_causal_lm(tiny_model_dir, dtype="float32"), on_top)
+    ids = load_tokenizer(layout.tokenized / "tokenizer").convert_tokens_to_ids([PLAIN, SPECIAL])
+    trained = model.get_input_embeddings().weight[ids].detach().clone()
+    train = grow_vocabulary(model, on_top, layout)  # the same shards' tokens: already trained, not re-initialised
+    assert torch.equal(model.get_input_embeddings().weight[ids], trained)
+    assert {"embed_tokens", "lm_head"} <= set(train.additional_target)

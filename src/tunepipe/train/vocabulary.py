@@ -64,7 +64,8 @@ def grow_vocabulary(model, cfg: Config, layout: Layout) -> TrainConfig:
                             hint="train in 16 / 32 bits (drop quantization_bit) to add tokens")
     tokenizer = training_tokenizer(cfg, layout)
     resize_embeddings(model, len(tokenizer))
-    ids = [tokenizer.convert_tokens_to_ids(token) for token in added.tokens]
+    inherited = merged_vocabulary(cfg)  # create_new_adapter: rows the merged adapters already trained
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in added.tokens if token not in inherited]
     method = cfg.model.init_special_tokens
     if method != "noise_init" and not added.descriptions:
         log.warning("model.init_special_tokens=%s needs new_special_tokens_config descriptions; using noise_init "
@@ -78,6 +79,16 @@ def grow_vocabulary(model, cfg: Config, layout: Layout) -> TrainConfig:
     modules = name_list(cfg.train.additional_target) + [m for m in embedding_module_names(model)
                                                         if m not in name_list(cfg.train.additional_target)]
     return replace(cfg.train, additional_target=modules)
+
+
+def merged_vocabulary(cfg: Config) -> set[str]:
+    """Tokens of the adapters `create_new_adapter` merged in that were trained with new tokens."""
+    from tunepipe.loading import adapter_dir, grown_tokenizer_dir
+
+    if not cfg.train.create_new_adapter:
+        return set()
+    grown = [grown_tokenizer_dir(adapter_dir(name, quiet=True, model_cfg=cfg.model)) for name in cfg.model.adapters()]
+    return {token for path in grown if path is not None for token in load_tokenizer(path).get_vocab()}
 
 
 def embedding_module_names(model) -> list[str]:
