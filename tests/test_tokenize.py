@@ -356,7 +356,7 @@ def test_num_samples_from_dataset_info_reaches_the_shards(tmp_path, tiny_model_d
     assert metrics["train"]["rows_in"] == 15 + 6
 
 
-def test_named_template_runs_end_to_end_and_refuses_tokens_the_model_lacks(tmp_path, tiny_model_dir, lf_demo_dir):
+def test_named_template_runs_end_to_end_and_keeps_tokens_the_model_lacks(tmp_path, tiny_model_dir, lf_demo_dir):
     from tunepipe.train.tokenized import load_tokenized
 
     _, layout, metrics = run_stages(tmp_path / "qwen", tiny_model_dir, lf_demo_dir, "identity", template="qwen",
@@ -367,10 +367,11 @@ def test_named_template_runs_end_to_end_and_refuses_tokens_the_model_lacks(tmp_p
     first = tokenizer.decode(load_from_disk(str(layout.tokenized / "train"))[0]["input_ids"])
     assert first.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
     assert load_tokenized(layout, "sft", ("input_ids", "labels")).meta["template"] == "qwen"
-    # llama3's <|eot_id|> is not in this tokenizer: tokenized as LLaMA-Factory does, refused before training
+    # llama3's <|eot_id|> is not in this tokenizer: added as LLaMA-Factory does, and the grown tokenizer is
+    # kept beside the shards for training to resize the embeddings (tests/test_vocabulary.py trains on it)
     _, layout, _ = run_stages(tmp_path / "llama3", tiny_model_dir, lf_demo_dir, "identity", template="llama3",
                               max_samples=3)
     assert json.loads((layout.tokenized / "meta.json").read_text())["added_tokens"] == ["<|eot_id|>", "<|eom_id|>"]
-    with pytest.raises(TunepipeError, match="added tokens <\\|eot_id\\|>, <\\|eom_id\\|>") as err:
-        load_tokenized(layout, "sft", ("input_ids", "labels"))
-    assert "omit `template`" in err.value.hint
+    grown = load_tokenizer(layout.tokenized / "tokenizer")
+    assert grown.convert_tokens_to_ids(["<|eot_id|>", "<|eom_id|>"]) == [len(tokenizer), len(tokenizer) + 1]
+    assert load_tokenized(layout, "sft", ("input_ids", "labels")).meta["template"] == "llama3"

@@ -31,6 +31,11 @@ class Layout:
         return self.root / "data" / "tokenized"
 
     @property
+    def grown_tokenizer(self) -> Path:
+        """The tokenizer the shards were made with, kept only when the vocabulary grew (new tokens)."""
+        return self.tokenized / "tokenizer"
+
+    @property
     def reports(self) -> Path:
         return self.root / "reports"
 
@@ -43,8 +48,8 @@ class Layout:
         return self.root / "models" / "full"
 
     def trained(self, finetuning_type: str) -> Path:
-        """The train stage's weights: a PEFT adapter for lora, a full model otherwise."""
-        return self.adapter if finetuning_type == "lora" else self.full
+        """The train stage's weights: a PEFT adapter for lora / oft, a full model otherwise."""
+        return self.adapter if finetuning_type in ("lora", "oft") else self.full
 
     @property
     def checkpoints(self) -> Path:

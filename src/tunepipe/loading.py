@@ -22,6 +22,7 @@ from tunepipe.modeling import (
     load_causal_lm,
     load_tokenizer,
     peft_wrapping,
+    resize_embeddings,
     resolve_source,
 )
 
@@ -65,13 +66,17 @@ def base_dir_for(cfg: Config, layout: Layout) -> Path:
 
 
 def trained_source(cfg: Config, layout: Layout, quiet: bool = False) -> TrainedSource:
-    """`model.adapter_name_or_path` if set, else what the train stage wrote under `layout`.
+    """`model.adapter_name_or_path` if set (followed by the adapter trained on top of them with
+    `create_new_adapter`), else what the train stage wrote under `layout`.
 
     `quiet`: no log line (for a check ahead of the command that then loads it and says so)."""
     named = cfg.model.adapters()
-    if named:
-        return TrainedSource("adapters", [adapter_dir(name, quiet, cfg.model) for name in named])
     trained = layout.trained(cfg.train.finetuning_type)
+    if named:
+        paths = [adapter_dir(name, quiet, cfg.model) for name in named]
+        if cfg.train.create_new_adapter and (trained / ADAPTER_CONFIG).is_file() and trained not in paths:
+            paths.append(trained)  # trained on top of the named ones: applied after them
+        return TrainedSource("adapters", paths)
     if (trained / ADAPTER_CONFIG).is_file():
         return TrainedSource("adapters", [trained])
     if (trained / "config.json").is_file():
@@ -161,6 +166,9 @@ def apply_adapters(model, paths: list[Path], merge_last: bool = False):
     from peft import PeftModel
 
     for index, path in enumerate(paths):
+        grown = grown_tokenizer_dir(path)
+        if grown is not None:  # an adapter trained with new tokens carries rows past the base's vocabulary
+            resize_embeddings(model, len(load_tokenizer(grown)))
         with peft_wrapping():
             model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
         if index < len(paths) - 1 or merge_last:
@@ -185,6 +193,18 @@ def load_trained(cfg: Config, base_dir: Path, source: TrainedSource, device: str
 
 
 def tokenizer_for(cfg: Config, base_dir: Path, source: TrainedSource):
-    """A full fine-tune carries its own tokenizer; adapters use the base's."""
+    """A full fine-tune carries its own tokenizer; adapters use the base's, unless one was trained
+    with new tokens (then the grown tokenizer saved beside it)."""
     directory = source.paths[0] if source.kind == "full" else base_dir
-    return load_tokenizer(directory, trust_remote_code=cfg.model.trust_remote_code)
+    grown = [found for path in source.paths if (found := grown_tokenizer_dir(path))] if source.kind == "adapters" else []
+    return load_tokenizer(grown[-1] if grown else directory, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def grown_tokenizer_dir(adapter: Path) -> Path | None:
+    """The adapter dir when it trains whole modules (modules_to_save: how new tokens' embedding
+    rows travel) and holds the tokenizer it was trained with; else None (the base's applies)."""
+    import json
+
+    config = json.loads((Path(adapter) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    has_tokenizer = (Path(adapter) / "tokenizer_config.json").is_file()
+    return Path(adapter) if config.get("modules_to_save") and has_tokenizer else None

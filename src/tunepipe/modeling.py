@@ -221,6 +221,33 @@ def load_tokenizer(base_dir: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
+def resize_embeddings(model, vocab_size: int) -> bool:
+    """Grow the input embeddings (and an untied LM head) to hold `vocab_size` tokens, padded to a
+    multiple of 64 as LLaMA-Factory does; a matrix already big enough stays. Training and every
+    later load resize alike, so an adapter that carries the grown rows fits the base. The new rows
+    are left to the caller (transformers' mean resizing is off: training sets them itself)."""
+    if vocab_size <= model.get_input_embeddings().weight.shape[0]:
+        return False
+    model.resize_token_embeddings(vocab_size, pad_to_multiple_of=64, mean_resizing=False)
+    return True
+
+
+def fit_vocabulary(model, vocab_size: int):
+    """The base scored beside a model trained with new tokens (the eval stage's comparison):
+    grown to the tokenizer, every new row the mean of the old ones, so the figures are the same
+    on every run (training started the new rows from that mean too, plus noise)."""
+    import torch
+
+    rows = model.get_input_embeddings().weight.shape[0]
+    if resize_embeddings(model, vocab_size):
+        matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                    if m is not None}
+        with torch.no_grad():
+            for weight in matrices.values():
+                weight[rows:] = weight[:rows].mean(dim=0)
+    return model
+
+
 def load_causal_lm(base_dir: str | Path, dtype: str | None = None, trust_remote_code: bool = False,
                    **kwargs):
     """Load the base causal LM from a models/base/ dir (or any local HF dir), safetensors only."""

@@ -76,15 +76,17 @@ def tokenize_command(args) -> int:
 
 
 def refuse_adapter_to_continue(cfg: Config) -> None:
-    """Training always starts a new adapter from the base, so a set `adapter_name_or_path`
-    would be ignored; LLaMA-Factory would continue it. Most often it is a predict YAML
-    (`do_predict: true`, run by `llamafactory-cli train`) given to the train command."""
-    if cfg.model.adapters():
+    """Training starts a new adapter: from the base, or with `create_new_adapter` on top of the
+    `adapter_name_or_path` adapters merged into it. Without create_new_adapter LLaMA-Factory
+    would continue the last adapter, which tunepipe cannot yet; most often such a config is a
+    predict YAML (`do_predict: true`, run by `llamafactory-cli train`) given to the train command."""
+    if cfg.model.adapters() and not cfg.train.create_new_adapter:
         raise TunepipeError(
-            "model.adapter_name_or_path is set, but `tunepipe train` trains a new adapter from the base "
+            "model.adapter_name_or_path is set, but `tunepipe train` trains a new adapter "
             "and cannot continue an existing one yet",
             hint="a predict YAML (do_predict: true) runs with `tunepipe eval`, a merge YAML with "
-                 "`tunepipe export`; to train, remove adapter_name_or_path")
+                 "`tunepipe export`; to train a new adapter on top of these, set create_new_adapter: true; "
+                 "to train from the base, remove adapter_name_or_path")
 
 
 def eval_command(args) -> int:

@@ -32,6 +32,18 @@ class ModelConfig:
     """Dtype the base model is saved and loaded in."""
     adapter_name_or_path: Optional[Union[str, list[str]]] = None
     """Adapter dir(s) or Hub repo id(s) to load on top of the base (eval, export, chat); comma-separated or a list."""
+    add_tokens: Optional[Union[str, list[str]]] = None
+    """Plain tokens added to the tokenizer (comma-separated or a list); the embeddings grow to fit and the new rows train."""
+    add_special_tokens: Optional[Union[str, list[str]]] = None
+    """Special tokens added to the tokenizer (never split; comma-separated or a list); the embeddings grow to fit."""
+    new_special_tokens: Optional[Union[str, list[str]]] = None
+    """Older LLaMA-Factory name of add_special_tokens (its tokens are added too)."""
+    new_special_tokens_config: Optional[Union[str, dict]] = None
+    """Special tokens with descriptions (a YAML file or an inline mapping token -> text); overrides add_special_tokens; the descriptions feed init_special_tokens desc_init."""
+    resize_vocab: bool = False
+    """Resize the embeddings and LM head to the tokenizer; turned on by itself when tokens are added."""
+    init_special_tokens: Literal["noise_init", "desc_init", "desc_init_w_noise"] = "noise_init"
+    """How new tokens' embedding rows start: the mean row plus Gaussian noise, or the mean of their description's tokens (optionally plus noise)."""
     quantization_bit: Optional[Literal[4, 8]] = None
     """Load the base in 4 or 8 bits with bitsandbytes (QLoRA)."""
     quantization_type: Literal["nf4", "fp4"] = "nf4"
@@ -269,7 +281,7 @@ class Config:
         if self.data.streaming and self.train.max_steps <= 0:  # LLaMA-Factory's rule: no length to count epochs by
             raise TunepipeError("data.streaming=true needs train.max_steps > 0, as in LLaMA-Factory",
                                 hint="set max_steps, or drop streaming: tunepipe streams every dataset anyway")
-        if self.model.quantization_bit is not None and self.train.finetuning_type != "lora":
+        if self.model.quantization_bit is not None and not self.train.uses_adapter:
             raise TunepipeError(
-                f"model.quantization_bit={self.model.quantization_bit} needs train.finetuning_type=lora "
+                f"model.quantization_bit={self.model.quantization_bit} needs train.finetuning_type=lora or oft "
                 f"(got {self.train.finetuning_type!r}): quantized weights cannot be trained directly")

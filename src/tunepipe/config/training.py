@@ -18,8 +18,8 @@ class TrainConfig:
     """Objective: sft, pt (continued pretraining), dpo (with pref_loss), kto, rm."""
     do_train: bool = True
     """Accepted for LLaMA-Factory compatibility; the train stage always trains."""
-    finetuning_type: Literal["lora", "freeze", "full"] = "lora"
-    """Which parameters train: LoRA adapters, the last layers (freeze) or all (full)."""
+    finetuning_type: Literal["lora", "oft", "freeze", "full"] = "lora"
+    """Which parameters train: LoRA adapters, OFT adapters (orthogonal fine-tuning), the last layers (freeze) or all (full)."""
     output_dir: str = "saves/run"
     """Where `tunepipe train` writes everything (the DVC pipeline uses fixed paths)."""
     overwrite_output_dir: bool = False
@@ -40,12 +40,32 @@ class TrainConfig:
     """Weight-decomposed LoRA (DoRA)."""
     pissa_init: bool = False
     """Initialise LoRA from the principal singular vectors (PiSSA)."""
+    pissa_iter: int = 16
+    """PiSSA: iterations of the fast randomized SVD (PEFT's `pissa_niter_K`); -1 runs the full SVD."""
+    pissa_convert: bool = False
+    """PiSSA: save the adapter converted to plain LoRA on the original base; tunepipe always does (false converts too)."""
     loraplus_lr_ratio: Optional[float] = None
     """LoRA+: learning-rate ratio of the B matrices to the A matrices."""
+    loraplus_lr_embedding: float = 1.0e-6
+    """LoRA+: learning rate of the LoRA matrices of embedding layers (lora_target naming embed_tokens)."""
+    create_new_adapter: bool = False
+    """With model.adapter_name_or_path: merge those adapters into the base and train a new adapter on top."""
+    oft_rank: int = 0
+    """OFT: blocks per adapted layer (0: derived from oft_block_size; give one of the two)."""
+    oft_block_size: int = 32
+    """OFT: size of each orthogonal block (0: derived from oft_rank)."""
+    oft_target: Union[str, list[str]] = "all"
+    """Modules that get OFT: `all` (every linear layer except the output head) or names."""
+    module_dropout: float = 0.0
+    """OFT: probability of setting a block to the identity while training (multiplicative dropout)."""
     freeze_trainable_layers: int = 2
     """freeze: train the last N layers (negative: the first N)."""
     freeze_trainable_modules: Union[str, list[str]] = "all"
     """freeze: module names inside the trainable layers, or all."""
+    freeze_extra_modules: Optional[Union[str, list[str]]] = None
+    """freeze: modules outside the decoder layers that train too (e.g. embed_tokens, norm, lm_head)."""
+    use_llama_pro: bool = False
+    """LLaMA Pro: train only the expanded blocks (every n-th layer, n = layers / freeze_trainable_layers), with freeze or LoRA / OFT."""
     per_device_train_batch_size: int = 1
     """Rows per device per micro-batch."""
     gradient_accumulation_steps: int = 8
@@ -166,6 +186,7 @@ class TrainConfig:
                  self.num_train_epochs, "must be > 0 unless max_steps is set")
         require(0 <= self.warmup_ratio < 1, "train", "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         require(0 <= self.lora_dropout < 1, "train", "lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        self._check_peft_methods()
         require(0 <= self.dpo_label_smoothing < 0.5, "train", "dpo_label_smoothing",
                  self.dpo_label_smoothing, "must be in [0, 0.5)")
         require(self.max_grad_norm >= 0, "train", "max_grad_norm", self.max_grad_norm, "must be >= 0")
@@ -177,6 +198,29 @@ class TrainConfig:
         require(not (self.deepspeed and self.accelerate_config), "train", "deepspeed", self.deepspeed,
                  "give a DeepSpeed JSON or an accelerate config (train.accelerate_config), not both")
         self._check_machines()
+
+    def _check_peft_methods(self) -> None:
+        require(0 <= self.module_dropout < 1, "train", "module_dropout", self.module_dropout, "must be in [0, 1)")
+        require(self.oft_rank >= 0 and self.oft_block_size >= 0, "train", "oft_rank", self.oft_rank,
+                 "oft_rank and oft_block_size must be >= 0")
+        require(self.finetuning_type != "oft" or (self.oft_rank == 0) != (self.oft_block_size == 0), "train",
+                 "oft_block_size", self.oft_block_size,
+                 "OFT takes one of oft_rank / oft_block_size (rank x block size = layer width): set the other to 0")
+        require(self.pissa_iter == -1 or self.pissa_iter >= 1, "train", "pissa_iter", self.pissa_iter,
+                 "must be >= 1, or -1 for the full SVD")
+        require(self.loraplus_lr_embedding > 0, "train", "loraplus_lr_embedding", self.loraplus_lr_embedding,
+                 "must be > 0")
+        require(not self.use_llama_pro or self.finetuning_type != "full", "train", "use_llama_pro",
+                 self.use_llama_pro, "trains the expanded blocks only: use finetuning_type freeze, lora or oft")
+        require(not self.freeze_extra_modules or self.finetuning_type == "freeze", "train", "freeze_extra_modules",
+                 self.freeze_extra_modules, "is for finetuning_type freeze; with lora / oft use additional_target")
+        require(not self.use_llama_pro or self.freeze_trainable_layers > 0, "train", "freeze_trainable_layers",
+                 self.freeze_trainable_layers, "with use_llama_pro it counts the expanded blocks: must be > 0")
+
+    @property
+    def uses_adapter(self) -> bool:
+        """Whether training writes a PEFT adapter (LoRA or OFT) rather than whole weights."""
+        return self.finetuning_type in ("lora", "oft")
 
     def _check_optimizer_and_best(self) -> None:
         for key in ("adam_beta1", "adam_beta2"):

@@ -73,7 +73,8 @@ class ChatFormat:
             self.added_tokens = nt.fix_tokenizer(tokenizer, self.named)
             if self.added_tokens:
                 log.warning("template %s added %s to the tokenizer, which lacked them (as LLaMA-Factory does); "
-                            "the model needs embeddings for them: prefer a model whose tokenizer has them",
+                            "training grows the embeddings and trains their rows: prefer a model whose "
+                            "tokenizer has them",
                             name, ", ".join(self.added_tokens))
             self.template = self.tool_template = nt.jinja(self.named, tokenizer)
             self.native_tools = False
@@ -99,7 +100,7 @@ class ChatFormat:
         """What ends each pretraining document: EOS (after replace_eos), or the template's
         `document_end` (Llama 3's <|end_of_text|>, while its EOS is <|eot_id|>): its id when the
         tokenizer has that token, else the text itself, tokenized with the document as
-        LLaMA-Factory does (such a template adds tokens, so training refuses these shards)."""
+        LLaMA-Factory does (such a template adds tokens; training grows the embeddings for them)."""
         token = self.named.document_end if self.named else None
         if not token:
             return self.tokenizer.eos_token_id

@@ -31,6 +31,7 @@ from tunepipe.data.packing import BlockCutter
 from tunepipe.data.shards import ShardWriter, to_table
 from tunepipe.data.templates import ChatFormat
 from tunepipe.data.validated import KINDS_FOR_STAGE, line_offsets, read_manifest
+from tunepipe.data.vocabulary import extend_tokenizer
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import atomic_dir, write_json_atomic
 from tunepipe.layout import Layout
@@ -53,6 +54,7 @@ def run_tokenize(cfg: Config, layout: Layout) -> dict:
     if data.packing and kind not in ("sft", "pretrain"):
         raise TunepipeError(f"data.packing=true: packing applies to stage sft and pt, not {stage}")
     tokenizer = load_tokenizer(layout.base_model, trust_remote_code=cfg.model.trust_remote_code)
+    added, descriptions = extend_tokenizer(tokenizer, cfg.model)  # before the template's, as LLaMA-Factory
     # pretraining reads no chat, but a named template still decides its EOS (replace_eos), as in LLaMA-Factory
     fmt = None if kind == "pretrain" and not data.template else ChatFormat(tokenizer, data.template,
                                                                             data.tool_format, data.today())
@@ -70,7 +72,12 @@ def run_tokenize(cfg: Config, layout: Layout) -> dict:
             if split == "train" and not rows[split]:
                 raise TunepipeError(f"no training rows left after tokenization: {stats['train']}",
                                     hint="raise data.cutoff_len or use data.overlong: truncate")
-        meta = build_meta(cfg, kind, tokenizer, fmt, rows)
+        added += fmt.added_tokens if fmt else []
+        if added:  # training resizes the embeddings for these; eval / export / chat get this tokenizer
+            tokenizer.save_pretrained(str(tmp / layout.grown_tokenizer.relative_to(layout.tokenized)))
+        meta = build_meta(cfg, kind, tokenizer, fmt, rows) | {"added_tokens": added}
+        if descriptions:  # for init_special_tokens: desc_init
+            meta["token_descriptions"] = descriptions
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     metrics = {"stage": stage, "template": fmt.name if fmt else None, "cutoff_len": data.cutoff_len, **stats}
     write_json_atomic(layout.metrics / METRICS, metrics)
@@ -168,7 +175,6 @@ def build_meta(cfg: Config, kind: str, tokenizer, fmt: ChatFormat | None, rows: 
     data = cfg.data
     return {"stage": cfg.train.stage, "kind": kind, "template": fmt.name if fmt else None,
             "chat_template": fmt.template if fmt else None, "native_tools": fmt.native_tools if fmt else None,
-            "added_tokens": fmt.added_tokens if fmt else [],
             "template_date": data.template_date if fmt else None,
             "cutoff_len": data.cutoff_len, "packing": bool(data.packing and kind in ("sft", "pretrain")),
             "tokenizer": {"name": Path(str(tokenizer.name_or_path)).name, "vocab_size": len(tokenizer),

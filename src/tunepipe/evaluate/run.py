@@ -37,6 +37,7 @@ from tunepipe.loading import (
     tokenizer_for,
     trained_source,
 )
+from tunepipe.modeling import fit_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def run_evaluate(cfg: Config, layout: Layout) -> dict:
     base = None
     if cfg.eval.compare_base or _wants_reference(cfg, dataset):
         base = score_model(cfg, dataset, tokenizer, examples if cfg.eval.compare_base else [], "base",
-                           lambda: load_base(cfg, base_dir, device, quantized=True))
+                           lambda: fit_vocabulary(load_base(cfg, base_dir, device, quantized=True), len(tokenizer)))
     report = build_report(cfg, dataset, tuned, base if cfg.eval.compare_base else None)
     if tuned.logps is not None:
         report["preference"] = preference_metrics(cfg.train, tuned.logps, base.logps if base else None)

@@ -40,8 +40,12 @@ def load_multi_adapter(base, paths: list[Path], names: list[str]):
     """`base` with every adapter loaded under its name, the first one active."""
     from peft import PeftModel
 
-    from tunepipe.modeling import peft_wrapping
+    from tunepipe.loading import grown_tokenizer_dir
+    from tunepipe.modeling import load_tokenizer, peft_wrapping, resize_embeddings
 
+    for path in paths:  # adapters trained with new tokens carry rows past the base's vocabulary
+        if (grown := grown_tokenizer_dir(path)) is not None:
+            resize_embeddings(base, len(load_tokenizer(grown)))
     # PEFT adapter names become module keys (no dots allowed), so the engine uses a0, a1, ...
     # and the served ids map onto them.
     with peft_wrapping():

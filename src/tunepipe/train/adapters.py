@@ -1,7 +1,7 @@
-"""LoRA family setup with PEFT: LoRA, rsLoRA, DoRA, PiSSA, LoRA+, on plain or quantized bases.
+"""PEFT adapter setup: LoRA, rsLoRA, DoRA, PiSSA, LoRA+ and OFT, on plain or quantized bases.
 
 For the preference trainers: `model_setup.build_trainable_model` calls `attach_lora`
-for `finetuning_type: lora`; `loraplus_optimizer` is what `trainer_setup` hands to the
+for `finetuning_type: lora` or `oft` (PEFT's OFTConfig, LLaMA-Factory's oft_* keys); `loraplus_optimizer` is what `trainer_setup` hands to the
 Trainer when `loraplus_lr_ratio` is set; `save_adapter` writes a PEFT dir that loads with
 `PeftModel.from_pretrained` on the *original* base (PiSSA adapters are converted back to
 plain LoRA on save, since PiSSA rewrites the base weights it starts from).
@@ -20,9 +20,6 @@ from tunepipe.modeling import peft_wrapping
 
 log = logging.getLogger(__name__)
 
-# Fast randomized SVD with 16 iterations, LLaMA-Factory's default for pissa_init: a full
-# SVD of every targeted matrix costs minutes on bigger models for no measurable gain.
-PISSA_INIT = "pissa_niter_16"
 PISSA_INIT_ATTR = "_tunepipe_pissa_init_dir"
 
 
@@ -34,40 +31,76 @@ def name_list(value) -> list[str] | None:
     return [str(item).strip() for item in items if str(item).strip()]
 
 
-def lora_config(train: TrainConfig, task_type: str = "CAUSAL_LM"):
+def pissa_init_value(train: TrainConfig) -> str:
+    """PEFT's `init_lora_weights` for PiSSA: the fast randomized SVD with `pissa_iter` iterations
+    (LLaMA-Factory's default 16: a full SVD of every targeted matrix costs minutes on bigger
+    models for no measurable gain), or the full SVD for pissa_iter -1."""
+    return "pissa" if train.pissa_iter == -1 else f"pissa_niter_{train.pissa_iter}"
+
+
+def peft_targets(model, train: TrainConfig, names) -> str | list[str]:
+    """`target_modules` for PEFT: PEFT's "all-linear" is every linear layer except the output
+    head (LLaMA-Factory's `all`); with use_llama_pro, only the modules of the expanded blocks."""
+    targets = name_list(names) or ["all"]
+    if train.use_llama_pro:
+        from tunepipe.train.llama_pro import expanded_block_modules
+
+        return expanded_block_modules(model, train, targets)
+    return "all-linear" if targets == ["all"] else targets
+
+
+def lora_config(train: TrainConfig, task_type: str = "CAUSAL_LM", model=None):
     """PEFT `LoraConfig` from the LLaMA-Factory-named knobs."""
     from peft import LoraConfig
 
-    targets = name_list(train.lora_target) or ["all"]
     return LoraConfig(
         task_type=task_type,
         r=train.lora_rank,
         lora_alpha=train.alpha,
         lora_dropout=train.lora_dropout,
-        # PEFT's "all-linear" is every linear layer except the output head: LLaMA-Factory's `all`.
-        target_modules="all-linear" if targets == ["all"] else targets,
+        target_modules=peft_targets(model, train, train.lora_target),
         modules_to_save=name_list(train.additional_target),
         use_rslora=train.use_rslora,
         use_dora=train.use_dora,
-        init_lora_weights=PISSA_INIT if train.pissa_init else True,
+        init_lora_weights=pissa_init_value(train) if train.pissa_init else True,
+    )
+
+
+def oft_config(train: TrainConfig, task_type: str = "CAUSAL_LM", model=None):
+    """PEFT `OFTConfig` from LLaMA-Factory's oft_* keys (PEFT takes r or oft_block_size, the other 0)."""
+    from peft import OFTConfig
+
+    return OFTConfig(
+        task_type=task_type,
+        r=train.oft_rank,
+        oft_block_size=train.oft_block_size,
+        module_dropout=train.module_dropout,
+        target_modules=peft_targets(model, train, train.oft_target),
+        modules_to_save=name_list(train.additional_target),
     )
 
 
 def attach_lora(model, train: TrainConfig, task_type: str = "CAUSAL_LM"):
-    """Wrap `model` in a PeftModel with fresh adapters; a bad target name is a TunepipeError."""
+    """Wrap `model` in a PeftModel with fresh LoRA (or, for finetuning_type oft, OFT) adapters;
+    a bad target name or an OFT block size that does not divide a layer is a TunepipeError."""
     from peft import get_peft_model
 
-    config = lora_config(train, task_type)
+    build = oft_config if train.finetuning_type == "oft" else lora_config
+    config = build(train, task_type, model)
     config.ensure_weight_tying = _trains_tied_embeddings(model, config)
-    pissa_snapshot = _pissa_snapshot_dir() if train.pissa_init else None
+    pissa_snapshot = _pissa_snapshot_dir() if train.pissa_init and train.finetuning_type == "lora" else None
     try:
         with peft_wrapping():
             peft_model = get_peft_model(model, config)
     except ValueError as exc:
+        target_key = "oft_target" if train.finetuning_type == "oft" else "lora_target"
         if "not found in the base model" in str(exc) or "Target module" in str(exc):
-            raise TunepipeError(f"train.lora_target={train.lora_target!r} / train.additional_target="
+            raise TunepipeError(f"train.{target_key}={getattr(train, target_key)!r} / train.additional_target="
                                 f"{train.additional_target!r}: {exc}",
                                 hint="use `all`, or names of linear layers such as q_proj,v_proj") from None
+        if train.finetuning_type == "oft" and "oft_block_size" in str(exc):
+            raise TunepipeError(f"train.oft_rank={train.oft_rank} / oft_block_size={train.oft_block_size}: {exc}",
+                                hint="pick an oft_block_size that divides every adapted layer's input width") from None
         raise
     if pissa_snapshot is not None:
         _save_pissa_start(peft_model, pissa_snapshot)
@@ -114,9 +147,10 @@ def _save_pissa_start(peft_model, snapshot: Path) -> None:
     """Keep the adapter as initialised: saving later converts the trained PiSSA adapter
     into a plain LoRA adapter relative to this start, so it applies to the original base."""
     config = peft_model.peft_config["default"]
+    start = config.init_lora_weights
     config.init_lora_weights = True  # PEFT's documented way to save a PiSSA start point
     peft_model.save_pretrained(str(snapshot))
-    config.init_lora_weights = PISSA_INIT
+    config.init_lora_weights = start
     setattr(peft_model, PISSA_INIT_ATTR, str(snapshot))
 
 
@@ -151,7 +185,8 @@ def discard_pissa_snapshot(peft_model) -> None:
 
 
 def loraplus_optimizer(model, train: TrainConfig):
-    """LoRA+: the B matrices learn `loraplus_lr_ratio` times faster than the A matrices."""
+    """LoRA+: the B matrices learn `loraplus_lr_ratio` times faster than the A matrices; the
+    LoRA matrices of embedding layers learn at `loraplus_lr_embedding`."""
     import torch
     from peft.optimizers import create_loraplus_optimizer
 
@@ -160,4 +195,27 @@ def loraplus_optimizer(model, train: TrainConfig):
                             "AdamW optimizer", hint="use optim: adamw_torch with loraplus_lr_ratio")
     return create_loraplus_optimizer(model, torch.optim.AdamW, lr=train.learning_rate,
                                      loraplus_lr_ratio=train.loraplus_lr_ratio,
+                                     loraplus_lr_embedding=train.loraplus_lr_embedding,
                                      weight_decay=train.weight_decay)
+
+
+def merge_named_adapters(model, cfg):
+    """`create_new_adapter`: the `adapter_name_or_path` adapters merged into the base, in order,
+    so the adapter trained next starts on top of them (LLaMA-Factory's meaning). Later stages
+    apply them and then the new one (`tunepipe.loading.trained_source`)."""
+    from tunepipe.loading import adapter_dir, apply_adapters
+
+    names = cfg.model.adapters()
+    if not names:
+        return model
+    if not (cfg.train.create_new_adapter and cfg.train.uses_adapter):
+        raise TunepipeError(f"model.adapter_name_or_path={cfg.model.adapter_name_or_path!r} in training needs "
+                            "train.create_new_adapter: true and finetuning_type lora or oft",
+                            hint="the new adapter trains on top of these, merged into the base")
+    if cfg.model.quantization_bit is not None:
+        raise TunepipeError("train.create_new_adapter with model.quantization_bit: merging adapters into "
+                            "quantized weights would bake the quantization error in",
+                            hint="train on an unquantized base, or merge them first with `tunepipe export`")
+    paths = [adapter_dir(name, model_cfg=cfg.model) for name in names]
+    log.info("create_new_adapter: merging %s into the base before the new adapter", ", ".join(map(str, paths)))
+    return apply_adapters(model, paths, merge_last=True)

@@ -15,7 +15,9 @@ from tunepipe.config import Config, ModelConfig, TrainConfig
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 from tunepipe.modeling import load_causal_lm
-from tunepipe.train.adapters import attach_lora, name_list
+from tunepipe.train.adapters import attach_lora, merge_named_adapters, name_list
+from tunepipe.train.llama_pro import expanded_block_ids
+from tunepipe.train.vocabulary import grow_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +27,9 @@ def build_trainable_model(cfg: Config, layout: Layout):
     from transformers import set_seed
 
     set_seed(cfg.train.seed)  # LoRA / PiSSA init must be the same on a resumed run
-    model = load_base_for_training(cfg, layout)
-    model = apply_finetuning(model, cfg.train, quantized=cfg.model.quantization_bit is not None)
+    model = merge_named_adapters(load_base_for_training(cfg, layout), cfg)  # create_new_adapter
+    train = grow_vocabulary(model, cfg, layout)  # new tokens: rows resized, initialised, and trained
+    model = apply_finetuning(model, train, quantized=cfg.model.quantization_bit is not None)
     log.info("%s", trainable_summary(model))
     return model
 
@@ -121,8 +124,8 @@ def quantization_config(model_cfg: ModelConfig, train: TrainConfig):
 
 
 def apply_finetuning(model, train: TrainConfig, quantized: bool = False, task_type: str = "CAUSAL_LM"):
-    """lora -> PeftModel; freeze -> last/first layers trainable; full -> everything trainable."""
-    if train.finetuning_type == "lora":
+    """lora / oft -> PeftModel; freeze -> last/first layers trainable; full -> everything trainable."""
+    if train.uses_adapter:
         if quantized:
             from peft import prepare_model_for_kbit_training
 
@@ -165,7 +168,10 @@ def trainable_layer_params(model, train: TrainConfig) -> set[int]:
     if wanted == 0 or abs(wanted) > count:
         raise TunepipeError(f"train.freeze_trainable_layers={wanted}: the model has {count} layers",
                             hint=f"use 1..{count} (last layers) or -1..-{count} (first layers)")
-    indices = range(count - wanted, count) if wanted > 0 else range(-wanted)
+    if train.use_llama_pro:
+        indices = expanded_block_ids(count, wanted)
+    else:
+        indices = range(count - wanted, count) if wanted > 0 else range(-wanted)
     modules = name_list(train.freeze_trainable_modules) or ["all"]
     _check_module_names(layers[0], modules)
     chosen = set()
@@ -173,7 +179,20 @@ def trainable_layer_params(model, train: TrainConfig) -> set[int]:
         for name, param in layers[index].named_parameters():
             if modules == ["all"] or any(name == m or name.startswith(m + ".") for m in modules):
                 chosen.add(id(param))
-    return chosen
+    return chosen | extra_module_params(model, layers, name_list(train.freeze_extra_modules) or [])
+
+
+def extra_module_params(model, layers, extras: list[str]) -> set[int]:
+    """ids of the parameters of `freeze_extra_modules`: modules outside the decoder layers
+    (embed_tokens, norm, lm_head, ...) named by their own name, as LLaMA-Factory matches them."""
+    in_layers = {id(param) for param in layers.parameters()}
+    outside = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules()
+               if name and any(id(p) not in in_layers for p in module.parameters(recurse=False))}
+    unknown = [name for name in extras if name not in outside]
+    if unknown:
+        raise TunepipeError(f"train.freeze_extra_modules: {', '.join(unknown)} not outside the decoder layers",
+                            hint=f"modules outside the layers: {', '.join(sorted(outside))}")
+    return {id(param) for name in extras for param in outside[name].parameters()}
 
 
 def _check_module_names(layer, modules: list[str]) -> None:

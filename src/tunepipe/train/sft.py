@@ -13,7 +13,6 @@ from transformers import Trainer
 
 from tunepipe.config import Config
 from tunepipe.layout import Layout
-from tunepipe.modeling import load_tokenizer
 from tunepipe.train.collate import SegmentCollator
 from tunepipe.train.isolation import check_sample_isolation
 from tunepipe.train.loss import causal_lm_loss
@@ -21,6 +20,7 @@ from tunepipe.train.model_setup import build_trainable_model
 from tunepipe.train.session import run_session
 from tunepipe.train.tokenized import load_tokenized
 from tunepipe.train.trainer_setup import optimizer_for
+from tunepipe.train.vocabulary import training_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def train(cfg: Config, layout: Layout) -> dict:
     """Train on `data/tokenized/`, write the adapter or full model; returns metrics/train.json."""
     splits = load_tokenized(layout, cfg.train.stage, ("input_ids", "labels"))
-    tokenizer = load_tokenizer(layout.base_model, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = training_tokenizer(cfg, layout)  # the grown one when the shards added tokens
     model = build_trainable_model(cfg, layout)
     collator = batch_layout(model, tokenizer.pad_token_id)
 

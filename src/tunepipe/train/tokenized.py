@@ -33,12 +33,6 @@ def load_tokenized(layout: Layout, stage: str, columns: tuple[str, ...]) -> Toke
     if meta.get("stage") != stage:
         raise TunepipeError(f"{meta_path}: shards were tokenized for train.stage={meta.get('stage')!r}, "
                             f"not {stage!r}", hint="re-run the tokenize stage with this config")
-    if meta.get("added_tokens"):  # ids past the end of the model's embedding matrix
-        raise TunepipeError(f"{meta_path}: template {meta.get('template')!r} added tokens "
-                            f"{', '.join(meta['added_tokens'])} that the base model's tokenizer lacks, "
-                            "so the model has no embeddings for them",
-                            hint="use the template that matches the model (its tokenizer has these tokens), "
-                                 "or omit `template` to use the model's own chat template")
     splits = {}
     for split in ("train", "eval"):
         path = root / split

@@ -78,9 +78,9 @@ class Reference:
 
 def build_reference(model: torch.nn.Module, train_cfg) -> Reference:
     """The live reference for `model` at step 0 (see `Reference`); checks what cannot work."""
-    if train_cfg.finetuning_type == "lora":
+    if train_cfg.uses_adapter:
         if peft_model_of(model) is None:
-            raise TunepipeError("train.finetuning_type=lora but the model has no PEFT adapter")
+            raise TunepipeError(f"train.finetuning_type={train_cfg.finetuning_type} but the model has no PEFT adapter")
         if train_cfg.pissa_init:
             raise TunepipeError(
                 "train.pissa_init=true with a reference-model objective: PiSSA rewrites the base weights, "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from tunepipe.config import Config
 from tunepipe.layout import Layout
-from tunepipe.modeling import load_tokenizer
 from tunepipe.train.model_setup import build_trainable_model
 from tunepipe.train.preference.common import (
     Objective,
@@ -31,6 +30,7 @@ from tunepipe.train.preference.losses import (
 )
 from tunepipe.train.preference.ref_cache import reference_for
 from tunepipe.train.tokenized import load_tokenized
+from tunepipe.train.vocabulary import training_tokenizer
 
 REFERENCE_FREE = frozenset({"orpo", "simpo"})
 
@@ -80,7 +80,7 @@ def dpo_objective(train_cfg, reference: Reference | None) -> Objective:
 def train(cfg: Config, layout: Layout) -> dict:
     """Train on the preference shards, write the adapter or full model; returns metrics/train.json."""
     splits = load_tokenized(layout, cfg.train.stage, PREFERENCE_COLUMNS)
-    tokenizer = load_tokenizer(layout.base_model, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = training_tokenizer(cfg, layout)  # the grown one when the shards added tokens
     model = build_trainable_model(cfg, layout)
     collator = PreferenceCollator(tokenizer.pad_token_id)
     reference = None

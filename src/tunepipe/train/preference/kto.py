@@ -13,7 +13,6 @@ import torch
 
 from tunepipe.config import Config
 from tunepipe.layout import Layout
-from tunepipe.modeling import load_tokenizer
 from tunepipe.train.model_setup import build_trainable_model
 from tunepipe.train.preference.common import (
     Objective,
@@ -25,6 +24,7 @@ from tunepipe.train.preference.data import KTO_COLUMNS, KTO_REF_COLUMNS, KtoColl
 from tunepipe.train.preference.losses import kto_kl_estimate, kto_loss
 from tunepipe.train.preference.ref_cache import reference_for
 from tunepipe.train.tokenized import load_tokenized
+from tunepipe.train.vocabulary import training_tokenizer
 
 # The reference columns are keyed on the rows as batched, KL pairs included.
 KEYED_COLUMNS = ("input_ids", "labels", "kto_tag", "kl_input_ids", "kl_labels")
@@ -77,7 +77,7 @@ def train(cfg: Config, layout: Layout) -> dict:
         splits.eval = add_kto_kl_pairs(splits.eval, max_length)
     elif splits.eval is not None:  # one row has no other row to pair with
         splits.eval = None
-    tokenizer = load_tokenizer(layout.base_model, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = training_tokenizer(cfg, layout)  # the grown one when the shards added tokens
     model = build_trainable_model(cfg, layout)
     collator = KtoCollator(tokenizer.pad_token_id)
     splits, reference = reference_for(cfg, layout, model, splits, collator, KEYED_COLUMNS, KTO_REF_COLUMNS)

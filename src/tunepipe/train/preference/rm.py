@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 def train(cfg: Config, layout: Layout) -> dict:
     """Train the reward model on the preference shards; returns metrics/train.json."""
     splits = load_tokenized(layout, cfg.train.stage, PREFERENCE_COLUMNS)
+    if splits.meta.get("added_tokens") or cfg.model.resize_vocab:
+        raise TunepipeError(f"stage rm with new tokens ({', '.join(splits.meta.get('added_tokens') or [])}): the "
+                            "reward model does not resize its embeddings yet",
+                            hint="add tokens with stage sft / pt / dpo / kto, or drop add_tokens / the template "
+                                 "that adds them")
     tokenizer = load_tokenizer(layout.base_model, trust_remote_code=cfg.model.trust_remote_code)
     model = build_reward_model(cfg, layout, tokenizer.pad_token_id)
     train_rows = reward_dataset(splits.train)
