@@ -21,13 +21,13 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from tunepipe import rewards as reward_lib
 from tunepipe.config import Config
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 from tunepipe.modeling import load_tokenizer
 from tunepipe.train.model_setup import build_trainable_model, upcast_trainable
 from tunepipe.train.preference.common import add_objective_metrics
-from tunepipe.train.rl import rewards as reward_lib
 from tunepipe.train.rl.trainer import PromptIdsGRPOTrainer, prompt_dataset
 from tunepipe.train.session import run_session
 from tunepipe.train.tokenized import load_tokenized

@@ -18,6 +18,9 @@ does not apply to that completion). Our wrapper turns a wrong signature, an exce
 wrong length, a non-number or a NaN into a TunepipeError naming the function; `probe`
 runs each one on real rows before the first generation, so most mistakes surface in
 seconds rather than after a model load and a rollout.
+
+In core, not train/rl/: the evaluate stage scores tuned and base answers with the same rewards,
+and evaluate never imports the training stack (a training change must not re-run it).
 """
 
 from __future__ import annotations
