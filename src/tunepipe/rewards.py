@@ -182,8 +182,11 @@ def file_hashes(specs: list[str], root: Path) -> dict[str, str]:
 # -- checking what a reward returns ------------------------------------------------------
 
 
-def checked(name: str, function: Callable) -> Callable:
-    """`function` with its errors and outputs turned into TunepipeErrors naming it."""
+def checked(name: str, function: Callable, where: str | None = None) -> Callable:
+    """`function` with its errors and outputs turned into TunepipeErrors naming it (`where`:
+    the reward_funcs entry, e.g. configs/rewards/math.py:correct)."""
+    where = where or name
+
     @functools.wraps(function)
     def reward(*args, **kwargs):
         expected = len(kwargs["completions"])
@@ -192,9 +195,9 @@ def checked(name: str, function: Callable) -> Callable:
         except TunepipeError:
             raise
         except Exception as exc:
-            raise TunepipeError(f"reward function {name} raised {type(exc).__name__}: {exc}",
+            raise TunepipeError(f"reward function {where} raised {type(exc).__name__}: {exc}",
                                 hint="the traceback (tunepipe --debug) shows where") from exc
-        return validated(name, values, expected)
+        return validated(where, values, expected)
     reward.__name__ = name  # TRL logs rewards/<name>/mean
     return reward
 

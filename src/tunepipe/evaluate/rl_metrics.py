@@ -29,7 +29,7 @@ def reward_means(cfg: Config, base_dir: Path, tokenizer, examples: list[Example]
         if isinstance(found, Path):
             values = model_rewards(found, base_dir, tokenizer, [p + a for p, a in zip(prompts, answers)])
         else:
-            values = rewards.checked(name, found)(
+            values = rewards.checked(name, found, spec)(
                 prompts=prompts, completions=answers, completion_ids=completion_ids, reference=references,
                 prompt_ids=[e.prompt_ids for e in examples], trainer_state=None,
                 log_extra=lambda *a: None, log_metric=lambda *a: None)

@@ -76,7 +76,7 @@ def load_rewards(cfg: Config, layout: Layout, tokenizer, train_rows) -> tuple[li
             funcs.append(load_reward_model(found, follow_manifest(layout.base_model), tokenizer.pad_token_id))
             processing.append(tokenizer)
         else:
-            funcs.append(reward_lib.checked(name, found))
+            funcs.append(reward_lib.checked(name, found, spec))
             processing.append(None)
             probed.append((name, funcs[-1]))
     sample = train_rows.select(range(min(2, len(train_rows))))
