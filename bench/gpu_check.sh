@@ -43,8 +43,11 @@ py="${PYTHON:-python3}"  # the GPU image's python3 holds torch
 # GPU_CHECK_DRY=1: rehearse `run` on a CPU machine with the project's venv (PYTHON=.venv/bin/python,
 # GPU_CHECK_STEPS=2): no wheel install, no CUDA check. Only for checking this script.
 dry="${GPU_CHECK_DRY:-0}"
-# GPU_CHECK_ROWS="qlora fsdp-qlora": run only these rows (default: all seven; vllm-serve needs the lora row).
-rows="${GPU_CHECK_ROWS:-lora-fp32 lora lora-pure_bf16 lora-liger qlora fsdp-qlora vllm-serve}"
+# GPU_CHECK_ROWS="qlora fsdp-qlora": run only these rows (default: all nine; vllm-serve needs the lora row).
+# grpo / grpo-vllm: stage grpo (online RL) on the arithmetic set, generating with transformers,
+# then with TRL's vLLM path (use_vllm: true; the image must have vllm, which no bundle carries:
+# without it the row shows tunepipe's refusal, which is the check that the error is clear).
+rows="${GPU_CHECK_ROWS:-lora-fp32 lora lora-pure_bf16 lora-liger qlora fsdp-qlora grpo grpo-vllm vllm-serve}"
 # Wheels the GPU image lacks; versions are the ones the project's CPU venv runs.
 # liger-kernel is pure Python (its Triton kernels compile on the GPU; the torch image has triton).
 wheels=(bitsandbytes==0.50.2 datasets==5.2.0 "dill>=0.3.0,<0.4.2" "multiprocess<0.70.20" trl==1.16.0
@@ -133,6 +136,32 @@ $extra
 YAML
 }
 
+write_grpo_config() {  # $1 = name, $2 = use_vllm (true / false)
+  cat > "$work/$1.yaml" <<YAML
+model_name_or_path: $work/base
+stage: grpo
+finetuning_type: lora
+lora_rank: 16
+dataset: arithmetic
+dataset_dir: $repo/data
+cutoff_len: 256
+val_size: 8
+reward_funcs: [configs/rewards/arithmetic.py:correct_answer, configs/rewards/arithmetic.py:answer_format]
+num_generations: 8
+max_completion_length: 64
+per_device_train_batch_size: 8
+gradient_accumulation_steps: 1
+max_steps: $(( steps < 10 ? steps : 10 ))
+learning_rate: 1.0e-5
+logging_steps: 1
+bf16: $([[ "$dry" == 1 ]] && echo false || echo true)
+use_vllm: $2
+output_dir: $work/$1
+overwrite_output_dir: true
+report_to: none
+YAML
+}
+
 run() {
   for part in bundle-1/model.part-0 bundle-1/model.sha256 bundle-2/model.part-1 bundle-2/data/alpaca_en_demo.json \
               bundle-3/wheels; do
@@ -174,9 +203,20 @@ run() {
   write_config lora-liger "enable_liger_kernel: true"
   write_config qlora "$qlora"
   write_config fsdp-qlora "$qlora"$'\n'"accelerate_config: $work/fsdp-1gpu.yaml"
+  write_grpo_config grpo false
+  write_grpo_config grpo-vllm true
   local results=()
   for name in $rows; do
     [[ "$name" == vllm-serve ]] && continue  # served after the training rows, from the lora row's adapter
+    if [[ "$name" == grpo* ]]; then  # reward files resolve from the project root
+      echo "[gpu_check] == $name: GRPO, 8 generations of up to 64 tokens per step =="
+      if (cd "$repo" && "$py" -m tunepipe.cli train "$work/$name.yaml") 2>&1 | tee "$work/$name.log"; then
+        results+=("$name $(own_result "$work/$name")")
+      else
+        echo "[gpu_check] $name refused or failed: $(grep '^error:' "$work/$name.log" | tail -1)"
+      fi
+      continue
+    fi
     if [[ "$name" == fsdp-qlora ]]; then  # launched: the probe cannot see the child process
       echo "[gpu_check] == $name: $steps steps, FSDP2 on 1 GPU =="
       "$py" -m tunepipe.cli train "$work/$name.yaml" 2>&1 | tee "$work/$name.log"

@@ -126,6 +126,32 @@ def test_second_repro_runs_no_stage(dvc_repo):
 
 
 @pytest.mark.slow
+def test_a_reward_file_change_makes_train_and_evaluate_stale_and_nothing_before(dvc_repo):
+    """A grpo run's reward functions live in configs/rewards/ (tunepipe.rewards refuses them
+    anywhere else), a dep of train and evaluate: editing one re-runs training under dvc repro.
+    Checked with `dvc status` (what `dvc repro` would run), not a GRPO repro, to stay cheap."""
+    reward_file = dvc_repo / "configs" / "rewards" / "arithmetic.py"
+    original = reward_file.read_bytes()
+    reward_file.write_bytes(original + b"\n\ndef stricter(completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    try:
+        stale = json.loads(dvc(dvc_repo, "status", "--json").stdout)
+        assert {"train", "evaluate"} <= set(stale) and not {"validate", "tokenize"} & set(stale), stale
+        assert any("configs/rewards" in json.dumps(change) for change in stale["train"])
+    finally:
+        reward_file.write_bytes(original)
+    assert json.loads(dvc(dvc_repo, "status", "--json").stdout) == {}
+
+
+def test_reward_files_are_where_train_and_evaluate_depend_on_them():
+    from tunepipe.rewards import REWARDS_DIR
+
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name in ("train", "evaluate"):
+        assert REWARDS_DIR.as_posix() in pipeline[name]["deps"], name
+        assert "train.reward_funcs" in pipeline[name]["params"], name
+
+
+@pytest.mark.slow
 def test_learning_rate_experiment_reruns_only_train_evaluate_merge_and_shows_in_exp_show_and_plots(dvc_repo):
     before = adapter_hash(dvc_repo)
     proc = dvc(dvc_repo, "exp", "run", "-S", "train.learning_rate=2e-4")

@@ -8,14 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
-from tunepipe.config.checks import require
+from tunepipe.config.checks import name_list, require
 from tunepipe.errors import TunepipeError
 
 
 @dataclass
 class TrainConfig:
-    stage: Literal["sft", "pt", "dpo", "kto", "rm"] = "sft"
-    """Objective: sft, pt (continued pretraining), dpo (with pref_loss), kto, rm."""
+    stage: Literal["sft", "pt", "dpo", "kto", "rm", "grpo"] = "sft"
+    """Objective: sft, pt (continued pretraining), dpo (with pref_loss), kto, rm, grpo (online RL)."""
     do_train: bool = True
     """Accepted for LLaMA-Factory compatibility; the train stage always trains."""
     finetuning_type: Literal["lora", "oft", "freeze", "full"] = "lora"
@@ -175,6 +175,26 @@ class TrainConfig:
     """KTO weight of desirable examples."""
     kto_rejected_weight: float = 1.0
     """KTO weight of undesirable examples."""
+    reward_funcs: Optional[Union[str, list[str]]] = None
+    """grpo: rewards, each a built-in name, `configs/rewards/FILE.py:function`, or a `stage: rm` output dir."""
+    reward_weights: Optional[list[float]] = None
+    """grpo: weight of each reward in `reward_funcs` (default: 1 each)."""
+    num_generations: int = 8
+    """grpo: completions sampled per prompt (the group whose rewards are compared)."""
+    max_completion_length: int = 256
+    """grpo: most tokens generated per completion."""
+    beta: float = 0.0
+    """grpo: KL coefficient against the reference (the base; 0 skips the reference forward)."""
+    epsilon: float = 0.2
+    """grpo: clipping range of the policy ratio."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    """grpo: how per-token losses are averaged (TRL's loss_type)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """grpo: divide advantages by the reward std of the group, the batch, or not at all."""
+    rl_temperature: float = 1.0
+    """grpo: sampling temperature of the completions (TRL's `temperature`; the flat `temperature` key is eval's)."""
+    use_vllm: bool = False
+    """grpo: generate with vLLM (CUDA only, vllm installed) instead of transformers."""
 
     def check(self) -> None:
         for key in ("lora_rank", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -195,6 +215,7 @@ class TrainConfig:
         require(self.save_total_limit is None or self.save_total_limit >= 1, "train",
                  "save_total_limit", self.save_total_limit, "must be >= 1")
         self._check_optimizer_and_best()
+        self._check_grpo()
         require(not (self.deepspeed and self.accelerate_config), "train", "deepspeed", self.deepspeed,
                  "give a DeepSpeed JSON or an accelerate config (train.accelerate_config), not both")
         self._check_machines()
@@ -221,6 +242,26 @@ class TrainConfig:
     def uses_adapter(self) -> bool:
         """Whether training writes a PEFT adapter (LoRA or OFT) rather than whole weights."""
         return self.finetuning_type in ("lora", "oft")
+
+    def _check_grpo(self) -> None:
+        if self.stage != "grpo":
+            return
+        require(bool(self.reward_list()), "train", "reward_funcs", self.reward_funcs,
+                "stage grpo needs at least one reward (a built-in, configs/rewards/FILE.py:function, or an rm dir)")
+        require(self.num_generations >= 2, "train", "num_generations", self.num_generations,
+                "must be >= 2: GRPO compares the completions of one prompt with each other")
+        require(self.max_completion_length >= 1, "train", "max_completion_length", self.max_completion_length,
+                "must be >= 1")
+        require(self.rl_temperature > 0, "train", "rl_temperature", self.rl_temperature, "must be > 0")
+        require(self.beta >= 0 and self.epsilon > 0, "train", "beta" if self.beta < 0 else "epsilon",
+                self.beta if self.beta < 0 else self.epsilon, "beta must be >= 0 and epsilon > 0")
+        weights = self.reward_weights
+        require(weights is None or len(weights) == len(self.reward_list()), "train", "reward_weights", weights,
+                f"needs one weight per reward ({len(self.reward_list())} in reward_funcs)")
+
+    def reward_list(self) -> list[str]:
+        """`reward_funcs` as a list (a comma-separated string is accepted, as for lora_target)."""
+        return name_list(self.reward_funcs)
 
     def _check_optimizer_and_best(self) -> None:
         for key in ("adam_beta1", "adam_beta2"):

@@ -29,7 +29,7 @@ import numpy as np
 
 from tunepipe.config import DataConfig
 from tunepipe.data.batching import BatchEncoder
-from tunepipe.data.encoding import Stats, encode_conversations, encode_preference
+from tunepipe.data.encoding import Stats, encode_conversations, encode_preference, encode_prompts
 from tunepipe.data.shards import to_table
 
 AHEAD = 2  # chunks in flight per worker
@@ -89,6 +89,8 @@ def encode_chunk(job: Job, plan: np.ndarray) -> ChunkResult:
         return ChunkResult(documents, stats)
     if job.kind == "preference":
         columns = encode_preference(rows, job.fmt, job.data, stats)
+    elif job.kind == "prompt":
+        columns = encode_prompts(rows, job.fmt, job.data, stats)
     else:
         columns = encode_conversations(rows, job.fmt, job.data, job.kind, eval_columns=job.eval_columns, stats=stats)
     return ChunkResult(to_table(columns, job.names), stats)

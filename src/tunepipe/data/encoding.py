@@ -231,3 +231,37 @@ def build_pair(prompt: list[int], chosen: list[int], rejected: list[int], data: 
     stats.rows_out += 1
     stats.lengths.append(len(prompt) + max(len(chosen), len(rejected)))
     return prompt + chosen, chosen_labels, prompt + rejected, rejected_labels
+
+
+# -- prompts (online RL) --------------------------------------------------------------
+
+PROMPT_COLUMNS = ("prompt_ids", "label_text")
+
+
+def encode_prompts(rows: list[dict], fmt: ChatFormat, data: DataConfig, stats: Stats) -> dict[str, list]:
+    """Online-RL rows (`stage: grpo`): the conversation up to its last answer, rendered with the
+    generation prompt, as `prompt_ids`; the last answer's text, the reference the reward
+    functions compare with, as `label_text`. The policy writes its own answer, so a prompt is
+    never cut: one longer than cutoff_len is dropped (a head cut would lose the generation
+    prompt the completion starts from)."""
+    columns: dict[str, list] = {name: [] for name in PROMPT_COLUMNS}
+
+    def prepare_turns(row: dict) -> list[list]:
+        if row["messages"][-1]["role"] != "assistant":
+            raise TunepipeError(f"{row.get('_source', 'a row')}: stage grpo needs a last assistant turn "
+                                "(the reference answer the rewards compare with)")
+        return fmt.turns(row, history_thoughts=False)
+
+    def finish_row(row: dict, turns: list[list[int]]) -> None:
+        stats.rows_in += 1
+        prompt = one_turn(turns)[0]
+        if len(prompt) > data.cutoff_len:
+            stats.dropped_overlong += 1
+            return
+        stats.rows_out += 1
+        stats.lengths.append(len(prompt))
+        columns["prompt_ids"].append(prompt)
+        columns["label_text"].append(row["messages"][-1]["content"])
+
+    encoded_turns(BatchEncoder(fmt.tokenizer), prepare_turns, "tokenize prompts", rows, finish_row)
+    return columns

@@ -25,12 +25,13 @@ from tqdm.auto import tqdm
 
 from tunepipe.config import Config, DataConfig
 from tunepipe.data.chunks import Job, merge_stats, new_stats, run_chunks, worker_count
+from tunepipe.data.encoding import PROMPT_COLUMNS
 from tunepipe.data.mixing import mix_plan, sample_indices, split_positions
 from tunepipe.data.pack_spill import PackSpill
 from tunepipe.data.packing import BlockCutter
 from tunepipe.data.shards import ShardWriter, to_table
 from tunepipe.data.templates import ChatFormat
-from tunepipe.data.validated import KINDS_FOR_STAGE, line_offsets, read_manifest
+from tunepipe.data.validated import KINDS_FOR_STAGE, SHARD_KINDS, line_offsets, read_manifest
 from tunepipe.data.vocabulary import extend_tokenizer
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import atomic_dir, write_json_atomic
@@ -50,7 +51,7 @@ def run_tokenize(cfg: Config, layout: Layout) -> dict:
     if manifest.get("stage") != stage:
         raise TunepipeError(f"{layout.validated} holds rows validated for train.stage={manifest.get('stage')}, "
                             f"not {stage}", hint="re-run the validate stage with this config")
-    kind = KINDS_FOR_STAGE[stage]
+    kind = SHARD_KINDS.get(stage, KINDS_FOR_STAGE[stage])
     if data.packing and kind not in ("sft", "pretrain"):
         raise TunepipeError(f"data.packing=true: packing applies to stage sft and pt, not {stage}")
     tokenizer = load_tokenizer(layout.base_model, trust_remote_code=cfg.model.trust_remote_code)
@@ -159,6 +160,8 @@ def write_blocks(writer: ShardWriter, columns: dict, names: list[str], stats) ->
 
 
 def column_names(kind: str, split: str, packing: bool) -> list[str]:
+    if kind == "prompt":
+        return list(PROMPT_COLUMNS)
     if kind == "preference":
         return ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"]
     names = ["input_ids", "labels"]

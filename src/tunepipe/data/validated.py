@@ -23,7 +23,11 @@ from tunepipe.io_utils import atomic_dir
 
 MANIFEST = "manifest.json"
 # train.stage -> the kind of rows it trains on
-KINDS_FOR_STAGE = {"sft": "sft", "pt": "pretrain", "dpo": "preference", "rm": "preference", "kto": "kto"}
+# (grpo trains on prompts; its rows are sft rows whose last answer is the rewards' reference)
+KINDS_FOR_STAGE = {"sft": "sft", "pt": "pretrain", "dpo": "preference", "rm": "preference", "kto": "kto",
+                   "grpo": "sft"}
+# train.stage -> the kind of shards the tokenize stage writes, where it differs from the rows' kind
+SHARD_KINDS = {"grpo": "prompt"}
 
 
 class ValidatedWriter:

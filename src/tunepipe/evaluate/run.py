@@ -6,6 +6,8 @@ answers generated for the eval prompts scored with ROUGE-1/2/L and BLEU-4 (and
 `identity_accuracy` when `eval.identity_keywords` is set). `metrics/eval.json` holds
 `tuned`, `base` and `diff` (tuned - base) for every metric, plus `preference` (reward
 margins) for preference-tuned models and `reward` (pairwise accuracy) for reward models.
+A `stage: grpo` run is scored on its prompts by the mean of each reward it trained on
+(`reward/<name>`, `reward`), beside the generation metrics (`rl_metrics.py`).
 `reports/predictions.jsonl` holds one `{prompt, predict, label, base_predict}` per prompt.
 """
 
@@ -26,6 +28,7 @@ from tunepipe.evaluate.generation import Example, generate, generation_examples
 from tunepipe.evaluate.lm_metrics import token_metrics
 from tunepipe.evaluate.outputs import EVAL_METRICS, PREDICTIONS, log_report, write_outputs
 from tunepipe.evaluate.pref_metrics import needs_reference, preference_logps, preference_metrics, split_kind
+from tunepipe.evaluate.rl_metrics import reward_means
 from tunepipe.io_utils import read_json
 from tunepipe.layout import Layout
 from tunepipe.loading import (
@@ -60,15 +63,17 @@ def run_evaluate(cfg: Config, layout: Layout) -> dict:
         return run_reward_evaluate(cfg, layout, source, dataset)
     base_dir = base_dir_for(cfg, layout)
     tokenizer = apply_template(tokenizer_for(cfg, base_dir, source), cfg.data.template)  # its stop words
+    # grpo is judged by its rewards on generated answers, so it always generates
     examples = (generation_examples(dataset, tokenizer, cfg.eval.max_predict_samples)
-                if cfg.eval.predict_with_generate else [])
+                if cfg.eval.predict_with_generate or cfg.train.stage == "grpo" else [])
     device = device_for()
     tuned = score_model(cfg, dataset, tokenizer, examples, "tuned",
-                        lambda: load_trained(cfg, base_dir, source, device))
+                        lambda: load_trained(cfg, base_dir, source, device), base_dir)
     base = None
     if cfg.eval.compare_base or _wants_reference(cfg, dataset):
         base = score_model(cfg, dataset, tokenizer, examples if cfg.eval.compare_base else [], "base",
-                           lambda: fit_vocabulary(load_base(cfg, base_dir, device, quantized=True), len(tokenizer)))
+                           lambda: fit_vocabulary(load_base(cfg, base_dir, device, quantized=True), len(tokenizer)),
+                           base_dir)
     report = build_report(cfg, dataset, tuned, base if cfg.eval.compare_base else None)
     if tuned.logps is not None:
         report["preference"] = preference_metrics(cfg.train, tuned.logps, base.logps if base else None)
@@ -98,14 +103,16 @@ def _wants_reference(cfg: Config, dataset) -> bool:
 
 
 def score_model(cfg: Config, dataset, tokenizer, examples: list[Example], name: str,
-                load: Callable[[], object]) -> ModelScores:
+                load: Callable[[], object], base_dir: Path) -> ModelScores:
     """Load one model, compute every figure on it, free it."""
     log.info("evaluating the %s model", name)
     model = load()
     batch = cfg.train.per_device_eval_batch_size
     pad_id = tokenizer.pad_token_id
-    inputs, labels = loss_columns(dataset)
-    scores = ModelScores(metrics=token_metrics(model, inputs, labels, pad_id, batch, desc=f"{name} loss"))
+    scores = ModelScores()
+    if "prompt_ids" not in dataset.column_names or "input_ids" in dataset.column_names:  # not prompt-only rows
+        inputs, labels = loss_columns(dataset)
+        scores.metrics = token_metrics(model, inputs, labels, pad_id, batch, desc=f"{name} loss")
     if split_kind(dataset) in ("pairs", "kto") and cfg.train.stage in ("dpo", "kto"):
         scores.logps = preference_logps(model, dataset, pad_id, batch, desc=f"{name} log-probs")
     if examples:
@@ -114,6 +121,11 @@ def score_model(cfg: Config, dataset, tokenizer, examples: list[Example], name: 
         scores.metrics.update(corpus_scores(scores.answers, [e.label for e in examples]))
         if cfg.eval.identity_keywords:
             scores.metrics["identity_accuracy"] = identity_accuracy(scores.answers, cfg.eval.identity_keywords)
+        if cfg.train.stage == "grpo":
+            del model  # a reward model may be loaded next
+            gc.collect()
+            scores.metrics.update(reward_means(cfg, base_dir, tokenizer, examples, scores.answers))
+            return scores
     del model
     gc.collect()
     return scores

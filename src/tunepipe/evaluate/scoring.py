@@ -8,12 +8,11 @@ The reward of a text is the value head's output at its last token, as in trainin
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 
 from tunepipe.errors import TunepipeError
-from tunepipe.modeling import peft_wrapping
+from tunepipe.modeling import load_reward_model
 
 
 def as_text(tokenizer, item) -> str:
@@ -40,43 +39,6 @@ def score_texts(model, tokenizer, items: list, batch_size: int = 8, max_length: 
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         scores.extend(logits.squeeze(-1).float().cpu().tolist())
     return scores
-
-
-def load_reward_model(trained_dir: str | Path, base_dir: str | Path | None, pad_token_id: int,
-                      dtype: str = "float32", quantization_config=None):
-    """A trained reward model from a full dir (models/full) or a LoRA adapter dir on `base_dir`.
-
-    `pad_token_id` must be the tokenizer's: the head reads the last non-pad token."""
-    from transformers import AutoModelForSequenceClassification
-
-    from tunepipe.modeling import follow_manifest, torch_dtype
-
-    trained_dir = Path(trained_dir)
-    adapter_config = trained_dir / "adapter_config.json"
-    if adapter_config.is_file():
-        if json.loads(adapter_config.read_text()).get("task_type") != "SEQ_CLS":
-            raise TunepipeError(f"{trained_dir}: this adapter is not a reward model (task_type is not SEQ_CLS)",
-                                hint="train one with stage: rm")
-        from peft import PeftModel
-
-        base = AutoModelForSequenceClassification.from_pretrained(
-            str(follow_manifest(base_dir)), num_labels=1, dtype=torch_dtype(dtype), use_safetensors=True,
-            quantization_config=quantization_config)
-        with peft_wrapping():
-            model = PeftModel.from_pretrained(base, str(trained_dir), is_trainable=False)
-    else:
-        config_path = trained_dir / "config.json"
-        if not config_path.is_file():
-            raise TunepipeError(f"{trained_dir}: no reward model here (no adapter_config.json or config.json)",
-                                hint="run `tunepipe train` with stage: rm first")
-        architectures = json.loads(config_path.read_text()).get("architectures") or []
-        if not any(name.endswith("ForSequenceClassification") for name in architectures):
-            raise TunepipeError(f"{trained_dir}: {architectures} is not a reward model",
-                                hint="train one with stage: rm")
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(trained_dir), dtype=torch_dtype(dtype), use_safetensors=True)
-    model.config.pad_token_id = pad_token_id
-    return model.eval()
 
 
 def score_command(args) -> int:

@@ -262,6 +262,14 @@ class Tracker:
         self._guarded(f"log artifact {path.name}",
                       lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
 
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None:
+        """A small table (column -> values) as MLflow's JSON table artifact, shown as a table in the
+        run's artifacts (GRPO's sampled completions with their rewards)."""
+        if not self.enabled:
+            return
+        self._guarded(f"log table {artifact_file}",
+                      lambda: self._client.log_table(self.run_id, data=columns, artifact_file=artifact_file))
+
     def end(self, status: str = "FINISHED") -> None:
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")

@@ -6,7 +6,8 @@ torchrun / accelerate (`launch.py`); each launched process (`worker.py`) lands h
 and trains its rank in-process.
 
 Entry point: `run_train`. Objectives: `sft` (also continued pretraining) here, and the
-preference objectives in `preference/` (`dpo` for dpo / orpo / simpo, `kto`, `rm`); `model_setup` + `adapters` build the model, `collate` + `varlen_attention`
+preference objectives in `preference/` (`dpo` for dpo / orpo / simpo, `kto`, `rm`), online RL in
+`rl/` (`grpo`); `model_setup` + `adapters` build the model, `collate` + `varlen_attention`
 + `loss` the padding-free batches, `trainer_setup` + `session` + `outputs` the Trainer run.
 """
 
@@ -22,6 +23,7 @@ from tunepipe.layout import Layout
 from tunepipe.train import sft
 from tunepipe.train.launch import in_launched_process, relaunch_train, should_relaunch
 from tunepipe.train.preference import dpo, kto, rm
+from tunepipe.train.rl import grpo
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ TRAINERS = {
     "sft": sft.train,
     "pt": sft.train,
     "dpo": dpo.train, "kto": kto.train, "rm": rm.train,  # preference objectives (dpo: pref_loss)
+    "grpo": grpo.train,  # online RL (rl/)
 }
 
 

@@ -194,7 +194,7 @@ def train_with_objective(cfg, layout, model, tokenizer, splits, collator, object
     return add_objective_metrics(layout, summary, built[-1])
 
 
-OBJECTIVE_METRICS = ("rewards/", "logps/", "kl", "sft_loss")
+OBJECTIVE_METRICS = ("rewards/", "logps/", "kl", "sft_loss", "reward", "completions/mean_length")  # reward: grpo
 OBJECTIVE_METRIC_PREFIXES = OBJECTIVE_METRICS + tuple(f"eval_{name}" for name in OBJECTIVE_METRICS)
 
 
