@@ -18,6 +18,7 @@ from tunepipe.config import Config, TrainConfig
 from tunepipe.devices import liger_kernel
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
+from tunepipe.train.optimizers import custom_optimizer, optimizer_arguments
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
         warmup_steps=train.warmup_steps if train.warmup_steps > 0 else train.warmup_ratio,
         max_grad_norm=train.max_grad_norm,
         weight_decay=train.weight_decay,
-        optim=train.optim,
+        **optimizer_arguments(train),  # optim; GaLore / APOLLO through transformers' names
         adam_beta1=train.adam_beta1,
         adam_beta2=train.adam_beta2,
         adam_epsilon=train.adam_epsilon,
@@ -170,9 +171,9 @@ class ProgressBar(TrainerCallback):
 
 
 def optimizer_for(model, train: TrainConfig):
-    """A LoRA+ optimizer when `loraplus_lr_ratio` is set, else None (the Trainer builds one)."""
+    """A LoRA+, BAdam, Adam-mini or Muon optimizer when asked for, else None (the Trainer builds one)."""
     if train.loraplus_lr_ratio is None:
-        return None
+        return custom_optimizer(model, train)
     if train.finetuning_type != "lora":
         raise TunepipeError(f"train.loraplus_lr_ratio needs finetuning_type lora, not {train.finetuning_type!r}")
     from tunepipe.train.adapters import loraplus_optimizer
