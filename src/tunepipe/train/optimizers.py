@@ -35,6 +35,7 @@ GALORE_BY_OPTIM = {"adamw_torch": "galore_adamw", "adamw_8bit": "galore_adamw_8b
 def optimizer_arguments(train: TrainConfig) -> dict:
     """TrainingArguments' optimizer fields: `optim`, or GaLore / APOLLO through transformers."""
     if train.use_galore:
+        require_package("galore_torch", "use_galore")
         name = GALORE_BY_OPTIM.get(train.optim)
         if name is None:
             raise TunepipeError(f"train.use_galore: GaLore runs on {', '.join(GALORE_BY_OPTIM)}, "
@@ -43,6 +44,7 @@ def optimizer_arguments(train: TrainConfig) -> dict:
                       "scale": train.galore_scale, "proj_type": train.galore_proj_type}
         return low_rank(name, train.galore_layerwise, train.galore_target, projection)
     if train.use_apollo:
+        require_package("apollo_torch", "use_apollo")
         if train.optim != "adamw_torch":
             raise TunepipeError(f"train.use_apollo: APOLLO is an AdamW, not optim={train.optim!r}",
                                 hint="set optim: adamw_torch")
@@ -83,6 +85,15 @@ def fix_layerwise_scheduler() -> None:
     LayerWiseDummyScheduler.get_lr = get_lr
 
 
+def require_package(module: str, key: str) -> None:
+    """A clear error when the optimizer's package is missing (they are the `optimizers` extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise TunepipeError(f"train.{key} needs the Python package {module!r}, which is not installed",
+                            hint="pip install 'tunepipe[optimizers]'")
+
+
 def custom_optimizer(model, train: TrainConfig):
     """The BAdam / Adam-mini / Muon optimizer for `model`, or None (the Trainer builds `optim`)."""
     if train.use_badam:
@@ -111,6 +122,7 @@ def adam_settings(train: TrainConfig) -> dict:
 def badam_optimizer(model, train: TrainConfig):
     """BAdam: Adam on one block (a decoder layer) at a time, switching every badam_switch_interval
     steps (layer mode), or on a random badam_update_ratio share of every weight (ratio mode)."""
+    require_package("badam", "use_badam")
     from badam import BlockOptimizer, BlockOptimizerRatio
 
     named = list(model.named_parameters())
@@ -127,6 +139,7 @@ def badam_optimizer(model, train: TrainConfig):
 
 def adam_mini_optimizer(model, train: TrainConfig):
     """Adam-mini, told the attention shape so that it partitions q/k/v by head."""
+    require_package("adam_mini", "use_adam_mini")
     from adam_mini import Adam_mini
 
     config = model.config
