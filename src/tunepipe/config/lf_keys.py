@@ -138,7 +138,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "offload_folder": "not supported",
     "moe_aux_loss_coef": "MoE auxiliary loss is not supported yet",
     "block_diag_attn": "packing always uses block-diagonal attention",
-    "torch_compile": "not supported yet",
     "push_to_hub": _UPLOAD,
     "hub_model_id": _UPLOAD,
     "new_special_tokens_config": "vocabulary changes are not supported yet",
@@ -191,10 +190,7 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "fsdp_config": "use train.accelerate_config with an FSDP accelerate config (configs/accelerate/)",
     "gradient_checkpointing_kwargs": "gradient checkpointing uses transformers' default",
     "logging_strategy": "logging follows logging_steps",
-    "group_by_length": "not supported yet",
     "data_seed": "split_seed orders the data split; seed the training order",
-    "tf32": "not supported yet",
-    "label_smoothing_factor": "not supported yet",
     "generation_max_length": "use max_new_tokens",
     "generation_num_beams": "beam search is not supported in eval yet",
 }

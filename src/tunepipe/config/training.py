@@ -147,6 +147,14 @@ class TrainConfig:
     """Eval batches gathered before moving predictions off the device."""
     full_determinism: bool = False
     """Deterministic algorithms everywhere (torch.use_deterministic_algorithms); slower."""
+    label_smoothing_factor: float = 0.0
+    """sft / pt: smooth the next-token targets, (1 - eps) one-hot + eps uniform (transformers' LabelSmoother)."""
+    group_by_length: bool = False
+    """Draw training rows in groups of similar length (transformers' LengthGroupedSampler)."""
+    torch_compile: bool = False
+    """Compile the model with torch.compile before training."""
+    tf32: Optional[bool] = None
+    """TF32 matmuls on NVIDIA Ampere or newer GPUs (unset: PyTorch's default); no effect without such a GPU."""
     bf16: bool = False
     """Train with bfloat16 autocast."""
     pure_bf16: bool = False
@@ -227,6 +235,11 @@ class TrainConfig:
                  "save_total_limit", self.save_total_limit, "must be >= 1")
         self._check_optimizer_and_best()
         self._check_optimizer_choice()
+        require(0 <= self.label_smoothing_factor < 1, "train", "label_smoothing_factor",
+                 self.label_smoothing_factor, "must be in [0, 1)")
+        for key in ("label_smoothing_factor", "group_by_length"):
+            require(not getattr(self, key) or self.stage in ("sft", "pt"), "train", key, getattr(self, key),
+                     f"applies to the next-token stages (sft, pt), not stage {self.stage}")
         require(not (self.deepspeed and self.accelerate_config), "train", "deepspeed", self.deepspeed,
                  "give a DeepSpeed JSON or an accelerate config (train.accelerate_config), not both")
         self._check_machines()

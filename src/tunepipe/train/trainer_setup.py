@@ -64,6 +64,11 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
         dataloader_drop_last=train.dataloader_drop_last,
         eval_accumulation_steps=train.eval_accumulation_steps,
         full_determinism=train.full_determinism,
+        label_smoothing_factor=train.label_smoothing_factor,
+        # transformers 5 replaced group_by_length with a sampling strategy of that name
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        torch_compile=train.torch_compile,
+        tf32=tf32_setting(train),
         deepspeed=train.deepspeed,  # the Trainer fills the JSON's "auto" values from these arguments
         bf16=train.bf16_compute,
         fp16=train.fp16,
@@ -93,6 +98,17 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
         liger_kernel_config={"fused_linear_cross_entropy": False, "cross_entropy": False},
         **extra,
     )
+
+
+def tf32_setting(train) -> bool | None:
+    """`tf32` for TrainingArguments: only CUDA GPUs of the Ampere generation or newer have TF32
+    (transformers refuses the flag elsewhere), so on other devices it is logged and left unset."""
+    from transformers.utils import is_torch_tf32_available
+
+    if train.tf32 is None or is_torch_tf32_available():
+        return train.tf32
+    log.warning("tf32: %s has no effect here: TF32 needs an NVIDIA Ampere or newer GPU", train.tf32)
+    return None
 
 
 def wants_best(train) -> bool:
