@@ -108,6 +108,8 @@ class DataConfig:
     """Tokenize worker processes; unset: every core. Never changes the shards."""
     preprocessing_batch_size: int = 1000
     """Rows per tokenize chunk (what a worker takes at a time). Never changes the shards."""
+    tokenized_path: Optional[str] = None
+    """`tunepipe train`: reuse the tokenized shards saved in this folder, or save them there when it is absent."""
     streaming: bool = False
     """LLaMA-Factory's streaming: tunepipe always streams (bounded memory); true needs train.max_steps."""
     buffer_size: int = 16384
