@@ -124,13 +124,8 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "ppo_target": "PPO is not supported",
     "ppo_whiten_rewards": "PPO is not supported",
     "ld_alpha": "LD-DPO is not supported yet",
-    "num_beams": "beam search is not supported in eval yet",
-    "eval_num_beams": "beam search is not supported in eval yet",
-    "repetition_penalty": "not supported in eval yet",
-    "length_penalty": "not supported in eval yet",
     "max_length": "use max_new_tokens",
     "default_system": "put the system prompt in the data (system column)",
-    "skip_special_tokens": "predictions always skip special tokens",
     "vllm_config": "vLLM is not wired into tunepipe serve yet",
     "model_max_length": "use cutoff_len",
     "device_map": "the device is picked automatically",
@@ -190,7 +185,12 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "logging_strategy": "logging follows logging_steps",
     "data_seed": "split_seed orders the data split; seed the training order",
     "generation_max_length": "use max_new_tokens",
-    "generation_num_beams": "beam search is not supported in eval yet",
+}
+
+# LLaMA-Factory's other names for a tunepipe key (same meaning): read as that key.
+ALIAS_KEYS: dict[str, str] = {
+    "eval_num_beams": "num_beams",
+    "generation_num_beams": "num_beams",
 }
 
 # tunepipe config fields that LLaMA-Factory does not have (every other field is a
