@@ -9,6 +9,7 @@ import pytest
 
 from tunepipe.config import GROUPS, docgen
 from tunepipe.config.lf_keys import (
+    ALIAS_KEYS,
     INSTEAD_KEYS,
     NOOP_VALUES,
     OPERATIONAL_KEYS,
@@ -56,7 +57,7 @@ def test_lf_table_lists_every_known_key_once_with_its_treatment():
     assert len(keys) == len(set(keys))
     fields = {f.name for cls in GROUPS.values() for f in dataclasses.fields(cls)}
     expected = ((fields - TUNEPIPE_ONLY_KEYS) | set(OPERATIONAL_KEYS) | set(NOOP_VALUES) | set(INSTEAD_KEYS)
-                | set(UNSUPPORTED_KEYS))
+                | set(UNSUPPORTED_KEYS) | set(ALIAS_KEYS))
     assert set(keys) == expected
     rows = dict(re.findall(r"^\| `([^`]+)` \| ([^|]+) \|", table, re.MULTILINE))
     assert rows["lora_rank"].strip() == "supported: `train.lora_rank`"
@@ -64,12 +65,14 @@ def test_lf_table_lists_every_known_key_once_with_its_treatment():
     assert rows["use_unsloth"].strip() == "accepted; other than `false` warns"
     assert rows["upcast_layernorm"].strip() == "accepted only as `false`"
     assert rows["deepspeed"].strip() == "supported: `train.deepspeed`"
+    assert rows["eval_num_beams"].strip() == "supported: read as `num_beams`"
     assert rows["ray_num_workers"].strip() == "not supported: error"
 
 
 def test_key_lists_are_disjoint_and_tunepipe_only_keys_are_fields():
     fields = {f.name for cls in GROUPS.values() for f in dataclasses.fields(cls)}
-    lists = [set(OPERATIONAL_KEYS), set(NOOP_VALUES), set(INSTEAD_KEYS), set(UNSUPPORTED_KEYS), fields]
+    lists = [set(OPERATIONAL_KEYS), set(NOOP_VALUES), set(INSTEAD_KEYS), set(UNSUPPORTED_KEYS), set(ALIAS_KEYS),
+             fields]
     for i, first in enumerate(lists):
         for second in lists[i + 1:]:
             assert not first & second, first & second

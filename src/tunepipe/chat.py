@@ -6,7 +6,8 @@ and `export`). Answers stream token by token through transformers'
 `TextIteratorStreamer`. The prompt is built as training built it: with `template:` set, that
 named template (its system prompt, stop words and turn-by-turn tokenization), else the
 tokenizer's own chat template. Decoding uses the
-`eval` group's knobs (`max_new_tokens`, `do_sample`, `temperature`, `top_p`, `top_k`).
+`eval` group's knobs (`max_new_tokens`, `do_sample`, `temperature`, `top_p`, `top_k`,
+`repetition_penalty`, `skip_special_tokens`; not `num_beams`: a streamed answer is one beam).
 
 Lines starting with `/` are commands: `/reset` forgets the conversation, `/exit` quits.
 Standard input may be a terminal or a pipe: each line is one user turn, so
@@ -26,7 +27,7 @@ from tunepipe.data.chat_format import stop_token_ids
 from tunepipe.data.named_templates import stop_words
 from tunepipe.data.templates import ChatFormat, apply_template
 from tunepipe.errors import TunepipeError
-from tunepipe.evaluate.generation import sampling_kwargs
+from tunepipe.evaluate.generation import decoding_kwargs, sampling_kwargs
 from tunepipe.loading import base_dir_for, cli_config, device_for, load_trained, tokenizer_for, trained_source
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,15 @@ def stream_answer(model, tokenizer, ids: list[int], cfg: Config, out: TextIO) ->
     from transformers import TextIteratorStreamer
 
     input_ids = torch.tensor([ids], device=next(model.parameters()).device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=cfg.eval.skip_special_tokens)
+    if cfg.eval.num_beams > 1:
+        log.warning("num_beams: %d: chat streams its answers, which beam search cannot; decoding one beam",
+                    cfg.eval.num_beams)
     kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "streamer": streamer,
               "max_new_tokens": cfg.eval.max_new_tokens, "do_sample": cfg.eval.do_sample,
               "eos_token_id": stop_token_ids(tokenizer, model.generation_config, stop_words(cfg.data.template)),
-              "pad_token_id": tokenizer.pad_token_id, **sampling_kwargs(cfg.eval)}
+              "pad_token_id": tokenizer.pad_token_id, **sampling_kwargs(cfg.eval),
+              **decoding_kwargs(cfg.eval, beams=False)}
     worker = threading.Thread(target=_generate, args=(model, kwargs), daemon=True)
     worker.start()
     pieces = []

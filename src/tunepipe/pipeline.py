@@ -18,6 +18,7 @@ from dataclasses import replace
 
 from tunepipe.config import Config
 from tunepipe.config.loader import load_config
+from tunepipe.data.tokenized_path import save_shards, saved_shards, use_saved_shards
 from tunepipe.devices import check_precision
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import hold_run_lock, read_json
@@ -200,6 +201,11 @@ def run_train_steps(cfg: Config, layout: Layout) -> None:
         step("train")(cfg, layout)
         return
     ensure_base_model(cfg.model, layout.base_model)
-    for name in ("validate", "tokenize", "train"):
+    saved = saved_shards(cfg)
+    if saved is not None:  # LLaMA-Factory's tokenized_path: reuse, skip validate and tokenize
+        use_saved_shards(saved, layout)
+    for name in ("train",) if saved is not None else ("validate", "tokenize", "train"):
         log.info("== %s ==", name)
         step(name)(cfg, layout)
+        if name == "tokenize" and cfg.data.tokenized_path:
+            save_shards(cfg, layout)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tunepipe.config import GROUPS
 from tunepipe.config.lf_keys import (
+    ALIAS_KEYS,
     INSTEAD_KEYS,
     NOOP_VALUES,
     OPERATIONAL_KEYS,
@@ -152,6 +153,8 @@ def lf_key_status() -> dict[str, tuple[str, str]]:
         status[key] = (f"accepted; other than `{json.dumps(default)}` warns", instead)
     for key, why in UNSUPPORTED_KEYS.items():
         status[key] = ("not supported: error", why)
+    for key, target in ALIAS_KEYS.items():
+        status[key] = (f"supported: read as `{target}`", status[target][1])
     return status
 
 

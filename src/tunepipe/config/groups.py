@@ -120,6 +120,8 @@ class DataConfig:
     """Tokenize worker processes; unset: every core. Never changes the shards."""
     preprocessing_batch_size: int = 1000
     """Rows per tokenize chunk (what a worker takes at a time). Never changes the shards."""
+    tokenized_path: Optional[str] = None
+    """`tunepipe train`: reuse the tokenized shards saved in this folder, or save them there when it is absent."""
     streaming: bool = False
     """LLaMA-Factory's streaming: tunepipe always streams (bounded memory); true needs train.max_steps."""
     buffer_size: int = 16384
@@ -178,6 +180,14 @@ class EvalConfig:
     """Nucleus sampling mass (with do_sample)."""
     top_k: int = 50
     """Top-k sampling (with do_sample)."""
+    num_beams: int = 1
+    """Beam search width when generating (1: no beam search); LLaMA-Factory's eval_num_beams / generation_num_beams too."""
+    repetition_penalty: float = 1.0
+    """Penalty on tokens already in the prompt or the answer (1.0: none)."""
+    length_penalty: float = 1.0
+    """Beam search: exponent on the length when scoring beams (> 1 favours longer answers)."""
+    skip_special_tokens: bool = True
+    """Drop special tokens (end-of-turn and the like) from decoded answers."""
     max_predict_samples: Optional[int] = 64
     """Generate for at most this many eval prompts (unset: all)."""
     compare_base: bool = True
@@ -207,6 +217,8 @@ class EvalConfig:
         require(self.max_new_tokens >= 1, "eval", "max_new_tokens", self.max_new_tokens, "must be >= 1")
         require(self.temperature > 0, "eval", "temperature", self.temperature, "must be > 0")
         require(0 < self.top_p <= 1, "eval", "top_p", self.top_p, "must be in (0, 1]")
+        require(self.num_beams >= 1, "eval", "num_beams", self.num_beams, "must be >= 1")
+        require(self.repetition_penalty > 0, "eval", "repetition_penalty", self.repetition_penalty, "must be > 0")
         require(all(isinstance(t, str) and t.strip() for t in self.tasks), "eval", "tasks", self.tasks,
                  "each entry must name a task, a group or a task YAML")
         require(self.num_fewshot is None or self.num_fewshot >= 0, "eval", "num_fewshot", self.num_fewshot,

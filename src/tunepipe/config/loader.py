@@ -20,7 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from tunepipe.config import GROUPS, Config, shown_value
-from tunepipe.config.lf_keys import INSTEAD_KEYS, NOOP_VALUES, OPERATIONAL_KEYS, UNSUPPORTED_KEYS
+from tunepipe.config.lf_keys import ALIAS_KEYS, INSTEAD_KEYS, NOOP_VALUES, OPERATIONAL_KEYS, UNSUPPORTED_KEYS
 from tunepipe.errors import TunepipeError
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def group_keys(raw: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
     grouped: dict[str, dict[str, Any]] = {name: {} for name in GROUPS}
     unsupported, unknown = [], []
     for key, value in raw.items():
+        key = ALIAS_KEYS.get(key, key)  # LLaMA-Factory's other names of one key
         if key in GROUPS and isinstance(value, dict):
             for sub_key, sub_value in value.items():
                 _place(grouped, key, sub_key, sub_value, unsupported, unknown, index)
@@ -80,6 +81,7 @@ def group_keys(raw: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
 
 
 def _place(grouped, group, key, value, unsupported, unknown, index) -> None:
+    key = ALIAS_KEYS.get(key, key)
     if key in field_names(group):
         grouped[group][key] = value
     elif key in index:

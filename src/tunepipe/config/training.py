@@ -95,6 +95,58 @@ class TrainConfig:
     """Adam / AdamW beta2."""
     adam_epsilon: float = 1.0e-8
     """Adam / AdamW epsilon."""
+    use_galore: bool = False
+    """GaLore: project the gradients of the target linear weights to a low rank (full / freeze tuning)."""
+    galore_target: Union[str, list[str]] = "all"
+    """GaLore: linear modules whose weights get the projection (`all`: every linear layer but the output head)."""
+    galore_rank: int = 16
+    """GaLore: rank of the gradient projection."""
+    galore_update_interval: int = 200
+    """GaLore: optimizer steps between recomputing the projection."""
+    galore_scale: float = 2.0
+    """GaLore: scale of the projected update."""
+    galore_proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
+    """GaLore: which side the gradient is projected on."""
+    galore_layerwise: bool = False
+    """GaLore: step each weight as soon as its gradient is ready (needs gradient_accumulation_steps 1)."""
+    use_apollo: bool = False
+    """APOLLO: AdamW with learning-rate scaling estimated in a low-rank space (full / freeze tuning)."""
+    apollo_target: Union[str, list[str]] = "all"
+    """APOLLO: linear modules whose weights get the projection (`all`: every linear layer but the output head)."""
+    apollo_rank: int = 16
+    """APOLLO: rank of the auxiliary space."""
+    apollo_update_interval: int = 200
+    """APOLLO: optimizer steps between new projections."""
+    apollo_scale: float = 32.0
+    """APOLLO: scale of the update."""
+    apollo_proj: Literal["svd", "random"] = "random"
+    """APOLLO: projection kind."""
+    apollo_proj_type: Literal["std", "right", "left"] = "std"
+    """APOLLO: which side the gradient is projected on."""
+    apollo_scale_type: Literal["channel", "tensor"] = "channel"
+    """APOLLO: scaling per channel or per tensor."""
+    apollo_layerwise: bool = False
+    """APOLLO: step each weight as soon as its gradient is ready (needs gradient_accumulation_steps 1)."""
+    use_badam: bool = False
+    """BAdam: block coordinate descent, Adam on one block of the model at a time (full tuning)."""
+    badam_mode: Literal["layer", "ratio"] = "layer"
+    """BAdam: switch whole layers (layer) or update a random share of each weight (ratio)."""
+    badam_start_block: Optional[int] = None
+    """BAdam layer mode: the first block to train (unset: by badam_switch_mode)."""
+    badam_switch_mode: Literal["ascending", "descending", "random", "fixed"] = "ascending"
+    """BAdam layer mode: order in which blocks take turns."""
+    badam_switch_interval: int = 50
+    """BAdam: optimizer steps before moving to the next block (ratio mode: before a new mask)."""
+    badam_update_ratio: float = 0.05
+    """BAdam ratio mode: share of each weight updated."""
+    badam_mask_mode: Literal["adjacent", "scatter"] = "adjacent"
+    """BAdam ratio mode: updated entries adjacent or scattered."""
+    badam_verbose: int = 0
+    """BAdam: 0 quiet, 1 block switches, 2 also the trainable parameters."""
+    use_adam_mini: bool = False
+    """Adam-mini: Adam with one second-moment value per parameter block (less optimizer memory)."""
+    use_muon: bool = False
+    """Muon (torch.optim.Muon) on the hidden 2-D weights, AdamW on embeddings, head, norms and biases."""
     lr_scheduler_kwargs: Optional[Union[dict, str]] = None
     """Extra arguments of the learning-rate schedule (a mapping, or its JSON text), e.g. {"num_cycles": 2}."""
     neftune_noise_alpha: Optional[float] = None
@@ -115,6 +167,14 @@ class TrainConfig:
     """Eval batches gathered before moving predictions off the device."""
     full_determinism: bool = False
     """Deterministic algorithms everywhere (torch.use_deterministic_algorithms); slower."""
+    label_smoothing_factor: float = 0.0
+    """sft / pt: smooth the next-token targets, (1 - eps) one-hot + eps uniform (transformers' LabelSmoother)."""
+    group_by_length: bool = False
+    """Draw training rows in groups of similar length (transformers' LengthGroupedSampler)."""
+    torch_compile: bool = False
+    """Compile the model with torch.compile before training."""
+    tf32: Optional[bool] = None
+    """TF32 matmuls on NVIDIA Ampere or newer GPUs (unset: PyTorch's default); no effect without such a GPU."""
     bf16: bool = False
     """Train with bfloat16 autocast."""
     pure_bf16: bool = False
@@ -216,6 +276,12 @@ class TrainConfig:
                  "save_total_limit", self.save_total_limit, "must be >= 1")
         self._check_optimizer_and_best()
         self._check_grpo()
+        self._check_optimizer_choice()
+        require(0 <= self.label_smoothing_factor < 1, "train", "label_smoothing_factor",
+                 self.label_smoothing_factor, "must be in [0, 1)")
+        for key in ("label_smoothing_factor", "group_by_length"):
+            require(not getattr(self, key) or self.stage in ("sft", "pt"), "train", key, getattr(self, key),
+                     f"applies to the next-token stages (sft, pt), not stage {self.stage}")
         require(not (self.deepspeed and self.accelerate_config), "train", "deepspeed", self.deepspeed,
                  "give a DeepSpeed JSON or an accelerate config (train.accelerate_config), not both")
         self._check_machines()
@@ -283,6 +349,26 @@ class TrainConfig:
                  or self.save_steps % (self.eval_steps or self.logging_steps) == 0, "train", "save_steps",
                  self.save_steps, "load_best_model_at_end keeps an evaluated checkpoint: save_steps must be a "
                  "multiple of eval_steps")
+
+    def _check_optimizer_choice(self) -> None:
+        chosen = [key for key in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon")
+                  if getattr(self, key)] + (["loraplus_lr_ratio"] if self.loraplus_lr_ratio is not None else [])
+        require(len(chosen) <= 1, "train", chosen[-1] if chosen else "optim", True,
+                 f"{' and '.join(chosen)} each pick the optimizer: keep one")
+        for key in ("use_galore", "use_apollo"):
+            require(not getattr(self, key) or self.finetuning_type != "lora", "train", key, True,
+                     "projects the gradients of the model's own weights: use finetuning_type full or freeze, "
+                     "not lora (as in LLaMA-Factory)")
+        require(not self.use_badam or self.finetuning_type == "full", "train", "use_badam", True,
+                 "BAdam switches blocks of the whole model: use finetuning_type full")
+        for key in ("galore_layerwise", "apollo_layerwise"):
+            require(not getattr(self, key) or self.gradient_accumulation_steps == 1, "train", key, True,
+                     "steps each weight during backward: set gradient_accumulation_steps: 1")
+        for key in ("galore_rank", "apollo_rank", "galore_update_interval", "apollo_update_interval",
+                    "badam_switch_interval"):
+            require(getattr(self, key) >= 1, "train", key, getattr(self, key), "must be >= 1")
+        require(0 < self.badam_update_ratio <= 1, "train", "badam_update_ratio", self.badam_update_ratio,
+                 "must be in (0, 1]")
 
     def scheduler_kwargs(self) -> dict:
         """`lr_scheduler_kwargs` as a mapping (LLaMA-Factory also takes its JSON text)."""

@@ -79,10 +79,21 @@ def generate(model, tokenizer, prompts: list[list[int]], eval_cfg: EvalConfig, b
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device),
                 max_new_tokens=eval_cfg.max_new_tokens, do_sample=eval_cfg.do_sample,
-                **sampling_kwargs(eval_cfg), eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+                **sampling_kwargs(eval_cfg), **decoding_kwargs(eval_cfg), eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id)
         new_tokens = out[:, ids.shape[1]:]
-        answers.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=eval_cfg.skip_special_tokens)
+        answers.extend(text.strip() for text in texts)
     return answers
+
+
+def decoding_kwargs(eval_cfg: EvalConfig, beams: bool = True) -> dict:
+    """LLaMA-Factory's decoding knobs for `generate` (num_beams only where `beams`: a streamed
+    chat answer cannot come from beam search)."""
+    kwargs = {"repetition_penalty": eval_cfg.repetition_penalty}
+    if beams and eval_cfg.num_beams > 1:  # length_penalty only scores beams: passing it alone warns
+        kwargs.update(num_beams=eval_cfg.num_beams, length_penalty=eval_cfg.length_penalty)
+    return kwargs
 
 
 def sampling_kwargs(eval_cfg: EvalConfig) -> dict:

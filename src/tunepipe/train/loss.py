@@ -30,9 +30,13 @@ from tunepipe.train.collate import IGNORE_INDEX, model_inputs
 CHUNK_ELEMENTS = 1 << 24
 
 
-def causal_lm_loss(model, batch: dict, num_items_in_batch=None) -> torch.Tensor:
+def causal_lm_loss(model, batch: dict, num_items_in_batch=None, label_smoothing: float = 0.0) -> torch.Tensor:
     """Summed next-token cross-entropy over trained positions / `num_items_in_batch`
-    (default: this batch's trained-token count)."""
+    (default: this batch's trained-token count).
+
+    `label_smoothing` eps gives transformers' LabelSmoother meaning (LLaMA-Factory's
+    `label_smoothing_factor`): each token's loss is (1 - eps) * its cross-entropy + eps * the
+    mean over the vocabulary of -log p, i.e. the target is (1 - eps) one-hot + eps uniform."""
     targets_2d = batch["shift_labels"]
     selected = targets_2d != IGNORE_INDEX
     targets = targets_2d[selected]
@@ -40,10 +44,10 @@ def causal_lm_loss(model, batch: dict, num_items_in_batch=None) -> torch.Tensor:
     head = plain_output_head(model)
     if head is None:  # heads with LoRA, soft-capping or scaling: let the model apply its own head
         logits = model(**model_inputs(batch), logits_to_keep=selected).logits
-        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)
         return loss_sum / normalizer
     hidden = label_hidden_states(model, batch, selected)
-    return linear_cross_entropy(hidden, head.weight, head.bias, targets, normalizer)
+    return linear_cross_entropy(hidden, head.weight, head.bias, targets, normalizer, label_smoothing)
 
 
 def label_hidden_states(model, batch: dict, selected: torch.Tensor) -> torch.Tensor:
@@ -74,11 +78,13 @@ def chunk_rows(vocab_size: int) -> int:
     return max(64, CHUNK_ELEMENTS // max(vocab_size, 1))
 
 
-def linear_cross_entropy(hidden, weight, bias, targets, normalizer) -> torch.Tensor:
-    """sum_i CE(hidden_i @ weight.T + bias, targets_i) / normalizer, chunked, gradients fused."""
+def linear_cross_entropy(hidden, weight, bias, targets, normalizer, label_smoothing: float = 0.0) -> torch.Tensor:
+    """sum_i CE(hidden_i @ weight.T + bias, targets_i) / normalizer, chunked, gradients fused
+    (with label_smoothing eps: the target distribution is (1 - eps) one-hot + eps uniform)."""
     if not torch.is_tensor(normalizer):
         normalizer = torch.tensor(float(normalizer))
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, normalizer.to(torch.float32))
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, normalizer.to(torch.float32),
+                                     float(label_smoothing))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -86,7 +92,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     (softmax - one_hot) / normalizer pushed through the projection; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, normalizer):
+    def forward(ctx, hidden, weight, bias, targets, normalizer, smoothing):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
@@ -103,12 +109,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = F.linear(h[rows], w, b).float()
                 lse = torch.logsumexp(logits, dim=-1)
                 target = targets[rows]
-                total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+                picked = logits.gather(1, target[:, None]).squeeze(1)
+                if smoothing:  # -sum_v q_v log p_v with q = (1 - eps) one-hot + eps / V
+                    picked = (1.0 - smoothing) * picked + smoothing * logits.mean(dim=-1)
+                total += (lse - picked).sum()
                 if not (need_h or need_w or need_b):
                     continue
                 # d(loss_sum)/d(logits) = softmax - one_hot, computed in place on the logits
                 grad = logits.sub_(lse[:, None]).exp_()
-                grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1.0
+                grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1.0 - smoothing
+                if smoothing:
+                    grad.sub_(smoothing / grad.shape[1])
                 grad.div_(normalizer)
                 grad_lp = grad.to(dtype)
                 if need_h:
@@ -129,4 +140,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
         out_h = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
         out_w = (grad_w * scale).to(w_dtype) if grad_w is not None else None
         out_b = (grad_b * scale).to(b_dtype) if grad_b is not None else None
-        return out_h, out_w, out_b, None, None
+        return out_h, out_w, out_b, None, None, None

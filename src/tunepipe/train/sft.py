@@ -66,7 +66,7 @@ class CausalLMTrainer(Trainer):
         self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = causal_lm_loss(model, inputs, num_items_in_batch)
+        loss = causal_lm_loss(model, inputs, num_items_in_batch, self.args.label_smoothing_factor)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens and DDP averages gradients
             # over processes: scale back up, as transformers does for its own loss.

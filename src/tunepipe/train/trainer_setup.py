@@ -18,6 +18,7 @@ from tunepipe.config import Config, TrainConfig
 from tunepipe.devices import liger_kernel
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
+from tunepipe.train.optimizers import custom_optimizer, optimizer_arguments
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
         warmup_steps=train.warmup_steps if train.warmup_steps > 0 else train.warmup_ratio,
         max_grad_norm=train.max_grad_norm,
         weight_decay=train.weight_decay,
-        optim=train.optim,
+        **optimizer_arguments(train),  # optim; GaLore / APOLLO through transformers' names
         adam_beta1=train.adam_beta1,
         adam_beta2=train.adam_beta2,
         adam_epsilon=train.adam_epsilon,
@@ -63,6 +64,11 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
         dataloader_drop_last=train.dataloader_drop_last,
         eval_accumulation_steps=train.eval_accumulation_steps,
         full_determinism=train.full_determinism,
+        label_smoothing_factor=train.label_smoothing_factor,
+        # transformers 5 replaced group_by_length with a sampling strategy of that name
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        torch_compile=train.torch_compile,
+        tf32=tf32_setting(train),
         deepspeed=train.deepspeed,  # the Trainer fills the JSON's "auto" values from these arguments
         bf16=train.bf16_compute,
         fp16=train.fp16,
@@ -92,6 +98,17 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
         liger_kernel_config={"fused_linear_cross_entropy": False, "cross_entropy": False},
         **extra,
     )
+
+
+def tf32_setting(train) -> bool | None:
+    """`tf32` for TrainingArguments: only CUDA GPUs of the Ampere generation or newer have TF32
+    (transformers refuses the flag elsewhere), so on other devices it is logged and left unset."""
+    from transformers.utils import is_torch_tf32_available
+
+    if train.tf32 is None or is_torch_tf32_available():
+        return train.tf32
+    log.warning("tf32: %s has no effect here: TF32 needs an NVIDIA Ampere or newer GPU", train.tf32)
+    return None
 
 
 def wants_best(train) -> bool:
@@ -170,9 +187,9 @@ class ProgressBar(TrainerCallback):
 
 
 def optimizer_for(model, train: TrainConfig):
-    """A LoRA+ optimizer when `loraplus_lr_ratio` is set, else None (the Trainer builds one)."""
+    """A LoRA+, BAdam, Adam-mini or Muon optimizer when asked for, else None (the Trainer builds one)."""
     if train.loraplus_lr_ratio is None:
-        return None
+        return custom_optimizer(model, train)
     if train.finetuning_type != "lora":
         raise TunepipeError(f"train.loraplus_lr_ratio needs finetuning_type lora, not {train.finetuning_type!r}")
     from tunepipe.train.adapters import loraplus_optimizer
