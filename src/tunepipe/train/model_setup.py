@@ -16,6 +16,7 @@ from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 from tunepipe.modeling import load_causal_lm
 from tunepipe.train.adapters import attach_lora, name_list
+from tunepipe.train.moe import configure_router_loss
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ def build_trainable_model(cfg: Config, layout: Layout):
 
     set_seed(cfg.train.seed)  # LoRA / PiSSA init must be the same on a resumed run
     model = load_base_for_training(cfg, layout)
+    configure_router_loss(model, cfg.train)
     model = apply_finetuning(model, cfg.train, quantized=cfg.model.quantization_bit is not None)
     log.info("%s", trainable_summary(model))
     return model
