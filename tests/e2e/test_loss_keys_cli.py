@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-
 from tests.e2e.test_families_cli import ROWS, first_loss, train_samples, write_config
 from tests.fixtures.families import build_family_dir
 from tests.fixtures.tiny_model import build_tiny_model_dir
+
 from tunepipe.cli import main
 from tunepipe.modeling import load_causal_lm
 from tunepipe.train.collate import IGNORE_INDEX
