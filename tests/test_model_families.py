@@ -198,6 +198,13 @@ def test_preference_pairs_equal_each_answer_alone(family_dirs, name, flash_attn)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
 
 
+def lora_owner(module_name: str) -> str:
+    """The wrapped layer's name: LoRA on fused MoE experts nests one wrapper per parameter."""
+    while module_name.endswith(".base_layer"):
+        module_name = module_name.removesuffix(".base_layer")
+    return module_name
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_lora_all_wraps_exactly_the_family_linear_layers(family_dirs, name):
     from peft.tuners.lora import LoraLayer
@@ -207,10 +214,12 @@ def test_lora_all_wraps_exactly_the_family_linear_layers(family_dirs, name):
 
     model = build_trainable_model(config_for(family_dirs(name), additional_target="embed_tokens"),
                                   family_dirs(name))
-    wrapped = {full.rsplit(".", 1)[-1] for full, module in model.named_modules() if isinstance(module, LoraLayer)}
+    wrapped = {lora_owner(full).rsplit(".", 1)[-1] for full, module in model.named_modules()
+               if isinstance(module, LoraLayer)}
     assert wrapped == FAMILIES[name].linear_layers
-    per_layer = sum(isinstance(m, LoraLayer) for m in model.base_model.model.model.layers[0].modules())
-    assert per_layer == len(FAMILIES[name].linear_layers)
+    layer = model.base_model.model.model.layers[0]
+    per_layer = {lora_owner(full) for full, m in layer.named_modules() if isinstance(m, LoraLayer)}
+    assert len(per_layer) == len(FAMILIES[name].linear_layers)
     saved = [full for full, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
     # the families tie lm_head to embed_tokens: the head stays tied to the trained copy
     assert sorted(full.rsplit(".", 1)[-1] for full in saved) == ["embed_tokens", "lm_head"]
@@ -240,8 +249,9 @@ def test_qlora_4bit_trains(family_dirs, name):
     cfg = config_for(layout)
     cfg.model.quantization_bit = 4
     model = build_trainable_model(cfg, layout)
-    quantized = {full.rsplit(".", 2)[-2] for full, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    assert quantized == FAMILIES[name].linear_layers
+    quantized = {lora_owner(full).rsplit(".", 1)[-1] for full, m in model.named_modules()
+                 if isinstance(m, bnb.nn.Linear4bit)}
+    assert quantized == FAMILIES[name].quantized_layers()
     rows = [labelled(ids) for ids in samples()[:2]]
     batch = SegmentCollator(0, model.config._attn_implementation, flatten=True)(rows)
     before = {full: p.detach().clone() for full, p in model.named_parameters() if p.requires_grad}

@@ -175,6 +175,10 @@ class TrainConfig:
     """Compile the model with torch.compile before training."""
     tf32: Optional[bool] = None
     """TF32 matmuls on NVIDIA Ampere or newer GPUs (unset: PyTorch's default); no effect without such a GPU."""
+    use_dft_loss: bool = False
+    """sft / pt: Dynamic Fine-Tuning loss, each token's cross-entropy weighted by its detached probability."""
+    moe_aux_loss_coef: Optional[float] = None
+    """Mixture-of-experts models: add this weight x the router load-balancing loss to the sft / pt loss."""
     bf16: bool = False
     """Train with bfloat16 autocast."""
     pure_bf16: bool = False
@@ -231,6 +235,16 @@ class TrainConfig:
     """Robust DPO label smoothing in [0, 0.5)."""
     precompute_ref_log_probs: bool = False
     """Full fine-tune DPO: compute reference log-probs once and cache them beside the shards."""
+    ref_model: Optional[str] = None
+    """DPO / KTO reference: a separate model (local dir or Hub repo id) instead of the policy's base."""
+    ref_model_adapters: Optional[Union[str, list[str]]] = None
+    """Adapters merged into ref_model, in order (dirs, output_dirs or Hub repo ids)."""
+    ref_model_quantization_bit: Optional[int] = None
+    """Load ref_model in 4 or 8 bits (bitsandbytes)."""
+    ld_alpha: Optional[float] = None
+    """LD-DPO: weight of the policy's answer tokens past the shorter answer of each pair (in [0, 1])."""
+    pref_bco_weight: float = 0.0
+    """Weight w of a BCO term mixed into DPO / hinge / IPO: (loss + w * BCO) / (1 + w)."""
     kto_chosen_weight: float = 1.0
     """KTO weight of desirable examples."""
     kto_rejected_weight: float = 1.0
@@ -282,6 +296,9 @@ class TrainConfig:
         for key in ("label_smoothing_factor", "group_by_length"):
             require(not getattr(self, key) or self.stage in ("sft", "pt"), "train", key, getattr(self, key),
                      f"applies to the next-token stages (sft, pt), not stage {self.stage}")
+        require(not (self.use_dft_loss and self.label_smoothing_factor), "train", "use_dft_loss", True,
+                 "DFT weights each token by its own probability; smoothing the targets too has no agreed "
+                 "meaning: set label_smoothing_factor 0 or use_dft_loss false")
         require(not (self.deepspeed and self.accelerate_config), "train", "deepspeed", self.deepspeed,
                  "give a DeepSpeed JSON or an accelerate config (train.accelerate_config), not both")
         self._check_machines()
@@ -333,6 +350,15 @@ class TrainConfig:
         for key in ("adam_beta1", "adam_beta2"):
             require(0 <= getattr(self, key) < 1, "train", key, getattr(self, key), "must be in [0, 1)")
         require(self.adam_epsilon > 0, "train", "adam_epsilon", self.adam_epsilon, "must be > 0")
+        require(self.ref_model_quantization_bit in (None, 4, 8), "train", "ref_model_quantization_bit",
+                 self.ref_model_quantization_bit, "must be 4 or 8")
+        require(self.ref_model_adapters is None or bool(self.ref_model), "train", "ref_model_adapters",
+                 self.ref_model_adapters, "adapters of a reference model need train.ref_model")
+        require(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, "train", "ld_alpha", self.ld_alpha,
+                 "must be in [0, 1]")
+        require(self.pref_bco_weight >= 0, "train", "pref_bco_weight", self.pref_bco_weight, "must be >= 0")
+        require(self.moe_aux_loss_coef is None or self.moe_aux_loss_coef >= 0, "train", "moe_aux_loss_coef",
+                 self.moe_aux_loss_coef, "must be >= 0")
         require(self.neftune_noise_alpha is None or self.neftune_noise_alpha > 0, "train",
                  "neftune_noise_alpha", self.neftune_noise_alpha, "must be > 0")
         require(self.early_stopping_steps is None or self.early_stopping_steps >= 1, "train",

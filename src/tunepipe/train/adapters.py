@@ -21,6 +21,13 @@ from tunepipe.modeling import peft_wrapping
 log = logging.getLogger(__name__)
 
 PISSA_INIT_ATTR = "_tunepipe_pissa_init_dir"
+# Layers that route tokens between experts (Qwen2-MoE's shared-expert gate; `gate` / `router`
+# in MoE code that keeps its router as a Linear, or as a bare weight in transformers 5):
+# `lora_target: all` leaves them alone (LLaMA-Factory's `all` wrapped them, being every
+# Linear of transformers 4); naming one in lora_target wraps it.
+ROUTER_GATES = ["gate", "router", "shared_expert_gate"]
+# transformers 5's fused expert weights ([experts, out, in] parameters of an `experts` module)
+FUSED_EXPERTS = ("gate_up_proj", "down_proj", "gate_proj", "up_proj")
 
 
 def name_list(value) -> list[str] | None:
@@ -88,6 +95,8 @@ def attach_lora(model, train: TrainConfig, task_type: str = "CAUSAL_LM"):
     build = oft_config if train.finetuning_type == "oft" else lora_config
     config = build(train, task_type, model)
     config.ensure_weight_tying = _trains_tied_embeddings(model, config)
+    if train.finetuning_type == "lora" and config.target_modules == "all-linear":
+        _all_linear_on_moe(config, model)  # experts yes, router gates no
     pissa_snapshot = _pissa_snapshot_dir() if train.pissa_init and train.finetuning_type == "lora" else None
     try:
         with peft_wrapping():
@@ -106,6 +115,26 @@ def attach_lora(model, train: TrainConfig, task_type: str = "CAUSAL_LM"):
         _save_pissa_start(peft_model, pissa_snapshot)
     skip_input_casts_under_autocast(peft_model)
     return peft_model
+
+
+def _all_linear_on_moe(config, model) -> None:
+    """`all` on a mixture-of-experts model: every expert, never a router.
+
+    Before transformers 5 each expert was a set of Linear layers, so `all` (LLaMA-Factory's, and
+    PEFT's `all-linear`) wrapped the experts and the router. transformers 5 fuses each layer's
+    experts into 3-D parameters; PEFT keeps the old meaning for the families it maps (Mixtral,
+    Qwen3-MoE: LoRA on those parameters via `target_parameters`, and on the router weight) but
+    not for others (Qwen2-MoE). Resolve it here as PEFT would, add the fused experts where PEFT
+    did not, and drop the router."""
+    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+
+    convert_peft_config_for_transformers(config, model=model, conversions=None)
+    fused = {name.rsplit(".", 1)[-1] for name, param in model.named_parameters()
+             if param.dim() == 3 and name.rsplit(".", 1)[-1] in FUSED_EXPERTS}
+    targets = set(config.target_parameters or ()) | fused
+    config.target_parameters = {name for name in targets if name.split(".")[0] not in ROUTER_GATES} or None
+    routers = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} & set(ROUTER_GATES)
+    config.exclude_modules = sorted(routers) or None  # named only where present: PEFT warns otherwise
 
 
 class _CastUnlessAutocast:

@@ -30,34 +30,56 @@ from tunepipe.train.collate import IGNORE_INDEX, model_inputs
 CHUNK_ELEMENTS = 1 << 24
 
 
-def causal_lm_loss(model, batch: dict, num_items_in_batch=None, label_smoothing: float = 0.0) -> torch.Tensor:
+def causal_lm_loss(model, batch: dict, num_items_in_batch=None, label_smoothing: float = 0.0,
+                   dft: bool = False) -> torch.Tensor:
     """Summed next-token cross-entropy over trained positions / `num_items_in_batch`
     (default: this batch's trained-token count).
 
     `label_smoothing` eps gives transformers' LabelSmoother meaning (LLaMA-Factory's
     `label_smoothing_factor`): each token's loss is (1 - eps) * its cross-entropy + eps * the
-    mean over the vocabulary of -log p, i.e. the target is (1 - eps) one-hot + eps uniform."""
+    mean over the vocabulary of -log p, i.e. the target is (1 - eps) one-hot + eps uniform.
+    `dft` (LLaMA-Factory's `use_dft_loss`, Dynamic Fine-Tuning): each token's cross-entropy
+    is weighted by the model's probability of that token, detached: sum(ce * exp(-ce)) / N
+    (the config refuses it together with label smoothing).
+    A mixture-of-experts model configured to return its router loss (`moe.configure_router_loss`)
+    adds `router_aux_loss_coef * aux`, weighted by this micro-batch's share of the step's
+    trained tokens (so accumulation and processes average it as they average the tokens)."""
     targets_2d = batch["shift_labels"]
     selected = targets_2d != IGNORE_INDEX
     targets = targets_2d[selected]
     normalizer = num_items_in_batch if num_items_in_batch is not None else selected.sum()
     head = plain_output_head(model)
     if head is None:  # heads with LoRA, soft-capping or scaling: let the model apply its own head
-        logits = model(**model_inputs(batch), logits_to_keep=selected).logits
-        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)
-        return loss_sum / normalizer
-    hidden = label_hidden_states(model, batch, selected)
-    return linear_cross_entropy(hidden, head.weight, head.bias, targets, normalizer, label_smoothing)
+        out = model(**model_inputs(batch), logits_to_keep=selected)
+        token_ce = F.cross_entropy(out.logits.float(), targets, reduction="none", label_smoothing=label_smoothing)
+        if dft:
+            token_ce = token_ce * torch.exp(-token_ce.detach())
+        loss = token_ce.sum() / normalizer
+    else:
+        hidden, out = label_hidden_states(model, batch, selected, with_outputs=True)
+        loss = linear_cross_entropy(hidden, head.weight, head.bias, targets, normalizer, label_smoothing, dft=dft)
+    return loss + router_loss(model, out, selected.sum() / normalizer)
 
 
-def label_hidden_states(model, batch: dict, selected: torch.Tensor) -> torch.Tensor:
-    """Final (normed) hidden states at the `selected` positions, as [N, hidden].
+def router_loss(model, out, share) -> torch.Tensor | float:
+    """`router_aux_loss_coef * aux_loss * share` when the model returned a router loss, else 0."""
+    aux = getattr(out, "aux_loss", None)
+    if aux is None:
+        return 0.0
+    config = getattr(getattr(model, "module", model), "config", None)
+    return config.router_aux_loss_coef * aux * share
+
+
+def label_hidden_states(model, batch: dict, selected: torch.Tensor, with_outputs: bool = False):
+    """Final (normed) hidden states at the `selected` positions, as [N, hidden] (and the model
+    outputs when `with_outputs`, for a router loss).
 
     The model is called through its own forward (so a DDP or accelerate wrapper sees the
     call) with `logits_to_keep` selecting no position: the head projects nothing."""
     nothing = torch.zeros_like(selected)
     out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=nothing)
-    return out.hidden_states[-1][selected]
+    hidden = out.hidden_states[-1][selected]
+    return (hidden, out) if with_outputs else hidden
 
 
 def plain_output_head(model) -> torch.nn.Linear | None:
@@ -78,21 +100,24 @@ def chunk_rows(vocab_size: int) -> int:
     return max(64, CHUNK_ELEMENTS // max(vocab_size, 1))
 
 
-def linear_cross_entropy(hidden, weight, bias, targets, normalizer, label_smoothing: float = 0.0) -> torch.Tensor:
+def linear_cross_entropy(hidden, weight, bias, targets, normalizer, label_smoothing: float = 0.0,
+                         dft: bool = False) -> torch.Tensor:
     """sum_i CE(hidden_i @ weight.T + bias, targets_i) / normalizer, chunked, gradients fused
-    (with label_smoothing eps: the target distribution is (1 - eps) one-hot + eps uniform)."""
+    (with label_smoothing eps: the target distribution is (1 - eps) one-hot + eps uniform;
+    with `dft` each row's CE is weighted by exp(-CE), a constant for the gradient)."""
     if not torch.is_tensor(normalizer):
         normalizer = torch.tensor(float(normalizer))
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, normalizer.to(torch.float32),
-                                     float(label_smoothing))
+                                     float(label_smoothing), dft)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and, chunk by chunk, the gradients of hidden / weight / bias
-    (softmax - one_hot) / normalizer pushed through the projection; backward only scales them."""
+    (softmax - one_hot) / normalizer pushed through the projection; backward only scales them.
+    DFT multiplies each row's loss and gradient by its detached target probability exp(-CE)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, normalizer, smoothing):
+    def forward(ctx, hidden, weight, bias, targets, normalizer, smoothing=0.0, dft=False):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
@@ -112,7 +137,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 picked = logits.gather(1, target[:, None]).squeeze(1)
                 if smoothing:  # -sum_v q_v log p_v with q = (1 - eps) one-hot + eps / V
                     picked = (1.0 - smoothing) * picked + smoothing * logits.mean(dim=-1)
-                total += (lse - picked).sum()
+                row_ce = lse - picked
+                row_weight = torch.exp(-row_ce) if dft else None
+                total += (row_ce * row_weight).sum() if dft else row_ce.sum()
                 if not (need_h or need_w or need_b):
                     continue
                 # d(loss_sum)/d(logits) = softmax - one_hot, computed in place on the logits
@@ -121,6 +148,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if smoothing:
                     grad.sub_(smoothing / grad.shape[1])
                 grad.div_(normalizer)
+                if dft:
+                    grad.mul_(row_weight[:, None])
                 grad_lp = grad.to(dtype)
                 if need_h:
                     grad_h[rows] = (grad_lp @ w).to(hidden.dtype)
@@ -140,4 +169,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
         out_h = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
         out_w = (grad_w * scale).to(w_dtype) if grad_w is not None else None
         out_b = (grad_b * scale).to(b_dtype) if grad_b is not None else None
-        return out_h, out_w, out_b, None, None, None
+        return out_h, out_w, out_b, None, None, None, None

@@ -17,6 +17,7 @@ from tunepipe.layout import Layout
 from tunepipe.modeling import load_causal_lm
 from tunepipe.train.adapters import attach_lora, merge_named_adapters, name_list
 from tunepipe.train.llama_pro import expanded_block_ids
+from tunepipe.train.moe import configure_router_loss
 from tunepipe.train.vocabulary import grow_vocabulary
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ def build_trainable_model(cfg: Config, layout: Layout):
 
     set_seed(cfg.train.seed)  # LoRA / PiSSA init must be the same on a resumed run
     model = merge_named_adapters(load_base_for_training(cfg, layout), cfg)  # create_new_adapter
+    configure_router_loss(model, cfg.train)
     train = grow_vocabulary(model, cfg, layout)  # new tokens: rows resized, initialised, and trained
     model = apply_finetuning(model, train, quantized=cfg.model.quantization_bit is not None)
     log.info("%s", trainable_summary(model))

@@ -35,7 +35,7 @@ def train(cfg: Config, layout: Layout) -> dict:
     def make_trainer(args, callbacks):
         return CausalLMTrainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
                                data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
-                               optimizers=(optimizer_for(model, cfg.train), None))
+                               optimizers=(optimizer_for(model, cfg.train), None), dft=cfg.train.use_dft_loss)
 
     return run_session(cfg, layout, model, tokenizer, splits.eval is not None, make_trainer)
 
@@ -61,12 +61,13 @@ class CausalLMTrainer(Trainer):
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, dft: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch
+        self.dft = dft  # use_dft_loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = causal_lm_loss(model, inputs, num_items_in_batch, self.args.label_smoothing_factor)
+        loss = causal_lm_loss(model, inputs, num_items_in_batch, self.args.label_smoothing_factor, dft=self.dft)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens and DDP averages gradients
             # over processes: scale back up, as transformers does for its own loss.

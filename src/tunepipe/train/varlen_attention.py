@@ -10,7 +10,8 @@ code calls it like any other kernel. Without `cu_seq_lens_q` (ordinary padded ba
 generation) it is plain SDPA.
 
 Sliding windows: the model code passes each layer's `sliding_window` (None on full-attention
-layers of Gemma 2/3 and Qwen2/3, the config's window on every Mistral / Phi-3 layer). A
+layers of Gemma 2/3 and Qwen2/3, the config's window on every Mistral / Phi-3 layer); Qwen2-MoE's
+attention sets the window on itself without passing it, so it is read from the module then. A
 sample longer than the window gets a banded causal mask (query i sees keys j with
 0 <= i - j < window, transformers' own rule), so windowed layers see exactly what the
 model's eager attention sees. Attention-logit softcapping (Gemma 2) has no SDPA form:
@@ -60,7 +61,7 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
     batch, heads, width, _ = query.shape
     q, k, v = (_end_to_end(t) for t in (query, key, value))
     dropout = dropout if module.training else 0.0
-    window = kwargs.get("sliding_window")
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
     lengths = [e - s for s, e in itertools.pairwise(boundaries.tolist())]
     # split, not slicing: split's backward writes all gradients with one concatenation,
     # where each slice's backward would zero-fill a full-size buffer and add into it.

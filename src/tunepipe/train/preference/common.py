@@ -18,20 +18,23 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from tunepipe.errors import TunepipeError
-from tunepipe.train.preference.losses import IGNORE_INDEX
+from tunepipe.train.preference.losses import IGNORE_INDEX, ld_token_weights
 
 # objective(model, batch) -> (loss, {metric name: (sum over rows, row count)})
 Objective = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, tuple[float, int]]]]
 MODEL_INPUTS = ("input_ids", "attention_mask")
 
 
-def forward_log_probs(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_log_probs(model: torch.nn.Module, batch: dict,
+                      ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed answer log-probs and answer token counts of every row in `batch`.
 
     Equal to `sequence_log_probs(model(...).logits, labels)`, but the vocabulary projection
     runs only at positions that predict an answer token (transformers' boolean
     `logits_to_keep`): prompts are often most of a preference row, and with a large
-    vocabulary the logits are the biggest tensor of the step.
+    vocabulary the logits are the biggest tensor of the step. With `ld_alpha` (LD-DPO, on a
+    chosen-rows-then-rejected-rows batch) the tokens past the shorter answer's length count
+    `ld_alpha` times (`losses.ld_token_weights`).
     """
     labels = batch["labels"]
     targets = torch.full_like(labels, IGNORE_INDEX)
@@ -39,6 +42,8 @@ def forward_log_probs(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor
     selected = targets != IGNORE_INDEX
     logits = model(**{k: batch[k] for k in MODEL_INPUTS}, use_cache=False, logits_to_keep=selected).logits
     token_logps = -F.cross_entropy(logits.float(), targets[selected], reduction="none")
+    if ld_alpha is not None:
+        token_logps = token_logps * ld_token_weights(selected, ld_alpha)[selected]
     rows = selected.nonzero()[:, 0]
     sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=token_logps.device)
     return sums.index_add(0, rows, token_logps), selected.sum(-1)
@@ -57,6 +62,7 @@ class Reference:
     `adapter_off`: LoRA; the policy with its adapter disabled *is* the base model, so
     no second copy of the weights is held. `frozen_copy`: full / freeze fine-tuning.
     `precomputed`: read from the batch (`ref_logps`, computed once before training).
+    `ref_model`: a separate model (`train.ref_model`, `ref_model.load_reference_model`).
     """
 
     kind: str
@@ -66,7 +72,7 @@ class Reference:
     def log_probs(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         if self.kind == "precomputed":
             return batch["ref_logps"].to(torch.float32)
-        if self.kind == "frozen_copy":
+        if self.kind in ("frozen_copy", "ref_model"):
             device = batch["input_ids"].device
             if next(self.frozen.parameters()).device != device:  # the Trainer moved only the policy
                 self.frozen.to(device)

@@ -2,12 +2,15 @@
 
 sigmoid (DPO), hinge and ipo compare the policy with a reference model; orpo and simpo
 need none. The reference is the base with the LoRA adapter disabled (no second copy of
-the weights), a frozen copy for full / freeze fine-tuning, or log-probs precomputed once
-and cached (`precompute_ref_log_probs`). Chosen and rejected answers go through one
-forward (a 2B-row batch). Loss formulas live in losses.py.
+the weights), a frozen copy for full / freeze fine-tuning, a separate model (`ref_model`),
+or log-probs precomputed once and cached (`precompute_ref_log_probs`). Chosen and rejected
+answers go through one forward (a 2B-row batch). `ld_alpha` (LD-DPO) and `pref_bco_weight`
+(a BCO term) are LLaMA-Factory's. Loss formulas live in losses.py.
 """
 
 from __future__ import annotations
+
+import torch
 
 from tunepipe.config import Config
 from tunepipe.layout import Layout
@@ -22,6 +25,8 @@ from tunepipe.train.preference.common import (
 from tunepipe.train.preference.data import PREFERENCE_COLUMNS, REF_COLUMNS, PreferenceCollator
 from tunepipe.train.preference.losses import (
     USES_MEAN_LOGPS,
+    RunningMean,
+    bco_pair_loss,
     dpo_hinge_loss,
     dpo_sigmoid_loss,
     ipo_loss,
@@ -52,9 +57,12 @@ def dpo_objective(train_cfg, reference: Reference | None) -> Objective:
     """loss(model, batch) for the configured `pref_loss`, plus the rewards metrics."""
     loss_fn = LOSSES[train_cfg.pref_loss]
     use_mean = train_cfg.pref_loss in USES_MEAN_LOGPS
+    bco_weight = train_cfg.pref_bco_weight if needs_reference(train_cfg) else 0.0
+    baseline = RunningMean()
 
     def objective(model, batch):
-        logps, counts = forward_log_probs(model, batch)
+        # LD-DPO down-weights the policy's extra answer tokens; the reference stays plain
+        logps, counts = forward_log_probs(model, batch, ld_alpha=train_cfg.ld_alpha)
         counts = counts.clamp(min=1)
         policy = logps / counts if use_mean else logps
         ref = None
@@ -62,7 +70,13 @@ def dpo_objective(train_cfg, reference: Reference | None) -> Objective:
             ref_logps = reference.log_probs(model, batch)
             ref = (ref_logps / counts if use_mean else ref_logps).chunk(2)
         out = loss_fn(policy.chunk(2), ref, train_cfg)
-        loss = out.losses.mean()
+        losses = out.losses
+        if bco_weight > 0:
+            # LLaMA-Factory's mixture: (DPO + w * BCO) / (1 + w), BCO around the running mean reward
+            delta = baseline.update(torch.cat([out.chosen_rewards, out.rejected_rewards]).mean())
+            bco = bco_pair_loss(*policy.chunk(2), *ref, train_cfg.pref_beta, delta)
+            losses = (losses + bco_weight * bco) / (1 + bco_weight)
+        loss = losses.mean()
         chosen_nll = -(logps.chunk(2)[0] / counts.chunk(2)[0])
         metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards)
         rows = out.losses.numel()

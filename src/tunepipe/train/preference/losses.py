@@ -48,6 +48,21 @@ def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return -token_nll.sum(-1), counts
 
 
+def ld_token_weights(selected: torch.Tensor, alpha: float) -> torch.Tensor:
+    """LD-DPO (Liu et al. 2024, LLaMA-Factory's `ld_alpha`): per position of a chosen-rows-then-
+    rejected-rows batch, 1 up to the shorter answer of the pair (counted from the answer's first
+    token) and `alpha` after it, so a longer answer's extra tokens weigh less.
+    `selected` [2B, T] marks the answer-token targets."""
+    counts = selected.sum(-1)
+    half = counts.shape[0] // 2
+    shared = torch.minimum(counts[:half], counts[half:]).repeat(2)
+    start = selected.int().argmax(-1)
+    positions = torch.arange(selected.shape[-1], device=selected.device)
+    front = positions[None, :] < (start + shared)[:, None]
+    ones = torch.ones(selected.shape, dtype=torch.float32, device=selected.device)
+    return torch.where(front, ones, ones * alpha)
+
+
 def _logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
     return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
 
@@ -78,6 +93,35 @@ def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     margin = _logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     losses = (margin - 1 / (2 * beta)) ** 2
     return PrefLoss(losses, *_ref_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta))
+
+
+def bco_pair_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
+                  delta: torch.Tensor | float) -> torch.Tensor:
+    """BCO (Jung et al. 2024), the term LLaMA-Factory's `pref_bco_weight` mixes into DPO: a binary
+    classifier on the implied rewards r = beta * logratio around the baseline delta,
+    -log sigmoid(r_chosen - delta) - log sigmoid(-(r_rejected - delta))."""
+    chosen = beta * (policy_chosen - ref_chosen)
+    rejected = beta * (policy_rejected - ref_rejected)
+    return -F.logsigmoid(chosen - delta) - F.logsigmoid(-(rejected - delta))
+
+
+class RunningMean:
+    """BCO's baseline delta: the running mean of each batch's mean implied reward (over all
+    processes under DDP), as TRL's former RunningMoments kept it for LLaMA-Factory."""
+
+    def __init__(self):
+        self.mean, self.count = 0.0, 0
+
+    def update(self, batch_mean: torch.Tensor) -> float:
+        values = batch_mean.detach().float().reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [torch.zeros_like(values) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(gathered, values)
+            values = torch.cat(gathered)
+        total = self.count + values.numel()
+        self.mean += (values.mean().item() - self.mean) * values.numel() / total
+        self.count = total
+        return self.mean
 
 
 def orpo_loss(policy_chosen, policy_rejected, beta: float) -> PrefLoss:

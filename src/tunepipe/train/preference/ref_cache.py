@@ -147,10 +147,14 @@ def precompute_reference(cfg, layout, model, splits, collator, columns: tuple[st
 
 
 def reference_for(cfg, layout, model, splits, collator, columns: tuple[str, ...], out_columns: tuple[str, str]):
-    """(splits, Reference): log-probs precomputed into the splits with
-    `precompute_ref_log_probs`, else the live reference (adapter disabled or a frozen copy)."""
+    """(splits, Reference): the separate `ref_model` when set; log-probs precomputed into the
+    splits with `precompute_ref_log_probs`; else the live reference (adapter disabled or a frozen copy)."""
     from tunepipe.train.preference.common import Reference, build_reference
 
+    if cfg.train.ref_model:
+        from tunepipe.train.preference.ref_model import load_reference_model
+
+        return splits, Reference("ref_model", load_reference_model(cfg))
     if cfg.train.precompute_ref_log_probs:
         splits = precompute_reference(cfg, layout, model, splits, collator, columns, out_columns)
         return splits, Reference("precomputed")
