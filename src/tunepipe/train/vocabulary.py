@@ -41,7 +41,10 @@ class NewTokens:
 
 
 def new_tokens(layout: Layout) -> NewTokens:
-    meta = read_json(layout.tokenized / "meta.json") or {}
+    """The tokens the tokenize stage added (none when no shards are there: a model built
+    without them, e.g. for a unit test or a chat, keeps the base vocabulary)."""
+    path = layout.tokenized / "meta.json"
+    meta = (read_json(path) if path.is_file() else None) or {}
     return NewTokens(list(meta.get("added_tokens") or []), dict(meta.get("token_descriptions") or {}))
 
 
