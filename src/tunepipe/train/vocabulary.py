@@ -41,7 +41,8 @@ class NewTokens:
 
 
 def new_tokens(layout: Layout) -> NewTokens:
-    meta = read_json(layout.tokenized / "meta.json") or {}
+    meta_path = layout.tokenized / "meta.json"  # absent when a model is built without shards
+    meta = (read_json(meta_path) or {}) if meta_path.is_file() else {}
     return NewTokens(list(meta.get("added_tokens") or []), dict(meta.get("token_descriptions") or {}))
 
 
