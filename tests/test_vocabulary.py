@@ -41,7 +41,7 @@ def vocab_config(root: Path, tiny_model_dir: Path, *extra: str):
         f"model.new_special_tokens_config={{'{SPECIAL}': '{DESCRIPTION}'}}",
         "train.max_steps=4", "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1",
         "train.learning_rate=1e-2", "train.lr_scheduler_type=constant", "train.logging_steps=1",
-        "train.lora_target=q_proj", "eval.max_new_tokens=8", "tracking.report_to=none", f"export.export_dir={root / 'export'}", *extra])
+        "train.lora_target=q_proj", "eval.predict_with_generate=false", "tracking.report_to=none", f"export.export_dir={root / 'export'}", *extra])
 
 
 @pytest.fixture(scope="module")

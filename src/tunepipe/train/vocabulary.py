@@ -41,10 +41,8 @@ class NewTokens:
 
 
 def new_tokens(layout: Layout) -> NewTokens:
-    """The tokens the tokenize stage added (none when no shards are there: a model built
-    without them, e.g. for a unit test or a chat, keeps the base vocabulary)."""
-    path = layout.tokenized / "meta.json"
-    meta = (read_json(path) if path.is_file() else None) or {}
+    meta_path = layout.tokenized / "meta.json"  # absent when a model is built without shards
+    meta = (read_json(meta_path) or {}) if meta_path.is_file() else {}
     return NewTokens(list(meta.get("added_tokens") or []), dict(meta.get("token_descriptions") or {}))
 
 
