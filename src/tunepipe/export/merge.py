@@ -220,9 +220,14 @@ def check_gguf(cfg: Config, export_dir: Path, probes, reference) -> dict:
         raise TunepipeError(f"GGUF check failed: {gguf_export.gguf_name(gguf_type)} read back gives logits "
                             f"{diff:.4g} from base + adapter (tolerance {limit:.4g}); nothing was written to "
                             f"{cfg.export.export_dir}", hint="a bug worth reporting (architecture, GGUF type)")
+    # informational: how often the GGUF picks the export's greedy token, at every probe position and
+    # right after each prompt (the first answer token)
+    agree = [(x.argmax(-1) == y.argmax(-1)) for x, y in zip(logits, reference, strict=True)]
     return {"gguf_file": gguf_export.gguf_name(gguf_type), "gguf_type": gguf_type,
             "gguf_bytes": (export_dir / gguf_export.gguf_name(gguf_type)).stat().st_size,
-            "gguf_max_abs_logit_diff": diff, "gguf_logit_tolerance": limit}
+            "gguf_max_abs_logit_diff": diff, "gguf_logit_tolerance": limit,
+            "gguf_top1_agreement": sum(int(a.sum()) for a in agree) / sum(len(a) for a in agree),
+            "gguf_first_token_matches": sum(int(a[-1]) for a in agree)}
 
 
 def _model_config(directory: Path):

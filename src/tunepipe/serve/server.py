@@ -84,9 +84,7 @@ def build_served(cfg: Config, layout, api_key: str | None = None, model_name: st
     stops = stop_token_ids(tokenizer, model.generation_config, stop_words(cfg.data.template))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     engine = Engine(model, stops, pad, max_batch=MAX_BATCH)
-    defaults = {"max_tokens": cfg.eval.max_new_tokens, "top_p": cfg.eval.top_p if cfg.eval.do_sample else 1.0,
-                "temperature": cfg.eval.temperature if cfg.eval.do_sample else 0.0}
-    tool_format = chat_format.tool_format if chat_format.named is not None else None
+    defaults, tool_format = decoding_defaults(cfg), served_tool_format(chat_format)
     return Served(engine=engine, chat_format=chat_format, model_ids=model_ids, adapters=adapters,
                   context=context_length(model.config), defaults=defaults, api_key=api_key or None,
                   tool_format=tool_format, seed=cfg.train.seed)
@@ -117,11 +115,19 @@ def build_vllm(cfg: Config, base_dir, source, chat_format, api_key: str | None, 
     stops = stop_token_ids(tokenizer, generation_config, stop_words(cfg.data.template))
     engine = VllmEngine(engine_args(cfg, model_path, loras), stops, lora_requests(names, loras) if loras else {})
     context = min(context_length(AutoConfig.from_pretrained(str(model_path))), cfg.model.vllm_maxlen)
-    defaults = {"max_tokens": cfg.eval.max_new_tokens, "top_p": cfg.eval.top_p if cfg.eval.do_sample else 1.0,
-                "temperature": cfg.eval.temperature if cfg.eval.do_sample else 0.0}
-    tool_format = chat_format.tool_format if chat_format.named is not None else None
+    defaults, tool_format = decoding_defaults(cfg), served_tool_format(chat_format)
     return Served(engine=engine, chat_format=chat_format, model_ids=model_ids, adapters=adapters, context=context,
                   defaults=defaults, api_key=api_key or None, tool_format=tool_format, seed=cfg.train.seed)
+
+
+def decoding_defaults(cfg: Config) -> dict:
+    """What a request that leaves max_tokens / temperature / top_p unset gets: `tunepipe chat`'s decoding."""
+    return {"max_tokens": cfg.eval.max_new_tokens, "top_p": cfg.eval.top_p if cfg.eval.do_sample else 1.0,
+            "temperature": cfg.eval.temperature if cfg.eval.do_sample else 0.0}
+
+
+def served_tool_format(chat_format) -> str | None:
+    return chat_format.tool_format if chat_format.named is not None else None
 
 
 def build_reward(cfg: Config, base_dir, source, api_key: str | None, model_name: str):
