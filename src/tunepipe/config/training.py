@@ -46,6 +46,12 @@ class TrainConfig:
     """freeze: train the last N layers (negative: the first N)."""
     freeze_trainable_modules: Union[str, list[str]] = "all"
     """freeze: module names inside the trainable layers, or all."""
+    freeze_vision_tower: bool = True
+    """Vision-language models: keep the vision encoder frozen (LoRA never wraps it while frozen)."""
+    freeze_multi_modal_projector: bool = True
+    """Vision-language models: keep the projector from vision features to the language model frozen."""
+    freeze_language_model: bool = False
+    """Vision-language models: keep the language model frozen (train only the unfrozen vision parts)."""
     per_device_train_batch_size: int = 1
     """Rows per device per micro-batch."""
     gradient_accumulation_steps: int = 8
