@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from tunepipe.config import Config, ModelConfig
 from tunepipe.data.formats import Mapper
 from tunepipe.data.hub_data import resolve as resolve_hub
-from tunepipe.data.media import MediaChecker, refuse_unsupported
 from tunepipe.data.hub_data import stream_rows
+from tunepipe.data.media import MediaChecker, refuse_unsupported
 from tunepipe.data.readers import RawRow, read_rows
 from tunepipe.data.registry import DatasetEntry, get_entries
 from tunepipe.data.row_checks import check_view, problem_record
