@@ -116,3 +116,11 @@ def mlflow_uri(mlflow_template_db, tmp_path) -> str:
     path.parent.mkdir()
     shutil.copy(mlflow_template_db, path)
     return f"sqlite:///{path}"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2vl_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2-VL with tokenizer and image processor (tests/fixtures/tiny_vlm.py), built once."""
+    from tests.fixtures.tiny_vlm import build_tiny_qwen2vl_dir
+
+    return build_tiny_qwen2vl_dir(tmp_path_factory.mktemp("tiny-qwen2vl"))
