@@ -23,8 +23,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunepipe.data.media import PLACEHOLDERS
+from tunepipe.data.media import PLACEHOLDERS, file_sha256
 from tunepipe.errors import TunepipeError
+from tunepipe.modeling import is_vision_model  # noqa: F401  (re-exported: the tokenize stage asks it)
 
 
 @dataclass(frozen=True)
@@ -36,15 +37,18 @@ class Family:
     start_token_field: str = "vision_start_token_id"
     end_token_field: str = "vision_end_token_id"
     min_side: int = 28  # Qwen-VL: a side below 28 pixels is padded up (LLaMA-Factory's Qwen2VLPlugin)
+    # module-name parts of each component (LLaMA-Factory's composite-model registry uses the same split)
+    vision_keys: tuple[str, ...] = ("visual.patch_embed", "visual.blocks")
+    projector_keys: tuple[str, ...] = ("visual.merger",)
+    language_keys: tuple[str, ...] = ("language_model", "lm_head")
 
 
 # config.json model_type -> family; the Qwen-VL models share their media-token scheme
 FAMILIES = {"qwen2_vl": Family(), "qwen2_5_vl": Family()}
 
 
-def is_vision_model(model_dir: Path) -> bool:
-    config = Path(model_dir) / "config.json"
-    return config.is_file() and "vision_config" in json.loads(config.read_text(encoding="utf-8"))
+def family_of(model_type: str | None) -> Family | None:
+    return FAMILIES.get(model_type)
 
 
 @dataclass
@@ -61,6 +65,7 @@ class MediaTokens:
     min_pixels: int
     family: Family
     counts: dict[str, int] = field(default_factory=dict)  # sha256 -> tokens (images repeat)
+    verified: set = field(default_factory=set)  # (path, sha256) whose bytes were checked
 
     @classmethod
     def load(cls, model_dir: Path, tokenizer, media_dir: Path, max_pixels: int, min_pixels: int) -> MediaTokens:
@@ -128,6 +133,18 @@ class MediaTokens:
             self.counts[ref["sha256"]] = patches // self.image_processor.merge_size ** 2
         return self.counts[ref["sha256"]]
 
+    def verify(self, ref: dict) -> None:
+        """The file still holds the bytes validate hashed (once per file): a changed image after
+        tokenization would silently disagree with its token count."""
+        key = (ref["path"], ref["sha256"])
+        if key in self.verified:
+            return
+        path = self.media_dir / ref["path"]
+        if not path.is_file() or file_sha256(path) != ref["sha256"]:
+            raise TunepipeError(f"{path}: changed or missing since the validate stage hashed it",
+                                hint="re-run validate and tokenize (dvc repro does)")
+        self.verified.add(key)
+
     def pixel_inputs(self, images: list[dict]) -> dict:
         """The processor's model inputs (pixel_values, image_grid_thw) for a batch's images, in order."""
         return self.image_processor([self.load_image(ref) for ref in images], return_tensors="pt")
@@ -135,6 +152,7 @@ class MediaTokens:
     def load_image(self, ref: dict):
         from PIL import Image
 
+        self.verify(ref)
         with Image.open(self.media_dir / ref["path"]) as image:
             width, height = regularized_size(image.width, image.height, self.max_pixels, self.min_pixels,
                                              self.family.min_side)

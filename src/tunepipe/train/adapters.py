@@ -34,11 +34,14 @@ def name_list(value) -> list[str] | None:
     return [str(item).strip() for item in items if str(item).strip()]
 
 
-def lora_config(train: TrainConfig, task_type: str = "CAUSAL_LM"):
-    """PEFT `LoraConfig` from the LLaMA-Factory-named knobs."""
+def lora_config(train: TrainConfig, task_type: str = "CAUSAL_LM", target_modules: list[str] | None = None):
+    """PEFT `LoraConfig` from the LLaMA-Factory-named knobs (`target_modules`: the layers' full
+    names, when the caller chose them, as for a vision-language model's language part)."""
     from peft import LoraConfig
 
     targets = name_list(train.lora_target) or ["all"]
+    if target_modules is not None:
+        targets = target_modules
     return LoraConfig(
         task_type=task_type,
         r=train.lora_rank,
@@ -53,11 +56,11 @@ def lora_config(train: TrainConfig, task_type: str = "CAUSAL_LM"):
     )
 
 
-def attach_lora(model, train: TrainConfig, task_type: str = "CAUSAL_LM"):
+def attach_lora(model, train: TrainConfig, task_type: str = "CAUSAL_LM", target_modules: list[str] | None = None):
     """Wrap `model` in a PeftModel with fresh adapters; a bad target name is a TunepipeError."""
     from peft import get_peft_model
 
-    config = lora_config(train, task_type)
+    config = lora_config(train, task_type, target_modules)
     config.ensure_weight_tying = _trains_tied_embeddings(model, config)
     pissa_snapshot = _pissa_snapshot_dir() if train.pissa_init else None
     try:

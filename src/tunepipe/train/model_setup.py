@@ -16,6 +16,7 @@ from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 from tunepipe.modeling import load_causal_lm
 from tunepipe.train.adapters import attach_lora, name_list
+from tunepipe.train.vision import freeze_parts, lora_targets, model_family
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +123,16 @@ def quantization_config(model_cfg: ModelConfig, train: TrainConfig):
 
 def apply_finetuning(model, train: TrainConfig, quantized: bool = False, task_type: str = "CAUSAL_LM"):
     """lora -> PeftModel; freeze -> last/first layers trainable; full -> everything trainable."""
+    family = model_family(model)
     if train.finetuning_type == "lora":
+        targets = None if family is None else lora_targets(model, family, train, name_list(train.lora_target) or ["all"])
         if quantized:
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=train.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = attach_lora(model, train, task_type)
+        model = attach_lora(model, train, task_type, targets)
         if train.pure_bf16:  # PEFT keeps LoRA weights float32 but copies modules_to_save in bf16
             upcast_trainable(model)
         return model
@@ -138,6 +141,8 @@ def apply_finetuning(model, train: TrainConfig, quantized: bool = False, task_ty
     else:
         for param in model.parameters():
             param.requires_grad_(True)
+    if family is not None:
+        freeze_parts(model, family, train)
     upcast_trainable(model)
     return model
 
