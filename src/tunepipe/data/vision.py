@@ -149,6 +149,17 @@ class MediaTokens:
         """The processor's model inputs (pixel_values, image_grid_thw) for a batch's images, in order."""
         return self.image_processor([self.load_image(ref) for ref in images], return_tensors="pt")
 
+    def model_inputs(self, input_ids, media_column: list[str | None]) -> dict:
+        """The image inputs of a batch (`input_ids` [rows, width], each row's `media` JSON): pixel_values,
+        image_grid_thw and mm_token_type_ids (1 on image tokens, 0 on text: what the model computes its
+        3-D rotary positions from); empty when the rows hold no image."""
+        images = [ref for media in media_column if media for ref in json.loads(media)["images"]]
+        if not images:
+            return {}
+        inputs = self.pixel_inputs(images)
+        return {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"],
+                "mm_token_type_ids": (input_ids == self.image_token_id).long()}
+
     def load_image(self, ref: dict):
         from PIL import Image
 

@@ -16,7 +16,6 @@ positions of samples laid end to end are not proven to restart per sample.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
@@ -88,17 +87,11 @@ class VisionCollator:
         batch = {key: torch.full((len(rows), width), fill, dtype=torch.long)
                  for key, fill in (("input_ids", self.pad_token_id), ("labels", IGNORE_INDEX),
                                    ("shift_labels", IGNORE_INDEX), ("attention_mask", 0))}
-        images = []
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
             batch["input_ids"][i, :n] = torch.as_tensor(row["input_ids"])
             batch["labels"][i, :n] = torch.as_tensor(row["labels"])
             batch["shift_labels"][i, :n] = torch.as_tensor(shifted_labels(list(row["labels"]), [n]))
             batch["attention_mask"][i, :n] = 1
-            images += json.loads(row["media"])["images"] if row.get("media") else []
-        if images:
-            inputs = self.media.pixel_inputs(images)
-            batch["pixel_values"], batch["image_grid_thw"] = inputs["pixel_values"], inputs["image_grid_thw"]
-            # which tokens are image tokens (1; text 0): what M-RoPE positions are computed from
-            batch["mm_token_type_ids"] = (batch["input_ids"] == self.media.image_token_id).long()
+        batch.update(self.media.model_inputs(batch["input_ids"], [row.get("media") for row in rows]))
         return batch
