@@ -161,8 +161,7 @@ def media_tokens(cfg: Config, layout: Layout, tokenizer) -> MediaTokens:
         raise TunepipeError(f"vision-language models train with stage sft and packing off for now "
                             f"(train.stage={cfg.train.stage}, data.packing={data.packing})",
                             hint="DPO/KTO and packing with images are the next slices of issue 21")
-    return MediaTokens.load(follow_manifest(layout.base_model), tokenizer, Path(data.media_dir or data.dataset_dir),
-                            data.image_max_pixels, data.image_min_pixels)
+    return MediaTokens.for_data(follow_manifest(layout.base_model), tokenizer, data)
 
 
 def column_names(kind: str, split: str, packing: bool, media: bool = False) -> list[str]:

@@ -83,6 +83,12 @@ class MediaTokens:
         return cls(processor, token["image"], config[family.image_token_field], token["start"], token["end"],
                    Path(media_dir), max_pixels, min_pixels, family)
 
+    @classmethod
+    def for_data(cls, model_dir: Path, tokenizer, data) -> MediaTokens:
+        """From the `data` config group: media_dir (default dataset_dir) and the image pixel budget."""
+        return cls.load(model_dir, tokenizer, Path(data.media_dir or data.dataset_dir), data.image_max_pixels,
+                        data.image_min_pixels)
+
     # -- the text: placeholders -> media tokens --------------------------------------------
     def marker(self) -> str:
         """What one `<image>` becomes in a named template's text before expansion (LLaMA-Factory's

@@ -130,9 +130,7 @@ def image_inputs(cfg: Config, dataset, tokenizer, base_dir: Path):
     from tunepipe.evaluate.lm_metrics import padded
     from tunepipe.modeling import follow_manifest
 
-    data = cfg.data
-    media = MediaTokens.load(follow_manifest(base_dir), tokenizer, Path(data.media_dir or data.dataset_dir),
-                             data.image_max_pixels, data.image_min_pixels)
+    media = MediaTokens.for_data(follow_manifest(base_dir), tokenizer, cfg.data)
 
     def inputs(indices: list[int]) -> dict:  # the rows right-padded as token_metrics pads them
         rows = [dataset[i] for i in indices]

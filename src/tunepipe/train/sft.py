@@ -8,7 +8,6 @@ The story: load shards, build the trainable model, pick the batch layout, train,
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from transformers import Trainer
 
@@ -48,8 +47,7 @@ def train(cfg: Config, layout: Layout) -> dict:
 
 def media_tokens(cfg: Config, layout: Layout, tokenizer) -> MediaTokens:
     data = cfg.data
-    return MediaTokens.load(follow_manifest(layout.base_model), tokenizer, Path(data.media_dir or data.dataset_dir),
-                            data.image_max_pixels, data.image_min_pixels)
+    return MediaTokens.for_data(follow_manifest(layout.base_model), tokenizer, data)
 
 
 def batch_layout(model, pad_token_id: int) -> SegmentCollator:
