@@ -102,3 +102,11 @@ def test_image_rows_need_a_vision_model_and_template(tmp_path, tiny_model_dir, t
         run_stages(tmp_path / "a", tiny_model_dir, lf_demo_dir, "mllm_demo", **SMALL)
     with pytest.raises(TunepipeError, match="template qwen takes none"):
         run_stages(tmp_path / "b", tiny_qwen2vl_dir, lf_demo_dir, "mllm_demo", template="qwen", **SMALL)
+
+
+def test_video_rows_validate_but_training_on_them_is_refused_clearly(tmp_path, tiny_qwen2vl_dir, lf_demo_dir):
+    pytest.importorskip("av")
+    with pytest.raises(TunepipeError, match=r"mllm_video_demo.json:0: videos are validated but not trained on yet"):
+        run_stages(tmp_path, tiny_qwen2vl_dir, lf_demo_dir, "mllm_video_demo", template="qwen2_vl", **SMALL)
+    assert (tmp_path / "data" / "validated" / "manifest.json").is_file()  # validate passed
+    assert not (tmp_path / "data" / "tokenized").exists()  # nothing half-written
