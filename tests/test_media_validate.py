@@ -47,7 +47,7 @@ def image_dataset(root, rows, formatting="sharegpt"):
     Image.new("RGB", (40, 30), (200, 10, 10)).save(root / "img" / "red.png")
     Image.new("RGB", (30, 50), (10, 10, 200)).save(root / "img" / "blue.png")
     (root / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    columns = {"images": "images", **({"messages": "messages"} if formatting == "sharegpt" else {})}
+    columns = {"images": "images", **({"messages": "messages"} if formatting != "alpaca" else {})}
     entry = {"file_name": "rows.json", "formatting": formatting, "columns": columns}
     if formatting == "sharegpt":
         entry["tags"] = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
@@ -72,6 +72,15 @@ def test_alpaca_rows_absolute_paths_and_prepended_placeholders(tmp_path):
     assert second["messages"][0]["content"] == "<image><image>Compare them."  # as LLaMA-Factory prepends
     assert [r["path"] for r in second["images"]] == ["img/red.png", "img/blue.png"]  # absolute -> relative
     assert second["images"][1]["sha256"] == sha(root / "img" / "blue.png")
+
+
+def test_openai_rows_with_images(tmp_path):
+    root = tmp_path / "data"
+    image_dataset(root, [chat("<image>What colour?", ["img/red.png"])], formatting="openai")
+    report = run_validate(config(root, "pics"), Layout.at(tmp_path / "out"))
+    (row,) = rows_of(tmp_path / "out")
+    assert report["valid"] == 1 and row["images"] == [{"path": "img/red.png", "sha256": sha(root / "img" / "red.png")}]
+    assert row["messages"][0] == {"role": "user", "content": "<image>What colour?"}
 
 
 def test_media_dir_moves_where_paths_resolve(tmp_path):

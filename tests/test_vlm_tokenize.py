@@ -110,3 +110,41 @@ def test_video_rows_validate_but_training_on_them_is_refused_clearly(tmp_path, t
         run_stages(tmp_path, tiny_qwen2vl_dir, lf_demo_dir, "mllm_video_demo", template="qwen2_vl", **SMALL)
     assert (tmp_path / "data" / "validated" / "manifest.json").is_file()  # validate passed
     assert not (tmp_path / "data" / "tokenized").exists()  # nothing half-written
+
+
+def test_an_image_row_too_long_is_dropped_never_cut(tmp_path, tiny_qwen2vl_dir):
+    from tunepipe.config.loader import load_config
+    from tunepipe.data.encoding import Stats, encode_conversations
+    from tunepipe.data.media import file_sha256
+    from tunepipe.data.templates import ChatFormat
+    from tunepipe.data.vision import MediaTokens
+
+    Image.new("RGB", (56, 56), (1, 2, 3)).save(tmp_path / "a.png")  # 2x2 merged patches: 4 image tokens
+    ref = {"path": "a.png", "sha256": file_sha256(tmp_path / "a.png")}
+    tokenizer = load_tokenizer(tiny_qwen2vl_dir)
+    fmt = ChatFormat(tokenizer, "qwen2_vl")
+    fmt.media = MediaTokens.load(tiny_qwen2vl_dir, tokenizer, tmp_path, 768 * 768, 32 * 32)
+    turns = [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "Black, almost."}]
+    row = {"messages": turns, "system": "", "tools": "", "images": [ref]}
+    text = {"messages": [{"role": "user", "content": "Colour? " * 20}, turns[1]], "system": "", "tools": ""}
+    data = load_config(None, ["data.cutoff_len=24"]).data
+    stats = Stats()
+    columns = encode_conversations([row, text], fmt, data, "sft", eval_columns=False, stats=stats)
+    assert stats.dropped_overlong == 1 and stats.truncated == 1  # the image row dropped, the text row cut
+    assert len(columns["input_ids"]) == 1 and json.loads(columns["media"][0]) == {"images": []}
+    full = encode_conversations([row], fmt, load_config(None, ["data.cutoff_len=1024"]).data, "sft", False, Stats())
+    assert full["input_ids"][0].count(fmt.media.image_token_id) == fmt.media.image_tokens(ref) == 4
+
+
+def test_a_changed_image_is_refused_at_training(tmp_path, tiny_qwen2vl_dir):
+    from tunepipe.data.media import file_sha256
+    from tunepipe.data.vision import MediaTokens
+
+    Image.new("RGB", (56, 56), (1, 2, 3)).save(tmp_path / "a.png")
+    ref = {"path": "a.png", "sha256": file_sha256(tmp_path / "a.png")}
+    media = MediaTokens.load(tiny_qwen2vl_dir, load_tokenizer(tiny_qwen2vl_dir), tmp_path, 768 * 768, 32 * 32)
+    assert media.pixel_inputs([ref])["image_grid_thw"].tolist() == [[1, 4, 4]]
+    Image.new("RGB", (56, 56), (9, 2, 3)).save(tmp_path / "a.png")
+    fresh = MediaTokens.load(tiny_qwen2vl_dir, load_tokenizer(tiny_qwen2vl_dir), tmp_path, 768 * 768, 32 * 32)
+    with pytest.raises(TunepipeError, match="changed or missing since the validate stage hashed it"):
+        fresh.pixel_inputs([ref])

@@ -1,5 +1,6 @@
-"""`tunepipe train cfg.yaml` then `tunepipe eval cfg.yaml` on a tiny Qwen2-VL and LLaMA-Factory's own
-mllm_demo (sharegpt rows with <image> placeholders and an images list), as a user runs them."""
+"""`tunepipe train cfg.yaml` on a tiny Qwen2-VL and LLaMA-Factory's own mllm_demo (sharegpt rows with
+<image> placeholders and an images list), as a user runs it; then the evaluate stage (in this process:
+one child process is enough) loads the trained adapter and scores the eval rows with their images."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import json
 import math
 
 from tests.e2e.cli_runs import run_cli, write_config
+
+from tunepipe.config.loader import load_config
+from tunepipe.evaluate.run import run_evaluate
+from tunepipe.layout import Layout
 
 
 def test_train_then_eval_a_vision_language_lora(tmp_path, tiny_qwen2vl_dir, lf_demo_dir):
@@ -26,8 +31,7 @@ def test_train_then_eval_a_vision_language_lora(tmp_path, tiny_qwen2vl_dir, lf_d
     train_metrics = json.loads((out / "metrics" / "train.json").read_text())
     assert math.isfinite(train_metrics["train_loss"])
 
-    evaluated = run_cli("eval", str(cfg))
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    run_evaluate(load_config(cfg, []), Layout.at(out))
     metrics = json.loads((out / "metrics" / "eval.json").read_text())
     tuned = metrics.get("tuned", metrics)
     assert math.isfinite(tuned["eval_loss"]) and tuned["eval_tokens"] > 0
