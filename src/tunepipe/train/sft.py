@@ -32,7 +32,7 @@ def train(cfg: Config, layout: Layout) -> dict:
     splits = load_tokenized(layout, cfg.train.stage, ("input_ids", "labels"))
     tokenizer = load_tokenizer(layout.base_model, trust_remote_code=cfg.model.trust_remote_code)
     model = build_trainable_model(cfg, layout)
-    if "media" in splits.meta["columns"]["train"]:  # a vision-language model's rows (train/vision.py)
+    if "media" in splits.train.column_names:  # a vision-language model's rows (train/vision.py)
         collator = VisionCollator(tokenizer.pad_token_id, media_tokens(cfg, layout, tokenizer))
     else:
         collator = batch_layout(model, tokenizer.pad_token_id)
