@@ -130,7 +130,7 @@ class ChatFormat:
         """The row's images, once it is sure they can go into the model (or a clear error)."""
         where = row.get("_source", "a row")
         if row.get("videos"):
-            raise TunepipeError(f"{where}: videos are validated but not trained on yet (issue 21's next slice)",
+            raise TunepipeError(f"{where}: videos are validated but not trained on yet",
                                 hint="train on the image rows for now")
         images = row.get("images") or []
         if images and self.media is None:

@@ -31,11 +31,11 @@ from tunepipe.data.packing import BlockCutter
 from tunepipe.data.shards import ShardWriter, to_table
 from tunepipe.data.templates import ChatFormat
 from tunepipe.data.validated import KINDS_FOR_STAGE, line_offsets, read_manifest
-from tunepipe.data.vision import MediaTokens, is_vision_model
+from tunepipe.data.vision import MediaTokens
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import atomic_dir, write_json_atomic
 from tunepipe.layout import Layout
-from tunepipe.modeling import follow_manifest, load_tokenizer
+from tunepipe.modeling import follow_manifest, is_vision_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def media_tokens(cfg: Config, layout: Layout, tokenizer) -> MediaTokens:
     if data.packing or cfg.train.stage != "sft":
         raise TunepipeError(f"vision-language models train with stage sft and packing off for now "
                             f"(train.stage={cfg.train.stage}, data.packing={data.packing})",
-                            hint="DPO/KTO and packing with images are the next slices of issue 21")
+                            hint="DPO, KTO and packing with images are not supported yet")
     return MediaTokens.for_data(follow_manifest(layout.base_model), tokenizer, data)
 
 

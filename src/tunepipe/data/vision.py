@@ -25,7 +25,6 @@ from pathlib import Path
 
 from tunepipe.data.media import PLACEHOLDERS, file_sha256
 from tunepipe.errors import TunepipeError
-from tunepipe.modeling import is_vision_model  # noqa: F401  (re-exported: the tokenize stage asks it)
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,8 @@ def run_evaluate(cfg: Config, layout: Layout) -> dict:
     tokenizer = apply_template(tokenizer_for(cfg, base_dir, source), cfg.data.template)  # its stop words
     vision = "media" in dataset.column_names
     if vision and cfg.eval.predict_with_generate:
-        log.warning("eval.predict_with_generate: generating with images is not supported yet (issue 21's next "
-                    "slice); the image rows get loss, perplexity and token accuracy only")
+        log.warning("eval.predict_with_generate: generating with images is not supported yet; "
+                    "the image rows get loss, perplexity and token accuracy only")
     examples = (generation_examples(dataset, tokenizer, cfg.eval.max_predict_samples)
                 if cfg.eval.predict_with_generate and not vision else [])
     device = device_for()
