@@ -31,6 +31,7 @@ SLOWEST_FIRST = [
     "e2e/test_hub_llamafactory_examples.py", "e2e/test_concurrent_runs.py", "e2e/test_train_resume.py",
     "e2e/test_ddp.py", "e2e/test_data_stages.py", "serve/test_tools_and_load.py", "serve/test_webchat.py",
     "test_export_gguf_demo.py",
+    "e2e/test_vlm_cli.py",
 ]
 
 
@@ -117,3 +118,11 @@ def mlflow_uri(mlflow_template_db, tmp_path) -> str:
     path.parent.mkdir()
     shutil.copy(mlflow_template_db, path)
     return f"sqlite:///{path}"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2vl_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2-VL with tokenizer and image processor (tests/fixtures/tiny_vlm.py), built once."""
+    from tests.fixtures.tiny_vlm import build_tiny_qwen2vl_dir
+
+    return build_tiny_qwen2vl_dir(tmp_path_factory.mktemp("tiny-qwen2vl"))

@@ -29,10 +29,15 @@ from tunepipe.modeling import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "template_parity"
 MOVED_CLOCK = "2031-02-28 23:59:30"  # neither the capture day nor the default template_date
+# vision templates whose golden rows need a LLaMA-Factory run with a multimodal processor
+# (bench/template_parity.py's multimodal mode, issue 21); until then tests/test_vlm_tokenize.py
+# checks them against LLaMA-Factory's rules (its qwen2_vl template and Qwen2VLPlugin) rebuilt by hand
+PARITY_PENDING = {"qwen2_vl"}
+CAPTURED = sorted(set(TEMPLATES) - PARITY_PENDING)
 
 
 def test_every_supported_template_has_golden_rows():
-    assert sorted(p.stem for p in FIXTURES.glob("*.json")) == sorted(TEMPLATES)
+    assert sorted(p.stem for p in FIXTURES.glob("*.json")) == CAPTURED
     for path in FIXTURES.glob("*.json"):
         datasets = json.loads(path.read_text(encoding="utf-8"))["datasets"]
         assert {"alpaca_en_demo", "glaive_toolcall_en_demo", "dpo_en_demo", "kto_en_demo"} <= set(datasets)
@@ -45,7 +50,7 @@ def smollm2_tokenizer(smollm2_base_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("name", CAPTURED)
 def test_named_template_ids_and_labels_equal_llamafactory(name, smollm2_tokenizer):
     fixture = json.loads((FIXTURES / f"{name}.json").read_text(encoding="utf-8"))
     day = fixture.get("template_date", DEFAULT_TEMPLATE_DATE)  # captured before the key: no date rendered

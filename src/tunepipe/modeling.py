@@ -246,16 +246,22 @@ def fit_vocabulary(model, vocab_size: int):
             for weight in matrices.values():
                 weight[rows:] = weight[:rows].mean(dim=0)
     return model
+def is_vision_model(model_dir: str | Path) -> bool:
+    """A vision-language model: its config.json has a vision tower's config."""
+    config = follow_manifest(model_dir) / "config.json"
+    return config.is_file() and "vision_config" in json.loads(config.read_text(encoding="utf-8"))
 
 
 def load_causal_lm(base_dir: str | Path, dtype: str | None = None, trust_remote_code: bool = False,
                    **kwargs):
-    """Load the base causal LM from a models/base/ dir (or any local HF dir), safetensors only."""
-    from transformers import AutoModelForCausalLM
+    """Load the base causal LM from a models/base/ dir (or any local HF dir), safetensors only;
+    a vision-language model loads whole (vision tower included) through AutoModelForImageTextToText."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     model_dir = follow_manifest(base_dir)
     dtype = dtype or base_dtype(base_dir)
-    return AutoModelForCausalLM.from_pretrained(
+    auto = AutoModelForImageTextToText if is_vision_model(model_dir) else AutoModelForCausalLM
+    return auto.from_pretrained(
         str(model_dir), dtype=torch_dtype(dtype), use_safetensors=True,
         trust_remote_code=trust_remote_code, **kwargs)
 

@@ -128,6 +128,20 @@ class DataConfig:
     """LLaMA-Factory's streaming shuffle buffer; training shuffles whole shards, so it changes nothing."""
     template_date: str = DEFAULT_TEMPLATE_DATE
     """The date a chat template renders (llama3's tool prompt `Today Date`, jinja `strftime_now`), YYYY-MM-DD: a declared input, never the clock, so the shards do not change from day to day."""
+    media_dir: Optional[str] = None
+    """Folder the `images` / `videos` paths of rows are relative to (absolute paths must lie inside it too); unset: dataset_dir."""
+    image_max_pixels: int = 768 * 768
+    """Images larger than this many pixels are scaled down (aspect kept) before the model's image processor: fewer image tokens."""
+    image_min_pixels: int = 32 * 32
+    """Images smaller than this many pixels are scaled up before the model's image processor."""
+    video_max_pixels: int = 256 * 256
+    """Video frames larger than this many pixels are scaled down before the model's video processor."""
+    video_min_pixels: int = 16 * 16
+    """Video frames smaller than this many pixels are scaled up."""
+    video_fps: float = 2.0
+    """Frames sampled per second of video."""
+    video_maxlen: int = 128
+    """At most this many frames sampled per video."""
 
     def check(self) -> None:
         require(self.preprocessing_num_workers is None or self.preprocessing_num_workers >= 1, "data",
@@ -136,6 +150,11 @@ class DataConfig:
                  self.preprocessing_batch_size, "must be >= 1")
         require(self.buffer_size >= 1, "data", "buffer_size", self.buffer_size, "must be >= 1")
         require(self.cutoff_len >= 8, "data", "cutoff_len", self.cutoff_len, "must be >= 8")
+        for kind in ("image", "video"):
+            low, high = getattr(self, f"{kind}_min_pixels"), getattr(self, f"{kind}_max_pixels")
+            require(0 < low <= high, "data", f"{kind}_min_pixels", low, f"must be > 0 and <= {kind}_max_pixels ({high})")
+        require(self.video_fps > 0, "data", "video_fps", self.video_fps, "must be > 0")
+        require(self.video_maxlen >= 1, "data", "video_maxlen", self.video_maxlen, "must be >= 1")
         require(self.val_size >= 0, "data", "val_size", self.val_size, "must be >= 0")
         require(self.val_size < 1 or float(self.val_size).is_integer(), "data", "val_size",
                  self.val_size, "a fraction must be < 1; a count must be a whole number")

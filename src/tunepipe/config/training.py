@@ -66,6 +66,12 @@ class TrainConfig:
     """freeze: modules outside the decoder layers that train too (e.g. embed_tokens, norm, lm_head)."""
     use_llama_pro: bool = False
     """LLaMA Pro: train only the expanded blocks (every n-th layer, n = layers / freeze_trainable_layers), with freeze or LoRA / OFT."""
+    freeze_vision_tower: bool = True
+    """Vision-language models: keep the vision encoder frozen (LoRA never wraps it while frozen)."""
+    freeze_multi_modal_projector: bool = True
+    """Vision-language models: keep the projector from vision features to the language model frozen."""
+    freeze_language_model: bool = False
+    """Vision-language models: keep the language model frozen (train only the unfrozen vision parts)."""
     per_device_train_batch_size: int = 1
     """Rows per device per micro-batch."""
     gradient_accumulation_steps: int = 8

@@ -17,6 +17,7 @@ named template gives LLaMA-Factory's ids and labels (bench/template_parity.py).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from tunepipe.config import DataConfig
@@ -113,6 +114,8 @@ def encode_conversations(rows: list[dict], fmt: ChatFormat, data: DataConfig, ki
         columns.update(prompt_ids=[], label_text=[])
     if kind == "kto":
         columns["kto_tag"] = []
+    if fmt.media is not None:
+        columns["media"] = []
     if data.train_on_prompt and fmt.efficient_eos:
         raise TunepipeError(f"data.train_on_prompt=true does not work with template {fmt.name} "
                             "(its answers end at the next prompt's first token, as in LLaMA-Factory)")
@@ -126,6 +129,9 @@ def encode_conversations(rows: list[dict], fmt: ChatFormat, data: DataConfig, ki
 
     def finish_row(row: dict, turns: list[list[int]]) -> None:
         stats.rows_in += 1
+        if row.get("images") and sum(map(len, turns)) + (eos is not None) > data.cutoff_len:
+            stats.dropped_overlong += 1  # cutting into an image's tokens would leave the model half an image
+            return
         if kind == "kto":
             prompt, answer = one_turn(turns)
             sample = build_sample([(prompt, answer + ([eos] if eos is not None else []))], data, stats)
@@ -134,7 +140,9 @@ def encode_conversations(rows: list[dict], fmt: ChatFormat, data: DataConfig, ki
         if sample is None:
             return
         columns["input_ids"].append(sample[0])
-        columns["labels"].append(sample[1])
+        columns["labels"].append(sample[1] if fmt.media is None else fmt.media.mask(*sample))
+        if fmt.media is not None:
+            columns["media"].append(media_column(row))
         if eval_columns:
             columns["prompt_ids"].append(one_turn(turns)[0])
             columns["label_text"].append(row["messages"][-1]["content"])
@@ -186,6 +194,11 @@ def build_sample(pairs: list[tuple[list[int], list[int]]], data: DataConfig, sta
     stats.rows_out += 1
     stats.lengths.append(len(input_ids))
     return input_ids, labels
+
+
+def media_column(row: dict) -> str:
+    """A sample's media references as the shards keep them (JSON text): paths and hashes, never pixels."""
+    return json.dumps({"images": row.get("images") or []}, sort_keys=True)
 
 
 # -- preference ---------------------------------------------------------------------

@@ -53,6 +53,7 @@ class NamedTemplate:
     tool_format: str = "default"  # see tool_formats.py
     reasoning: bool = False  # empty <think></think> blocks added to answers without one
     document_end: str | None = None  # pretraining: this token ends each document instead of EOS
+    vision: bool = False  # images allowed: each <image> becomes the model's vision start, image tokens, end
     slots: dict = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
@@ -122,6 +123,7 @@ TEMPLATES: dict[str, NamedTemplate] = dict([
        assistant=(CONTENT + "<|im_end|>",), system=("<|im_start|>system<|im_sep|>" + CONTENT + "<|im_end|>",),
        stop_words=("<|im_end|>",), replace_eos=True),
     _t("qwen", **QWEN_CHAT, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+    _t("qwen2_vl", **QWEN_CHAT, default_system="You are a helpful assistant.", vision=True),
     _t("qwen3", **QWEN_CHAT, reasoning=True),
     _t("qwen3_nothink", **QWEN_CHAT),
     _t("smollm2", user=CHATML_USER, assistant=CHATML_ANSWER, system=CHATML_SYSTEM, stop_words=("<|im_end|>",),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunepipe.data.hub_data import HubDataset, hub_dataset
+from tunepipe.data.media import SUPPORTED as MEDIA_COLUMNS
 from tunepipe.data.schemas import load_validator, pointer
 from tunepipe.errors import TunepipeError
 
@@ -39,7 +40,6 @@ DEFAULT_TAGS = {
     "openai": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
                "observation_tag": "tool", "function_tag": "function_call", "system_tag": "system"},
 }
-MEDIA_COLUMNS = ("images", "videos", "audios")
 
 
 @dataclass
@@ -60,6 +60,11 @@ class DatasetEntry:
     info: dict = field(default_factory=dict)
     hub: HubDataset | None = None
     """the Hub dataset it names (files is then empty)"""
+
+    @property
+    def media(self) -> tuple[str, ...]:
+        """The media columns (images, videos) the entry maps."""
+        return tuple(kind for kind in MEDIA_COLUMNS if kind in self.columns)
 
     @property
     def is_kto(self) -> bool:
@@ -132,9 +137,6 @@ def resolve_entry(name: str, raw: dict, dataset_dir: Path) -> DatasetEntry:
     if file_type == "txt" and "prompt" not in user_columns:
         columns["prompt"] = "text"  # a .txt file has one `text` column
     tags = {**DEFAULT_TAGS.get(formatting, {}), **{k: v for k, v in (raw.get("tags") or {}).items() if v}}
-    media = [c for c in MEDIA_COLUMNS if c in user_columns]
-    if media:
-        log.warning("dataset %r: media columns %s are ignored (tunepipe trains text-only models)", name, media)
     return DatasetEntry(name=name, formatting=formatting, ranking=bool(raw.get("ranking", False)),
                         columns=columns, user_columns=frozenset(user_columns), tags=tags, files=files,
                         file_type=file_type, num_samples=raw.get("num_samples"), info=raw, hub=hub)

@@ -36,7 +36,9 @@ from typing import Any
 
 from tunepipe.config import DEFAULT_TEMPLATE_DATE
 from tunepipe.data import named_templates as nt
+from tunepipe.data.media import PLACEHOLDERS
 from tunepipe.data.tool_formats import FORMATS, calls_text, tools_text
+from tunepipe.data.vision import image_parts
 from tunepipe.errors import TunepipeError
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class ChatFormat:
         self.name = name or "tokenizer"
         self.named = nt.get_template(name) if name is not None else None
         self.added_tokens: list[str] = []
+        self.media = None  # vision.MediaTokens: set by the tokenize stage for a vision-language model
         if self.named is not None:
             self.tool_format = tool_format or self.named.tool_format
             if self.tool_format not in FORMATS:
@@ -113,10 +116,31 @@ class ChatFormat:
         blocks of earlier answers (reasoning templates; LLaMA-Factory does so for one-turn objectives
         and with mask_history)."""
         messages = row["messages"] + ([extra] if extra else [])
+        images = self.check_media(row)
         if self.named is None:
-            return [[text] for text in self.rendered_turns(row, extra)]
-        return named_turns(self.named, self.tool_format, messages, row.get("system") or "",
-                           row.get("tools") or "", self.tokenizer, history_thoughts, self.today)
+            turns = [[text] for text in self.rendered_turns(row, extra)]
+        else:
+            if images:  # LLaMA-Factory's Qwen-VL plugin: <image> -> start, image token, end (expanded below)
+                messages = [{**m, "content": m["content"].replace(PLACEHOLDERS["images"], self.media.marker())}
+                            for m in messages]
+            turns = named_turns(self.named, self.tool_format, messages, row.get("system") or "",
+                                row.get("tools") or "", self.tokenizer, history_thoughts, self.today)
+        return self.media.expand(turns, images) if images else turns
+
+    def check_media(self, row: dict) -> list[dict]:
+        """The row's images, once it is sure they can go into the model (or a clear error)."""
+        where = row.get("_source", "a row")
+        if row.get("videos"):
+            raise TunepipeError(f"{where}: videos are validated but not trained on yet",
+                                hint="train on the image rows for now")
+        images = row.get("images") or []
+        if images and self.media is None:
+            raise TunepipeError(f"{where}: the row has images but the base model is not a vision-language model",
+                                hint="use a vision-language base model (Qwen2-VL) or drop the images column")
+        if images and self.named is not None and not self.named.vision:
+            raise TunepipeError(f"{where}: the row has images but template {self.name} takes none",
+                                hint="use template: qwen2_vl, or leave data.template unset for the model's own")
+        return images
 
     def rendered_turns(self, row: dict, extra: dict | None = None) -> list[str]:
         """The tokenizer template's text cut before and after every answer."""
@@ -170,11 +194,13 @@ class ChatFormat:
         for turn in row["messages"] + ([extra] if extra else []):
             if turn["role"] in TRAINED_ROLES:
                 answers.append(len(messages))
-            messages.append(self.message(turn))
+            messages.append(self.message(turn, bool(row.get("images"))))
         return Chat(messages, tools if self.native_tools else None, answers)
 
-    def message(self, turn: dict) -> dict:
+    def message(self, turn: dict, images: bool = False) -> dict:
         role, content = turn["role"], turn["content"]
+        if images and role == "user" and PLACEHOLDERS["images"] in content:
+            return {"role": role, "content": image_parts(content)}  # the template renders its own image marker
         if role == "function_call":
             calls = function_calls(content)
             if self.native_tools:

@@ -32,11 +32,12 @@ from tunepipe.data.packing import BlockCutter
 from tunepipe.data.shards import ShardWriter, to_table
 from tunepipe.data.templates import ChatFormat
 from tunepipe.data.validated import KINDS_FOR_STAGE, SHARD_KINDS, line_offsets, read_manifest
+from tunepipe.data.vision import MediaTokens
 from tunepipe.data.vocabulary import extend_tokenizer
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import atomic_dir, write_json_atomic
 from tunepipe.layout import Layout
-from tunepipe.modeling import load_tokenizer
+from tunepipe.modeling import follow_manifest, is_vision_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,14 @@ def run_tokenize(cfg: Config, layout: Layout) -> dict:
                                                                             data.tool_format, data.today())
     if kind == "pretrain" and tokenizer.eos_token_id is None:
         raise TunepipeError("stage pt needs an EOS token between documents; the tokenizer has none")
+    if fmt is not None and is_vision_model(follow_manifest(layout.base_model)):
+        fmt.media = media_tokens(cfg, layout, tokenizer)
     plans, sources = select_rows(manifest, layout.validated, data)
 
     rows, stats = {}, {}
     with atomic_dir(layout.tokenized) as tmp:
         for split in ("train", "eval"):
-            names = column_names(kind, split, data.packing)
+            names = column_names(kind, split, data.packing, media=fmt is not None and fmt.media is not None)
             unpacked = [name for name in names if name != "seq_lens"]  # what each chunk returns
             job = Job(kind, unpacked, kind == "sft" and split == "eval", data, fmt, tokenizer, *sources[split])
             rows[split], stats[split] = encode_split(job, plans[split], split, tmp / split, names)
@@ -159,7 +162,17 @@ def write_blocks(writer: ShardWriter, columns: dict, names: list[str], stats) ->
         writer.write(to_table(columns, names))
 
 
-def column_names(kind: str, split: str, packing: bool) -> list[str]:
+def media_tokens(cfg: Config, layout: Layout, tokenizer) -> MediaTokens:
+    """A vision-language base model's image tokens and processor (its rows' images resolved in media_dir)."""
+    data = cfg.data
+    if data.packing or cfg.train.stage != "sft":
+        raise TunepipeError(f"vision-language models train with stage sft and packing off for now "
+                            f"(train.stage={cfg.train.stage}, data.packing={data.packing})",
+                            hint="DPO, KTO and packing with images are not supported yet")
+    return MediaTokens.for_data(follow_manifest(layout.base_model), tokenizer, data)
+
+
+def column_names(kind: str, split: str, packing: bool, media: bool = False) -> list[str]:
     if kind == "prompt":
         return list(PROMPT_COLUMNS)
     if kind == "preference":
@@ -171,6 +184,8 @@ def column_names(kind: str, split: str, packing: bool) -> list[str]:
         names += ["prompt_ids", "label_text"]
     if kind == "kto":
         names.append("kto_tag")
+    if media:
+        names.append("media")  # JSON: {"images": [{"path", "sha256"}]}, resolved against data.media_dir
     return names
 
 
@@ -183,4 +198,5 @@ def build_meta(cfg: Config, kind: str, tokenizer, fmt: ChatFormat | None, rows: 
             "tokenizer": {"name": Path(str(tokenizer.name_or_path)).name, "vocab_size": len(tokenizer),
                           "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token},
             "rows": rows,
-            "columns": {split: column_names(kind, split, data.packing) for split in rows}}
+            "columns": {split: column_names(kind, split, data.packing, fmt is not None and fmt.media is not None)
+                        for split in rows}}

@@ -25,6 +25,7 @@ from tunepipe.config import Config, ModelConfig
 from tunepipe.data.formats import Mapper
 from tunepipe.data.hub_data import resolve as resolve_hub
 from tunepipe.data.hub_data import stream_rows
+from tunepipe.data.media import MediaChecker, refuse_unsupported
 from tunepipe.data.readers import RawRow, read_rows
 from tunepipe.data.registry import DatasetEntry, get_entries
 from tunepipe.data.row_checks import check_view, problem_record
@@ -54,6 +55,7 @@ class DatasetResult:
     invalid_count: int = 0
     invalid: list[dict] = field(default_factory=list)  # the first ERRORS_IN_FULL records of invalid rows
     commit: str | None = None  # a hub dataset's resolved commit sha
+    media: MediaChecker | None = None  # set when the entry maps images / videos
 
     def summary(self, dataset_dir: Path) -> dict:
         summary = {"kind": self.kind, "formatting": self.entry.formatting,
@@ -61,6 +63,9 @@ class DatasetResult:
                    "rows_read": self.rows_read, "valid": self.valid, "invalid": self.invalid_count,
                    "errors": self.invalid[:ERRORS_IN_FULL],
                    "errors_not_shown": max(0, self.invalid_count - ERRORS_IN_FULL)}
+        if self.media is not None:
+            summary["media"] = {**self.media.counts, "files_checked": len(self.media.checked),
+                                "rows_with_placeholders_prepended": self.media.prepended}
         hub = self.entry.hub
         if hub is not None:
             summary["hub"] = {"repo_id": hub.repo_id, "subset": hub.subset, "split": hub.split,
@@ -90,7 +95,8 @@ def run_validate(cfg: Config, layout: Layout) -> dict:
         with ValidatedWriter(layout.validated, stage) as out, open(rejected_tmp, "w", encoding="utf-8") as rejected:
             sinks = Sinks(out, rejected)
             for entry in get_entries(list(dict.fromkeys(splits["train"] + splits["eval"])), dataset_dir):
-                results[entry.name] = validate_dataset(entry, stage, dataset_dir, sinks, cfg.model)
+                results[entry.name] = validate_dataset(entry, stage, dataset_dir, sinks, cfg.model,
+                                                       Path(cfg.data.media_dir or dataset_dir))
             report = build_report(cfg, splits, results, dataset_dir)
             write_json_atomic(layout.reports / REPORT, report)
             check_outcome(cfg, results, layout)
@@ -117,9 +123,9 @@ def check_outcome(cfg: Config, results: dict[str, DatasetResult], layout: Layout
 
 
 def validate_dataset(entry: DatasetEntry, stage: str, dataset_dir: Path, sinks: Sinks,
-                     model_cfg: ModelConfig | None = None) -> DatasetResult:
+                     model_cfg: ModelConfig | None = None, media_dir: Path | None = None) -> DatasetResult:
     """One dataset's rows; a hub dataset is read at the commit its revision names now (recorded),
-    with `model_cfg`'s token and cache dir."""
+    with `model_cfg`'s token and cache dir. Media paths resolve against `media_dir` (default: dataset_dir)."""
     kind = entry.kind(stage)
     needed = KINDS_FOR_STAGE[stage]
     if kind != needed:
@@ -127,6 +133,12 @@ def validate_dataset(entry: DatasetEntry, stage: str, dataset_dir: Path, sinks: 
                             hint=KIND_HINT[needed])
     mapper = Mapper(entry, kind)
     result = DatasetResult(entry, kind)
+    refuse_unsupported(entry.name, entry.user_columns)
+    if entry.media:
+        if kind == "pretrain":
+            raise TunepipeError(f"dataset {entry.name!r} maps {', '.join(entry.media)}: media in stage pt "
+                                "(multimodal pretraining) is not supported yet", hint="use train.stage: sft")
+        result.media = MediaChecker(media_dir or dataset_dir)
     sinks.validated.open(entry.name)
     if entry.hub is not None:
         token, cache_dir = (model_cfg.hf_hub_token, model_cfg.cache_dir) if model_cfg else (None, None)
@@ -177,8 +189,10 @@ def check_raw_row(mapper: Mapper, raw: RawRow, result: DatasetResult, sinks: Sin
     else:
         view = mapper.view(raw.data)
         found = check_view(mapper, view)
+        row = mapper.canonical(view) if not found else None
+        if row is not None and result.media is not None:
+            found = result.media.attach(row, raw.data, mapper.entry.columns, ["messages" if mapper.chat else "prompt"])
         if not found:
-            row = mapper.canonical(view)
             row["_source"] = f"{raw.file}:{raw.index}"
             sinks.validated.add(mapper.entry.name, row)
             result.valid += 1

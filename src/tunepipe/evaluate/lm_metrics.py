@@ -38,18 +38,21 @@ def model_device(model):
     return next(model.parameters()).device
 
 
-def _shifted_logits(model, input_rows, label_rows, pad_id: int):
-    """Logits at each position with the label they predict (the next token), -100 where none."""
+def _shifted_logits(model, input_rows, label_rows, pad_id: int, extra: dict | None = None):
+    """Logits at each position with the label they predict (the next token), -100 where none.
+    `extra`: more forward inputs for these rows (a vision-language model's images)."""
     ids, mask = padded(input_rows, pad_id)
     labels, _ = padded(label_rows, IGNORE_INDEX)
     device = model_device(model)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    extra = {key: value.to(device) for key, value in (extra or {}).items()}
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits.float()
     return logits[:, :-1], labels[:, 1:].to(device)
 
 
 def token_metrics(model, input_rows, label_rows, pad_id: int, batch_size: int = 1,
-                  desc: str = "eval loss") -> dict[str, float]:
-    """eval_loss, perplexity and token_accuracy over every label token of the rows."""
+                  desc: str = "eval loss", extra_inputs=None) -> dict[str, float]:
+    """eval_loss, perplexity and token_accuracy over every label token of the rows
+    (`extra_inputs(indices)`: more forward inputs for those rows, e.g. their images)."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -58,7 +61,8 @@ def token_metrics(model, input_rows, label_rows, pad_id: int, batch_size: int = 
     with torch.inference_mode():
         for index in tqdm(list(batched(len(input_rows), batch_size)), desc=desc, unit="batch"):
             logits, labels = _shifted_logits(model, [input_rows[i] for i in index],
-                                             [label_rows[i] for i in index], pad_id)
+                                             [label_rows[i] for i in index], pad_id,
+                                             extra_inputs(list(index)) if extra_inputs else None)
             valid = labels != IGNORE_INDEX
             nll_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                        ignore_index=IGNORE_INDEX, reduction="sum").item()

@@ -63,17 +63,22 @@ def run_evaluate(cfg: Config, layout: Layout) -> dict:
         return run_reward_evaluate(cfg, layout, source, dataset)
     base_dir = base_dir_for(cfg, layout)
     tokenizer = apply_template(tokenizer_for(cfg, base_dir, source), cfg.data.template)  # its stop words
+    vision = "media" in dataset.column_names
+    if vision and cfg.eval.predict_with_generate:
+        log.warning("eval.predict_with_generate: generating with images is not supported yet; "
+                    "the image rows get loss, perplexity and token accuracy only")
     # grpo is judged by its rewards on generated answers, so it always generates
     examples = (generation_examples(dataset, tokenizer, cfg.eval.max_predict_samples)
-                if cfg.eval.predict_with_generate or cfg.train.stage == "grpo" else [])
+                if (cfg.eval.predict_with_generate or cfg.train.stage == "grpo") and not vision else [])
     device = device_for()
+    images = image_inputs(cfg, dataset, tokenizer, base_dir) if vision else None
     tuned = score_model(cfg, dataset, tokenizer, examples, "tuned",
-                        lambda: load_trained(cfg, base_dir, source, device), base_dir)
+                        lambda: load_trained(cfg, base_dir, source, device), base_dir, images)
     base = None
     if cfg.eval.compare_base or _wants_reference(cfg, dataset):
         base = score_model(cfg, dataset, tokenizer, examples if cfg.eval.compare_base else [], "base",
                            lambda: fit_vocabulary(load_base(cfg, base_dir, device, quantized=True), len(tokenizer)),
-                           base_dir)
+                           base_dir, images)
     report = build_report(cfg, dataset, tuned, base if cfg.eval.compare_base else None)
     if tuned.logps is not None:
         report["preference"] = preference_metrics(cfg.train, tuned.logps, base.logps if base else None)
@@ -103,7 +108,7 @@ def _wants_reference(cfg: Config, dataset) -> bool:
 
 
 def score_model(cfg: Config, dataset, tokenizer, examples: list[Example], name: str,
-                load: Callable[[], object], base_dir: Path) -> ModelScores:
+                load: Callable[[], object], base_dir: Path, extra_inputs=None) -> ModelScores:
     """Load one model, compute every figure on it, free it."""
     log.info("evaluating the %s model", name)
     model = load()
@@ -112,7 +117,8 @@ def score_model(cfg: Config, dataset, tokenizer, examples: list[Example], name: 
     scores = ModelScores()
     if "prompt_ids" not in dataset.column_names or "input_ids" in dataset.column_names:  # not prompt-only rows
         inputs, labels = loss_columns(dataset)
-        scores.metrics = token_metrics(model, inputs, labels, pad_id, batch, desc=f"{name} loss")
+        scores.metrics = token_metrics(model, inputs, labels, pad_id, batch, desc=f"{name} loss",
+                                       extra_inputs=extra_inputs)
     if split_kind(dataset) in ("pairs", "kto") and cfg.train.stage in ("dpo", "kto"):
         scores.logps = preference_logps(model, dataset, pad_id, batch, desc=f"{name} log-probs")
     if examples:
@@ -129,6 +135,21 @@ def score_model(cfg: Config, dataset, tokenizer, examples: list[Example], name: 
     del model
     gc.collect()
     return scores
+
+
+def image_inputs(cfg: Config, dataset, tokenizer, base_dir: Path):
+    """For a vision-language model's rows: indices -> the images' forward inputs (as in training)."""
+    from tunepipe.data.vision import MediaTokens
+    from tunepipe.evaluate.lm_metrics import padded
+    from tunepipe.modeling import follow_manifest
+
+    media = MediaTokens.for_data(follow_manifest(base_dir), tokenizer, cfg.data)
+
+    def inputs(indices: list[int]) -> dict:  # the rows right-padded as token_metrics pads them
+        rows = [dataset[i] for i in indices]
+        ids, _ = padded([row["input_ids"] for row in rows], tokenizer.pad_token_id)
+        return media.model_inputs(ids, [row["media"] for row in rows])
+    return inputs
 
 
 def loss_columns(dataset) -> tuple[list, list]:

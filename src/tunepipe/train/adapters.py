@@ -45,9 +45,13 @@ def pissa_init_value(train: TrainConfig) -> str:
     return "pissa" if train.pissa_iter == -1 else f"pissa_niter_{train.pissa_iter}"
 
 
-def peft_targets(model, train: TrainConfig, names) -> str | list[str]:
+def peft_targets(model, train: TrainConfig, names, target_modules: list[str] | None = None) -> str | list[str]:
     """`target_modules` for PEFT: PEFT's "all-linear" is every linear layer except the output
-    head (LLaMA-Factory's `all`); with use_llama_pro, only the modules of the expanded blocks."""
+    head (LLaMA-Factory's `all`); with use_llama_pro, only the modules of the expanded blocks;
+    `target_modules` (the layers' full names) when the caller chose them, as for a
+    vision-language model's language part."""
+    if target_modules is not None:
+        return target_modules
     targets = name_list(names) or ["all"]
     if train.use_llama_pro:
         from tunepipe.train.llama_pro import expanded_block_modules
@@ -56,7 +60,8 @@ def peft_targets(model, train: TrainConfig, names) -> str | list[str]:
     return "all-linear" if targets == ["all"] else targets
 
 
-def lora_config(train: TrainConfig, task_type: str = "CAUSAL_LM", model=None):
+def lora_config(train: TrainConfig, task_type: str = "CAUSAL_LM", model=None,
+                target_modules: list[str] | None = None):
     """PEFT `LoraConfig` from the LLaMA-Factory-named knobs."""
     from peft import LoraConfig
 
@@ -65,7 +70,7 @@ def lora_config(train: TrainConfig, task_type: str = "CAUSAL_LM", model=None):
         r=train.lora_rank,
         lora_alpha=train.alpha,
         lora_dropout=train.lora_dropout,
-        target_modules=peft_targets(model, train, train.lora_target),
+        target_modules=peft_targets(model, train, train.lora_target, target_modules),
         modules_to_save=name_list(train.additional_target),
         use_rslora=train.use_rslora,
         use_dora=train.use_dora,
@@ -73,7 +78,8 @@ def lora_config(train: TrainConfig, task_type: str = "CAUSAL_LM", model=None):
     )
 
 
-def oft_config(train: TrainConfig, task_type: str = "CAUSAL_LM", model=None):
+def oft_config(train: TrainConfig, task_type: str = "CAUSAL_LM", model=None,
+               target_modules: list[str] | None = None):
     """PEFT `OFTConfig` from LLaMA-Factory's oft_* keys (PEFT takes r or oft_block_size, the other 0)."""
     from peft import OFTConfig
 
@@ -82,18 +88,18 @@ def oft_config(train: TrainConfig, task_type: str = "CAUSAL_LM", model=None):
         r=train.oft_rank,
         oft_block_size=train.oft_block_size,
         module_dropout=train.module_dropout,
-        target_modules=peft_targets(model, train, train.oft_target),
+        target_modules=peft_targets(model, train, train.oft_target, target_modules),
         modules_to_save=name_list(train.additional_target),
     )
 
 
-def attach_lora(model, train: TrainConfig, task_type: str = "CAUSAL_LM"):
+def attach_lora(model, train: TrainConfig, task_type: str = "CAUSAL_LM", target_modules: list[str] | None = None):
     """Wrap `model` in a PeftModel with fresh LoRA (or, for finetuning_type oft, OFT) adapters;
     a bad target name or an OFT block size that does not divide a layer is a TunepipeError."""
     from peft import get_peft_model
 
     build = oft_config if train.finetuning_type == "oft" else lora_config
-    config = build(train, task_type, model)
+    config = build(train, task_type, model, target_modules)
     config.ensure_weight_tying = _trains_tied_embeddings(model, config)
     if train.finetuning_type == "lora" and config.target_modules == "all-linear":
         _all_linear_on_moe(config, model)  # experts yes, router gates no

@@ -124,6 +124,11 @@ def model_inputs(batch: dict) -> dict:
     transformers' packed-sample detection, and a 4-D one would replace the model's own
     per-layer masks (sliding windows). `use_cache=False` always: with a KV cache transformers
     skips the packed-sample detection too, and samples would see each other."""
+    if "position_ids" not in batch:
+        # a vision-language batch (train/vision.py): right-padded rows with their mask and images;
+        # the model computes its own (3-D, image-aware) rotary positions
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+        return {**{key: batch[key] for key in keys if key in batch}, "use_cache": False}
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     if "cu_seq_lens_q" in batch:
         inputs.update({key: batch[key] for key in FLASH_KWARGS})

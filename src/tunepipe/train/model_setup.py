@@ -18,6 +18,7 @@ from tunepipe.modeling import load_causal_lm
 from tunepipe.train.adapters import attach_lora, merge_named_adapters, name_list
 from tunepipe.train.llama_pro import expanded_block_ids
 from tunepipe.train.moe import configure_router_loss
+from tunepipe.train.vision import freeze_parts, lora_targets, model_family
 from tunepipe.train.vocabulary import grow_vocabulary
 
 log = logging.getLogger(__name__)
@@ -126,15 +127,19 @@ def quantization_config(model_cfg: ModelConfig, train: TrainConfig):
 
 
 def apply_finetuning(model, train: TrainConfig, quantized: bool = False, task_type: str = "CAUSAL_LM"):
-    """lora / oft -> PeftModel; freeze -> last/first layers trainable; full -> everything trainable."""
+    """lora / oft -> PeftModel; freeze -> last/first layers trainable; full -> everything trainable
+    (a vision-language model's frozen parts, by freeze_vision_tower etc., stay frozen and unwrapped)."""
+    family = model_family(model)
     if train.uses_adapter:
+        names = name_list(train.oft_target if train.finetuning_type == "oft" else train.lora_target) or ["all"]
+        targets = None if family is None else lora_targets(model, family, train, names)
         if quantized:
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=train.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = attach_lora(model, train, task_type)
+        model = attach_lora(model, train, task_type, targets)
         if train.pure_bf16:  # PEFT keeps LoRA weights float32 but copies modules_to_save in bf16
             upcast_trainable(model)
         return model
@@ -143,6 +148,8 @@ def apply_finetuning(model, train: TrainConfig, quantized: bool = False, task_ty
     else:
         for param in model.parameters():
             param.requires_grad_(True)
+    if family is not None:
+        freeze_parts(model, family, train)
     upcast_trainable(model)
     return model
 

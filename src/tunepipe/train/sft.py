@@ -12,7 +12,9 @@ import logging
 from transformers import Trainer
 
 from tunepipe.config import Config
+from tunepipe.data.vision import MediaTokens
 from tunepipe.layout import Layout
+from tunepipe.modeling import follow_manifest
 from tunepipe.train.collate import SegmentCollator
 from tunepipe.train.isolation import check_sample_isolation
 from tunepipe.train.loss import causal_lm_loss
@@ -20,6 +22,7 @@ from tunepipe.train.model_setup import build_trainable_model
 from tunepipe.train.session import run_session
 from tunepipe.train.tokenized import load_tokenized
 from tunepipe.train.trainer_setup import optimizer_for
+from tunepipe.train.vision import VisionCollator
 from tunepipe.train.vocabulary import training_tokenizer
 
 log = logging.getLogger(__name__)
@@ -30,7 +33,10 @@ def train(cfg: Config, layout: Layout) -> dict:
     splits = load_tokenized(layout, cfg.train.stage, ("input_ids", "labels"))
     tokenizer = training_tokenizer(cfg, layout)  # the grown one when the shards added tokens
     model = build_trainable_model(cfg, layout)
-    collator = batch_layout(model, tokenizer.pad_token_id)
+    if "media" in splits.train.column_names:  # a vision-language model's rows (train/vision.py)
+        collator = VisionCollator(tokenizer.pad_token_id, media_tokens(cfg, layout, tokenizer))
+    else:
+        collator = batch_layout(model, tokenizer.pad_token_id)
 
     def make_trainer(args, callbacks):
         return CausalLMTrainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
@@ -38,6 +44,11 @@ def train(cfg: Config, layout: Layout) -> dict:
                                optimizers=(optimizer_for(model, cfg.train), None), dft=cfg.train.use_dft_loss)
 
     return run_session(cfg, layout, model, tokenizer, splits.eval is not None, make_trainer)
+
+
+def media_tokens(cfg: Config, layout: Layout, tokenizer) -> MediaTokens:
+    data = cfg.data
+    return MediaTokens.for_data(follow_manifest(layout.base_model), tokenizer, data)
 
 
 def batch_layout(model, pad_token_id: int) -> SegmentCollator:

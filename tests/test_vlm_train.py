@@ -1,0 +1,96 @@
+"""Training a tiny Qwen2-VL: a batch of image rows gives each sample exactly its loss alone (3-D M-RoPE
+positions included), the collator's image grids match the tokenized image-token counts, and the
+freeze_* keys / lora_target: all decide which parts train (frozen parts bit-identical after a step)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import load_from_disk
+
+from tests.test_tokenize import run_stages
+from tests.test_vlm_tokenize import SMALL
+from tunepipe.config.loader import load_config
+from tunepipe.data.vision import MediaTokens
+from tunepipe.modeling import load_causal_lm, load_tokenizer
+from tunepipe.train.collate import model_inputs
+from tunepipe.train.loss import causal_lm_loss
+from tunepipe.train.model_setup import apply_finetuning
+from tunepipe.train.vision import VisionCollator
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tiny_qwen2vl_dir, lf_demo_dir):
+    root = tmp_path_factory.mktemp("vlm-train")
+    layout = run_stages(root, tiny_qwen2vl_dir, lf_demo_dir, "mllm_demo", template="qwen2_vl", **SMALL)[1]
+    return load_from_disk(str(layout.tokenized / "train"))
+
+
+@pytest.fixture(scope="module")
+def collator(tiny_qwen2vl_dir, lf_demo_dir):
+    tokenizer = load_tokenizer(tiny_qwen2vl_dir)
+    media = MediaTokens.load(tiny_qwen2vl_dir, tokenizer, lf_demo_dir, SMALL["image_max_pixels"], 32 * 32)
+    return VisionCollator(tokenizer.pad_token_id, media)
+
+
+def test_a_batch_gives_each_sample_its_loss_alone(shards, collator, tiny_qwen2vl_dir):
+    model = load_causal_lm(tiny_qwen2vl_dir).eval()
+    rows = [shards[0], shards[1]]  # two images, then one: different lengths, so row 2 is padded
+    assert len(rows[0]["input_ids"]) != len(rows[1]["input_ids"])
+    batch = collator(rows)
+    with torch.no_grad():
+        logits = model(**model_inputs(batch)).logits
+        for i, row in enumerate(rows):
+            alone = collator([row])
+            n = len(row["input_ids"])
+            torch.testing.assert_close(logits[i, :n], model(**model_inputs(alone)).logits[0], atol=1e-5, rtol=0)
+            targets = batch["shift_labels"][i, :n]
+            loss_in_batch = F.cross_entropy(logits[i, :n][targets != -100], targets[targets != -100])
+            torch.testing.assert_close(loss_in_batch, causal_lm_loss(model, alone), atol=1e-5, rtol=0)
+
+
+def test_image_tokens_per_image_equal_the_processor_grid(shards, collator):
+    for row in shards:
+        batch = collator([row])
+        grid_tokens = (batch["image_grid_thw"].prod(dim=1) // collator.media.image_processor.merge_size ** 2)
+        assert int((batch["input_ids"] == collator.media.image_token_id).sum()) == int(grid_tokens.sum()) > 0
+        assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(dim=1).sum())
+
+
+def parts(model):
+    named = dict(model.named_parameters())
+    return {part: {k: v.detach().clone() for k, v in named.items() if key(k)}
+            for part, key in (("vision", lambda k: "visual.blocks" in k or "visual.patch_embed" in k),
+                              ("projector", lambda k: "visual.merger" in k),
+                              ("language", lambda k: "language_model" in k and "lora_" not in k),
+                              ("lora", lambda k: "lora_" in k))}
+
+
+def one_step(model, batch):
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    causal_lm_loss(model, batch).backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("keys,trained", [
+    ({"finetuning_type": "lora"}, {"lora"}),
+    ({"finetuning_type": "full"}, {"language"}),
+    ({"finetuning_type": "full", "freeze_vision_tower": "false", "freeze_multi_modal_projector": "false"},
+     {"language", "vision", "projector"}),
+    ({"finetuning_type": "full", "freeze_vision_tower": "false", "freeze_language_model": "true"}, {"vision"}),
+])
+def test_freeze_keys_decide_which_parts_train(shards, collator, tiny_qwen2vl_dir, keys, trained):
+    train = load_config(None, [f"train.{k}={v}" for k, v in keys.items()]).train
+    torch.manual_seed(0)
+    model = apply_finetuning(load_causal_lm(tiny_qwen2vl_dir), train)
+    if keys["finetuning_type"] == "lora":  # `all` wraps the language model's linears only
+        wrapped = {name for name, module in model.named_modules() if hasattr(module, "lora_A")}
+        assert wrapped and all("language_model" in name for name in wrapped)
+        assert any(name.endswith("mlp.down_proj") for name in wrapped)
+    before = parts(model)
+    one_step(model, collator([shards[0], shards[1]]))
+    after = parts(model)
+    for part, params in before.items():
+        changed = any(not torch.equal(params[k], after[part][k]) for k in params)
+        assert changed == (part in trained), part
