@@ -3,7 +3,11 @@
 The tuned model is the tiny base plus a LoRA adapter on lm_head built to prefer the answer "B"
 at the scoring position, so its accuracy is exactly the share of questions whose answer is B;
 the base's accuracy is computed here from its own logits. The adapter is scored as a PEFT model,
-never merged. Bad task names and unreachable data fail before any model is loaded.
+never merged; the same adapter merged into models/full is scored as a full fine-tune. A real
+seeded LoRA training (`tunepipe train`) on the answers the base does not prefer takes the task
+from 0 to 1, with the base weights unchanged on disk and the figures in the train run's MLflow
+run. Bad task names and unreachable data fail before any model is loaded, also through
+`tunepipe eval`.
 """
 
 from __future__ import annotations
