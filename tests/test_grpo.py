@@ -38,7 +38,7 @@ def prompt_rows(tokenizer, prompts, repeat: int = 1) -> Dataset:
 
 
 def grpo_trainer(model, tokenizer, rows, reward, tmp_path, batch: int = 4, steps: int = 1, lr: float = 1e-3,
-                 **grpo) -> PromptIdsGRPOTrainer:
+                 processing=None, **grpo) -> PromptIdsGRPOTrainer:
     """The trainer tunepipe builds (grpo_config from TrainingArguments + train.* keys)."""
     args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), per_device_train_batch_size=batch,
                              gradient_accumulation_steps=1, learning_rate=lr, max_steps=steps,
@@ -46,8 +46,9 @@ def grpo_trainer(model, tokenizer, rows, reward, tmp_path, batch: int = 4, steps
                              report_to="none", seed=0, use_cpu=True)
     train_cfg = TrainConfig(stage="grpo", reward_funcs="unused", **{"num_generations": 4,
                                                                      "max_completion_length": 5, **grpo})
-    return PromptIdsGRPOTrainer(model=model, reward_funcs=[reward], args=grpo_config(args, train_cfg),
-                                train_dataset=rows, processing_class=tokenizer)
+    return PromptIdsGRPOTrainer(model=model, reward_funcs=reward if isinstance(reward, list) else [reward],
+                                args=grpo_config(args, train_cfg), train_dataset=rows, processing_class=tokenizer,
+                                reward_processing_classes=processing)
 
 
 def constant_reward(completions, **_):
@@ -190,3 +191,35 @@ def test_a_reward_for_one_token_raises_its_frequency_and_shuffled_rewards_do_not
     control_before, control_after = train_on_token_reward(tiny_model_dir, tokenizer, prompts, tmp_path, shuffled=True)
     assert control_before == before
     assert control_after < before + 0.05, (before, control_after)
+
+
+# -- a reward model as a reward ----------------------------------------------------------------
+
+
+def test_a_stage_rm_output_dir_rewards_prompt_plus_completion_with_its_score(tiny_model_dir, tokenizer, prompts,
+                                                                             tmp_path):
+    from tests.fixtures.pref_rows import preference_dataset
+    from tests.fixtures.pref_runs import pref_config, write_tree
+    from tunepipe.config import Config, DataConfig, ModelConfig
+    from tunepipe.evaluate.scoring import score_texts
+    from tunepipe.modeling import load_reward_model
+    from tunepipe.train.preference import rm
+    from tunepipe.train.rl.grpo import load_rewards
+
+    rm_cfg = pref_config(tiny_model_dir, tmp_path / "rm", stage="rm", max_steps=2)
+    layout = write_tree(rm_cfg, preference_dataset(tokenizer))
+    rm.train(rm_cfg, layout)
+    cfg = Config(model=ModelConfig(model_name_or_path=str(tiny_model_dir)), data=DataConfig(dataset="unused"),
+                 train=TrainConfig(stage="grpo", reward_funcs=[str(layout.adapter), "exact_match"]))
+    rows = prompt_rows(tokenizer, prompts[:1])
+    funcs, processing = load_rewards(cfg, layout, tokenizer, rows)
+    assert processing == [tokenizer, None]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = grpo_trainer(model, tokenizer, rows, funcs, tmp_path, processing=processing)
+    trainer._generate_and_score_completions([rows[0]] * 4)
+    texts = [p + c for p, c in zip(trainer._logs["prompt"], trainer._logs["completion"])]
+    expected = score_texts(load_reward_model(layout.adapter, layout.base_model, tokenizer.pad_token_id), tokenizer,
+                           texts)
+    assert trainer.reward_func_names == ["reward_model", "exact_match"]
+    assert trainer._logs["rewards"]["reward_model"] == pytest.approx(expected, abs=1e-5)
+    assert len(set(expected)) > 1  # the completions differ, and so do their scores

@@ -38,6 +38,7 @@ from pathlib import Path
 from tunepipe.errors import TunepipeError
 
 REWARDS_DIR = Path("configs/rewards")  # a dvc.yaml dep of the train stage
+REWARD_MODEL_NAME = "reward_model"  # how a `stage: rm` dir's reward is named in metrics
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
@@ -120,7 +121,7 @@ def resolve(spec: str, root: Path, max_completion_length: int) -> tuple[str, Cal
         return user_function(spec, root)
     path = Path(spec) if Path(spec).is_absolute() else root / spec
     if path.is_dir():
-        return path.name, path
+        return REWARD_MODEL_NAME, path
     raise TunepipeError(f"train.reward_funcs: {spec!r} is not a built-in reward, a configs/rewards/FILE.py:function "
                         "reference or a reward-model directory",
                         hint=f"built-ins: {', '.join(BUILTINS)}")

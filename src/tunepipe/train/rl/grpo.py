@@ -73,7 +73,9 @@ def load_rewards(cfg: Config, layout: Layout, tokenizer, train_rows) -> tuple[li
     for spec in cfg.train.reward_list():
         name, found = reward_lib.resolve(spec, Path.cwd(), cfg.train.max_completion_length)
         if isinstance(found, Path):
-            funcs.append(load_reward_model(found, follow_manifest(layout.base_model), tokenizer.pad_token_id))
+            model = load_reward_model(found, follow_manifest(layout.base_model), tokenizer.pad_token_id)
+            model.config._name_or_path = name  # TRL names a model reward (rewards/<name>/mean) after it
+            funcs.append(model)
             processing.append(tokenizer)
         else:
             funcs.append(reward_lib.checked(name, found, spec))
