@@ -125,7 +125,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "ppo_whiten_rewards": "PPO is not supported",
     "ld_alpha": "LD-DPO is not supported yet",
     "max_length": "use max_new_tokens",
-    "default_system": "put the system prompt in the data (system column)",
     "vllm_config": "vLLM is not wired into tunepipe serve yet",
     "model_max_length": "use cutoff_len",
     "device_map": "the device is picked automatically",
