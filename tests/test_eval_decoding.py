@@ -1,6 +1,6 @@
 """LLaMA-Factory's eval decoding keys (num_beams and its two other names, repetition_penalty,
 length_penalty, skip_special_tokens) reach the `generate` call of the eval stage and chat, and
-change what comes out."""
+change what comes out; default_system replaces the template's system prompt in prompts and chat."""
 
 from __future__ import annotations
 
@@ -97,3 +97,35 @@ def test_decoding_values_are_checked():
 
     with pytest.raises(TunepipeError, match="num_beams"):
         load_config(None, ["eval.num_beams=0"])
+
+
+def test_default_system_replaces_the_templates_own(talkative):
+    from tunepipe.data.templates import ChatFormat
+
+    _, tokenizer = talkative
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+           "system": "", "tools": ""}
+
+    def prompt(template, default_system=None, system=""):
+        fmt = ChatFormat(tokenizer, template, default_system=default_system)
+        return "".join(text for turn in fmt.turns({**row, "system": system}) for text in turn
+                       if isinstance(text, str))
+
+    assert "Below is an instruction" in prompt("alpaca")  # alpaca's own system prompt
+    replaced = prompt("alpaca", default_system="You are Tuney.")
+    assert replaced.startswith("You are Tuney.") and "Below is an instruction" not in replaced
+    assert "You are Tuney." in prompt(None, default_system="You are Tuney.")  # the tokenizer's template too
+    assert "Own prompt" in prompt(None, "You are Tuney.", system="Own prompt")  # a row's own system wins
+    assert "You are Tuney." not in prompt(None, "You are Tuney.", system="Own prompt")
+
+
+def test_chat_takes_default_system(talkative, monkeypatch):
+    from tunepipe import chat
+    from tunepipe.chat import ChatSession, repl
+
+    model, tokenizer = talkative
+    seen = []
+    monkeypatch.setattr(chat, "stream_answer", lambda model, tokenizer, ids, cfg, out: seen.append(ids) or "A")
+    cfg = load_config(None, ["data.default_system=You are Tuney.", "tracking.report_to=none"])
+    repl(ChatSession(model, tokenizer, cfg), io.StringIO("Q\n"), io.StringIO(), interactive=False)
+    assert "You are Tuney." in tokenizer.decode(seen[0])

@@ -55,7 +55,8 @@ class ChatSession:
     def reply(self, text: str, out: TextIO) -> str:
         """Add the user turn, stream the answer to `out`, remember it, return it."""
         self.history.append({"role": "user", "content": text})
-        fmt = ChatFormat(self.tokenizer, self.cfg.data.template, today=self.cfg.data.today())
+        fmt = ChatFormat(self.tokenizer, self.cfg.data.template, today=self.cfg.data.today(),
+                         default_system=self.cfg.data.default_system)
         ids = fmt.prompt_ids(self.system, self.history)
         answer = stream_answer(self.model, self.tokenizer, ids, self.cfg, out)
         self.history.append({"role": "assistant", "content": answer})

@@ -90,6 +90,8 @@ class DataConfig:
     """Datasets used as the eval split instead of carving `val_size` out of `dataset`."""
     template: Optional[str] = None
     """Chat template: unset uses the model's own (the tokenizer's); or a LLaMA-Factory 0.9.5 name (qwen, llama3, ...)."""
+    default_system: Optional[str] = None
+    """System prompt for rows and chats that bring none, in place of the template's own."""
     cutoff_len: int = 1024
     """Maximum tokens per sample after tokenization."""
     overlong: Literal["truncate", "drop"] = "truncate"

@@ -100,7 +100,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "ppo_target": "PPO is not supported yet (TRL 1.16 has no PPO trainer); for RL from a reward use stage: grpo, whose reward_funcs take a stage-rm output dir",
     "ppo_whiten_rewards": "PPO is not supported yet (TRL 1.16 has no PPO trainer); for RL from a reward use stage: grpo, whose reward_funcs take a stage-rm output dir",
     "max_length": "use max_new_tokens",
-    "default_system": "put the system prompt in the data (system column)",
     "vllm_config": "extra vLLM engine arguments are not passed through (vllm_maxlen, vllm_gpu_util, vllm_enforce_eager and vllm_max_lora_rank are)",
     "model_max_length": "use cutoff_len",
     "device_map": "the device is picked automatically",

@@ -61,8 +61,11 @@ class ChatFormat:
     """Turn canonical rows into turns (texts and token ids), by a named template or the tokenizer's."""
 
     def __init__(self, tokenizer, name: str | None = None, tool_format: str | None = None,
-                 today: date = DEFAULT_TODAY):
+                 today: date = DEFAULT_TODAY, default_system: str | None = None):
         self.tokenizer = tokenizer
+        # data.default_system: the system prompt of rows (and chats) that bring none, in place of
+        # the template's own (LLaMA-Factory's meaning)
+        self.default_system = default_system or ""
         self.today = today  # data.template_date: the only date a template ever renders
         self.name = name or "tokenizer"
         self.named = nt.get_template(name) if name is not None else None
@@ -123,7 +126,7 @@ class ChatFormat:
             if images:  # LLaMA-Factory's Qwen-VL plugin: <image> -> start, image token, end (expanded below)
                 messages = [{**m, "content": m["content"].replace(PLACEHOLDERS["images"], self.media.marker())}
                             for m in messages]
-            turns = named_turns(self.named, self.tool_format, messages, row.get("system") or "",
+            turns = named_turns(self.named, self.tool_format, messages, row.get("system") or self.default_system,
                                 row.get("tools") or "", self.tokenizer, history_thoughts, self.today)
         return self.media.expand(turns, images) if images else turns
 
@@ -186,7 +189,7 @@ class ChatFormat:
     def chat(self, row: dict, extra: dict | None = None) -> Chat:
         """Canonical row (plus an optional final answer) -> messages the jinja template understands."""
         tools = parse_tools(row.get("tools", ""))
-        system = row.get("system") or ""
+        system = row.get("system") or self.default_system
         if tools and not self.native_tools:
             system = tools_system_prompt(system, tools)
         messages = [{"role": "system", "content": system}] if system else []

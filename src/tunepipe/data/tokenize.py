@@ -58,8 +58,8 @@ def run_tokenize(cfg: Config, layout: Layout) -> dict:
     tokenizer = load_tokenizer(layout.base_model, trust_remote_code=cfg.model.trust_remote_code)
     added, descriptions = extend_tokenizer(tokenizer, cfg.model)  # before the template's, as LLaMA-Factory
     # pretraining reads no chat, but a named template still decides its EOS (replace_eos), as in LLaMA-Factory
-    fmt = None if kind == "pretrain" and not data.template else ChatFormat(tokenizer, data.template,
-                                                                            data.tool_format, data.today())
+    fmt = None if kind == "pretrain" and not data.template else ChatFormat(
+        tokenizer, data.template, data.tool_format, data.today(), default_system=data.default_system)
     if kind == "pretrain" and tokenizer.eos_token_id is None:
         raise TunepipeError("stage pt needs an EOS token between documents; the tokenizer has none")
     if fmt is not None and is_vision_model(follow_manifest(layout.base_model)):
@@ -194,6 +194,7 @@ def build_meta(cfg: Config, kind: str, tokenizer, fmt: ChatFormat | None, rows: 
     return {"stage": cfg.train.stage, "kind": kind, "template": fmt.name if fmt else None,
             "chat_template": fmt.template if fmt else None, "native_tools": fmt.native_tools if fmt else None,
             "template_date": data.template_date if fmt else None,
+            "default_system": data.default_system if fmt else None,
             "cutoff_len": data.cutoff_len, "packing": bool(data.packing and kind in ("sft", "pretrain")),
             "tokenizer": {"name": Path(str(tokenizer.name_or_path)).name, "vocab_size": len(tokenizer),
                           "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token},

@@ -70,7 +70,8 @@ def build_served(cfg: Config, layout, api_key: str | None = None, model_name: st
     if cfg.train.stage == "rm" or is_reward_model(source.paths):
         return build_reward(cfg, base_dir, source, api_key, model_name)
     tokenizer = apply_template(tokenizer_for(cfg, base_dir, source), cfg.data.template)
-    chat_format = ChatFormat(tokenizer, cfg.data.template, cfg.data.tool_format, today=cfg.data.today())
+    chat_format = ChatFormat(tokenizer, cfg.data.template, cfg.data.tool_format, today=cfg.data.today(),
+                             default_system=cfg.data.default_system)
     if cfg.model.infer_backend == "vllm":
         return build_vllm(cfg, base_dir, source, chat_format, api_key, model_name)
     model_ids, adapters = [model_name], {}

@@ -56,6 +56,7 @@ def optimizer_arguments(train: TrainConfig) -> dict:
 
 
 def low_rank(name: str, layerwise: bool, target, projection: dict) -> dict:
+    """transformers' arguments for its low-rank optimizer `name` (projection given as optim_args)."""
     if layerwise:
         fix_layerwise_scheduler()
     targets = name_list(target) or ["all"]
@@ -65,7 +66,7 @@ def low_rank(name: str, layerwise: bool, target, projection: dict) -> dict:
 
 
 def fix_layerwise_scheduler() -> None:
-    """Make transformers' layer-wise GaLore / APOLLO scheduler construct under torch >= 2.9.
+    """Make transformers' (5.25) layer-wise GaLore / APOLLO scheduler construct under torch 2.13.
 
     In layer-wise mode each weight's optimizer and schedule step in its gradient hook, and the
     Trainer gets a dummy scheduler (LayerWiseDummyScheduler) that only reports a learning rate.
