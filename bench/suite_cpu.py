@@ -38,13 +38,14 @@ def pytest_runtest_protocol(item, nextitem):
     yield
     file = item.nodeid.split("::", 1)[0]
     _seconds[file] = _seconds.get(file, 0.0) + _cpu_now() - start
+    if nextitem is None or nextitem.nodeid.split("::", 1)[0] != file:
+        _write()  # after each file, so that an interrupted run still leaves its figures
 
 
-def pytest_sessionfinish(session):
+def _write() -> None:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    if _seconds:
-        (OUT_DIR / f"{worker}.json").write_text(json.dumps(_seconds, indent=1))
+    (OUT_DIR / f"{worker}.json").write_text(json.dumps(_seconds, indent=1))
 
 
 def main() -> None:
