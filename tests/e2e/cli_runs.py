@@ -55,6 +55,21 @@ def run_cli(*args: str, file_limit: int | None = None, timeout: float = 600) -> 
                           preexec_fn=file_size_limit(file_limit) if file_limit else None, check=False)
 
 
+def run_here(*args: str) -> int:
+    """`tunepipe ARGS` in this process (same `cli.main`, same code path), for the steps a test only
+    needs done, not observed: a child process spends seconds of CPU importing torch, transformers,
+    PEFT and DeepSpeed before its first line of work (docs/benchmarks.md, "The test suite"). The
+    environment is restored afterwards (the CLI names DeepSpeed's accelerator in it)."""
+    from tunepipe.cli import main
+
+    saved = dict(os.environ)
+    try:
+        return main(list(args))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def start_cli(*args: str, quiet: bool = False) -> subprocess.Popen:
     """The run in the background; read its output with `communicate()` (`quiet`: discard it,
     for a long run whose progress bar would fill the pipe)."""

@@ -15,16 +15,16 @@ import time
 
 import pytest
 import torch
-from tests.e2e.cli_runs import adapter_weights, checkpoint_steps, run_cli, start_cli, write_config
+from tests.e2e.cli_runs import adapter_weights, checkpoint_steps, run_cli, run_here, start_cli, write_config
 
 STEPS = {"max_steps": 12, "save_steps": 2}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_model_dir):
+    """The reference run, trained in this process: only its outputs are compared (cli_runs.run_here)."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    done = run_cli("train", str(write_config(root / "train.yaml", tiny_model_dir, root / "out", **STEPS)))
-    assert done.returncode == 0, done.stderr
+    assert run_here("train", str(write_config(root / "train.yaml", tiny_model_dir, root / "out", **STEPS))) == 0
     return root / "out"
 
 
@@ -77,8 +77,8 @@ def test_a_signal_saves_a_checkpoint_and_the_rerun_ends_where_an_uninterrupted_r
 def test_sigterm_to_a_two_process_run_stops_every_rank_at_one_step(tmp_path, tiny_model_dir):
     steps = {"max_steps": 8, "save_steps": 2, "num_processes": 2}
     straight = tmp_path / "straight"
-    done = run_cli("train", str(write_config(tmp_path / "straight.yaml", tiny_model_dir, straight, **steps)))
-    assert done.returncode == 0, done.stderr
+    # the reference launches its two ranks from this process (only its outputs are compared)
+    assert run_here("train", str(write_config(tmp_path / "straight.yaml", tiny_model_dir, straight, **steps))) == 0
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "train.yaml", tiny_model_dir, out, **steps)
     code, stderr = signal_after_first_checkpoint(cfg, out, signal.SIGTERM)
