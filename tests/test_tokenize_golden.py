@@ -84,6 +84,8 @@ def file_hash(path: Path) -> str:
             del meta["added_tokens"]
         if meta.get("template_date") == "2024-07-26":  # and `template_date` later: the default, as before
             del meta["template_date"]
+        if "default_system" in meta and meta["default_system"] is None:  # and `default_system`: unset
+            del meta["default_system"]
         data = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
     return hashlib.sha256(data).hexdigest()
 
