@@ -158,7 +158,7 @@ def test_simpo_rewards_use_mean_log_probs_without_reference():
 @pytest.mark.parametrize("pref_loss", ["sigmoid", "hinge", "ipo", "orpo", "simpo"])
 def test_eval_rewards_equal_the_trainers_rewards(pref_loss):
     from tunepipe.evaluate.pref_metrics import MEAN_LOGPS, REFERENCE_FREE, pair_rewards
-    from tunepipe.train import pref_losses
+    from tunepipe.train.preference import losses as pref_losses
 
     assert pref_losses.USES_MEAN_LOGPS == MEAN_LOGPS
     cfg = TrainConfig(stage="dpo", pref_loss=pref_loss, pref_beta=0.3)

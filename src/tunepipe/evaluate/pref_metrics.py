@@ -17,7 +17,7 @@ from tunepipe.config import TrainConfig
 from tunepipe.evaluate.lm_metrics import sequence_logps
 
 REFERENCE_FREE = frozenset({"orpo", "simpo"})
-# Losses computed on log-probs averaged over the answer tokens (pref_losses.USES_MEAN_LOGPS).
+# Losses computed on log-probs averaged over the answer tokens (train/preference/losses.py USES_MEAN_LOGPS).
 MEAN_LOGPS = frozenset({"ipo", "orpo", "simpo"})
 
 

@@ -4,7 +4,7 @@ sigmoid (DPO), hinge and ipo compare the policy with a reference model; orpo and
 need none. The reference is the base with the LoRA adapter disabled (no second copy of
 the weights), a frozen copy for full / freeze fine-tuning, or log-probs precomputed once
 and cached (`precompute_ref_log_probs`). Chosen and rejected answers go through one
-forward (a 2B-row batch). Loss formulas live in pref_losses.py.
+forward (a 2B-row batch). Loss formulas live in losses.py.
 """
 
 from __future__ import annotations
