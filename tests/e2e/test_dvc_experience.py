@@ -133,8 +133,8 @@ def test_a_reward_file_change_makes_train_and_evaluate_stale_and_nothing_before(
     reward_file = dvc_repo / "configs" / "rewards" / "arithmetic.py"
     original = reward_file.read_bytes()
     reward_file.write_bytes(original + b"\n\ndef stricter(completions, **kwargs):\n    return [0.0] * len(completions)\n")
-    try:  # evaluate and everything upstream of it
-        stale = json.loads(dvc(dvc_repo, "status", "evaluate", "--json").stdout)
+    try:
+        stale = json.loads(dvc(dvc_repo, "status", "--json").stdout)
     finally:
         reward_file.write_bytes(original)  # byte-identical again: later tests see an unchanged pipeline
     assert {"train", "evaluate"} <= set(stale) and not {"validate", "tokenize"} & set(stale), stale

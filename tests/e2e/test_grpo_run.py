@@ -68,6 +68,7 @@ def test_prompt_shards_hold_the_templated_prompt_and_the_reference(trained, tiny
     _, layout, _ = trained
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     source = {row["output"]: row["instruction"] for row in json.loads((REPO / "data/raw/arithmetic.json").read_text())}
+    assert not list(layout.tokenized.rglob("cache-*"))  # training left the tokenize stage's output as it was
     shard = load_from_disk(str(layout.tokenized / "train"))
     assert shard.column_names == ["prompt_ids", "label_text"] and len(shard) == 16
     for row in shard:

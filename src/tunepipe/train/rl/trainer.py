@@ -25,7 +25,8 @@ def prompt_dataset(dataset, tokenizer):
     def row(example):
         return {"prompt": tokenizer.decode(example["prompt_ids"], skip_special_tokens=False),
                 "reference": example["label_text"]}
-    return dataset.map(row, remove_columns=["label_text"], desc="prompts", load_from_cache_file=False)
+    # in memory: a cache file would land inside data/tokenized/, a DVC output of the tokenize stage
+    return dataset.map(row, remove_columns=["label_text"], desc="prompts", keep_in_memory=True)
 
 
 class PromptIdsGRPOTrainer(GRPOTrainer):
