@@ -1,4 +1,4 @@
-"""`export.export_gguf` for SentencePiece tokenizers (Mistral, Gemma 2, Phi-3 as released): a tiny
+"""`export.export_gguf` for SentencePiece tokenizers (Mistral, Gemma 2/3, Phi-3 as released): a tiny
 SentencePiece model trained here with byte fallback, wrapped as transformers' Llama / Gemma
 tokenizer, exported beside the family's tiny model. The GGUF's tokenizer, rebuilt by transformers
 from the file alone (pieces, scores, types), must encode as the original does, byte fallback
@@ -38,7 +38,7 @@ TEMPLATES = {
     "gemma": "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
              "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
 }
-FAMILY_STYLE = {"mistral": "llama", "phi3": "llama", "gemma2": "gemma"}
+FAMILY_STYLE = {"mistral": "llama", "phi3": "llama", "gemma2": "gemma", "gemma3": "gemma"}
 TURN_END = {"llama": "<|im_end|>", "gemma": "<end_of_turn>"}
 
 
@@ -137,3 +137,35 @@ def test_a_tokenizer_model_that_does_not_match_the_tokenizer_is_refused(spm_file
     tokenizer.vocab_file = str(tmp_path / "tokenizer.model")
     with pytest.raises(TunepipeError, match="does not match the tokenizer's vocabulary"):
         check_architecture(MistralConfig(sliding_window=None), tokenizer)
+
+
+def test_export_of_a_released_style_mistral_checkpoint_writes_a_sentencepiece_gguf(spm_files, tmp_path):
+    """End to end through `run_export`: a base dir as Mistral releases it (tokenizer.json beside
+    tokenizer.model) exports a q8_0 GGUF with the SentencePiece vocabulary, the export carries the
+    tokenizer.model, the Modelfile names the GGUF and the read-back meets the q8_0 tolerance."""
+    import json
+
+    import torch
+
+    from tests.fixtures.families import family_config, model_class
+    from tests.test_export import export_config
+    from tunepipe.export.merge import run_export
+    from tunepipe.layout import Layout
+
+    base = tmp_path / "base"
+    tokenizer = spm_tokenizer("llama", spm_files["llama"])
+    torch.manual_seed(0)
+    model_class("mistral")(family_config("mistral", tokenizer, sliding_window=None)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    shutil.copyfile(spm_files["llama"] / "tokenizer.model", base / "tokenizer.model")
+    export_dir = tmp_path / "export"
+    metrics = run_export(export_config(base, export_dir, "export.export_gguf=q8_0"), Layout.at(tmp_path))
+
+    assert 0 < metrics["gguf_max_abs_logit_diff"] <= metrics["gguf_logit_tolerance"]
+    assert json.loads((tmp_path / "metrics" / "export.json").read_text())["gguf_file"] == "model-q8_0.gguf"
+    assert "FROM ./model-q8_0.gguf" in (export_dir / "Modelfile").read_text()
+    assert (export_dir / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
+    fields = gguf.GGUFReader(str(export_dir / "model-q8_0.gguf")).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.scores"].contents()[:3] == [0.0, 0.0, 0.0]  # <unk> <s> </s>
+    assert len(set(fields["tokenizer.ggml.scores"].contents())) > 100  # the merge scores, not a constant
