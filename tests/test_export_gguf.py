@@ -103,9 +103,9 @@ def test_an_unmappable_architecture_is_refused_before_any_work(family, overrides
     assert not (tmp_path / "export").exists()
 
 
-def test_a_tokenizer_other_than_byte_level_bpe_is_refused(tmp_path):
-    """SentencePiece-style vocabularies need merge scores llama.cpp tokenizes by; they are refused, not
-    written with constant scores."""
+def test_a_sentencepiece_style_tokenizer_without_its_tokenizer_model_is_refused(tmp_path):
+    """SentencePiece-style vocabularies need the piece scores llama.cpp tokenizes by, which only
+    tokenizer.model holds; without it they are refused, not written with constant scores."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
@@ -115,5 +115,5 @@ def test_a_tokenizer_other_than_byte_level_bpe_is_refused(tmp_path):
     backend = Tokenizer(models.BPE(vocab, [("▁", "a")], unk_token="<unk>", byte_fallback=True))
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
-    with pytest.raises(TunepipeError, match="only byte-level BPE tokenizers .* are written to GGUF here"):
+    with pytest.raises(TunepipeError, match="SentencePiece ones loaded from their tokenizer.model"):
         check_architecture(LlamaConfig(), tokenizer)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tunepipe.errors import TunepipeError
 from tunepipe.export.gguf_families import family_for, readback_overrides, rope_theta, rotary_dims
+from tunepipe.export.gguf_spm import check_sentencepiece, sentencepiece_file, write_sentencepiece_vocab
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,19 @@ def gguf_name(gguf_type: str) -> str:
 def check_architecture(config, tokenizer=None, key: str = "export.export_gguf") -> None:
     """Refuse, before any work, a model whose architecture or tokenizer this exporter cannot map."""
     family_for(config, key)
-    if tokenizer is not None and not _byte_level(tokenizer):
-        # SentencePiece-style BPE (byte fallback) needs each token's merge score in the GGUF for
-        # llama.cpp's tokenizer; gguf.vocab.LlamaHfVocab writes a constant one, so it is refused
-        # rather than written with a tokenizer that splits text differently.
-        raise TunepipeError(f"{key}: cannot write GGUF for this {config.model_type} model's tokenizer: only "
-                            "byte-level BPE tokenizers (Llama 3, SmolLM2, Qwen) are written to GGUF here",
-                            hint="SentencePiece-style tokenizers (Gemma, Mistral, Phi-3, Llama 2): unset "
-                                 f"{key} and convert the export with llama.cpp's convert_hf_to_gguf.py")
+    if tokenizer is None or _byte_level(tokenizer):
+        return
+    if sentencepiece_file(tokenizer) is not None:
+        check_sentencepiece(tokenizer, key)
+        return
+    # Any other tokenizer (WordPiece, Unigram from tokenizer.json only, a SentencePiece-style BPE
+    # without its tokenizer.model): llama.cpp's tokenizer for it needs data this exporter cannot
+    # derive (the merge scores), so it is refused rather than written with one that splits text differently.
+    raise TunepipeError(f"{key}: cannot write GGUF for this {config.model_type} model's tokenizer: GGUF is "
+                        "written for byte-level BPE tokenizers (Llama 3, SmolLM2, Qwen) and for SentencePiece "
+                        "ones loaded from their tokenizer.model (Llama 2, Mistral, Gemma, Phi-3)",
+                        hint=f"put the model's tokenizer.model beside its tokenizer.json, or unset {key} and "
+                             "convert the export with llama.cpp's convert_hf_to_gguf.py")
 
 
 def write_gguf(model, tokenizer, export_dir: Path, gguf_type: str, stop_ids: list[int]) -> Path:
@@ -59,7 +65,11 @@ def write_gguf(model, tokenizer, export_dir: Path, gguf_type: str, stop_ids: lis
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     write_hparams(writer, config, getattr(gguf.LlamaFileType, TYPES[gguf_type][1]))
     family.extra_hparams(writer, config)
-    write_vocab(writer, tokenizer, export_dir, stop_ids, TOKENIZER_PRE.get(config.model_type, "default"))
+    if _byte_level(tokenizer):
+        write_vocab(writer, tokenizer, export_dir, TOKENIZER_PRE.get(config.model_type, "default"))
+    else:  # check_architecture let through only SentencePiece ones besides
+        write_sentencepiece_vocab(writer, tokenizer, export_dir, config.vocab_size)
+    write_eot(writer, tokenizer, stop_ids)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     qtype = getattr(gguf.GGMLQuantizationType, TYPES[gguf_type][0])
     for hf_name, tensor in model.state_dict().items():
@@ -119,12 +129,11 @@ def write_hparams(writer, config, file_type) -> None:
     writer.add_file_type(file_type)
 
 
-def write_vocab(writer, tokenizer, export_dir: Path, stop_ids: list[int], pre: str) -> None:
-    """The byte-level BPE vocabulary ("gpt2" in GGUF terms), merges, special ids, chat template and
-    the end-of-turn token."""
+def write_vocab(writer, tokenizer, export_dir: Path, pre: str) -> None:
+    """The byte-level BPE vocabulary ("gpt2" in GGUF terms), merges, special ids and chat template."""
     import gguf
 
-    tokens, scores, types = _byte_level_tokens(tokenizer, gguf)  # check_architecture refused any other kind
+    tokens, scores, types = _byte_level_tokens(tokenizer, gguf)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(list(tokens))
@@ -134,9 +143,12 @@ def write_vocab(writer, tokenizer, export_dir: Path, stop_ids: list[int], pre: s
     special.add_to_gguf(writer)
     if special.chat_template is None and tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
-    eos = tokenizer.eos_token_id
-    extra = [i for i in stop_ids if i != eos]
-    if extra:  # the end-of-turn token llama.cpp stops at besides EOS
+
+
+def write_eot(writer, tokenizer, stop_ids: list[int]) -> None:
+    """The end-of-turn token llama.cpp stops at besides EOS."""
+    extra = [i for i in stop_ids if i != tokenizer.eos_token_id]
+    if extra:
         writer.add_eot_token_id(extra[0])
 
 

@@ -173,7 +173,9 @@ def readback_overrides(metadata: dict) -> dict:
     """Config values llama.cpp takes from (or fixes for) a GGUF that transformers' loader does not map."""
     arch = metadata["general.architecture"]
     key = lambda name, default=None: metadata.get(f"{arch}.{name}", default)
-    overrides = {}
+    # a file without a padding id (Llama-style SentencePiece) must not keep a config default such as
+    # Phi-3's 32000, past a smaller vocabulary; llama.cpp never pads
+    overrides = {"pad_token_id": metadata.get("tokenizer.ggml.padding_token_id")}
     if key("attention.key_length") is not None:
         overrides["head_dim"] = key("attention.key_length")
     if arch in ("gemma2", "gemma3"):
