@@ -16,7 +16,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-COPIED = ["dvc.yaml", "params.yaml", "stages", "src", "data", "schemas", ".dvcignore", ".gitignore"]
+COPIED = ["dvc.yaml", "params.yaml", "stages", "src", "data", "schemas", "configs", ".dvcignore", ".gitignore"]
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:

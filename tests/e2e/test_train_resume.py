@@ -45,6 +45,7 @@ def train_only_repo(repo: Path, tiny_model_dir: Path) -> Path:
     shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (repo / "stages").mkdir()
     shutil.copy(REPO / "stages" / "train.py", repo / "stages" / "train.py")
+    shutil.copytree(REPO / "configs" / "rewards", repo / "configs" / "rewards")  # a dep of train (grpo's rewards)
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stages["train"]}}, sort_keys=False))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
