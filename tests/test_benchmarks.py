@@ -112,11 +112,8 @@ def known_task(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def test_known_answers_give_the_expected_accuracy_for_the_unmerged_adapter_and_the_base(
-        known_task, tiny_model_dir, monkeypatch):
-    adapter, base_dir = known_task / "adapter", untied_copy(tiny_model_dir, known_task / "base")
-    base_acc = prefer_b_adapter(base_dir, adapter)
-    before = tree_hash(adapter)
+def record_scored_models(monkeypatch) -> list[tuple[str, str]]:
+    """(which model, its class) for every model the benchmark code scores, filled as it runs."""
     scored = []
     real_run = benchmarks.run_tasks
 
@@ -125,6 +122,15 @@ def test_known_answers_give_the_expected_accuracy_for_the_unmerged_adapter_and_t
         return real_run(model, tokenizer, loaded, eval_cfg, name)
 
     monkeypatch.setattr(benchmarks, "run_tasks", spy)
+    return scored
+
+
+def test_known_answers_give_the_expected_accuracy_for_the_unmerged_adapter_and_the_base(
+        known_task, tiny_model_dir, monkeypatch):
+    adapter, base_dir = known_task / "adapter", untied_copy(tiny_model_dir, known_task / "base")
+    base_acc = prefer_b_adapter(base_dir, adapter)
+    before = tree_hash(adapter)
+    scored = record_scored_models(monkeypatch)
     cfg = load_config(None, [f"model_name_or_path={base_dir}", f"adapter_name_or_path={adapter}",
                              "tasks=[known_mc.yaml]", "report_to=none", "batch_size=4"])
     report = benchmarks.run_benchmarks(cfg, Layout.at(known_task / "out"))
@@ -268,14 +274,7 @@ def test_a_short_lora_training_on_the_answers_flips_the_tuned_accuracy_unmerged_
     base_dir = base_dir_for(cfg, layout)
     assert base_dir == tiny_model_dir  # a local base is read in place: nothing may write into it
     before = tree_hash(base_dir), tree_hash(layout.adapter)
-    scored = []
-    real_run = benchmarks.run_tasks
-
-    def spy(model, tokenizer, loaded, eval_cfg, name):
-        scored.append((name, type(model).__name__))
-        return real_run(model, tokenizer, loaded, eval_cfg, name)
-
-    monkeypatch.setattr(benchmarks, "run_tasks", spy)
+    scored = record_scored_models(monkeypatch)
     report = benchmarks.run_benchmarks(cfg, layout)
 
     cell = report["benchmarks"]["known_mc"]["acc"]

@@ -5,24 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.fixtures.sft_shards import sft_rows
-from tunepipe.modeling import load_causal_lm, load_tokenizer
+from tests.fixtures.sft_shards import collated_sft_batch, trainable_model
 from tunepipe.train import loss as loss_module
-from tunepipe.train.collate import SegmentCollator
 from tunepipe.train.loss import causal_lm_loss, linear_cross_entropy
 
 
 @pytest.fixture(scope="module")
 def batch(tiny_model_dir):
-    tokenizer = load_tokenizer(tiny_model_dir)
-    return SegmentCollator(pad_token_id=tokenizer.pad_token_id)(sft_rows(tokenizer, 4))
+    return collated_sft_batch(tiny_model_dir)
 
 
 def fresh_model(tiny_model_dir):
-    model = load_causal_lm(tiny_model_dir, attn_implementation="sdpa")
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return model
+    return trainable_model(tiny_model_dir)
 
 
 def grads(model) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from tests.fixtures.families import build_family_dir
 from tests.fixtures.pref_rows import preference_dataset
-from tests.fixtures.sft_shards import sft_rows
+from tests.fixtures.sft_shards import collated_sft_batch
 from tunepipe.config import TrainConfig
 from tunepipe.errors import TunepipeError
 from tunepipe.modeling import load_causal_lm, load_tokenizer
@@ -28,8 +28,7 @@ from tunepipe.train.preference.losses import bco_pair_loss
 
 @pytest.fixture(scope="module")
 def sft_batch(tiny_model_dir):
-    tokenizer = load_tokenizer(tiny_model_dir)
-    return SegmentCollator(pad_token_id=tokenizer.pad_token_id)(sft_rows(tokenizer, 4))
+    return collated_sft_batch(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
