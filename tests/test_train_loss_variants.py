@@ -1,5 +1,5 @@
 """LLaMA-Factory's loss variants, each equal to its formula on a fixed batch: the DFT loss
-(`use_dft_loss`), the MoE router loss (`moe_aux_loss_coef`), LD-DPO (`ld_alpha`) and the BCO
+(`use_dft_loss`), EAFT (`use_eaft_loss`), ASFT (`use_asft_loss`), the MoE router loss (`moe_aux_loss_coef`), LD-DPO (`ld_alpha`) and the BCO
 term mixed into DPO (`pref_bco_weight`); and LoRA `all` leaving MoE router gates alone."""
 
 from __future__ import annotations
@@ -65,6 +65,84 @@ def test_dft_loss_equals_its_formula_value_and_gradients(tiny_model_dir, sft_bat
     assert got.item() < causal_lm_loss(ours, sft_batch).item() - 1e-3  # every weight is < 1: not plain CE
     for (name, p), q in zip(reference.named_parameters(), ours.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def formula_eaft(model, batch, alpha: float) -> torch.Tensor:
+    """LLaMA-Factory's EAFT on the full logits: each token's CE x (H_top20 / 3) ** alpha, the
+    entropy H of the softmax over the 20 largest logits, detached; summed / trained tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+    targets = batch["labels"][:, 1:].reshape(-1)
+    kept = targets != IGNORE_INDEX
+    ce = F.cross_entropy(flat[kept], targets[kept], reduction="none")
+    top = flat[kept].detach().topk(20, dim=-1).values
+    log_p = top - torch.logsumexp(top, dim=-1, keepdim=True)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return (ce * (entropy / 3.0) ** alpha).sum() / kept.sum()
+
+
+def use_head(head: str, monkeypatch) -> None:
+    if head == "model_head":  # LoRA'd / scaled heads: the model projects, the weights apply after
+        monkeypatch.setattr(loss_module, "plain_output_head", lambda model: None)
+    else:
+        monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab: 7)  # several chunks
+
+
+def assert_same_grads(reference, ours) -> None:
+    pairs = [(name, p, q) for (name, p), q in zip(reference.named_parameters(), ours.parameters(), strict=True)
+             if p.requires_grad]
+    assert pairs
+    for name, p, q in pairs:
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("head", ["chunked", "model_head"])
+def test_eaft_loss_equals_its_formula_value_and_gradients(tiny_model_dir, sft_batch, monkeypatch, head):
+    use_head(head, monkeypatch)
+    reference, ours = trainable(tiny_model_dir), trainable(tiny_model_dir)
+    want = formula_eaft(reference, sft_batch, alpha=0.5)
+    want.backward()
+    got = causal_lm_loss(ours, sft_batch, eaft_alpha=0.5)
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    plain, dft = causal_lm_loss(ours, sft_batch).item(), causal_lm_loss(ours, sft_batch, dft=True).item()
+    assert abs(got.item() - plain) > 1e-3 and abs(got.item() - dft) > 1e-3
+    assert causal_lm_loss(ours, sft_batch, eaft_alpha=0.0).item() == pytest.approx(plain, rel=1e-5)
+    assert_same_grads(reference, ours)
+
+
+def formula_asft(policy, batch, alpha: float) -> torch.Tensor:
+    """LLaMA-Factory's ASFT on the full logits: DFT + alpha x mean over trained positions of
+    KL(q || p) = sum_v q_v (log q_v - log p_v), q the reference (here: the adapter disabled)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logits = policy(**inputs).logits.float()[:, :-1]
+    with torch.no_grad(), policy.disable_adapter():
+        ref_logits = policy(**inputs).logits.float()[:, :-1]
+    targets = batch["labels"][:, 1:]
+    kept = targets != IGNORE_INDEX
+    ce = F.cross_entropy(logits[kept], targets[kept], reduction="none")
+    kl = F.kl_div(logits[kept].log_softmax(-1), ref_logits[kept].softmax(-1), reduction="none").sum(-1)
+    return (ce * torch.exp(-ce).detach()).sum() / kept.sum() + alpha * kl.sum() / kept.sum()
+
+
+@pytest.mark.parametrize("head", ["chunked", "model_head"])
+def test_asft_loss_equals_dft_plus_the_kl_anchor_value_and_gradients(tiny_model_dir, sft_batch, monkeypatch, head):
+    """The LoRA policy against its base (the reference ASFT builds for an adapter: adapter off)."""
+    from tunepipe.config import Config
+    from tunepipe.train.asft import reference_anchor
+
+    use_head(head, monkeypatch)
+    reference, ours = lora_policy(tiny_model_dir), lora_policy(tiny_model_dir)
+    want = formula_asft(reference, sft_batch, alpha=0.3)
+    want.backward()
+    anchor = reference_anchor(Config(train=TrainConfig(use_asft_loss=True, asft_alpha=0.3)), ours)
+    assert anchor.reference.kind == "adapter_off"
+    got = causal_lm_loss(ours, sft_batch, anchor=anchor)
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    dft = causal_lm_loss(ours, sft_batch, dft=True).item()
+    assert got.item() > dft + 1e-3  # the KL term is there (the adapter moved the policy off its base)
+    assert_same_grads(reference, ours)
 
 
 def one_sample_batch(ids: list[int]) -> dict:
@@ -137,6 +215,7 @@ def pref_batch(tiny_model_dir):
 def lora_policy(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
+    torch.manual_seed(0)  # the same LoRA A init on every call
     model = get_peft_model(load_causal_lm(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     torch.manual_seed(1)
     for name, param in model.named_parameters():

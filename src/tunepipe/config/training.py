@@ -183,6 +183,14 @@ class TrainConfig:
     """TF32 matmuls on NVIDIA Ampere or newer GPUs (unset: PyTorch's default); no effect without such a GPU."""
     use_dft_loss: bool = False
     """sft / pt: Dynamic Fine-Tuning loss, each token's cross-entropy weighted by its detached probability."""
+    use_eaft_loss: bool = False
+    """sft / pt: Entropy-Adaptive Fine-Tuning loss, each token's cross-entropy weighted by (top-20 entropy / 3) ** eaft_alpha, detached."""
+    eaft_alpha: float = 1.0
+    """EAFT: power of the entropy weight (0 gives plain cross-entropy)."""
+    use_asft_loss: bool = False
+    """sft / pt: Anchored SFT, the DFT loss + asft_alpha x KL(reference || model) per trained token (reference: the base, or ref_model)."""
+    asft_alpha: float = 0.1
+    """ASFT: weight of the KL anchor to the reference model."""
     moe_aux_loss_coef: Optional[float] = None
     """Mixture-of-experts models: add this weight x the router load-balancing loss to the sft / pt loss."""
     bf16: bool = False
@@ -302,12 +310,23 @@ class TrainConfig:
         for key in ("label_smoothing_factor", "group_by_length"):
             require(not getattr(self, key) or self.stage in ("sft", "pt"), "train", key, getattr(self, key),
                      f"applies to the next-token stages (sft, pt), not stage {self.stage}")
-        require(not (self.use_dft_loss and self.label_smoothing_factor), "train", "use_dft_loss", True,
-                 "DFT weights each token by its own probability; smoothing the targets too has no agreed "
-                 "meaning: set label_smoothing_factor 0 or use_dft_loss false")
+        self._check_sft_losses()
         require(not (self.deepspeed and self.accelerate_config), "train", "deepspeed", self.deepspeed,
                  "give a DeepSpeed JSON or an accelerate config (train.accelerate_config), not both")
         self._check_machines()
+
+    def _check_sft_losses(self) -> None:
+        chosen = [key for key in ("use_dft_loss", "use_eaft_loss", "use_asft_loss") if getattr(self, key)]
+        require(len(chosen) <= 1, "train", chosen[-1] if chosen else "use_dft_loss", True,
+                f"{' and '.join(chosen)} each replace the token loss: keep one (ASFT already includes DFT)")
+        require(not (chosen and self.label_smoothing_factor), "train", chosen[0] if chosen else "", True,
+                "weights each token's loss; smoothing the targets too has no agreed meaning: set "
+                "label_smoothing_factor 0")
+        for key in ("use_eaft_loss", "use_asft_loss"):
+            require(not getattr(self, key) or self.stage in ("sft", "pt"), "train", key, True,
+                    f"applies to the next-token stages (sft, pt), not stage {self.stage}")
+        for key in ("eaft_alpha", "asft_alpha"):
+            require(getattr(self, key) >= 0, "train", key, getattr(self, key), "must be >= 0")
 
     def _check_peft_methods(self) -> None:
         require(0 <= self.module_dropout < 1, "train", "module_dropout", self.module_dropout, "must be in [0, 1)")

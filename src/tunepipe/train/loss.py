@@ -31,7 +31,7 @@ CHUNK_ELEMENTS = 1 << 24
 
 
 def causal_lm_loss(model, batch: dict, num_items_in_batch=None, label_smoothing: float = 0.0,
-                   dft: bool = False) -> torch.Tensor:
+                   dft: bool = False, eaft_alpha: float | None = None, anchor=None) -> torch.Tensor:
     """Summed next-token cross-entropy over trained positions / `num_items_in_batch`
     (default: this batch's trained-token count).
 
@@ -41,6 +41,12 @@ def causal_lm_loss(model, batch: dict, num_items_in_batch=None, label_smoothing:
     `dft` (LLaMA-Factory's `use_dft_loss`, Dynamic Fine-Tuning): each token's cross-entropy
     is weighted by the model's probability of that token, detached: sum(ce * exp(-ce)) / N
     (the config refuses it together with label smoothing).
+    `eaft_alpha` (LLaMA-Factory's `use_eaft_loss` / `eaft_alpha`, Entropy-Adaptive Fine-Tuning):
+    each token's cross-entropy is weighted by (H / 3) ** alpha, detached, where H is the entropy
+    of the softmax over the model's 20 largest logits at that position (3 ~ ln 20, its maximum).
+    `anchor` (`asft.ReferenceAnchor`, LLaMA-Factory's `use_asft_loss`): DFT plus
+    `anchor.alpha` x KL(reference || model) of each trained position's next-token distribution,
+    both summed over trained tokens / `num_items_in_batch`.
     A mixture-of-experts model configured to return its router loss (`moe.configure_router_loss`)
     adds `router_aux_loss_coef * aux`, weighted by this micro-batch's share of the step's
     trained tokens (so accumulation and processes average it as they average the tokens)."""
@@ -49,16 +55,48 @@ def causal_lm_loss(model, batch: dict, num_items_in_batch=None, label_smoothing:
     targets = targets_2d[selected]
     normalizer = num_items_in_batch if num_items_in_batch is not None else selected.sum()
     head = plain_output_head(model)
-    if head is None:  # heads with LoRA, soft-capping or scaling: let the model apply its own head
+    weighting = TokenWeighting(dft=dft or anchor is not None, eaft_alpha=eaft_alpha)
+    ref_head = anchor.output_head(model) if anchor is not None else None
+    if head is None or (anchor is not None and ref_head is None):
+        # heads with LoRA, soft-capping or scaling: let the models apply their own heads
         out = model(**model_inputs(batch), logits_to_keep=selected)
-        token_ce = F.cross_entropy(out.logits.float(), targets, reduction="none", label_smoothing=label_smoothing)
-        if dft:
-            token_ce = token_ce * torch.exp(-token_ce.detach())
-        loss = token_ce.sum() / normalizer
+        logits = out.logits.float()
+        token_ce = F.cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
+        loss = (token_ce * weighting.of(logits.detach(), token_ce.detach())).sum() / normalizer
+        if anchor is not None:
+            ref_logp = anchor.logits(model, batch, selected).float().log_softmax(-1)
+            kl = (ref_logp.exp() * (ref_logp - logits.log_softmax(-1))).sum()
+            loss = loss + anchor.alpha * kl / normalizer
     else:
         hidden, out = label_hidden_states(model, batch, selected, with_outputs=True)
-        loss = linear_cross_entropy(hidden, head.weight, head.bias, targets, normalizer, label_smoothing, dft=dft)
+        kl_anchor = (anchor.hidden_states(model, batch, selected), ref_head, anchor.alpha) if anchor else None
+        loss = linear_cross_entropy(hidden, head.weight, head.bias, targets, normalizer, label_smoothing,
+                                    weighting=weighting, kl_anchor=kl_anchor)
     return loss + router_loss(model, out, selected.sum() / normalizer)
+
+
+class TokenWeighting:
+    """The detached per-token weight of the DFT / EAFT losses (1 for plain cross-entropy)."""
+
+    EAFT_TOP_K = 20  # LLaMA-Factory's EAFT: entropy of the renormalised top-20 distribution
+    EAFT_SCALE = 3.0  # ~ ln(20), the largest that entropy can be: weights stay in [0, 1]
+
+    def __init__(self, dft: bool = False, eaft_alpha: float | None = None):
+        self.dft, self.eaft_alpha = dft, eaft_alpha
+
+    def __bool__(self) -> bool:
+        return self.dft or self.eaft_alpha is not None
+
+    def of(self, logits: torch.Tensor, row_ce: torch.Tensor) -> torch.Tensor | float:
+        """Weights of rows with these (float32, detached) logits and cross-entropies."""
+        if self.dft:
+            return torch.exp(-row_ce)
+        if self.eaft_alpha is not None:
+            top = logits.topk(min(self.EAFT_TOP_K, logits.shape[-1]), dim=-1).values
+            log_p = top.log_softmax(-1)
+            entropy = -(log_p.exp() * log_p).sum(-1)
+            return (entropy / self.EAFT_SCALE).pow(self.eaft_alpha)
+        return 1.0
 
 
 def router_loss(model, out, share) -> torch.Tensor | float:
@@ -101,23 +139,28 @@ def chunk_rows(vocab_size: int) -> int:
 
 
 def linear_cross_entropy(hidden, weight, bias, targets, normalizer, label_smoothing: float = 0.0,
-                         dft: bool = False) -> torch.Tensor:
+                         dft: bool = False, weighting: TokenWeighting | None = None,
+                         kl_anchor=None) -> torch.Tensor:
     """sum_i CE(hidden_i @ weight.T + bias, targets_i) / normalizer, chunked, gradients fused
     (with label_smoothing eps: the target distribution is (1 - eps) one-hot + eps uniform;
-    with `dft` each row's CE is weighted by exp(-CE), a constant for the gradient)."""
+    with `dft` / `weighting` each row's CE is weighted by a detached weight, a constant for the
+    gradient; `kl_anchor` = (reference hidden [N, H'], reference head, alpha) adds
+    alpha * sum_i KL(q_i || p_i) / normalizer, q_i the reference's next-token distribution)."""
     if not torch.is_tensor(normalizer):
         normalizer = torch.tensor(float(normalizer))
+    weighting = weighting if weighting is not None else TokenWeighting(dft=dft)
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, normalizer.to(torch.float32),
-                                     float(label_smoothing), dft)
+                                     float(label_smoothing), weighting, kl_anchor)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and, chunk by chunk, the gradients of hidden / weight / bias
     (softmax - one_hot) / normalizer pushed through the projection; backward only scales them.
-    DFT multiplies each row's loss and gradient by its detached target probability exp(-CE)."""
+    DFT / EAFT multiply each row's loss and gradient by a detached weight (`TokenWeighting`);
+    the ASFT anchor adds alpha * KL(q || p) per row, whose logit gradient is alpha * (p - q)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, normalizer, smoothing=0.0, dft=False):
+    def forward(ctx, hidden, weight, bias, targets, normalizer, smoothing=0.0, weighting=None, kl_anchor=None):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
@@ -138,18 +181,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if smoothing:  # -sum_v q_v log p_v with q = (1 - eps) one-hot + eps / V
                     picked = (1.0 - smoothing) * picked + smoothing * logits.mean(dim=-1)
                 row_ce = lse - picked
-                row_weight = torch.exp(-row_ce) if dft else None
-                total += (row_ce * row_weight).sum() if dft else row_ce.sum()
+                row_weight = weighting.of(logits, row_ce) if weighting else None
+                total += (row_ce * row_weight).sum() if weighting else row_ce.sum()
+                ref_p = None
+                if kl_anchor is not None:  # sum_v q_v (log q_v - log p_v), log p = logits - lse
+                    ref_hidden, ref_head, alpha = kl_anchor
+                    ref_logp = ref_head(ref_hidden[rows].to(ref_head.weight.dtype)).float().log_softmax(-1)
+                    ref_p = ref_logp.exp()
+                    total += alpha * (ref_p * (ref_logp - logits + lse[:, None])).sum()
                 if not (need_h or need_w or need_b):
                     continue
                 # d(loss_sum)/d(logits) = softmax - one_hot, computed in place on the logits
                 grad = logits.sub_(lse[:, None]).exp_()
+                kl_grad = (grad - ref_p).mul_(kl_anchor[2]) if ref_p is not None else None
                 grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1.0 - smoothing
                 if smoothing:
                     grad.sub_(smoothing / grad.shape[1])
-                grad.div_(normalizer)
-                if dft:
+                if weighting:
                     grad.mul_(row_weight[:, None])
+                if kl_grad is not None:
+                    grad.add_(kl_grad)
+                grad.div_(normalizer)
                 grad_lp = grad.to(dtype)
                 if need_h:
                     grad_h[rows] = (grad_lp @ w).to(hidden.dtype)
@@ -169,4 +221,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
         out_h = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
         out_w = (grad_w * scale).to(w_dtype) if grad_w is not None else None
         out_b = (grad_b * scale).to(b_dtype) if grad_b is not None else None
-        return out_h, out_w, out_b, None, None, None, None
+        return out_h, out_w, out_b, None, None, None, None, None

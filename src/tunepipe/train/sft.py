@@ -15,6 +15,7 @@ from tunepipe.config import Config
 from tunepipe.data.vision import MediaTokens
 from tunepipe.layout import Layout
 from tunepipe.modeling import follow_manifest
+from tunepipe.train.asft import reference_anchor
 from tunepipe.train.collate import SegmentCollator
 from tunepipe.train.isolation import check_sample_isolation
 from tunepipe.train.loss import causal_lm_loss
@@ -41,7 +42,9 @@ def train(cfg: Config, layout: Layout) -> dict:
     def make_trainer(args, callbacks):
         return CausalLMTrainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
                                data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
-                               optimizers=(optimizer_for(model, cfg.train), None), dft=cfg.train.use_dft_loss)
+                               optimizers=(optimizer_for(model, cfg.train), None), dft=cfg.train.use_dft_loss,
+                               eaft_alpha=cfg.train.eaft_alpha if cfg.train.use_eaft_loss else None,
+                               anchor=reference_anchor(cfg, model))
 
     return run_session(cfg, layout, model, tokenizer, splits.eval is not None, make_trainer)
 
@@ -72,13 +75,16 @@ class CausalLMTrainer(Trainer):
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, dft: bool = False, **kwargs):
+    def __init__(self, *args, dft: bool = False, eaft_alpha: float | None = None, anchor=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch
         self.dft = dft  # use_dft_loss
+        self.eaft_alpha = eaft_alpha  # use_eaft_loss: its eaft_alpha, else None
+        self.anchor = anchor  # use_asft_loss: asft.ReferenceAnchor, else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = causal_lm_loss(model, inputs, num_items_in_batch, self.args.label_smoothing_factor, dft=self.dft)
+        loss = causal_lm_loss(model, inputs, num_items_in_batch, self.args.label_smoothing_factor, dft=self.dft,
+                              eaft_alpha=self.eaft_alpha, anchor=self.anchor)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens and DDP averages gradients
             # over processes: scale back up, as transformers does for its own loss.
