@@ -136,3 +136,44 @@ def test_full_determinism_and_eval_accumulation_reach_the_trainer(tmp_path):
     finally:
         torch.use_deterministic_algorithms(False)
     assert trainer.args.eval_accumulation_steps == 3
+
+
+def test_checkpointing_keys_reach_torch_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    """LLaMA-Factory's `disable_gradient_checkpointing: false` turns checkpointing on with
+    `use_reentrant_gc`; `gradient_checkpointing_kwargs` win over it: the kwargs torch's checkpoint
+    receives, spied where transformers calls it. The loss is the same either way."""
+    from transformers import modeling_utils
+
+    real, seen = modeling_utils.checkpoint, []
+
+    def spy(function, *args, **kwargs):
+        seen.append(kwargs.get("use_reentrant"))
+        return real(function, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", spy)
+    runs = {"lf_switch": {"disable_gradient_checkpointing": False, "use_reentrant_gc": True},
+            "kwargs_win": {"gradient_checkpointing": True, "use_reentrant_gc": True,
+                           "gradient_checkpointing_kwargs": {"use_reentrant": False}}}
+    used, losses = {}, {}
+    for name, keys in runs.items():
+        seen.clear()
+        cfg, layout = tiny_run(tmp_path / name, tiny_model_dir, max_steps=1, **keys)
+        run_train(cfg, layout)
+        used[name], losses[name] = set(seen), float(loss_rows(layout)[0]["loss"])
+        assert len(seen) >= 2, name  # each of the 2 decoder layers, in every forward
+    assert used == {"lf_switch": {True}, "kwargs_win": {False}}
+    assert losses["lf_switch"] == pytest.approx(losses["kwargs_win"], rel=1e-5)
+    off = training_arguments(Config(train=TrainConfig(disable_gradient_checkpointing=True)), Layout.at(tmp_path), False)
+    assert off.activation_checkpointing is False and off.activation_checkpointing_kwargs is None
+    with pytest.raises(TunepipeError, match="disable_gradient_checkpointing"):
+        load_config(None, ["gradient_checkpointing=true", "disable_gradient_checkpointing=true"])
+
+
+def test_llamafactory_mossvl_checkpointing_keys_load_as_written():
+    from tests.test_llamafactory_examples_sweep import EXAMPLES
+
+    path = EXAMPLES / "train_full" / "mossvl_full_sft.yaml"
+    if not path.is_file():
+        pytest.skip(f"LLaMA-Factory's examples not found at {EXAMPLES}")
+    train = load_config(path).train
+    assert train.checkpointing and train.checkpointing_kwargs() == {"use_reentrant": False}

@@ -40,7 +40,6 @@ NOOP_VALUES: dict[str, object] = {
     "upcast_layernorm": False,
     "upcast_lmhead_output": False,
     "shift_attn": False,
-    "disable_gradient_checkpointing": True,
     "low_cpu_mem_usage": True,
     "use_fast_tokenizer": True,
     "use_cache": True,
@@ -85,6 +84,9 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "adapter_folder": "name adapter dirs in adapter_name_or_path",
     "ms_hub_token": "ModelScope is not supported; models and data come from the Hugging Face Hub (hf_hub_token)",
     "om_hub_token": "Modelers is not supported; models and data come from the Hugging Face Hub (hf_hub_token)",
+    "mixture_of_depths": ("mixture-of-depth (1.2.0, its latest release) needs transformers < 5: it imports "
+                          "TRANSFORMERS_CACHE and calls decoder layers with 4.x arguments (past_key_value, "
+                          "output_attentions)"),
     "export_quantization_bit": "quantized (GPTQ) export is not supported yet",
     "export_quantization_dataset": "quantized (GPTQ) export is not supported yet",
     "export_quantization_nsamples": "quantized (GPTQ) export is not supported yet",
@@ -107,7 +109,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "block_diag_attn": "packing always uses block-diagonal attention",
     "push_to_hub": _UPLOAD,
     "hub_model_id": _UPLOAD,
-    "use_reentrant_gc": "gradient checkpointing uses transformers' default",
     "infer_dtype": "inference uses model.dtype",
     "quantization_device_map": "the device is picked automatically",
     "fp8_backend": "FP8 training is not supported",
@@ -147,7 +148,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "ray_init_kwargs": "Ray is not supported; launch several processes with accelerate (num_processes)",
     "fsdp": "use train.accelerate_config with an FSDP accelerate config (configs/accelerate/)",
     "fsdp_config": "use train.accelerate_config with an FSDP accelerate config (configs/accelerate/)",
-    "gradient_checkpointing_kwargs": "gradient checkpointing uses transformers' default",
     "logging_strategy": "logging follows logging_steps",
     "data_seed": "split_seed orders the data split; seed the training order",
     "generation_max_length": "use max_new_tokens",

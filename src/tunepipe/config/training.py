@@ -203,6 +203,12 @@ class TrainConfig:
     """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) on a CUDA GPU; without one, a warning and training goes on."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    disable_gradient_checkpointing: Optional[bool] = None
+    """LLaMA-Factory's inverse of gradient_checkpointing: false turns checkpointing on, true off (unset: gradient_checkpointing decides)."""
+    use_reentrant_gc: bool = False
+    """Checkpointing: torch's reentrant (true) or non-reentrant (false) variant; LLaMA-Factory's default is true."""
+    gradient_checkpointing_kwargs: Optional[dict] = None
+    """Checkpointing: keyword arguments of torch.utils.checkpoint.checkpoint (e.g. use_reentrant: false); they win over use_reentrant_gc."""
     logging_steps: int = 10
     """Log loss / lr / grad norm every N optimizer steps."""
     save_steps: int = 500
@@ -311,6 +317,8 @@ class TrainConfig:
             require(not getattr(self, key) or self.stage in ("sft", "pt"), "train", key, getattr(self, key),
                      f"applies to the next-token stages (sft, pt), not stage {self.stage}")
         self._check_sft_losses()
+        require(not (self.gradient_checkpointing and self.disable_gradient_checkpointing), "train",
+                "disable_gradient_checkpointing", True, "contradicts gradient_checkpointing: true: keep one")
         require(not (self.deepspeed and self.accelerate_config), "train", "deepspeed", self.deepspeed,
                  "give a DeepSpeed JSON or an accelerate config (train.accelerate_config), not both")
         self._check_machines()
@@ -345,6 +353,18 @@ class TrainConfig:
                  self.freeze_extra_modules, "is for finetuning_type freeze; with lora / oft use additional_target")
         require(not self.use_llama_pro or self.freeze_trainable_layers > 0, "train", "freeze_trainable_layers",
                  self.freeze_trainable_layers, "with use_llama_pro it counts the expanded blocks: must be > 0")
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether activations are recomputed: gradient_checkpointing, or disable_gradient_checkpointing false."""
+        if self.disable_gradient_checkpointing is not None:
+            return not self.disable_gradient_checkpointing
+        return self.gradient_checkpointing
+
+    def checkpointing_kwargs(self) -> dict:
+        """torch.utils.checkpoint.checkpoint's kwargs: use_reentrant_gc, then gradient_checkpointing_kwargs
+        over it (LLaMA-Factory's Trainer call, which passes the latter, comes last)."""
+        return {"use_reentrant": self.use_reentrant_gc, **(self.gradient_checkpointing_kwargs or {})}
 
     @property
     def uses_adapter(self) -> bool:

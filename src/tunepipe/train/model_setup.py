@@ -137,8 +137,8 @@ def apply_finetuning(model, train: TrainConfig, quantized: bool = False, task_ty
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=train.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+                model, use_gradient_checkpointing=train.checkpointing,
+                gradient_checkpointing_kwargs=train.checkpointing_kwargs())
         model = attach_lora(model, train, task_type, targets)
         if train.pure_bf16:  # PEFT keeps LoRA weights float32 but copies modules_to_save in bf16
             upcast_trainable(model)

@@ -72,8 +72,8 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
         deepspeed=train.deepspeed,  # the Trainer fills the JSON's "auto" values from these arguments
         bf16=train.bf16_compute,
         fp16=train.fp16,
-        activation_checkpointing=train.gradient_checkpointing,  # transformers 5's name for it
-        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        activation_checkpointing=train.checkpointing,  # transformers 5's name for gradient_checkpointing
+        activation_checkpointing_kwargs=train.checkpointing_kwargs() if train.checkpointing else None,
         logging_strategy="steps",
         logging_steps=train.logging_steps,
         save_strategy="steps",
