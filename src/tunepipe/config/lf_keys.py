@@ -48,7 +48,6 @@ NOOP_VALUES: dict[str, object] = {
     "ignore_pad_token_for_loss": True,
     "print_param_status": False,
     "train_from_scratch": False,
-    "mixture_of_depths": None,
     "rope_scaling": None,
     "disable_shuffling": False,
     "use_swanlab": False,
