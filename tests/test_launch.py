@@ -188,3 +188,46 @@ def test_launcher_stops_when_its_parent_is_killed():
     else:
         launcher.kill()
         pytest.fail("the launcher outlived its killed parent")
+
+
+def fsdp_plugin_of(config_file: Path):
+    """The FSDP plugin a rank builds from `accelerate launch --config_file config_file`'s environment."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    parsed = launch_command_parser().parse_args(
+        ["--config_file", str(config_file), "--num_processes", "2", "-m", "tunepipe.train.worker", "params.yaml"])
+    args, _, _ = _validate_launch_command(parsed)
+    with mock.patch.dict(os.environ, prepare_multi_gpu_env(args)):
+        return FullyShardedDataParallelPlugin()
+
+
+def test_llamafactory_fsdp_keys_launch_accelerate_fsdp2_with_their_options(plain_env, tmp_path):
+    """LLaMA-Factory's `fsdp: [full_shard, auto_wrap]` + `fsdp_transformer_layer_cls_to_wrap` (its FP8
+    FSDP example) become an accelerate FSDP2 launch whose plugin has those settings, as
+    configs/accelerate/fsdp.yaml's otherwise (tests/e2e/test_fsdp.py trains through them)."""
+    import yaml
+
+    cfg = load_config(None, ["fsdp=[full_shard, auto_wrap]", "fsdp_transformer_layer_cls_to_wrap=LlamaDecoderLayer",
+                             "train.num_processes=2"])
+    assert should_relaunch(cfg)
+    command = launcher_command(cfg, tmp_path / "c.yaml", tmp_path)
+    assert command[:4] == [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    written = yaml.safe_load(Path(command[4]).read_text())
+    shipped = yaml.safe_load((REPO / "configs" / "accelerate" / "fsdp.yaml").read_text())["fsdp_config"]
+    assert written["fsdp_config"] == {**shipped, "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}
+    plugin = fsdp_plugin_of(Path(command[4]))
+    assert (plugin.fsdp_version, plugin.reshard_after_forward, plugin.transformer_cls_names_to_wrap) == \
+        (2, True, ["LlamaDecoderLayer"])
+    assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
+    assert type(plugin.cpu_offload).__name__ == "OffloadPolicy"  # FSDP2's "no offload"
+
+    other = load_config(None, ["fsdp=shard_grad_op offload", "train.num_processes=2"])
+    plugin = fsdp_plugin_of(Path(launcher_command(other, tmp_path / "d.yaml", tmp_path)[4]))
+    assert plugin.reshard_after_forward is False and type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy"
+    assert plugin.auto_wrap_policy is None  # no auto_wrap: the whole model is one unit
+    with pytest.raises(TunepipeError, match="hybrid_shard: tunepipe runs FSDP2"):
+        load_config(None, ["fsdp=[hybrid_shard, auto_wrap]"])
+    with pytest.raises(TunepipeError, match="not several"):
+        load_config(None, ["fsdp=full_shard", "train.accelerate_config=configs/accelerate/fsdp.yaml"])

@@ -25,8 +25,7 @@ NOT_RUN_CONFIGS = ("accelerate/", "ktransformers/accelerate/", "v1/", "extras/mu
 # 66 YAMLs: 47 load, 19 refused. Why, by family: hardware or another engine (Ascend NPU kernels
 # `use_v1_kernels`; KTransformers `use_kt` / `kt_*`; Megatron parallel sizes; FP8 needs an FP8 GPU);
 # GPTQ export (`export_quantization_*`); mixture of depths (the mixture-of-depth package needs
-# transformers < 5); Ray (`ray_num_workers`); the `fsdp` Trainer keys (FSDP runs through
-# train.accelerate_config instead).
+# transformers < 5); Ray (`ray_num_workers`).
 REFUSED: dict[str, set[str]] = {
     "ascend/qwen3_5_full_sft_fsdp2.yaml": {"use_v1_kernels"},
     "ascend/qwen3_full_sft_fsdp2.yaml": {"use_v1_kernels"},
@@ -34,8 +33,7 @@ REFUSED: dict[str, set[str]] = {
     "ascend/qwen3vlmoe_full_sft_fsdp2.yaml": {"use_v1_kernels"},
     "ascend/qwen3vlmoe_lora_sft_fsdp.yaml": {"use_v1_kernels"},
     "extras/fp8/llama3_fp8_deepspeed_sft.yaml": {"fp8", "fp8_backend", "fp8_enable_fsdp_float8_all_gather"},
-    "extras/fp8/llama3_fp8_fsdp_sft.yaml": {"fp8", "fp8_backend", "fp8_enable_fsdp_float8_all_gather",
-        "fsdp", "fsdp_transformer_layer_cls_to_wrap"},
+    "extras/fp8/llama3_fp8_fsdp_sft.yaml": {"fp8", "fp8_backend", "fp8_enable_fsdp_float8_all_gather"},
     "extras/mod/llama3_full_sft.yaml": {"mixture_of_depths"},
     "ktransformers/train_lora/deepseek_v2_lora_sft_kt.yaml": {"use_kt"},
     "ktransformers/train_lora/deepseek_v3_int8_lora_sft_kt.yaml": {"kt_config", "kt_cpu_activation",

@@ -1,5 +1,5 @@
 """FSDP2 and DeepSpeed ZeRO-2/3 on CPU (gloo) and a 2-node run, through `train.accelerate_config`
-/ `train.num_machines`.
+(or LLaMA-Factory's `fsdp` keys) / `train.num_machines`.
 
 The reference is one process with accumulation 8 over 8 rows (one optimizer step per epoch).
 2 processes x accumulation 4 make the same steps, so with the same seed FSDP (LoRA) and two
@@ -58,8 +58,12 @@ def one_process(config, tmp_path_factory) -> Layout:
 
 
 def test_fsdp_lora_matches_one_process_with_doubled_accumulation(config, one_process, tmp_path):
+    """Through LLaMA-Factory's Trainer keys `fsdp` / `fsdp_transformer_layer_cls_to_wrap`, which
+    tunepipe writes as configs/accelerate/fsdp.yaml's FSDP2 settings (tests/test_launch.py shows
+    the two configs equal): the QLoRA and full runs below use the accelerate config itself."""
     fsdp = Layout.at(tmp_path)
-    run_train_pipeline(load_config(config, [f"train.accelerate_config={FSDP}", "train.num_processes=2",
+    run_train_pipeline(load_config(config, ["fsdp=[full_shard, auto_wrap]", "train.num_processes=2",
+                                            "fsdp_transformer_layer_cls_to_wrap=LlamaDecoderLayer",
                                             "train.gradient_accumulation_steps=4"]), fsdp)
     assert_same_training(fsdp, one_process)
 

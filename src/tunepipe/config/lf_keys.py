@@ -145,7 +145,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "resources_per_worker": "Ray is not supported; launch several processes with accelerate (num_processes)",
     "placement_strategy": "Ray is not supported; launch several processes with accelerate (num_processes)",
     "ray_init_kwargs": "Ray is not supported; launch several processes with accelerate (num_processes)",
-    "fsdp": "use train.accelerate_config with an FSDP accelerate config (configs/accelerate/)",
     "fsdp_config": "use train.accelerate_config with an FSDP accelerate config (configs/accelerate/)",
     "logging_strategy": "logging follows logging_steps",
     "data_seed": "split_seed orders the data split; seed the training order",

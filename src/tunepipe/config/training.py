@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 from tunepipe.config.checks import name_list, require
+from tunepipe.config.train_checks import check_checkpointing, check_fsdp, check_sft_losses
 from tunepipe.errors import TunepipeError
 
 
@@ -233,6 +234,10 @@ class TrainConfig:
     """Processes to launch (torchrun / accelerate), all machines together; 1 trains in-process."""
     accelerate_config: Optional[str] = None
     """accelerate config file (FSDP / DeepSpeed), e.g. configs/accelerate/fsdp.yaml."""
+    fsdp: Optional[Union[str, list[str]]] = None
+    """transformers' FSDP options (full_shard or shard_grad_op, auto_wrap, offload), run as accelerate FSDP2 in num_processes processes."""
+    fsdp_transformer_layer_cls_to_wrap: Optional[Union[str, list[str]]] = None
+    """With fsdp: the decoder layer class(es) each wrapped as one unit (default: the model's _no_split_modules)."""
     deepspeed: Optional[str] = None
     """DeepSpeed JSON config, as LLaMA-Factory takes it (e.g. its examples/deepspeed/ds_z3_config.json), run in train.num_processes processes."""
     num_machines: int = 1
@@ -316,25 +321,12 @@ class TrainConfig:
         for key in ("label_smoothing_factor", "group_by_length"):
             require(not getattr(self, key) or self.stage in ("sft", "pt"), "train", key, getattr(self, key),
                      f"applies to the next-token stages (sft, pt), not stage {self.stage}")
-        self._check_sft_losses()
-        require(not (self.gradient_checkpointing and self.disable_gradient_checkpointing), "train",
-                "disable_gradient_checkpointing", True, "contradicts gradient_checkpointing: true: keep one")
+        check_sft_losses(self)
+        check_checkpointing(self)
         require(not (self.deepspeed and self.accelerate_config), "train", "deepspeed", self.deepspeed,
                  "give a DeepSpeed JSON or an accelerate config (train.accelerate_config), not both")
         self._check_machines()
-
-    def _check_sft_losses(self) -> None:
-        chosen = [key for key in ("use_dft_loss", "use_eaft_loss", "use_asft_loss") if getattr(self, key)]
-        require(len(chosen) <= 1, "train", chosen[-1] if chosen else "use_dft_loss", True,
-                f"{' and '.join(chosen)} each replace the token loss: keep one (ASFT already includes DFT)")
-        require(not (chosen and self.label_smoothing_factor), "train", chosen[0] if chosen else "", True,
-                "weights each token's loss; smoothing the targets too has no agreed meaning: set "
-                "label_smoothing_factor 0")
-        for key in ("use_eaft_loss", "use_asft_loss"):
-            require(not getattr(self, key) or self.stage in ("sft", "pt"), "train", key, True,
-                    f"applies to the next-token stages (sft, pt), not stage {self.stage}")
-        for key in ("eaft_alpha", "asft_alpha"):
-            require(getattr(self, key) >= 0, "train", key, getattr(self, key), "must be >= 0")
+        check_fsdp(self)
 
     def _check_peft_methods(self) -> None:
         require(0 <= self.module_dropout < 1, "train", "module_dropout", self.module_dropout, "must be in [0, 1)")
@@ -455,6 +447,10 @@ class TrainConfig:
                 raise TunepipeError(f"train.lr_scheduler_kwargs={self.lr_scheduler_kwargs!r}: "
                                     "must be a mapping or its JSON text")
         return dict(value or {})
+
+    def fsdp_options(self) -> list[str]:
+        """`fsdp` as a list (transformers also takes one space-separated string)."""
+        return self.fsdp.split() if isinstance(self.fsdp, str) else list(self.fsdp or [])
 
     def _check_machines(self) -> None:
         require(self.num_machines >= 1, "train", "num_machines", self.num_machines, "must be >= 1")

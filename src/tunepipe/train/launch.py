@@ -11,7 +11,8 @@ as the accelerate config says).
 - no accelerate config: `torchrun --standalone --nproc_per_node N`; on a machine without
   CUDA the processes talk over gloo on CPU (ACCELERATE_USE_CPU makes accelerate choose gloo:
   without it each CPU process would train alone).
-- an accelerate config: `accelerate launch --config_file F [--num_processes N]`.
+- an accelerate config: `accelerate launch --config_file F [--num_processes N]`; transformers'
+  `fsdp` options (`train.fsdp`) are written as such a config (FSDP2, `fsdp_accelerate_config`).
 - several machines (`train.num_machines > 1`): the same command runs on each machine with
   its `train.machine_rank`; torchrun gets `--nnodes/--node_rank/--master_addr/--master_port`
   (static rendezvous on machine 0), accelerate `--num_machines/--machine_rank/--main_process_ip/
@@ -36,6 +37,7 @@ from pathlib import Path
 import yaml
 
 from tunepipe.config import GROUPS, SECRET_KEYS, Config
+from tunepipe.config.checks import name_list
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 from tunepipe.train.checkpoints import checkpoints_newest_first, read_record
@@ -57,7 +59,8 @@ def in_launched_process() -> bool:
 def should_relaunch(cfg: Config) -> bool:
     train = cfg.train
     wants_launcher = (train.num_processes > 1 or train.accelerate_config is not None or train.num_machines > 1
-                      or train.deepspeed is not None)  # DeepSpeed's engine needs a process group
+                      or train.deepspeed is not None  # DeepSpeed's engine needs a process group
+                      or bool(train.fsdp_options()))
     return wants_launcher and not in_launched_process()
 
 
@@ -91,8 +94,11 @@ def relaunch_train(cfg: Config, layout: Layout) -> None:
 def launcher_command(cfg: Config, config_file: Path, root: Path) -> list[str]:
     train = cfg.train
     entry = ["-m", "tunepipe.train.worker", str(config_file), "--root", str(Path(root).resolve())]
-    if train.accelerate_config is not None:
-        accelerate_file = check_accelerate_config(train.accelerate_config)
+    accelerate_config = train.accelerate_config
+    if train.fsdp_options():  # transformers' fsdp keys: the accelerate FSDP2 path, from a written config
+        accelerate_config = str(fsdp_accelerate_config(train, config_file.parent / "fsdp_accelerate.yaml"))
+    if accelerate_config is not None:
+        accelerate_file = check_accelerate_config(accelerate_config)
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_file)]
         if train.num_processes > 1 or train.num_machines > 1:
             command += ["--num_processes", str(train.num_processes)]
@@ -113,8 +119,31 @@ def launcher_command(cfg: Config, config_file: Path, root: Path) -> list[str]:
             "--master_addr", train.main_process_ip, "--master_port", str(train.main_process_port), *entry]
 
 
+def fsdp_accelerate_config(train, path: Path) -> Path:
+    """transformers' `fsdp` options (LLaMA-Factory passes them to its TrainingArguments) written
+    as an accelerate FSDP2 config with configs/accelerate/fsdp.yaml's settings: full_shard frees
+    each unit's gathered parameters after its forward, shard_grad_op keeps them until backward
+    (FSDP2's reshard_after_forward false), offload keeps parameters on the CPU, auto_wrap makes
+    each decoder layer a unit (`fsdp_transformer_layer_cls_to_wrap`, else the model's
+    _no_split_modules); without auto_wrap the whole model is one unit."""
+    options = set(train.fsdp_options())
+    fsdp = {"fsdp_version": 2, "fsdp_reshard_after_forward": "shard_grad_op" not in options,
+            "fsdp_offload_params": "offload" in options, "fsdp_state_dict_type": "FULL_STATE_DICT",
+            "fsdp_cpu_ram_efficient_loading": True, "fsdp_activation_checkpointing": False,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP" if "auto_wrap" in options else "NO_WRAP"}
+    if "auto_wrap" in options and train.fsdp_transformer_layer_cls_to_wrap:
+        fsdp["fsdp_transformer_layer_cls_to_wrap"] = ",".join(name_list(train.fsdp_transformer_layer_cls_to_wrap))
+    settings = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "FSDP", "num_machines": 1,
+                "machine_rank": 0, "num_processes": train.num_processes, "mixed_precision": "no",
+                "rdzv_backend": "static", "same_network": True, "use_cpu": False, "fsdp_config": fsdp}
+    path.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+    return path
+
+
 def distributed_type(cfg: Config) -> str | None:
     """The accelerate config's distributed_type (upper case), None without one."""
+    if cfg.train.fsdp_options():
+        return "FSDP"
     if cfg.train.accelerate_config is None:
         return None
     return _read_distributed_type(Path(cfg.train.accelerate_config))
