@@ -297,3 +297,41 @@ def test_dpo_with_bco_weight_mixes_the_two_around_the_running_mean_reward(tiny_m
         assert loss.item() == pytest.approx(((dpo + weight * bco) / (1 + weight)).mean().item(), rel=1e-5)
         assert abs(loss.item() - dpo.mean().item()) > 1e-4  # the BCO term changes the loss
     assert means[0] != pytest.approx(means[1])  # the baseline really moved
+
+
+# --- what the config hands the SFT trainer, and what it refuses -------------------------------
+
+
+def built_sft_trainer(tmp_path, tiny_model_dir, monkeypatch, **train):
+    """The CausalLMTrainer `sft.train` builds for these train keys (nothing trained)."""
+    from tests.fixtures.train_runs import tiny_run
+    from tunepipe.train import sft
+    from tunepipe.train.trainer_setup import training_arguments
+
+    cfg, layout = tiny_run(tmp_path, tiny_model_dir, rows=2, **train)
+
+    def build_only(cfg, layout, model, tokenizer, has_eval, make_trainer):
+        return make_trainer(training_arguments(cfg, layout, has_eval), [])
+
+    monkeypatch.setattr(sft, "run_session", build_only)
+    return sft.train(cfg, layout)
+
+
+def test_the_sft_trainer_gets_the_configured_token_loss(tmp_path, tiny_model_dir, monkeypatch):
+    eaft = built_sft_trainer(tmp_path / "eaft", tiny_model_dir, monkeypatch, use_eaft_loss=True, eaft_alpha=0.5)
+    assert (eaft.eaft_alpha, eaft.dft, eaft.anchor) == (0.5, False, None)
+    asft = built_sft_trainer(tmp_path / "asft", tiny_model_dir, monkeypatch, use_asft_loss=True, asft_alpha=0.2,
+                             ref_model=str(tiny_model_dir))
+    assert (asft.anchor.reference.kind, asft.anchor.alpha, asft.eaft_alpha) == ("ref_model", 0.2, None)
+    assert not any(p.requires_grad for p in asft.anchor.reference.frozen.parameters())
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({"use_dft_loss": True, "use_asft_loss": True}, "each replace the token loss: keep one"),
+    ({"use_eaft_loss": True, "label_smoothing_factor": 0.1}, "smoothing the targets too"),
+    ({"use_asft_loss": True, "stage": "dpo"}, "applies to the next-token stages"),
+    ({"use_eaft_loss": True, "eaft_alpha": -1.0}, "must be >= 0"),
+])
+def test_sft_loss_keys_that_cannot_combine_are_refused(keys, message):
+    with pytest.raises(TunepipeError, match=message):
+        TrainConfig(**keys).check()
