@@ -119,31 +119,33 @@ class ChatFormat:
         blocks of earlier answers (reasoning templates; LLaMA-Factory does so for one-turn objectives
         and with mask_history)."""
         messages = row["messages"] + ([extra] if extra else [])
-        images = self.check_media(row)
+        media = self.check_media(row)
         if self.named is None:
             turns = [[text] for text in self.rendered_turns(row, extra)]
         else:
-            if images:  # LLaMA-Factory's Qwen-VL plugin: <image> -> start, image token, end (expanded below)
-                messages = [{**m, "content": m["content"].replace(PLACEHOLDERS["images"], self.media.marker())}
+            for kind in media:  # LLaMA-Factory's Qwen-VL plugin: <image> -> start, image token, end (expanded below)
+                messages = [{**m, "content": m["content"].replace(PLACEHOLDERS[kind], self.media.marker(kind))}
                             for m in messages]
             turns = named_turns(self.named, self.tool_format, messages, row.get("system") or self.default_system,
                                 row.get("tools") or "", self.tokenizer, history_thoughts, self.today)
-        return self.media.expand(turns, images) if images else turns
+        return self.media.expand(turns, media) if media else turns
 
-    def check_media(self, row: dict) -> list[dict]:
-        """The row's images, once it is sure they can go into the model (or a clear error)."""
+    def check_media(self, row: dict) -> dict[str, list[dict]]:
+        """The row's images and videos (kinds it has none of left out), once it is sure they can go
+        into the model (or a clear error)."""
         where = row.get("_source", "a row")
-        if row.get("videos"):
-            raise TunepipeError(f"{where}: videos are validated but not trained on yet",
-                                hint="train on the image rows for now")
-        images = row.get("images") or []
-        if images and self.media is None:
-            raise TunepipeError(f"{where}: the row has images but the base model is not a vision-language model",
-                                hint="use a vision-language base model (Qwen2-VL) or drop the images column")
-        if images and self.named is not None and not self.named.vision:
-            raise TunepipeError(f"{where}: the row has images but template {self.name} takes none",
-                                hint="use template: qwen2_vl, or leave data.template unset for the model's own")
-        return images
+        media = {kind: row[kind] for kind in PLACEHOLDERS if row.get(kind)}
+        for kind in media:
+            if self.media is None:
+                raise TunepipeError(f"{where}: the row has {kind} but the base model is not a vision-language model",
+                                    hint=f"use a vision-language base model (Qwen2-VL) or drop the {kind} column")
+            if self.named is not None and not self.named.vision:
+                raise TunepipeError(f"{where}: the row has {kind} but template {self.name} takes none",
+                                    hint="use template: qwen2_vl, or leave data.template unset for the model's own")
+            if kind == "videos" and self.media.video is None:
+                raise TunepipeError(f"{where}: the row has videos but the {self.media.family_name} model takes none",
+                                    hint="videos train on the Qwen-VL families (Qwen2-VL, Qwen2.5-VL)")
+        return media
 
     def rendered_turns(self, row: dict, extra: dict | None = None) -> list[str]:
         """The tokenizer template's text cut before and after every answer."""
@@ -197,13 +199,13 @@ class ChatFormat:
         for turn in row["messages"] + ([extra] if extra else []):
             if turn["role"] in TRAINED_ROLES:
                 answers.append(len(messages))
-            messages.append(self.message(turn, bool(row.get("images"))))
+            messages.append(self.message(turn, bool(row.get("images") or row.get("videos"))))
         return Chat(messages, tools if self.native_tools else None, answers)
 
     def message(self, turn: dict, images: bool = False) -> dict:
         role, content = turn["role"], turn["content"]
-        if images and role == "user" and PLACEHOLDERS["images"] in content:
-            return {"role": role, "content": image_parts(content)}  # the template renders its own image marker
+        if images and role == "user" and any(marker in content for marker in PLACEHOLDERS.values()):
+            return {"role": role, "content": image_parts(content)}  # the template renders its own media markers
         if role == "function_call":
             calls = function_calls(content)
             if self.native_tools:
