@@ -1,0 +1,189 @@
+"""Videos on a tiny Qwen2-VL: frames sampled by LLaMA-Factory's rule (PyAV), the pixels equal
+transformers' own Qwen2-VL video processor, `<video>` becomes the processor's count of video tokens
+(never trained) in LLaMA-Factory's qwen2_vl rendering, the shards keep path + sha256, and a batch of
+video (and image) rows gives each sample its loss alone (3-D rotary positions for video included)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import load_from_disk
+from PIL import Image
+
+from tests.fixtures.video_processor import qwen2vl_video_processor_class
+from tests.test_tokenize import run_stages
+from tunepipe.data.encoding import IGNORE
+from tunepipe.data.video import (
+    QWEN2_VL_VIDEO_DEFAULTS,
+    Clip,
+    VideoBudget,
+    VideoProcessing,
+    read_clip,
+    sample_indices,
+)
+from tunepipe.data.vision import MediaTokens, regularized_size
+from tunepipe.modeling import load_causal_lm, load_tokenizer
+from tunepipe.train.collate import model_inputs
+from tunepipe.train.loss import causal_lm_loss
+from tunepipe.train.vision import VisionCollator
+
+av = pytest.importorskip("av")
+
+VIDEO = {"video_maxlen": 4, "video_max_pixels": 64 * 64, "cutoff_len": 2048}  # 12 video tokens a demo clip
+IMAGE = {"image_max_pixels": 112 * 112}
+
+
+def write_clip(path, frames: int = 25, rate: int = 10, codec: str = "libx264", size=(64, 48)):
+    """A clip whose frame k is grey level 10 * k (so a decoded frame tells its index)."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+        for k in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 10 * k, np.uint8), format="rgb24")
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path
+
+
+def indices_of(clip: Clip) -> list[int]:
+    return [round(int(np.asarray(frame)[0, 0, 0]) / 10) for frame in clip.frames]
+
+
+def test_frames_follow_llamafactory_sampling(tmp_path):
+    mp4 = write_clip(tmp_path / "a.mp4")  # 25 frames, 2.5 s
+    assert indices_of(read_clip(mp4, VideoBudget(2.0, 128, 64 * 64, 16), 28)) == [0, 6, 12, 18, 24, 24]  # odd: last again
+    assert indices_of(read_clip(mp4, VideoBudget(2.0, 3, 64 * 64, 16), 28)) == [0, 12, 24, 24]  # video_maxlen
+    assert indices_of(read_clip(mp4, VideoBudget(0.1, 128, 64 * 64, 16), 28)) == [0, 0]  # at least one frame
+    assert indices_of(read_clip(mp4, VideoBudget(20.0, 128, 64 * 64, 16), 28)) == list(range(25)) + [24]
+    mkv = write_clip(tmp_path / "b.mkv", codec="ffv1")  # Matroska: no frame count in the stream header
+    assert indices_of(read_clip(mkv, VideoBudget(2.0, 6, 64 * 64, 16), 28)) == [0, 1, 2, 3, 4, 5]  # first maxlen
+    big = read_clip(mp4, VideoBudget(2.0, 128, 32 * 32, 16), 28)  # frames into the pixel budget, 28 a side
+    assert {frame.size for frame in big.frames} == {regularized_size(64, 48, 32 * 32, 16, 28)} == {(36, 28)}
+    assert big.fps == pytest.approx(5 / 2.5)  # sampled frames over the length (Qwen2.5-VL's seconds per patch)
+    assert sample_indices(25, 2.5, VideoBudget(2.0, 128, 1, 1)) == [0, 6, 12, 18, 24]
+
+
+def test_pixels_equal_the_transformers_video_processor(tiny_qwen2vl_dir, monkeypatch):
+    from transformers import AutoImageProcessor
+
+    processor_class = qwen2vl_video_processor_class(monkeypatch)
+    reference = processor_class.from_pretrained(tiny_qwen2vl_dir)  # its config lookup, on the model's files
+    ours = VideoProcessing.load(tiny_qwen2vl_dir, AutoImageProcessor.from_pretrained(tiny_qwen2vl_dir, backend="pil"),
+                                QWEN2_VL_VIDEO_DEFAULTS)
+    assert ours.settings["size"] == dict(reference.size) and ours.temporal_patch_size == reference.temporal_patch_size
+    rng = np.random.default_rng(0)
+    for count, (width, height) in ((5, (84, 56)), (4, (56, 112))):  # odd count: padded by repeating the last frame
+        frames = [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(count)]
+        expected = reference(videos=[frames], return_tensors="pt", cap_pixels_per_frame=False)
+        got = ours.pixels([Clip(frames, 2.0)])
+        assert got["video_grid_thw"].tolist() == expected["video_grid_thw"].tolist()
+        torch.testing.assert_close(got["pixel_values_videos"], expected["pixel_values_videos"], atol=1e-6, rtol=0)
+        assert ours.tokens(count, width, height) == int(expected["video_grid_thw"].prod()) // 4
+
+
+def lf_video_tokens(path, processor_size: dict, budget: VideoBudget) -> int:
+    """LLaMA-Factory 0.9.5's count from the stream header alone (its Qwen-VL metadata path): sampled
+    frames rounded up to even, the frame size regularized, then transformers' smart_resize."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = len(sample_indices(stream.frames, float(stream.duration * stream.time_base), budget))
+        width, height = regularized_size(stream.width, stream.height, budget.max_pixels, budget.min_pixels, 28)
+    h, w = smart_resize(height, width, 28, processor_size["shortest_edge"], processor_size["longest_edge"])
+    return math.ceil((frames + frames % 2) / 2) * (h // 14) * (w // 14) // 4
+
+
+@pytest.fixture(scope="module")
+def video_shards(tmp_path_factory, tiny_qwen2vl_dir, lf_demo_dir):
+    root = tmp_path_factory.mktemp("vlm-video")
+    cfg, layout, _ = run_stages(root, tiny_qwen2vl_dir, lf_demo_dir, "mllm_video_demo", template="qwen2_vl", **VIDEO)
+    return cfg, load_from_disk(str(layout.tokenized / "train"))
+
+
+def test_video_rows_equal_llamafactory_qwen2_vl_rendering(video_shards, tiny_qwen2vl_dir, lf_demo_dir):
+    cfg, shards = video_shards
+    tokenizer = load_tokenizer(tiny_qwen2vl_dir)
+    pad = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    size = json.loads((tiny_qwen2vl_dir / "preprocessor_config.json").read_text())["size"]
+    budget = VideoBudget(cfg.data.video_fps, cfg.data.video_maxlen, cfg.data.video_max_pixels,
+                         cfg.data.video_min_pixels)
+    raw = json.loads((lf_demo_dir / "mllm_video_demo.json").read_text())
+    assert len(shards) == len(raw) and shards.column_names == ["input_ids", "labels", "media"]  # never pixels
+    for row, source in zip(shards, raw):
+        (user, answer), (video,) = source["messages"], source["videos"]
+        count = lf_video_tokens(lf_demo_dir / video, size, budget)
+        prompt = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                  + user["content"].replace("<video>", "<|vision_start|>" + "<|video_pad|>" * count + "<|vision_end|>")
+                  + "<|im_end|>\n<|im_start|>assistant\n")
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(answer["content"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        assert row["input_ids"] == prompt_ids + answer_ids
+        assert row["labels"] == [IGNORE] * len(prompt_ids) + answer_ids
+        assert row["input_ids"].count(pad) == count == 12
+        media = json.loads(row["media"])
+        assert [m["path"] for m in media["videos"]] == [video] and len(media["videos"][0]["sha256"]) == 64
+
+
+def test_the_model_chat_template_places_the_video_itself(video_shards, tiny_qwen2vl_dir, lf_demo_dir):
+    from tunepipe.data.templates import ChatFormat
+
+    cfg, shards = video_shards
+    tokenizer = load_tokenizer(tiny_qwen2vl_dir)
+    fmt = ChatFormat(tokenizer)  # data.template unset: the model's own jinja template renders the video part
+    fmt.media = MediaTokens.for_data(tiny_qwen2vl_dir, tokenizer, cfg.data)
+    source = json.loads((lf_demo_dir / "mllm_video_demo.json").read_text())[0]
+    row = {"messages": source["messages"], "system": "", "tools": "", "videos": json.loads(shards[0]["media"])["videos"]}
+    ids = [i for turn in fmt.turns(row) for element in turn
+           for i in (tokenizer(element, add_special_tokens=False)["input_ids"] if isinstance(element, str) else [element])]
+    assert ids == shards[0]["input_ids"]  # the tiny model's template renders what qwen2_vl does
+
+
+@pytest.fixture(scope="module")
+def collator(tiny_qwen2vl_dir, lf_demo_dir, video_shards):
+    tokenizer = load_tokenizer(tiny_qwen2vl_dir)
+    cfg, _ = video_shards
+    media = MediaTokens.for_data(tiny_qwen2vl_dir, tokenizer, cfg.data)
+    media.max_pixels = IMAGE["image_max_pixels"]  # the image rows below were tokenized with this budget
+    return VisionCollator(tokenizer.pad_token_id, media)
+
+
+def test_a_batch_of_video_and_image_rows_gives_each_sample_its_loss_alone(video_shards, collator, tmp_path_factory,
+                                                                          tiny_qwen2vl_dir, lf_demo_dir):
+    _, videos = video_shards
+    images = load_from_disk(str(run_stages(tmp_path_factory.mktemp("vlm-video-img"), tiny_qwen2vl_dir, lf_demo_dir,
+                                           "mllm_demo", template="qwen2_vl", **IMAGE)[1].tokenized / "train"))
+    model = load_causal_lm(tiny_qwen2vl_dir).eval()
+    rows = [videos[1], images[0], videos[0]]  # a short video row padded, an image row between two videos
+    batch = collator(rows)
+    assert batch["video_grid_thw"].tolist() == [[2, 4, 6], [2, 4, 6]] and batch["image_grid_thw"].shape[0] == 2
+    types = batch["mm_token_type_ids"]
+    assert int((types == 2).sum()) == int((batch["input_ids"] == collator.media.video_token_id).sum()) == 24
+    with torch.no_grad():
+        logits = model(**model_inputs(batch)).logits
+        for i, row in enumerate(rows):
+            alone = collator([row])
+            n = len(row["input_ids"])
+            torch.testing.assert_close(logits[i, :n], model(**model_inputs(alone)).logits[0], atol=1e-5, rtol=0)
+            targets = batch["shift_labels"][i, :n]
+            loss_in_batch = F.cross_entropy(logits[i, :n][targets != -100], targets[targets != -100])
+            torch.testing.assert_close(loss_in_batch, causal_lm_loss(model, alone), atol=1e-5, rtol=0)
+    # the video's positions are 3-D: its tokens share temporal / height / width indices, unlike text
+    position_ids, _ = model.model.get_rope_index(batch["input_ids"][:1], types[:1], None,
+                                                 batch["video_grid_thw"][:1], batch["attention_mask"][:1])
+    video = position_ids[:, 0, types[0] == 2]
+    assert video.shape[1] == 12 and len(set(map(tuple, video.T.tolist()))) == 12
+    assert len(set(video[0].tolist())) == 2  # two temporal patches
+
+
+def test_a_video_row_needs_a_model_that_takes_video(tmp_path, tiny_model_dir, lf_demo_dir):
+    from tunepipe.errors import TunepipeError
+
+    with pytest.raises(TunepipeError, match="videos but the base model is not a vision-language model"):
+        run_stages(tmp_path, tiny_model_dir, lf_demo_dir, "mllm_video_demo", template="qwen", **VIDEO)
+    assert not (tmp_path / "data" / "tokenized").exists()  # nothing half-written
