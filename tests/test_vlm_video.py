@@ -187,3 +187,48 @@ def test_a_video_row_needs_a_model_that_takes_video(tmp_path, tiny_model_dir, lf
     with pytest.raises(TunepipeError, match="videos but the base model is not a vision-language model"):
         run_stages(tmp_path, tiny_model_dir, lf_demo_dir, "mllm_video_demo", template="qwen", **VIDEO)
     assert not (tmp_path / "data" / "tokenized").exists()  # nothing half-written
+
+
+def build_tiny_qwen2_5_vl_dir(path, qwen2vl_dir):
+    """A random tiny Qwen2.5-VL beside the tiny Qwen2-VL: same tokenizer and image processor (so the same
+    shards), its own vision tower (window attention, 4 tokens per second of video)."""
+    import shutil
+
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    source = json.loads((qwen2vl_dir / "config.json").read_text())
+    text = {key: source["text_config"][key] for key in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings", "rope_parameters", "bos_token_id", "eos_token_id",
+        "pad_token_id")}
+    config = Qwen2_5_VLConfig(
+        text_config=text, tie_word_embeddings=False,
+        vision_config={"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                       "window_size": 56, "fullatt_block_indexes": [0], "tokens_per_second": 4},
+        **{key: source[key] for key in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                        "vision_end_token_id")})
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
+    for name in qwen2vl_dir.iterdir():
+        if name.name not in ("config.json", "model.safetensors", "generation_config.json"):
+            shutil.copy(name, path / name.name)
+    return path
+
+
+def test_qwen2_5_vl_reads_each_videos_seconds_per_temporal_patch(video_shards, tmp_path, tiny_qwen2vl_dir):
+    model_dir = build_tiny_qwen2_5_vl_dir(tmp_path / "qwen2_5_vl", tiny_qwen2vl_dir)
+    cfg, shards = video_shards
+    tokenizer = load_tokenizer(model_dir)
+    collator = VisionCollator(tokenizer.pad_token_id, MediaTokens.for_data(model_dir, tokenizer, cfg.data))
+    rows = [shards[2], shards[0]]  # 3.mp4: 6.09 s, 1.mp4: 9.72 s; 4 frames each
+    batch = collator(rows)
+    # LLaMA-Factory: temporal_patch_size / (sampled frames / length)
+    torch.testing.assert_close(batch["second_per_grid_ts"], torch.tensor([2 / (4 / 6.088333), 2 / (4 / 9.72)]))
+    model = load_causal_lm(model_dir).eval()
+    with torch.no_grad():
+        logits = model(**model_inputs(batch)).logits
+        for i, row in enumerate(rows):  # each video's own temporal spacing, in a batch as alone
+            alone = model(**model_inputs(collator([row]))).logits[0]
+            torch.testing.assert_close(logits[i, :len(row["input_ids"])], alone, atol=1e-5, rtol=0)
+        swapped = {**model_inputs(batch), "second_per_grid_ts": batch["second_per_grid_ts"].flip(0)}
+        assert not torch.allclose(model(**swapped).logits, logits, atol=1e-4)  # the positions do read it
