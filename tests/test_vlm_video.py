@@ -54,15 +54,19 @@ def indices_of(clip: Clip) -> list[int]:
     return [round(int(np.asarray(frame)[0, 0, 0]) / 10) for frame in clip.frames]
 
 
+def clip_of(path, budget: VideoBudget) -> Clip:
+    return read_clip(path, budget, lambda w, h: regularized_size(w, h, budget.max_pixels, budget.min_pixels, 28))
+
+
 def test_frames_follow_llamafactory_sampling(tmp_path):
     mp4 = write_clip(tmp_path / "a.mp4")  # 25 frames, 2.5 s
-    assert indices_of(read_clip(mp4, VideoBudget(2.0, 128, 64 * 64, 16), 28)) == [0, 6, 12, 18, 24, 24]  # odd: last again
-    assert indices_of(read_clip(mp4, VideoBudget(2.0, 3, 64 * 64, 16), 28)) == [0, 12, 24, 24]  # video_maxlen
-    assert indices_of(read_clip(mp4, VideoBudget(0.1, 128, 64 * 64, 16), 28)) == [0, 0]  # at least one frame
-    assert indices_of(read_clip(mp4, VideoBudget(20.0, 128, 64 * 64, 16), 28)) == list(range(25)) + [24]
+    assert indices_of(clip_of(mp4, VideoBudget(2.0, 128, 64 * 64, 16))) == [0, 6, 12, 18, 24, 24]  # odd: last again
+    assert indices_of(clip_of(mp4, VideoBudget(2.0, 3, 64 * 64, 16))) == [0, 12, 24, 24]  # video_maxlen
+    assert indices_of(clip_of(mp4, VideoBudget(0.1, 128, 64 * 64, 16))) == [0, 0]  # at least one frame
+    assert indices_of(clip_of(mp4, VideoBudget(20.0, 128, 64 * 64, 16))) == list(range(25)) + [24]
     mkv = write_clip(tmp_path / "b.mkv", codec="ffv1")  # Matroska: no frame count in the stream header
-    assert indices_of(read_clip(mkv, VideoBudget(2.0, 6, 64 * 64, 16), 28)) == [0, 1, 2, 3, 4, 5]  # first maxlen
-    big = read_clip(mp4, VideoBudget(2.0, 128, 32 * 32, 16), 28)  # frames into the pixel budget, 28 a side
+    assert indices_of(clip_of(mkv, VideoBudget(2.0, 6, 64 * 64, 16))) == [0, 1, 2, 3, 4, 5]  # first maxlen
+    big = clip_of(mp4, VideoBudget(2.0, 128, 32 * 32, 16))  # frames into the pixel budget, 28 a side
     assert {frame.size for frame in big.frames} == {regularized_size(64, 48, 32 * 32, 16, 28)} == {(36, 28)}
     assert big.fps == pytest.approx(5 / 2.5)  # sampled frames over the length (Qwen2.5-VL's seconds per patch)
     assert sample_indices(25, 2.5, VideoBudget(2.0, 128, 1, 1)) == [0, 6, 12, 18, 24]

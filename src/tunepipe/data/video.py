@@ -5,7 +5,7 @@ Frames (LLaMA-Factory 0.9.5's Qwen-VL rule, with its keys and defaults): a video
 * video_fps)))` frames at evenly spaced indices (`linspace(0, total - 1, n)` truncated);
 a stream that does not know its frame count gives its first `video_maxlen` frames. An
 odd count repeats the last frame, and each frame is scaled into `[video_min_pixels,
-video_max_pixels]` like an image (vision.regularized_size).
+video_max_pixels]` like an image (the caller passes vision.regularized_size).
 
 Pixels: transformers' Qwen2-VL video processor needs torchvision, which cannot load beside
 the CPU torch here (docs/architecture.md, "Vision-language models"), so tunepipe runs the
@@ -22,6 +22,7 @@ tensors. The same code runs on a GPU machine, so a run there gives the same toke
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,11 +66,9 @@ def sample_indices(total: int, duration: float | None, budget: VideoBudget) -> l
     return np.linspace(0, total - 1, count).astype(np.int32).tolist()
 
 
-def read_clip(path: Path, budget: VideoBudget, min_side: int) -> Clip:
-    """Decode the sampled frames of the video at `path` (PyAV), each scaled into the pixel budget."""
+def read_clip(path: Path, budget: VideoBudget, frame_size: Callable[[int, int], tuple[int, int]]) -> Clip:
+    """Decode the sampled frames of the video at `path` (PyAV), each resized to `frame_size(width, height)`."""
     import av
-
-    from tunepipe.data.vision import regularized_size
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
@@ -84,7 +83,7 @@ def read_clip(path: Path, budget: VideoBudget, min_side: int) -> Clip:
         frames.append(frames[-1])
     out = []
     for frame in frames:
-        size = regularized_size(frame.width, frame.height, budget.max_pixels, budget.min_pixels, min_side)
+        size = frame_size(frame.width, frame.height)
         frame = frame.resize(size) if size != frame.size else frame
         out.append(frame if frame.mode == "RGB" else frame.convert("RGB"))
     return Clip(out, fps)

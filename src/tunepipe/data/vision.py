@@ -193,7 +193,9 @@ class MediaTokens:
             raise TunepipeError(f"{ref['path']}: this {self.family_name} model takes no video",
                                 hint="videos train on the Qwen-VL families (Qwen2-VL, Qwen2.5-VL)")
         self.verify(ref)
-        return read_clip(self.media_dir / ref["path"], self.video_budget, self.family.min_side)
+        budget = self.video_budget
+        return read_clip(self.media_dir / ref["path"], budget, lambda width, height: regularized_size(
+            width, height, budget.max_pixels, budget.min_pixels, self.family.min_side))
 
     @property
     def family_name(self) -> str:
