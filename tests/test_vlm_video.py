@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,6 +133,16 @@ def test_video_rows_equal_llamafactory_qwen2_vl_rendering(video_shards, tiny_qwe
         assert row["input_ids"].count(pad) == count == 12
         media = json.loads(row["media"])
         assert [m["path"] for m in media["videos"]] == [video] and len(media["videos"][0]["sha256"]) == 64
+
+
+def test_video_rows_equal_llamafactory_golden_rows(video_shards):
+    """LLaMA-Factory 0.9.5's own ids and labels for these rows (bench/video_parity.py --write-fixture:
+    its get_dataset with the tiny model's processor built by transformers, torchvision included)."""
+    golden = json.loads((Path(__file__).parent / "fixtures" / "video_parity" / "qwen2_vl_mllm_video_demo.json")
+                        .read_text())
+    assert golden["keys"] == VIDEO and golden["template"] == "qwen2_vl"
+    _, shards = video_shards
+    assert shards["input_ids"] == golden["input_ids"] and shards["labels"] == golden["labels"]
 
 
 def test_the_model_chat_template_places_the_video_itself(video_shards, tiny_qwen2vl_dir, lf_demo_dir):
