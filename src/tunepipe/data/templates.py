@@ -119,33 +119,50 @@ class ChatFormat:
         blocks of earlier answers (reasoning templates; LLaMA-Factory does so for one-turn objectives
         and with mask_history)."""
         messages = row["messages"] + ([extra] if extra else [])
-        media = self.check_media(row)
+        images = self.check_media(row)
+        videos = self.check_videos(row)
         if self.named is None:
             turns = [[text] for text in self.rendered_turns(row, extra)]
         else:
-            for kind in media:  # LLaMA-Factory's Qwen-VL plugin: <image> -> start, image token, end (expanded below)
-                messages = [{**m, "content": m["content"].replace(PLACEHOLDERS[kind], self.media.marker(kind))}
+            if images:  # LLaMA-Factory's Qwen-VL plugin: <image> -> start, image token, end (expanded below)
+                messages = [{**m, "content": m["content"].replace(PLACEHOLDERS["images"], self.media.marker())}
+                            for m in messages]
+            if videos:  # <video> -> start, video token, end (expanded below)
+                messages = [{**m, "content": m["content"].replace(PLACEHOLDERS["videos"], self.media.video_marker())}
                             for m in messages]
             turns = named_turns(self.named, self.tool_format, messages, row.get("system") or self.default_system,
                                 row.get("tools") or "", self.tokenizer, history_thoughts, self.today)
-        return self.media.expand(turns, media) if media else turns
+        turns = self.media.expand(turns, images) if images else turns
+        return self.media.expand_videos(turns, videos) if videos else turns
 
-    def check_media(self, row: dict) -> dict[str, list[dict]]:
-        """The row's images and videos (kinds it has none of left out), once it is sure they can go
-        into the model (or a clear error)."""
+    def check_media(self, row: dict) -> list[dict]:
+        """The row's images, once it is sure they can go into the model (or a clear error)."""
         where = row.get("_source", "a row")
-        media = {kind: row[kind] for kind in PLACEHOLDERS if row.get(kind)}
-        for kind in media:
-            if self.media is None:
-                raise TunepipeError(f"{where}: the row has {kind} but the base model is not a vision-language model",
-                                    hint=f"use a vision-language base model (Qwen2-VL) or drop the {kind} column")
-            if self.named is not None and not self.named.vision:
-                raise TunepipeError(f"{where}: the row has {kind} but template {self.name} takes none",
-                                    hint="use template: qwen2_vl, or leave data.template unset for the model's own")
-            if kind == "videos" and self.media.video is None:
-                raise TunepipeError(f"{where}: the row has videos but the {self.media.family_name} model takes none",
-                                    hint="videos train on the Qwen-VL families (Qwen2-VL, Qwen2.5-VL)")
-        return media
+        images = row.get("images") or []
+        if images and self.media is None:
+            raise TunepipeError(f"{where}: the row has images but the base model is not a vision-language model",
+                                hint="use a vision-language base model (Qwen2-VL) or drop the images column")
+        if images and self.named is not None and not self.named.vision:
+            raise TunepipeError(f"{where}: the row has images but template {self.name} takes none",
+                                hint="use template: qwen2_vl, or leave data.template unset for the model's own")
+        return images
+
+    def check_videos(self, row: dict) -> list[dict]:
+        """The row's videos, once it is sure they can go into the model (or a clear error)."""
+        videos = row.get("videos") or []
+        if not videos:
+            return videos
+        where = row.get("_source", "a row")
+        if self.media is None:
+            raise TunepipeError(f"{where}: the row has videos but the base model is not a vision-language model",
+                                hint="use a vision-language base model (Qwen2-VL) or drop the videos column")
+        if self.named is not None and not self.named.vision:
+            raise TunepipeError(f"{where}: the row has videos but template {self.name} takes none",
+                                hint="use template: qwen2_vl, or leave data.template unset for the model's own")
+        if self.media.video is None:
+            raise TunepipeError(f"{where}: the row has videos but the base model takes none",
+                                hint="videos train on the Qwen-VL families (Qwen2-VL, Qwen2.5-VL)")
+        return videos
 
     def rendered_turns(self, row: dict, extra: dict | None = None) -> list[str]:
         """The tokenizer template's text cut before and after every answer."""

@@ -41,6 +41,19 @@ PASSED_KEYS = tuple(QWEN2_VL_VIDEO_DEFAULTS)  # what the image processor call ta
 
 
 @dataclass(frozen=True)
+class VideoFamily:
+    """What differs between the families tunepipe feeds videos to."""
+
+    defaults: dict  # the video processor's class defaults (for keys the model's config omits)
+    seconds_per_grid: bool = False  # the 3-D positions read each video's second_per_grid_ts (Qwen2.5-VL)
+
+
+# config.json model_type -> its video handling (Qwen2.5-VL's processor uses Qwen2-VL's video processor)
+VIDEO_FAMILIES = {"qwen2_vl": VideoFamily(QWEN2_VL_VIDEO_DEFAULTS),
+                  "qwen2_5_vl": VideoFamily(QWEN2_VL_VIDEO_DEFAULTS, seconds_per_grid=True)}
+
+
+@dataclass(frozen=True)
 class VideoBudget:
     """LLaMA-Factory's video keys: frames per second, at most this many frames, pixels per frame."""
 

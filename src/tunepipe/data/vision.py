@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunepipe.data.media import PLACEHOLDERS, file_sha256
-from tunepipe.data.video import QWEN2_VL_VIDEO_DEFAULTS, VideoBudget, VideoProcessing, read_clip
+from tunepipe.data.video import VIDEO_FAMILIES, VideoBudget, VideoFamily, VideoProcessing, read_clip
 from tunepipe.errors import TunepipeError
 
 
@@ -44,15 +43,10 @@ class Family:
     vision_keys: tuple[str, ...] = ("visual.patch_embed", "visual.blocks")
     projector_keys: tuple[str, ...] = ("visual.merger",)
     language_keys: tuple[str, ...] = ("language_model", "lm_head")
-    # the video processor's class defaults (None: the family takes no video); Qwen2.5-VL's rotary
-    # positions also read each video's seconds per temporal patch (second_per_grid_ts)
-    video_defaults: dict | None = field(default_factory=lambda: QWEN2_VL_VIDEO_DEFAULTS)
-    seconds_per_grid: bool = False
 
 
 # config.json model_type -> family; the Qwen-VL models share their media-token scheme
-FAMILIES = {"qwen2_vl": Family(), "qwen2_5_vl": Family(seconds_per_grid=True)}
-LF_VIDEO_BUDGET = VideoBudget(fps=2.0, maxlen=128, max_pixels=256 * 256, min_pixels=16 * 16)  # LLaMA-Factory's defaults
+FAMILIES = {"qwen2_vl": Family(), "qwen2_5_vl": Family()}
 
 
 def family_of(model_type: str | None) -> Family | None:
@@ -72,16 +66,17 @@ class MediaTokens:
     max_pixels: int
     min_pixels: int
     family: Family
-    video_token: str | None = None  # None: the model takes no video
-    video_token_id: int | None = None
-    video: VideoProcessing | None = None
-    video_budget: VideoBudget = LF_VIDEO_BUDGET
     counts: dict[str, int] = field(default_factory=dict)  # sha256 -> tokens (images repeat)
     verified: set = field(default_factory=set)  # (path, sha256) whose bytes were checked
+    # videos (set by enable_video; None: the model takes none)
+    video_token: str | None = None
+    video_token_id: int | None = None
+    video: VideoProcessing | None = None
+    video_family: VideoFamily | None = None
+    video_budget: VideoBudget | None = None
 
     @classmethod
-    def load(cls, model_dir: Path, tokenizer, media_dir: Path, max_pixels: int, min_pixels: int,
-             video_budget: VideoBudget = LF_VIDEO_BUDGET) -> MediaTokens:
+    def load(cls, model_dir: Path, tokenizer, media_dir: Path, max_pixels: int, min_pixels: int) -> MediaTokens:
         from transformers import AutoImageProcessor
 
         config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
@@ -93,67 +88,56 @@ class MediaTokens:
         token = {name: tokenizer.convert_ids_to_tokens(config[getattr(family, f"{name}_token_field")])
                  for name in ("image", "start", "end")}
         processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
-        video = {}
-        if family.video_defaults is not None and config.get(family.video_token_field) is not None:
-            video = {"video_token": tokenizer.convert_ids_to_tokens(config[family.video_token_field]),
-                     "video_token_id": config[family.video_token_field], "video_budget": video_budget,
-                     "video": VideoProcessing.load(model_dir, processor, family.video_defaults)}
         return cls(processor, token["image"], config[family.image_token_field], token["start"], token["end"],
-                   Path(media_dir), max_pixels, min_pixels, family, **video)
+                   Path(media_dir), max_pixels, min_pixels, family)
 
     @classmethod
     def for_data(cls, model_dir: Path, tokenizer, data) -> MediaTokens:
         """From the `data` config group: media_dir (default dataset_dir), the image pixel budget and
-        the video keys (video_fps, video_maxlen, video_max_pixels, video_min_pixels)."""
-        budget = VideoBudget(data.video_fps, data.video_maxlen, data.video_max_pixels, data.video_min_pixels)
-        return cls.load(model_dir, tokenizer, Path(data.media_dir or data.dataset_dir), data.image_max_pixels,
-                        data.image_min_pixels, budget)
+        the video keys."""
+        media = cls.load(model_dir, tokenizer, Path(data.media_dir or data.dataset_dir), data.image_max_pixels,
+                         data.image_min_pixels)
+        media.enable_video(model_dir, tokenizer, VideoBudget(data.video_fps, data.video_maxlen,
+                                                             data.video_max_pixels, data.video_min_pixels))
+        return media
 
     # -- the text: placeholders -> media tokens --------------------------------------------
-    def token_of(self, kind: str) -> str:
-        return self.image_token if kind == "images" else self.video_token
+    def marker(self) -> str:
+        """What one `<image>` becomes in a named template's text before expansion (LLaMA-Factory's
+        Qwen2-VL plugin: start, one image token, end)."""
+        return f"{self.start_token}{self.image_token}{self.end_token}"
 
-    def marker(self, kind: str = "images") -> str:
-        """What one `<image>` / `<video>` becomes in a named template's text before expansion
-        (LLaMA-Factory's Qwen2-VL plugin: start, one image / video token, end)."""
-        return f"{self.start_token}{self.token_of(kind)}{self.end_token}"
-
-    def expand(self, turns: list[list], media: dict[str, list[dict]]) -> list[list]:
-        """Every image / video token in the turns' texts (one per item, in order per kind) becomes
-        that item's count of token ids; the texts around it are tokenized as before."""
-        kinds = [kind for kind in ("images", "videos") if media.get(kind)]
-        ids = {self.token_of(kind): (kind, self.image_token_id if kind == "images" else self.video_token_id)
-               for kind in kinds}
-        counts = {kind: iter([self.media_tokens(kind, ref) for ref in media[kind]]) for kind in kinds}
-        seen = dict.fromkeys(kinds, 0)
-        split = re.compile("(" + "|".join(map(re.escape, ids)) + ")")
-        out = []
+    def expand(self, turns: list[list], images: list[dict]) -> list[list]:
+        """Every image token in the turns' texts (one per image, in order) becomes that image's
+        count of image token ids; the texts around it are tokenized as before."""
+        counts = iter([self.image_tokens(ref) for ref in images])
+        out, seen = [], 0
         for turn in turns:
             elements = []
             for element in turn:
-                for piece in split.split(element) if isinstance(element, str) else [element]:
-                    kind, token_id = ids.get(piece, (None, None)) if isinstance(piece, str) else (None, None)
-                    count = next(counts[kind], None) if kind else None
-                    if count is None:  # text, an id, or a media token past the row's items (kept as text)
-                        elements.append(piece)
-                        continue
-                    elements.extend([token_id] * count)
-                    seen[kind] += 1
+                if not isinstance(element, str) or self.image_token not in element:
+                    elements.append(element)
+                    continue
+                pieces = element.split(self.image_token)
+                for k, piece in enumerate(pieces):
+                    if k:
+                        count = next(counts, None)
+                        if count is None:
+                            break
+                        elements.extend([self.image_token_id] * count)
+                        seen += 1
+                    elements.append(piece)
             out.append(elements)
-        for kind in kinds:
-            if seen[kind] != len(media[kind]):
-                raise TunepipeError(f"the chat template rendered {seen[kind]} {kind[:-1]} token(s) "
-                                    f"{self.token_of(kind)!r} for {len(media[kind])} {kind}",
-                                    hint="set data.template to the family's template (qwen2_vl for Qwen2-VL)")
+        if seen != len(images):
+            raise TunepipeError(f"the chat template rendered {seen} image token(s) {self.image_token!r} for "
+                                f"{len(images)} image(s)", hint="set data.template to the family's template "
+                                                                "(qwen2_vl for Qwen2-VL)")
         return out
 
     def mask(self, input_ids: list[int], labels: list[int]) -> list[int]:
         """Labels with every image / video token ignored: media are input, never a prediction target."""
         media = {self.image_token_id, self.video_token_id} - {None}
         return [-100 if token in media else label for token, label in zip(input_ids, labels)]
-
-    def media_tokens(self, kind: str, ref: dict) -> int:
-        return self.image_tokens(ref) if kind == "images" else self.video_tokens(ref)
 
     # -- the pixels ---------------------------------------------------------------------------
     def image_tokens(self, ref: dict) -> int:
@@ -180,59 +164,20 @@ class MediaTokens:
                                 hint="re-run validate and tokenize (dvc repro does)")
         self.verified.add(key)
 
-    def video_tokens(self, ref: dict) -> int:
-        """How many tokens the video becomes: from the frames the collator will feed (decoded once
-        per file: a stream's frame count in its header can be wrong, the decoded frames cannot)."""
-        if ref["sha256"] not in self.counts:
-            clip = self.load_clip(ref)
-            self.counts[ref["sha256"]] = self.video.tokens(len(clip.frames), *clip.frames[0].size)
-        return self.counts[ref["sha256"]]
-
-    def load_clip(self, ref: dict):
-        if self.video is None:
-            raise TunepipeError(f"{ref['path']}: this {self.family_name} model takes no video",
-                                hint="videos train on the Qwen-VL families (Qwen2-VL, Qwen2.5-VL)")
-        self.verify(ref)
-        budget = self.video_budget
-        return read_clip(self.media_dir / ref["path"], budget, lambda width, height: regularized_size(
-            width, height, budget.max_pixels, budget.min_pixels, self.family.min_side))
-
-    @property
-    def family_name(self) -> str:
-        return next((name for name, family in FAMILIES.items() if family is self.family), "vision-language")
-
-    def video_inputs(self, videos: list[dict]) -> dict:
-        """pixel_values_videos, video_grid_thw (and Qwen2.5-VL's second_per_grid_ts) for a batch's videos."""
-        import torch
-
-        clips = [self.load_clip(ref) for ref in videos]
-        inputs = self.video.pixels(clips)
-        if self.family.seconds_per_grid:  # LLaMA-Factory: temporal_patch_size / the sampled frame rate
-            inputs["second_per_grid_ts"] = torch.tensor([self.video.temporal_patch_size / clip.fps for clip in clips])
-        return inputs
-
     def pixel_inputs(self, images: list[dict]) -> dict:
         """The processor's model inputs (pixel_values, image_grid_thw) for a batch's images, in order."""
         return self.image_processor([self.load_image(ref) for ref in images], return_tensors="pt")
 
     def model_inputs(self, input_ids, media_column: list[str | None]) -> dict:
-        """The media inputs of a batch (`input_ids` [rows, width], each row's `media` JSON): pixel_values
-        and image_grid_thw, pixel_values_videos and video_grid_thw, and mm_token_type_ids (1 on image
-        tokens, 2 on video tokens, 0 on text: what the model computes its 3-D rotary positions from);
-        empty when the rows hold no media."""
-        rows = [json.loads(media) for media in media_column if media]
-        images = [ref for media in rows for ref in media.get("images", [])]
-        videos = [ref for media in rows for ref in media.get("videos", [])]
-        if not images and not videos:
+        """The image inputs of a batch (`input_ids` [rows, width], each row's `media` JSON): pixel_values,
+        image_grid_thw and mm_token_type_ids (1 on image tokens, 0 on text: what the model computes its
+        3-D rotary positions from); empty when the rows hold no image."""
+        images = [ref for media in media_column if media for ref in json.loads(media)["images"]]
+        if not images:
             return {}
-        out = {"mm_token_type_ids": (input_ids == self.image_token_id).long()}
-        if images:
-            inputs = self.pixel_inputs(images)
-            out.update(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
-        if videos:
-            out.update(self.video_inputs(videos))
-            out["mm_token_type_ids"] += 2 * (input_ids == self.video_token_id).long()
-        return out
+        inputs = self.pixel_inputs(images)
+        return {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"],
+                "mm_token_type_ids": (input_ids == self.image_token_id).long()}
 
     def load_image(self, ref: dict):
         from PIL import Image
@@ -243,6 +188,90 @@ class MediaTokens:
                                              self.family.min_side)
             image = image.resize((width, height)) if (width, height) != image.size else image.copy()
         return image if image.mode == "RGB" else image.convert("RGB")
+
+
+    # -- videos (the Qwen-VL families: data/video.py) ------------------------------------------
+    def enable_video(self, model_dir: Path, tokenizer, budget: VideoBudget) -> None:
+        """Take videos when the model's family does (video.VIDEO_FAMILIES): its video token and its
+        video processor's settings, under LLaMA-Factory's video keys."""
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        family = VIDEO_FAMILIES.get(config.get("model_type"))
+        if family is None or config.get("video_token_id") is None:
+            return
+        self.video_family, self.video_budget = family, budget
+        self.video_token_id = config["video_token_id"]
+        self.video_token = tokenizer.convert_ids_to_tokens(self.video_token_id)
+        self.video = VideoProcessing.load(model_dir, self.image_processor, family.defaults)
+
+    def video_marker(self) -> str:
+        """What one `<video>` becomes in a named template's text before expansion (LLaMA-Factory's
+        Qwen2-VL plugin: start, one video token, end)."""
+        return f"{self.start_token}{self.video_token}{self.end_token}"
+
+    def expand_videos(self, turns: list[list], videos: list[dict]) -> list[list]:
+        """Every video token in the turns' texts (one per video, in order) becomes that video's count
+        of video token ids; the texts around it are tokenized as before."""
+        counts = iter([self.video_tokens(ref) for ref in videos])
+        out, seen = [], 0
+        for turn in turns:
+            elements = []
+            for element in turn:
+                pieces = element.split(self.video_token) if isinstance(element, str) else [element]
+                for k, piece in enumerate(pieces):
+                    count = next(counts, None) if k else None
+                    if k and count is None:  # more video tokens than videos: counted below, not expanded
+                        seen += 1
+                        elements.append(self.video_token)
+                    elif k:
+                        elements.extend([self.video_token_id] * count)
+                        seen += 1
+                    elements.append(piece)
+            out.append(elements)
+        if seen != len(videos):
+            raise TunepipeError(f"the chat template rendered {seen} video token(s) {self.video_token!r} for "
+                                f"{len(videos)} video(s)", hint="set data.template to the family's template "
+                                                                "(qwen2_vl for Qwen2-VL)")
+        return out
+
+    def video_tokens(self, ref: dict) -> int:
+        """How many tokens the video becomes: from the frames the collator will feed (decoded once
+        per file: a stream's frame count in its header can be wrong, the decoded frames cannot)."""
+        if ref["sha256"] not in self.counts:
+            clip = self.load_clip(ref)
+            self.counts[ref["sha256"]] = self.video.tokens(len(clip.frames), *clip.frames[0].size)
+        return self.counts[ref["sha256"]]
+
+    def load_clip(self, ref: dict):
+        if self.video is None:
+            raise TunepipeError(f"{ref['path']}: this vision-language model takes no video",
+                                hint=f"videos train on the families {', '.join(sorted(VIDEO_FAMILIES))}")
+        self.verify(ref)
+        budget, min_side = self.video_budget, self.family.min_side
+        return read_clip(self.media_dir / ref["path"], budget, lambda width, height: regularized_size(
+            width, height, budget.max_pixels, budget.min_pixels, min_side))
+
+    def video_inputs(self, videos: list[dict]) -> dict:
+        """pixel_values_videos, video_grid_thw (and Qwen2.5-VL's second_per_grid_ts) for a batch's videos."""
+        import torch
+
+        clips = [self.load_clip(ref) for ref in videos]
+        inputs = self.video.pixels(clips)
+        if self.video_family.seconds_per_grid:  # LLaMA-Factory: temporal_patch_size / the sampled frame rate
+            inputs["second_per_grid_ts"] = torch.tensor([self.video.temporal_patch_size / clip.fps for clip in clips])
+        return inputs
+
+    def batch_inputs(self, input_ids, media_column: list[str | None]) -> dict:
+        """`model_inputs` (the images) plus the videos' inputs, with mm_token_type_ids 2 on video tokens
+        (Qwen-VL's 3-D rotary positions for video)."""
+        import torch
+
+        out = self.model_inputs(input_ids, media_column)
+        videos = [ref for media in media_column if media for ref in json.loads(media).get("videos", [])]
+        if videos:
+            out.update(self.video_inputs(videos))
+            types = out.get("mm_token_type_ids", torch.zeros_like(input_ids))
+            out["mm_token_type_ids"] = types + 2 * (input_ids == self.video_token_id).long()
+        return out
 
 
 def regularized_size(width: int, height: int, max_pixels: int, min_pixels: int, min_side: int) -> tuple[int, int]:
@@ -269,10 +298,13 @@ def image_parts(content: str) -> list[dict] | str:
     markers = {PLACEHOLDERS["images"]: "image", PLACEHOLDERS["videos"]: "video"}
     if not any(marker in content for marker in markers):
         return content
-    parts = []
-    for text in re.split("(" + "|".join(map(re.escape, markers)) + ")", content):
-        if text in markers:
-            parts.append({"type": markers[text]})
-        elif text:
-            parts.append({"type": "text", "text": text})
+    parts, text = [], content
+    while text:
+        index, marker = min(((text.find(m), m) for m in markers if m in text), default=(len(text), None))
+        if index:
+            parts.append({"type": "text", "text": text[:index]})
+        if marker is None:
+            break
+        parts.append({"type": markers[marker]})
+        text = text[index + len(marker):]
     return parts

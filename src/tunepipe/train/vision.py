@@ -93,5 +93,5 @@ class VisionCollator:
             batch["labels"][i, :n] = torch.as_tensor(row["labels"])
             batch["shift_labels"][i, :n] = torch.as_tensor(shifted_labels(list(row["labels"]), [n]))
             batch["attention_mask"][i, :n] = 1
-        batch.update(self.media.model_inputs(batch["input_ids"], [row.get("media") for row in rows]))
+        batch.update(self.media.batch_inputs(batch["input_ids"], [row.get("media") for row in rows]))
         return batch
