@@ -53,7 +53,7 @@ class NamedTemplate:
     tool_format: str = "default"  # see tool_formats.py
     reasoning: bool = False  # empty <think></think> blocks added to answers without one
     document_end: str | None = None  # pretraining: this token ends each document instead of EOS
-    vision: bool = False  # images and videos allowed: each <image> / <video> becomes the vision start, media tokens, end
+    vision: bool = False  # images allowed: each <image> becomes the model's vision start, image tokens, end
     slots: dict = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
