@@ -104,14 +104,6 @@ def test_image_rows_need_a_vision_model_and_template(tmp_path, tiny_model_dir, t
         run_stages(tmp_path / "b", tiny_qwen2vl_dir, lf_demo_dir, "mllm_demo", template="qwen", **SMALL)
 
 
-def test_video_rows_validate_but_training_on_them_is_refused_clearly(tmp_path, tiny_qwen2vl_dir, lf_demo_dir):
-    pytest.importorskip("av")
-    with pytest.raises(TunepipeError, match=r"mllm_video_demo.json:0: videos are validated but not trained on yet"):
-        run_stages(tmp_path, tiny_qwen2vl_dir, lf_demo_dir, "mllm_video_demo", template="qwen2_vl", **SMALL)
-    assert (tmp_path / "data" / "validated" / "manifest.json").is_file()  # validate passed
-    assert not (tmp_path / "data" / "tokenized").exists()  # nothing half-written
-
-
 def test_an_image_row_too_long_is_dropped_never_cut(tmp_path, tiny_qwen2vl_dir):
     from tunepipe.config.loader import load_config
     from tunepipe.data.encoding import Stats, encode_conversations

@@ -137,13 +137,13 @@ class DataConfig:
     image_min_pixels: int = 32 * 32
     """Images smaller than this many pixels are scaled up before the model's image processor."""
     video_max_pixels: int = 256 * 256
-    """Video frames larger than this many pixels are scaled down before the model's video processor."""
+    """Video frames larger than this many pixels are scaled down (aspect kept) before the model's video processor: fewer video tokens."""
     video_min_pixels: int = 16 * 16
     """Video frames smaller than this many pixels are scaled up."""
     video_fps: float = 2.0
-    """Frames sampled per second of video."""
+    """Frames sampled per second of video (evenly spaced, at least one, at most video_maxlen; an odd count repeats the last)."""
     video_maxlen: int = 128
-    """At most this many frames sampled per video."""
+    """At most this many frames sampled per video (and a stream that does not know its length gives its first this many)."""
 
     def check(self) -> None:
         require(self.preprocessing_num_workers is None or self.preprocessing_num_workers >= 1, "data",

@@ -129,7 +129,7 @@ def encode_conversations(rows: list[dict], fmt: ChatFormat, data: DataConfig, ki
 
     def finish_row(row: dict, turns: list[list[int]]) -> None:
         stats.rows_in += 1
-        if row.get("images") and sum(map(len, turns)) + (eos is not None) > data.cutoff_len:
+        if (row.get("images") or row.get("videos")) and sum(map(len, turns)) + (eos is not None) > data.cutoff_len:
             stats.dropped_overlong += 1  # cutting into an image's tokens would leave the model half an image
             return
         if kind == "kto":
@@ -198,7 +198,10 @@ def build_sample(pairs: list[tuple[list[int], list[int]]], data: DataConfig, sta
 
 def media_column(row: dict) -> str:
     """A sample's media references as the shards keep them (JSON text): paths and hashes, never pixels."""
-    return json.dumps({"images": row.get("images") or []}, sort_keys=True)
+    media = {"images": row.get("images") or []}
+    if row.get("videos"):  # image-only rows keep their shards' bytes as before videos were read
+        media["videos"] = row["videos"]
+    return json.dumps(media, sort_keys=True)
 
 
 # -- preference ---------------------------------------------------------------------

@@ -120,22 +120,24 @@ class ChatFormat:
         and with mask_history)."""
         messages = row["messages"] + ([extra] if extra else [])
         images = self.check_media(row)
+        videos = self.check_videos(row)
         if self.named is None:
             turns = [[text] for text in self.rendered_turns(row, extra)]
         else:
             if images:  # LLaMA-Factory's Qwen-VL plugin: <image> -> start, image token, end (expanded below)
                 messages = [{**m, "content": m["content"].replace(PLACEHOLDERS["images"], self.media.marker())}
                             for m in messages]
+            if videos:  # <video> -> start, video token, end (expanded below)
+                messages = [{**m, "content": m["content"].replace(PLACEHOLDERS["videos"], self.media.video_marker())}
+                            for m in messages]
             turns = named_turns(self.named, self.tool_format, messages, row.get("system") or self.default_system,
                                 row.get("tools") or "", self.tokenizer, history_thoughts, self.today)
-        return self.media.expand(turns, images) if images else turns
+        turns = self.media.expand(turns, images) if images else turns
+        return self.media.expand_videos(turns, videos) if videos else turns
 
     def check_media(self, row: dict) -> list[dict]:
         """The row's images, once it is sure they can go into the model (or a clear error)."""
         where = row.get("_source", "a row")
-        if row.get("videos"):
-            raise TunepipeError(f"{where}: videos are validated but not trained on yet",
-                                hint="train on the image rows for now")
         images = row.get("images") or []
         if images and self.media is None:
             raise TunepipeError(f"{where}: the row has images but the base model is not a vision-language model",
@@ -144,6 +146,23 @@ class ChatFormat:
             raise TunepipeError(f"{where}: the row has images but template {self.name} takes none",
                                 hint="use template: qwen2_vl, or leave data.template unset for the model's own")
         return images
+
+    def check_videos(self, row: dict) -> list[dict]:
+        """The row's videos, once it is sure they can go into the model (or a clear error)."""
+        videos = row.get("videos") or []
+        if not videos:
+            return videos
+        where = row.get("_source", "a row")
+        if self.media is None:
+            raise TunepipeError(f"{where}: the row has videos but the base model is not a vision-language model",
+                                hint="use a vision-language base model (Qwen2-VL) or drop the videos column")
+        if self.named is not None and not self.named.vision:
+            raise TunepipeError(f"{where}: the row has videos but template {self.name} takes none",
+                                hint="use template: qwen2_vl, or leave data.template unset for the model's own")
+        if self.media.video is None:
+            raise TunepipeError(f"{where}: the row has videos but the base model takes none",
+                                hint="videos train on the Qwen-VL families (Qwen2-VL, Qwen2.5-VL)")
+        return videos
 
     def rendered_turns(self, row: dict, extra: dict | None = None) -> list[str]:
         """The tokenizer template's text cut before and after every answer."""
@@ -197,13 +216,13 @@ class ChatFormat:
         for turn in row["messages"] + ([extra] if extra else []):
             if turn["role"] in TRAINED_ROLES:
                 answers.append(len(messages))
-            messages.append(self.message(turn, bool(row.get("images"))))
+            messages.append(self.message(turn, bool(row.get("images") or row.get("videos"))))
         return Chat(messages, tools if self.native_tools else None, answers)
 
     def message(self, turn: dict, images: bool = False) -> dict:
         role, content = turn["role"], turn["content"]
-        if images and role == "user" and PLACEHOLDERS["images"] in content:
-            return {"role": role, "content": image_parts(content)}  # the template renders its own image marker
+        if images and role == "user" and any(marker in content for marker in PLACEHOLDERS.values()):
+            return {"role": role, "content": image_parts(content)}  # the template renders its own media markers
         if role == "function_call":
             calls = function_calls(content)
             if self.native_tools:

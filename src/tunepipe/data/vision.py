@@ -13,7 +13,9 @@ Each image goes through LLaMA-Factory's regularization first (scaled into
 family's minimum side of 28 and maximum aspect ratio of 200), so the same data and
 keys give LLaMA-Factory's token counts. The tokenize stage counts from the image's
 size alone (`image_tokens`); the collator regularizes and runs the processor
-(`pixel_inputs`); a test checks both agree.
+(`pixel_inputs`); a test checks both agree. Videos (Qwen-VL families): video.py samples
+and patches the frames; `video_tokens` counts them from the same frames the collator
+feeds (tests/test_vlm_video.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunepipe.data.media import PLACEHOLDERS, file_sha256
+from tunepipe.data.video import VIDEO_FAMILIES, VideoBudget, VideoFamily, VideoProcessing, read_clip
 from tunepipe.errors import TunepipeError
 
 
@@ -65,6 +68,12 @@ class MediaTokens:
     family: Family
     counts: dict[str, int] = field(default_factory=dict)  # sha256 -> tokens (images repeat)
     verified: set = field(default_factory=set)  # (path, sha256) whose bytes were checked
+    # videos (set by enable_video; None: the model takes none)
+    video_token: str | None = None
+    video_token_id: int | None = None
+    video: VideoProcessing | None = None
+    video_family: VideoFamily | None = None
+    video_budget: VideoBudget | None = None
 
     @classmethod
     def load(cls, model_dir: Path, tokenizer, media_dir: Path, max_pixels: int, min_pixels: int) -> MediaTokens:
@@ -84,9 +93,13 @@ class MediaTokens:
 
     @classmethod
     def for_data(cls, model_dir: Path, tokenizer, data) -> MediaTokens:
-        """From the `data` config group: media_dir (default dataset_dir) and the image pixel budget."""
-        return cls.load(model_dir, tokenizer, Path(data.media_dir or data.dataset_dir), data.image_max_pixels,
-                        data.image_min_pixels)
+        """From the `data` config group: media_dir (default dataset_dir), the image pixel budget and
+        the video keys."""
+        media = cls.load(model_dir, tokenizer, Path(data.media_dir or data.dataset_dir), data.image_max_pixels,
+                         data.image_min_pixels)
+        media.enable_video(model_dir, tokenizer, VideoBudget(data.video_fps, data.video_maxlen,
+                                                             data.video_max_pixels, data.video_min_pixels))
+        return media
 
     # -- the text: placeholders -> media tokens --------------------------------------------
     def marker(self) -> str:
@@ -122,8 +135,9 @@ class MediaTokens:
         return out
 
     def mask(self, input_ids: list[int], labels: list[int]) -> list[int]:
-        """Labels with every image token ignored: an image is input, never a prediction target."""
-        return [-100 if token == self.image_token_id else label for token, label in zip(input_ids, labels)]
+        """Labels with every image / video token ignored: media are input, never a prediction target."""
+        media = {self.image_token_id, self.video_token_id} - {None}
+        return [-100 if token in media else label for token, label in zip(input_ids, labels)]
 
     # -- the pixels ---------------------------------------------------------------------------
     def image_tokens(self, ref: dict) -> int:
@@ -176,6 +190,90 @@ class MediaTokens:
         return image if image.mode == "RGB" else image.convert("RGB")
 
 
+    # -- videos (the Qwen-VL families: data/video.py) ------------------------------------------
+    def enable_video(self, model_dir: Path, tokenizer, budget: VideoBudget) -> None:
+        """Take videos when the model's family does (video.VIDEO_FAMILIES): its video token and its
+        video processor's settings, under LLaMA-Factory's video keys."""
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        family = VIDEO_FAMILIES.get(config.get("model_type"))
+        if family is None or config.get("video_token_id") is None:
+            return
+        self.video_family, self.video_budget = family, budget
+        self.video_token_id = config["video_token_id"]
+        self.video_token = tokenizer.convert_ids_to_tokens(self.video_token_id)
+        self.video = VideoProcessing.load(model_dir, self.image_processor, family.defaults)
+
+    def video_marker(self) -> str:
+        """What one `<video>` becomes in a named template's text before expansion (LLaMA-Factory's
+        Qwen2-VL plugin: start, one video token, end)."""
+        return f"{self.start_token}{self.video_token}{self.end_token}"
+
+    def expand_videos(self, turns: list[list], videos: list[dict]) -> list[list]:
+        """Every video token in the turns' texts (one per video, in order) becomes that video's count
+        of video token ids; the texts around it are tokenized as before."""
+        counts = iter([self.video_tokens(ref) for ref in videos])
+        out, seen = [], 0
+        for turn in turns:
+            elements = []
+            for element in turn:
+                pieces = element.split(self.video_token) if isinstance(element, str) else [element]
+                for k, piece in enumerate(pieces):
+                    count = next(counts, None) if k else None
+                    if k and count is None:  # more video tokens than videos: counted below, not expanded
+                        seen += 1
+                        elements.append(self.video_token)
+                    elif k:
+                        elements.extend([self.video_token_id] * count)
+                        seen += 1
+                    elements.append(piece)
+            out.append(elements)
+        if seen != len(videos):
+            raise TunepipeError(f"the chat template rendered {seen} video token(s) {self.video_token!r} for "
+                                f"{len(videos)} video(s)", hint="set data.template to the family's template "
+                                                                "(qwen2_vl for Qwen2-VL)")
+        return out
+
+    def video_tokens(self, ref: dict) -> int:
+        """How many tokens the video becomes: from the frames the collator will feed (decoded once
+        per file: a stream's frame count in its header can be wrong, the decoded frames cannot)."""
+        if ref["sha256"] not in self.counts:
+            clip = self.load_clip(ref)
+            self.counts[ref["sha256"]] = self.video.tokens(len(clip.frames), *clip.frames[0].size)
+        return self.counts[ref["sha256"]]
+
+    def load_clip(self, ref: dict):
+        if self.video is None:
+            raise TunepipeError(f"{ref['path']}: this vision-language model takes no video",
+                                hint=f"videos train on the families {', '.join(sorted(VIDEO_FAMILIES))}")
+        self.verify(ref)
+        budget, min_side = self.video_budget, self.family.min_side
+        return read_clip(self.media_dir / ref["path"], budget, lambda width, height: regularized_size(
+            width, height, budget.max_pixels, budget.min_pixels, min_side))
+
+    def video_inputs(self, videos: list[dict]) -> dict:
+        """pixel_values_videos, video_grid_thw (and Qwen2.5-VL's second_per_grid_ts) for a batch's videos."""
+        import torch
+
+        clips = [self.load_clip(ref) for ref in videos]
+        inputs = self.video.pixels(clips)
+        if self.video_family.seconds_per_grid:  # LLaMA-Factory: temporal_patch_size / the sampled frame rate
+            inputs["second_per_grid_ts"] = torch.tensor([self.video.temporal_patch_size / clip.fps for clip in clips])
+        return inputs
+
+    def batch_inputs(self, input_ids, media_column: list[str | None]) -> dict:
+        """`model_inputs` (the images) plus the videos' inputs, with mm_token_type_ids 2 on video tokens
+        (Qwen-VL's 3-D rotary positions for video)."""
+        import torch
+
+        out = self.model_inputs(input_ids, media_column)
+        videos = [ref for media in media_column if media for ref in json.loads(media).get("videos", [])]
+        if videos:
+            out.update(self.video_inputs(videos))
+            types = out.get("mm_token_type_ids", torch.zeros_like(input_ids))
+            out["mm_token_type_ids"] = types + 2 * (input_ids == self.video_token_id).long()
+        return out
+
+
 def regularized_size(width: int, height: int, max_pixels: int, min_pixels: int, min_side: int) -> tuple[int, int]:
     """The size LLaMA-Factory resizes an image to before the processor: into the pixel budget
     (aspect kept, sides truncated to ints), at least `min_side` a side, aspect ratio at most 200."""
@@ -196,14 +294,17 @@ def regularized_size(width: int, height: int, max_pixels: int, min_pixels: int, 
 
 def image_parts(content: str) -> list[dict] | str:
     """A message's text as the content parts chat templates read (`{"type": "image"}` where each
-    `<image>` was), or the text itself when it has no image."""
-    marker = PLACEHOLDERS["images"]
-    if marker not in content:
+    `<image>` was, `{"type": "video"}` where each `<video>` was), or the text itself when it has none."""
+    markers = {PLACEHOLDERS["images"]: "image", PLACEHOLDERS["videos"]: "video"}
+    if not any(marker in content for marker in markers):
         return content
-    parts = []
-    for k, text in enumerate(content.split(marker)):
-        if k:
-            parts.append({"type": "image"})
-        if text:
-            parts.append({"type": "text", "text": text})
+    parts, text = [], content
+    while text:
+        index, marker = min(((text.find(m), m) for m in markers if m in text), default=(len(text), None))
+        if index:
+            parts.append({"type": "text", "text": text[:index]})
+        if marker is None:
+            break
+        parts.append({"type": markers[marker]})
+        text = text[index + len(marker):]
     return parts

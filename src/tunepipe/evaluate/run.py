@@ -148,7 +148,7 @@ def image_inputs(cfg: Config, dataset, tokenizer, base_dir: Path):
     def inputs(indices: list[int]) -> dict:  # the rows right-padded as token_metrics pads them
         rows = [dataset[i] for i in indices]
         ids, _ = padded([row["input_ids"] for row in rows], tokenizer.pad_token_id)
-        return media.model_inputs(ids, [row["media"] for row in rows])
+        return media.batch_inputs(ids, [row["media"] for row in rows])
     return inputs
 
 

@@ -125,9 +125,10 @@ def model_inputs(batch: dict) -> dict:
     per-layer masks (sliding windows). `use_cache=False` always: with a KV cache transformers
     skips the packed-sample detection too, and samples would see each other."""
     if "position_ids" not in batch:
-        # a vision-language batch (train/vision.py): right-padded rows with their mask and images;
-        # the model computes its own (3-D, image-aware) rotary positions
-        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+        # a vision-language batch (train/vision.py): right-padded rows with their mask, images and
+        # videos; the model computes its own (3-D, image- and video-aware) rotary positions
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids",
+                "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
         return {**{key: batch[key] for key in keys if key in batch}, "use_cache": False}
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     if "cu_seq_lens_q" in batch:

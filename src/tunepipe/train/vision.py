@@ -7,10 +7,11 @@ Parts (LLaMA-Factory's keys and defaults): `freeze_vision_tower: true` and
 the output head; with full / freeze the frozen parts get `requires_grad=False`.
 
 Batches (`VisionCollator`): rows right-padded to the longest, a 2-D attention mask, the
-images' `pixel_values` / `image_grid_thw` from the family's image processor, and no
-position ids: the model computes its own 3-D rotary positions (Qwen-VL's M-RoPE, from
-the image grid and the mask), so each sample gets exactly the positions it has alone
-(tests/test_vlm_train.py checks the losses). Padding-free rows are not used here: M-RoPE
+images' `pixel_values` / `image_grid_thw` from the family's image processor (and the
+videos' `pixel_values_videos` / `video_grid_thw`, data/video.py), and no position ids: the
+model computes its own 3-D rotary positions (Qwen-VL's M-RoPE, from the grids and the
+mask), so each sample gets exactly the positions it has alone (tests/test_vlm_train.py and
+tests/test_vlm_video.py check the losses). Padding-free rows are not used here: M-RoPE
 positions of samples laid end to end are not proven to restart per sample.
 """
 
@@ -93,5 +94,5 @@ class VisionCollator:
             batch["labels"][i, :n] = torch.as_tensor(row["labels"])
             batch["shift_labels"][i, :n] = torch.as_tensor(shifted_labels(list(row["labels"]), [n]))
             batch["attention_mask"][i, :n] = 1
-        batch.update(self.media.model_inputs(batch["input_ids"], [row.get("media") for row in rows]))
+        batch.update(self.media.batch_inputs(batch["input_ids"], [row.get("media") for row in rows]))
         return batch
