@@ -127,7 +127,8 @@ def model_inputs(batch: dict) -> dict:
     if "position_ids" not in batch:
         # a vision-language batch (train/vision.py): right-padded rows with their mask and images;
         # the model computes its own (3-D, image-aware) rotary positions
-        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids",
+                "image_sizes", "pixel_attention_mask", "token_type_ids")  # the families' image inputs
         return {**{key: batch[key] for key in keys if key in batch}, "use_cache": False}
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     if "cu_seq_lens_q" in batch:
