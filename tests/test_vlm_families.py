@@ -66,7 +66,7 @@ def parts(content: str) -> list[dict]:
 
 
 def test_tokens_per_image_are_the_processors_and_never_trained(family, media_dir):
-    name, model_dir, fmt, encoded, collator = family
+    name, model_dir, fmt, encoded, _ = family
     media = fmt.media
     for row, messages, paths in zip(encoded, CONVERSATIONS, IMAGES):
         images = [Image.open(media_dir / p).convert("RGB") for p in paths]
@@ -88,7 +88,7 @@ def test_tokens_per_image_are_the_processors_and_never_trained(family, media_dir
 
 
 def test_a_batch_gives_each_sample_its_loss_alone(family):
-    name, model_dir, _, encoded, collator = family
+    _, model_dir, _, encoded, collator = family
     model = load_causal_lm(model_dir).eval()
     assert len(encoded[0]["input_ids"]) != len(encoded[1]["input_ids"])
     batch = collator(encoded)
