@@ -32,7 +32,7 @@ MOVED_CLOCK = "2031-02-28 23:59:30"  # neither the capture day nor the default t
 # vision-only templates: LLaMA-Factory runs them only with the model's multimodal processor, so their
 # golden rows come from bench/template_parity.py --multimodal (mllm_demo on a tiny model of the family)
 MULTIMODAL = FIXTURES / "multimodal"
-VISION_ONLY = {"qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "llava", "llava_next"}
+VISION_ONLY = {"qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "llava", "llava_next", "paligemma"}
 CAPTURED = sorted(set(TEMPLATES) - VISION_ONLY)
 
 

@@ -27,6 +27,8 @@ CONVERSATIONS = [  # two images then one: different lengths, so the second row i
     [{"role": "user", "content": "What colour is <image>?"}, {"role": "assistant", "content": "Mostly red."}],
 ]
 IMAGES = [["wide.png", "tall.png"], ["wide.png"]]
+# PaliGemma has no chat template of its own: LLaMA-Factory's `paligemma` (images in front of the sequence)
+TEMPLATE = {"paligemma": "paligemma"}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def family(request, tmp_path_factory, media_dir):
     name = request.param
     model_dir = BUILDERS[name](tmp_path_factory.mktemp(f"tiny-{name}"))
     tokenizer = load_tokenizer(model_dir)
-    fmt = ChatFormat(tokenizer, None)
+    fmt = ChatFormat(tokenizer, TEMPLATE.get(name))
     fmt.media = MediaTokens.load(model_dir, tokenizer, media_dir, 768 * 768, 32 * 32)
     rows = [{"messages": messages, "system": "", "tools": "",
              "images": [{"path": p, "sha256": file_sha256(media_dir / p)} for p in paths]}
@@ -70,7 +72,13 @@ def test_tokens_per_image_are_the_processors_and_never_trained(family, media_dir
     media = fmt.media
     for row, messages, paths in zip(encoded, CONVERSATIONS, IMAGES):
         images = [Image.open(media_dir / p).convert("RGB") for p in paths]
-        if FAMILIES[name].expansion == "processor":  # the whole processor on the chat-template text
+        if FAMILIES[name].prefix_images:  # PaliGemma's processor: images, BOS, the prompt and "\n" open the row
+            from transformers import AutoProcessor
+
+            prompt = messages[0]["content"].replace("<image>", "")
+            expected = AutoProcessor.from_pretrained(model_dir)(text=[prompt], images=[images])["input_ids"][0]
+            assert row["input_ids"][:len(expected)] == list(expected)
+        elif FAMILIES[name].expansion == "processor":  # the whole processor on the chat-template text
             from transformers import AutoProcessor
 
             text = fmt.tokenizer.apply_chat_template([{"role": m["role"], "content": parts(m["content"])}
@@ -120,3 +128,15 @@ def test_lora_all_wraps_the_language_model_and_frozen_parts_stay_bit_identical(f
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], value) for n, value in frozen.items())
     assert any(not torch.equal(after[n], value) for n, value in lora.items())
+
+
+@pytest.mark.parametrize("family", ["paligemma"], indirect=True)
+def test_paligemma_refuses_a_chat_template_that_writes_image_tokens(family):
+    from tunepipe.errors import TunepipeError
+
+    _, _, fmt, _, _ = family
+    jinja = ChatFormat(fmt.tokenizer, None)  # the tiny tokenizer's template renders <image> for an image part
+    jinja.media = fmt.media
+    row = {"messages": CONVERSATIONS[1], "system": "", "tools": "", "images": [{"path": "wide.png", "sha256": "x"}]}
+    with pytest.raises(TunepipeError, match="set data.template: paligemma"):
+        jinja.turns(row)

@@ -122,6 +122,8 @@ TEMPLATES: dict[str, NamedTemplate] = dict([
        system=(CONTENT + "\n\n",), function=("[TOOL_CALLS] " + CONTENT, EOS),
        observation=('[TOOL_RESULTS] {"content": ' + CONTENT + "}[/TOOL_RESULTS]",), prefix=(BOS,),
        tool_format="mistral", system_in_user=True),
+    # PaliGemma: the images' tokens are put in front of the whole sequence (data/vision.py)
+    _t("paligemma", user=(CONTENT + "\n",), system=(CONTENT + "\n",), prefix=(BOS,), system_in_user=True, vision=True),
     _t("phi", user=("<|user|>\n" + CONTENT + "<|end|>\n<|assistant|>\n",), assistant=(CONTENT + "<|end|>\n",),
        system=("<|system|>\n" + CONTENT + "<|end|>\n",), stop_words=("<|end|>",), replace_eos=True),
     _t("phi4", user=("<|im_start|>user<|im_sep|>" + CONTENT + "<|im_end|><|im_start|>assistant<|im_sep|>",),

@@ -47,6 +47,9 @@ class Family:
     pixel_keys: tuple[str, ...] = ("pixel_values", "image_grid_thw")  # the image processor outputs the model reads
     type_ids_key: str | None = "mm_token_type_ids"  # 1 on image tokens (Qwen's 3-D positions, Gemma 3's mask)
     image_kwargs: tuple = ()  # extra image-processor arguments (Idefics3: the tile grid it cut)
+    # PaliGemma (LLaMA-Factory's PaliGemmaPlugin): `<image>` leaves the text and every image's tokens go
+    # in front of the whole sequence; type ids 0 on them (the bidirectional prefix), 1 on the text
+    prefix_images: bool = False
 
 
 QWEN_VL = Family()
@@ -61,6 +64,7 @@ FAMILIES = {
     "llava": LLAVA,
     "llava_next": replace(LLAVA, pixel_keys=("pixel_values", "image_sizes")),
     "gemma3": replace(LLAVA, type_ids_key="token_type_ids"),
+    "paligemma": replace(LLAVA, type_ids_key="token_type_ids", prefix_images=True),
     "idefics3": replace(LLAVA, vision_keys=("vision_model",), projector_keys=("connector",),
                         language_keys=("text_model", "lm_head"), pixel_keys=("pixel_values", "pixel_attention_mask"),
                         image_kwargs=(("return_row_col_info", True),)),
@@ -124,7 +128,7 @@ class MediaTokens:
         plugins: Qwen-VL start, one image token, end; the others the processor's image token)."""
         if self.family.expansion == "grid":
             return f"{self.start_token}{self.placeholder}{self.end_token}"
-        return self.placeholder
+        return "" if self.family.prefix_images else self.placeholder
 
     def image_text(self, ref: dict) -> str:
         """The text one image's placeholder becomes: Qwen-VL its count of image tokens; other
@@ -141,6 +145,13 @@ class MediaTokens:
         """Every placeholder in the turns' texts (one per image, in order) becomes that image's text;
         the texts are tokenized as before (the image tokens are special, so they split the text
         where they stand, and Gemma 3's blank lines tokenize with their neighbours as in LLaMA-Factory)."""
+        if self.family.prefix_images:  # PaliGemma: the images' tokens open the sequence
+            if any(isinstance(e, str) and self.placeholder in e for turn in turns for e in turn):
+                raise TunepipeError(f"the chat template wrote image tokens {self.placeholder!r} into the text; "
+                                    "PaliGemma takes its images in front of the whole sequence",
+                                    hint="set data.template: paligemma")
+            prefix = [self.image_token_id] * sum(self.image_tokens(ref) for ref in images)
+            return [[*prefix, *turns[0]], *turns[1:]]
         texts = iter([self.image_text(ref) for ref in images])
         out, seen = [], 0
         for turn in turns:
@@ -215,7 +226,8 @@ class MediaTokens:
         inputs = self.pixel_inputs(images)
         out = {key: inputs[key] for key in self.family.pixel_keys}
         if self.family.type_ids_key:
-            out[self.family.type_ids_key] = (input_ids == self.image_token_id).long()
+            images = (input_ids == self.image_token_id).long()
+            out[self.family.type_ids_key] = 1 - images if self.family.prefix_images else images
         return out
 
     def load_image(self, ref: dict):
