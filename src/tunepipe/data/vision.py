@@ -6,7 +6,9 @@ family's `AutoProcessor`: in transformers 5.x `Qwen2VLProcessor` (and the Qwen2.
 ones) cannot be built without torchvision (their video processor needs it), and no
 torchvision that loads beside the CPU torch is installable on the machine the tests
 run on. The PIL image processor is the same code on a GPU machine, so both run one path
-(docs/architecture.md, "Vision-language models").
+(docs/architecture.md, "Vision-language models"). Families whose `AutoProcessor` builds without
+torchvision (LLaVA, LLaVA-NeXT, Gemma 3, PaliGemma, Idefics3) let it write each image's text
+(`Family.expansion`, `MediaTokens.image_text`).
 
 Each image goes through LLaMA-Factory's regularization first (scaled into
 `[image_min_pixels, image_max_pixels]` keeping the aspect ratio, then the Qwen-VL
@@ -53,7 +55,7 @@ class Family:
 
 
 QWEN_VL = Family()
-# LLaVA-1.5 / LLaVA-NeXT / Gemma 3 / Idefics3 (SmolVLM's predecessor): their processors build without
+# LLaVA-1.5 / LLaVA-NeXT / Gemma 3 / PaliGemma / Idefics3 (SmolVLM's predecessor): their processors build without
 # torchvision; each image's text (how many image tokens, tiles, markers) is the processor's
 LLAVA = Family(expansion="processor", min_side=0, vision_keys=("vision_tower",),
                projector_keys=("multi_modal_projector",), pixel_keys=("pixel_values",), type_ids_key=None)
