@@ -71,11 +71,13 @@ def rows(args: dict) -> dict:
 
 def _rows_on_this_day(args: dict, get_dataset, get_template_and_fix_tokenizer, get_train_args, load_tokenizer):
     counts = {}
+    models = args.pop("models", {})  # multimodal mode: each template's own (tiny) model dir
     with open(args.pop("rows_out"), "w", encoding="utf-8") as out:
         for template in args.pop("templates"):
             for dataset, stage in args["datasets"]:
                 lf = {k: v for k, v in args.items() if k != "datasets"}
                 lf.update(template=template, dataset=dataset, stage=stage)
+                lf["model_name_or_path"] = models.get(template, lf["model_name_or_path"])
                 model_args, data_args, training_args, _, _ = get_train_args(lf)
                 tokenizer_module = load_tokenizer(model_args)
                 fixed = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)

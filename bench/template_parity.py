@@ -12,6 +12,14 @@ are compared. Prints rows equal / rows compared per template and dataset.
 Both sides render the same date (llama3's tool prompt): tunepipe's `data.template_date`, and
 LLaMA-Factory, which reads the clock, with its clock held on that day (time-machine).
 
+`--multimodal` compares the vision templates instead (qwen2_vl, qwen3_vl, qwen3_vl_nothink, llava,
+llava_next, gemma3) on mllm_demo (images): each with a tiny random model of its family built here
+(tests/fixtures/tiny_vlm*.py: the test tokenizer with the family's media tokens and the family's
+image processor, saved as a processor LLaMA-Factory's AutoProcessor loads), both sides under the
+same image_max_pixels; every row's ids and labels. With `--write-fixtures` it writes
+tests/fixtures/template_parity/multimodal/<template>.json (all rows), which
+tests/test_template_parity.py checks against tunepipe alone.
+
 `--write-fixtures` also writes tests/fixtures/template_parity/<template>.json: a few
 rows per dataset (the canonical row tunepipe reads and LLaMA-Factory's ids and labels),
 which tests/test_template_parity.py checks on every `make test` without LLaMA-Factory.
@@ -57,6 +65,61 @@ DATASETS = [
 # compared against LLaMA-Factory's gemma rows (docs/migrating-from-llama-factory.md).
 STAND_INS = {"gemma3": "gemma"}
 FIXTURES = REPO / "tests" / "fixtures" / "template_parity"
+# multimodal mode: template -> the tiny model family it runs on (tests/fixtures/tiny_vlm_families.py BUILDERS;
+# qwen2_vl: tests/fixtures/tiny_vlm.py)
+VISION_MODELS = {"qwen2_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "qwen3_vl_nothink": "qwen3_vl", "llava": "llava",
+                 "llava_next": "llava_next", "gemma3": "gemma3", "paligemma": "paligemma"}
+MM_DATASETS = [("mllm_demo", "sft", "sft", ("input_ids", "labels"))]
+MM_PIXELS = {"image_max_pixels": 112 * 112, "image_min_pixels": 32 * 32}  # a few dozen tokens an image
+
+
+def vision_model_dirs(work: Path) -> dict[str, Path]:
+    """family -> a tiny random model dir of that family, built once under `work`."""
+    sys.path.insert(0, str(REPO))
+    from tests.fixtures.tiny_vlm import build_tiny_qwen2vl_dir
+    from tests.fixtures.tiny_vlm_families import BUILDERS
+
+    builders = {**BUILDERS, "qwen2_vl": build_tiny_qwen2vl_dir}
+    dirs = {}
+    for family in sorted(set(VISION_MODELS.values())):
+        dirs[family] = work / "vlm-models" / family
+        if not (dirs[family] / "config.json").is_file():
+            builders[family](dirs[family])
+    return dirs
+
+
+def multimodal(args) -> int:
+    """The vision templates on mllm_demo: each template's rows from both sides, every row compared."""
+    templates = [t for t in args.templates if t in VISION_MODELS] or sorted(VISION_MODELS)
+    dirs = vision_model_dirs(args.work)
+    models = {t: str(dirs[VISION_MODELS[t]]) for t in templates}
+    (args.work / "multimodal").mkdir(parents=True, exist_ok=True)
+    lf = lf_rows(templates, MM_DATASETS, dirs["qwen2_vl"], args.cutoff_len, args.work / "multimodal", args.reuse,
+                 {**MM_PIXELS, "models": models}, args.today)
+    print(f"{'template':<17} {'dataset':<12} rows equal / compared")
+    for template in templates:
+        dataset, _, stage, names = MM_DATASETS[0]
+        tp, rows = tunepipe_rows(template, dataset, stage, dirs[VISION_MODELS[template]], args.cutoff_len,
+                                 args.work / "multimodal" / template, MM_PIXELS, args.today)
+        theirs = lf[(template, dataset)]
+        if "error" in theirs:
+            print(f"{template:<17} {dataset:<12} LLaMA-Factory failed: {theirs['error']}", flush=True)
+            continue
+        equal, compared, differ = compare(theirs, tp, names)
+        count = f"  (row counts: tunepipe {len(tp[names[0]])}, LLaMA-Factory {len(theirs[names[0]])})" \
+            if len(tp[names[0]]) != len(theirs[names[0]]) else ""
+        note = f"  first difference: row {differ[0]}" if differ else ""
+        print(f"{template:<17} {dataset:<12} {equal} / {compared}{note}{count}", flush=True)
+        if args.write_fixtures and not differ and not count:
+            fixture = {"template": template, "model": VISION_MODELS[template], "cutoff_len": args.cutoff_len,
+                       "template_date": args.today, **MM_PIXELS,
+                       "datasets": {dataset: {"stage": stage, "rows": [
+                           {"row": {k: v for k, v in row.items() if k != "_source"},
+                            "expected": {n: list(theirs[n][i]) for n in names}} for i, row in enumerate(rows)]}}}
+            (FIXTURES / "multimodal").mkdir(parents=True, exist_ok=True)
+            (FIXTURES / "multimodal" / f"{template}.json").write_text(
+                json.dumps(fixture, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
+    return 0
 
 
 def lf_rows(templates: list[str], datasets: list, base: Path, cutoff_len: int, work: Path, reuse: bool,
@@ -151,6 +214,8 @@ def main() -> int:
                         help="the date both sides render (LLaMA-Factory's clock is held there); "
                              "default: tunepipe's data.template_date default")
     parser.add_argument("--reuse", action="store_true", help="reuse LLaMA-Factory's rows from a run with the same args")
+    parser.add_argument("--multimodal", action="store_true",
+                        help="the vision templates on mllm_demo, each on a tiny model of its family")
     args = parser.parse_args()
     os.environ["TQDM_DISABLE"] = "1"
     from datasets.utils.logging import disable_progress_bar
@@ -158,6 +223,8 @@ def main() -> int:
     disable_progress_bar()
     print_machine(machine_summary())
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.multimodal:
+        return multimodal(args)
     base = args.base or base_model_dir(DEFAULT_WORK)
     lf_names = list(dict.fromkeys(args.templates + [STAND_INS[t] for t in args.templates if t in STAND_INS]))
     extra = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}

@@ -29,15 +29,16 @@ from tunepipe.modeling import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "template_parity"
 MOVED_CLOCK = "2031-02-28 23:59:30"  # neither the capture day nor the default template_date
-# vision templates whose golden rows need a LLaMA-Factory run with a multimodal processor
-# (bench/template_parity.py's multimodal mode, issue 21); until then tests/test_vlm_tokenize.py
-# checks them against LLaMA-Factory's rules (its qwen2_vl template and Qwen2VLPlugin) rebuilt by hand
-PARITY_PENDING = {"qwen2_vl"}
-CAPTURED = sorted(set(TEMPLATES) - PARITY_PENDING)
+# vision-only templates: LLaMA-Factory runs them only with the model's multimodal processor, so their
+# golden rows come from bench/template_parity.py --multimodal (mllm_demo on a tiny model of the family)
+MULTIMODAL = FIXTURES / "multimodal"
+VISION_ONLY = {"qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "llava", "llava_next", "paligemma"}
+CAPTURED = sorted(set(TEMPLATES) - VISION_ONLY)
 
 
 def test_every_supported_template_has_golden_rows():
     assert sorted(p.stem for p in FIXTURES.glob("*.json")) == CAPTURED
+    assert sorted(p.stem for p in MULTIMODAL.glob("*.json")) == sorted(n for n, t in TEMPLATES.items() if t.vision)
     for path in FIXTURES.glob("*.json"):
         datasets = json.loads(path.read_text(encoding="utf-8"))["datasets"]
         assert {"alpaca_en_demo", "glaive_toolcall_en_demo", "dpo_en_demo", "kto_en_demo"} <= set(datasets)
@@ -71,3 +72,34 @@ def check_fixture(name: str, fixture: dict, fmt: ChatFormat, data) -> None:
         for k, golden in enumerate(item["rows"]):
             for column, expected in golden["expected"].items():
                 assert columns[column][k] == expected, f"{name} {dataset} row {k} {column}"
+
+
+@pytest.fixture(scope="module")
+def vision_dirs(tmp_path_factory, tiny_qwen2vl_dir):
+    """family -> tiny model dir, built on first use (the same builders the bench ran)."""
+    from tests.fixtures.tiny_vlm_families import BUILDERS
+
+    built = {"qwen2_vl": tiny_qwen2vl_dir}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = BUILDERS[family](tmp_path_factory.mktemp(f"parity-{family}"))
+        return built[family]
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(n for n, t in TEMPLATES.items() if t.vision))
+def test_vision_template_ids_and_labels_equal_llamafactory_on_mllm_demo(name, vision_dirs, lf_demo_dir):
+    """Every mllm_demo row, images expanded by the family's processor, as LLaMA-Factory 0.9.5 tokenized it."""
+    from tunepipe.data.vision import MediaTokens
+
+    fixture = json.loads((MULTIMODAL / f"{name}.json").read_text(encoding="utf-8"))
+    model_dir = vision_dirs(fixture["model"])
+    data = load_config(None, [f"data.cutoff_len={fixture['cutoff_len']}", f"data.template={name}",
+                              f"data.template_date={fixture['template_date']}"]).data
+    tokenizer = load_tokenizer(model_dir)
+    fmt = ChatFormat(tokenizer, name, today=data.today())
+    fmt.media = MediaTokens.load(model_dir, tokenizer, lf_demo_dir, fixture["image_max_pixels"],
+                                 fixture["image_min_pixels"])
+    assert sum(len(golden["row"]["images"]) for golden in fixture["datasets"]["mllm_demo"]["rows"]) > 0
+    check_fixture(name, fixture, fmt, data)

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.fixtures.hub import ADAPTER_ID, MODEL_ID
+from tests.fixtures.hub import ADAPTER_ID, MODEL_ID, VLM_ID
 from tests.fixtures.hub_cli import run_batch
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "llamafactory-examples"
 TRAIN = ["train_lora/qwen3_lora_sft.yaml", "train_lora/qwen3_lora_dpo.yaml", "train_lora/qwen3_lora_pretrain.yaml"]
 SMALL = ["max_steps=2", "max_samples=16"]
+# a tiny random Qwen3-VL answers as Qwen/Qwen3-VL-4B-Instruct; one step of 8 rows (gradient_accumulation_steps: 8)
+VLM_SFT = ["train", str(EXAMPLES / "train_lora/qwen3vl_lora_sft.yaml"), "max_steps=1", "max_samples=8"]
 TOKEN = "hf_e2eSecretTokenThatMustNotLeak0123"
 
 
@@ -52,7 +54,7 @@ def hub_runs(local_hub, lf_demo_dir, tmp_path_factory, mlflow_template_db):
         "dataset_dir": str(lf_demo_dir), "output_dir": str(root / "secret-run"), "stage": "sft",
         "finetuning_type": "lora", "cutoff_len": 64, "max_steps": 1, "report_to": "mlflow",
         "template": "qwen3_nothink"}), encoding="utf-8")
-    commands = [["train", str(EXAMPLES / name), *SMALL] for name in TRAIN]
+    commands = [["train", str(EXAMPLES / name), *SMALL] for name in TRAIN] + [VLM_SFT]
     commands += [["export", str(EXAMPLES / "merge_lora/qwen3_lora_sft.yaml")],
                  ["chat", str(EXAMPLES / "inference/qwen3_lora_sft.yaml")],
                  ["train", str(secret)], ["export", str(secret), f"export_dir={root / 'secret-export'}"],
@@ -81,6 +83,27 @@ def test_llamafactory_qwen3_examples_train_merge_and_chat_against_the_hub(local_
     assert {"config.json", "model.safetensors.index.json", "tokenizer_config.json", "Modelfile"} <= merged
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in merged)
     assert sum(line.startswith("Assistant:") for line in done.stdout.splitlines()) == 1
+
+
+def test_llamafactory_qwen3vl_example_trains_on_images_against_the_hub(local_hub, hub_runs):
+    """qwen3vl_lora_sft.yaml as shipped (mllm_demo + identity + alpaca_en_demo, template qwen3_vl_nothink,
+    image_max_pixels 262144, lora_target all) on the stand-in: the image rows keep their images and
+    LoRA wraps only the language model."""
+    root = hub_runs[0]
+    out = root / "saves" / "qwen3-vl-4b" / "lora" / "sft"
+    assert json.loads((out / "metrics" / "train.json").read_text())["steps"] == 1
+    manifest = json.loads((out / "models" / "base" / "tunepipe_base.json").read_text())
+    assert manifest["source"]["repo_id"] == VLM_ID and manifest["source"]["commit"] == local_hub.commits[VLM_ID]
+    meta = json.loads((out / "data" / "tokenized" / "meta.json").read_text())
+    assert meta["template"] == "qwen3_vl_nothink" and meta["rows"]["train"] == 6 + 8 + 8  # mllm_demo has 6 rows
+    from datasets import load_from_disk
+
+    shard = load_from_disk(str(out / "data" / "tokenized" / "train"))
+    with_images = [json.loads(m)["images"] for m in shard["media"] if m and json.loads(m)["images"]]
+    assert len(with_images) == 6
+    adapter = json.loads((out / "models" / "adapter" / "adapter_config.json").read_text())
+    targets = adapter["target_modules"]
+    assert targets and all("language_model" in name for name in targets)
 
 
 def test_a_token_given_for_the_hub_is_written_nowhere_and_mlflow_tags_the_commits(local_hub, hub_runs):

@@ -53,7 +53,7 @@ class NamedTemplate:
     tool_format: str = "default"  # see tool_formats.py
     reasoning: bool = False  # empty <think></think> blocks added to answers without one
     document_end: str | None = None  # pretraining: this token ends each document instead of EOS
-    vision: bool = False  # images allowed: each <image> becomes the model's vision start, image tokens, end
+    vision: bool = False  # images allowed: each <image> becomes the family's image text (data/vision.py)
     slots: dict = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
@@ -77,6 +77,9 @@ GEMMA_ANSWER = (CONTENT + "<end_of_turn>\n",)
 GEMMA_OBSERVATION = ("<start_of_turn>tool\n" + CONTENT + "<end_of_turn>\n<start_of_turn>model\n",)
 LLAMA3_HEADER = "<|start_header_id|>{}<|end_header_id|>\n\n"
 LLAMA3_ASSISTANT_HEADER = LLAMA3_HEADER.format("assistant")
+VICUNA_USER = ("USER: " + CONTENT + " ASSISTANT:",)  # also LLaMA-Factory's llava / llava_next
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 QWEN_CHAT = {"user": CHATML_USER, "assistant": CHATML_ANSWER, "system": CHATML_SYSTEM,
              "observation": QWEN_OBSERVATION, "tool_format": "qwen", "stop_words": ("<|im_end|>",), "replace_eos": True}
 
@@ -100,11 +103,13 @@ TEMPLATES: dict[str, NamedTemplate] = dict([
        system_in_user=True),
     _t("gemma3", user=GEMMA_USER, assistant=GEMMA_ANSWER, system=(CONTENT + "\n\n",),
        observation=GEMMA_OBSERVATION, prefix=(BOS,), stop_words=("<end_of_turn>",), replace_eos=True,
-       system_in_user=True),
+       system_in_user=True, vision=True),
     _t("glm4", user=("<|user|>\n" + CONTENT + "<|assistant|>",), assistant=("\n" + CONTENT,),
        system=("<|system|>\n" + CONTENT,), function=(CONTENT,),
        observation=("<|observation|>\n" + CONTENT + "<|assistant|>",), prefix=("[gMASK]<sop>",),
        tool_format="glm4", stop_words=("<|user|>", "<|observation|>"), efficient_eos=True),
+    _t("llava", user=VICUNA_USER, default_system=VICUNA_SYSTEM, vision=True),
+    _t("llava_next", user=VICUNA_USER, default_system=VICUNA_SYSTEM, vision=True),
     _t("llama2", user=(BOS, "[INST] " + CONTENT + " [/INST]"), system=("<<SYS>>\n" + CONTENT + "\n<</SYS>>\n\n",),
        system_in_user=True),
     _t("llama3", user=(LLAMA3_HEADER.format("user") + CONTENT + "<|eot_id|>" + LLAMA3_ASSISTANT_HEADER,),
@@ -117,6 +122,8 @@ TEMPLATES: dict[str, NamedTemplate] = dict([
        system=(CONTENT + "\n\n",), function=("[TOOL_CALLS] " + CONTENT, EOS),
        observation=('[TOOL_RESULTS] {"content": ' + CONTENT + "}[/TOOL_RESULTS]",), prefix=(BOS,),
        tool_format="mistral", system_in_user=True),
+    # PaliGemma: the images' tokens are put in front of the whole sequence (data/vision.py)
+    _t("paligemma", user=(CONTENT + "\n",), system=(CONTENT + "\n",), prefix=(BOS,), system_in_user=True, vision=True),
     _t("phi", user=("<|user|>\n" + CONTENT + "<|end|>\n<|assistant|>\n",), assistant=(CONTENT + "<|end|>\n",),
        system=("<|system|>\n" + CONTENT + "<|end|>\n",), stop_words=("<|end|>",), replace_eos=True),
     _t("phi4", user=("<|im_start|>user<|im_sep|>" + CONTENT + "<|im_end|><|im_start|>assistant<|im_sep|>",),
@@ -125,12 +132,12 @@ TEMPLATES: dict[str, NamedTemplate] = dict([
     _t("qwen", **QWEN_CHAT, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
     _t("qwen2_vl", **QWEN_CHAT, default_system="You are a helpful assistant.", vision=True),
     _t("qwen3", **QWEN_CHAT, reasoning=True),
+    _t("qwen3_vl", **QWEN_CHAT, reasoning=True, vision=True),
+    _t("qwen3_vl_nothink", **QWEN_CHAT, vision=True),
     _t("qwen3_nothink", **QWEN_CHAT),
     _t("smollm2", user=CHATML_USER, assistant=CHATML_ANSWER, system=CHATML_SYSTEM, stop_words=("<|im_end|>",),
        default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face."),
-    _t("vicuna", user=("USER: " + CONTENT + " ASSISTANT:",),
-       default_system=("A chat between a curious user and an artificial intelligence assistant. "
-                       "The assistant gives helpful, detailed, and polite answers to the user's questions.")),
+    _t("vicuna", user=VICUNA_USER, default_system=VICUNA_SYSTEM),
     _t("yi", user=CHATML_USER, assistant=CHATML_ANSWER, system=CHATML_SYSTEM, stop_words=("<|im_end|>",)),
     _t("zephyr", user=("<|user|>\n" + CONTENT, EOS, "<|assistant|>\n"), system=("<|system|>\n" + CONTENT, EOS),
        default_system="You are Zephyr, a helpful assistant."),

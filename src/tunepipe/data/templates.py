@@ -124,7 +124,7 @@ class ChatFormat:
         if self.named is None:
             turns = [[text] for text in self.rendered_turns(row, extra)]
         else:
-            if images:  # LLaMA-Factory's Qwen-VL plugin: <image> -> start, image token, end (expanded below)
+            if images:  # LLaMA-Factory's plugins: <image> -> the family's marker (expanded below)
                 messages = [{**m, "content": m["content"].replace(PLACEHOLDERS["images"], self.media.marker())}
                             for m in messages]
             if videos:  # <video> -> start, video token, end (expanded below)
@@ -141,10 +141,12 @@ class ChatFormat:
         images = row.get("images") or []
         if images and self.media is None:
             raise TunepipeError(f"{where}: the row has images but the base model is not a vision-language model",
-                                hint="use a vision-language base model (Qwen2-VL) or drop the images column")
+                                hint="use a vision-language base model (Qwen2-VL, Qwen3-VL, LLaVA, Gemma 3, ...) "
+                                     "or drop the images column")
         if images and self.named is not None and not self.named.vision:
             raise TunepipeError(f"{where}: the row has images but template {self.name} takes none",
-                                hint="use template: qwen2_vl, or leave data.template unset for the model's own")
+                                hint=f"use one of {', '.join(n for n, t in sorted(nt.TEMPLATES.items()) if t.vision)}, "
+                                     "or leave data.template unset for the model's own")
         return images
 
     def check_videos(self, row: dict) -> list[dict]:

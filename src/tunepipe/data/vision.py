@@ -6,7 +6,9 @@ family's `AutoProcessor`: in transformers 5.x `Qwen2VLProcessor` (and the Qwen2.
 ones) cannot be built without torchvision (their video processor needs it), and no
 torchvision that loads beside the CPU torch is installable on the machine the tests
 run on. The PIL image processor is the same code on a GPU machine, so both run one path
-(docs/architecture.md, "Vision-language models").
+(docs/architecture.md, "Vision-language models"). Families whose `AutoProcessor` builds without
+torchvision (LLaVA, LLaVA-NeXT, Gemma 3, PaliGemma, Idefics3) let it write each image's text
+(`Family.expansion`, `MediaTokens.image_text`).
 
 Each image goes through LLaMA-Factory's regularization first (scaled into
 `[image_min_pixels, image_max_pixels]` keeping the aspect ratio, then the Qwen-VL
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tunepipe.data.media import PLACEHOLDERS, file_sha256
@@ -32,21 +34,46 @@ from tunepipe.errors import TunepipeError
 
 @dataclass(frozen=True)
 class Family:
-    """What differs between vision-language families: the config fields naming the media tokens."""
+    """What differs between vision-language families: the media tokens, how an image's tokens are
+    counted, the module names of each part and the extra model inputs."""
 
-    image_token_field: str = "image_token_id"
+    image_token_field: str = "image_token_id"  # config field: the id every image feature takes
     video_token_field: str = "video_token_id"
     start_token_field: str = "vision_start_token_id"
     end_token_field: str = "vision_end_token_id"
-    min_side: int = 28  # Qwen-VL: a side below 28 pixels is padded up (LLaMA-Factory's Qwen2VLPlugin)
+    # "grid": Qwen-VL, tokens = image patches / merge^2 from the size alone, wrapped in start / end by the
+    # text; "processor": the family's processor writes an image's text (`replace_image_token`)
+    expansion: str = "grid"
+    min_side: int = 28  # Qwen-VL: a side below 28 pixels is padded up (LLaMA-Factory's Qwen2VLPlugin); 0: none
     # module-name parts of each component (LLaMA-Factory's composite-model registry uses the same split)
     vision_keys: tuple[str, ...] = ("visual.patch_embed", "visual.blocks")
     projector_keys: tuple[str, ...] = ("visual.merger",)
     language_keys: tuple[str, ...] = ("language_model", "lm_head")
+    pixel_keys: tuple[str, ...] = ("pixel_values", "image_grid_thw")  # the image processor outputs the model reads
+    type_ids_key: str | None = "mm_token_type_ids"  # 1 on image tokens (Qwen's 3-D positions, Gemma 3's mask)
+    image_kwargs: tuple = ()  # extra image-processor arguments (Idefics3: the tile grid it cut)
+    # PaliGemma (LLaMA-Factory's PaliGemmaPlugin): `<image>` leaves the text and every image's tokens go
+    # in front of the whole sequence; type ids 0 on them (the bidirectional prefix), 1 on the text
+    prefix_images: bool = False
 
 
-# config.json model_type -> family; the Qwen-VL models share their media-token scheme
-FAMILIES = {"qwen2_vl": Family(), "qwen2_5_vl": Family()}
+QWEN_VL = Family()
+# LLaVA-1.5 / LLaVA-NeXT / Gemma 3 / PaliGemma / Idefics3 (SmolVLM's predecessor): their processors build without
+# torchvision; each image's text (how many image tokens, tiles, markers) is the processor's
+LLAVA = Family(expansion="processor", min_side=0, vision_keys=("vision_tower",),
+               projector_keys=("multi_modal_projector",), pixel_keys=("pixel_values",), type_ids_key=None)
+FAMILIES = {
+    "qwen2_vl": QWEN_VL, "qwen2_5_vl": QWEN_VL,
+    # Qwen3-VL's deepstack mergers project vision features into the language model, as the merger does
+    "qwen3_vl": Family(projector_keys=("visual.merger", "visual.deepstack_merger_list")),
+    "llava": LLAVA,
+    "llava_next": replace(LLAVA, pixel_keys=("pixel_values", "image_sizes")),
+    "gemma3": replace(LLAVA, type_ids_key="token_type_ids"),
+    "paligemma": replace(LLAVA, type_ids_key="token_type_ids", prefix_images=True),
+    "idefics3": replace(LLAVA, vision_keys=("vision_model",), projector_keys=("connector",),
+                        language_keys=("text_model", "lm_head"), pixel_keys=("pixel_values", "pixel_attention_mask"),
+                        image_kwargs=(("return_row_col_info", True),)),
+}
 
 
 def family_of(model_type: str | None) -> Family | None:
@@ -58,7 +85,7 @@ class MediaTokens:
     """One vision-language model's media tokens, its image processor and the pixel budget."""
 
     image_processor: object
-    image_token: str
+    image_token: str  # the token every image feature takes (masked in the labels)
     image_token_id: int
     start_token: str
     end_token: str
@@ -66,7 +93,10 @@ class MediaTokens:
     max_pixels: int
     min_pixels: int
     family: Family
+    processor: object = None  # "processor" families: the whole processor (it writes each image's text)
+    placeholder: str = ""  # the token a template writes for one image, replaced by the image's text
     counts: dict[str, int] = field(default_factory=dict)  # sha256 -> tokens (images repeat)
+    texts: dict[str, str] = field(default_factory=dict)  # sha256 -> the image's text ("processor" families)
     verified: set = field(default_factory=set)  # (path, sha256) whose bytes were checked
     # videos (set by enable_video; None: the model takes none)
     video_token: str | None = None
@@ -77,19 +107,25 @@ class MediaTokens:
 
     @classmethod
     def load(cls, model_dir: Path, tokenizer, media_dir: Path, max_pixels: int, min_pixels: int) -> MediaTokens:
-        from transformers import AutoImageProcessor
+        from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
 
-        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-        family = FAMILIES.get(config.get("model_type"))
+        config = AutoConfig.from_pretrained(model_dir)
+        family = FAMILIES.get(config.model_type)
         if family is None:
-            raise TunepipeError(f"{model_dir}: model_type {config.get('model_type')!r} is a vision-language model "
+            raise TunepipeError(f"{model_dir}: model_type {config.model_type!r} is a vision-language model "
                                 "tunepipe cannot feed images to yet",
                                 hint=f"supported: {', '.join(sorted(FAMILIES))}")
-        token = {name: tokenizer.convert_ids_to_tokens(config[getattr(family, f"{name}_token_field")])
-                 for name in ("image", "start", "end")}
+        image_id = getattr(config, family.image_token_field)
+        image = tokenizer.convert_ids_to_tokens(image_id)
+        if family.expansion == "processor":
+            processor = AutoProcessor.from_pretrained(model_dir)
+            return cls(processor.image_processor, image, image_id, "", "", Path(media_dir), max_pixels, min_pixels,
+                       family, processor=processor, placeholder=processor.image_token)
+        token = {name: tokenizer.convert_ids_to_tokens(getattr(config, getattr(family, f"{name}_token_field")))
+                 for name in ("start", "end")}
         processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
-        return cls(processor, token["image"], config[family.image_token_field], token["start"], token["end"],
-                   Path(media_dir), max_pixels, min_pixels, family)
+        return cls(processor, image, image_id, token["start"], token["end"], Path(media_dir), max_pixels, min_pixels,
+                   family, placeholder=image)
 
     @classmethod
     def for_data(cls, model_dir: Path, tokenizer, data) -> MediaTokens:
@@ -104,34 +140,57 @@ class MediaTokens:
     # -- the text: placeholders -> media tokens --------------------------------------------
     def marker(self) -> str:
         """What one `<image>` becomes in a named template's text before expansion (LLaMA-Factory's
-        Qwen2-VL plugin: start, one image token, end)."""
-        return f"{self.start_token}{self.image_token}{self.end_token}"
+        plugins: Qwen-VL start, one image token, end; the others the processor's image token)."""
+        if self.family.expansion == "grid":
+            return f"{self.start_token}{self.placeholder}{self.end_token}"
+        return "" if self.family.prefix_images else self.placeholder
+
+    def image_text(self, ref: dict) -> str:
+        """The text one image's placeholder becomes: Qwen-VL its count of image tokens; other
+        families what their processor writes for it (LLaVA-NeXT's tiles, Gemma 3's start / end
+        and blank lines, Idefics3's tile grid)."""
+        if self.family.expansion == "grid":
+            return self.image_token * self.image_tokens(ref)
+        if ref["sha256"] not in self.texts:
+            inputs = self.image_processor([self.load_image(ref)], **dict(self.family.image_kwargs))
+            self.texts[ref["sha256"]] = self.processor.replace_image_token(inputs, 0)
+        return self.texts[ref["sha256"]]
 
     def expand(self, turns: list[list], images: list[dict]) -> list[list]:
-        """Every image token in the turns' texts (one per image, in order) becomes that image's
-        count of image token ids; the texts around it are tokenized as before."""
-        counts = iter([self.image_tokens(ref) for ref in images])
+        """Every placeholder in the turns' texts (one per image, in order) becomes that image's text;
+        the texts are tokenized as before (the image tokens are special, so they split the text
+        where they stand, and Gemma 3's blank lines tokenize with their neighbours as in LLaMA-Factory)."""
+        if self.family.prefix_images:  # PaliGemma: the images' tokens open the sequence
+            if any(isinstance(e, str) and self.placeholder in e for turn in turns for e in turn):
+                raise TunepipeError(f"the chat template wrote image tokens {self.placeholder!r} into the text; "
+                                    "PaliGemma takes its images in front of the whole sequence",
+                                    hint="set data.template: paligemma")
+            prefix = [self.image_token_id] * sum(self.image_tokens(ref) for ref in images)
+            return [[*prefix, *turns[0]], *turns[1:]]
+        texts = iter([self.image_text(ref) for ref in images])
         out, seen = [], 0
         for turn in turns:
             elements = []
             for element in turn:
-                if not isinstance(element, str) or self.image_token not in element:
+                if not isinstance(element, str) or self.placeholder not in element:
                     elements.append(element)
                     continue
-                pieces = element.split(self.image_token)
-                for k, piece in enumerate(pieces):
-                    if k:
-                        count = next(counts, None)
-                        if count is None:
-                            break
-                        elements.extend([self.image_token_id] * count)
-                        seen += 1
-                    elements.append(piece)
+                pieces = element.split(self.placeholder)
+                text = pieces[0]
+                for piece in pieces[1:]:
+                    image = next(texts, None)
+                    if image is None:
+                        seen = len(images) + 1  # more placeholders than images
+                        break
+                    text += image + piece
+                    seen += 1
+                elements.append(text)
             out.append(elements)
         if seen != len(images):
-            raise TunepipeError(f"the chat template rendered {seen} image token(s) {self.image_token!r} for "
-                                f"{len(images)} image(s)", hint="set data.template to the family's template "
-                                                                "(qwen2_vl for Qwen2-VL)")
+            raise TunepipeError(f"the chat template rendered {seen} image placeholder(s) {self.placeholder!r} for "
+                                f"{len(images)} image(s)",
+                                hint="set data.template to the family's template (qwen2_vl for Qwen2-VL, "
+                                     "qwen3_vl for Qwen3-VL, llava, llava_next, gemma3)")
         return out
 
     def mask(self, input_ids: list[int], labels: list[int]) -> list[int]:
@@ -141,7 +200,10 @@ class MediaTokens:
 
     # -- the pixels ---------------------------------------------------------------------------
     def image_tokens(self, ref: dict) -> int:
-        """How many tokens the processor turns the image into (from its size: no pixels decoded)."""
+        """How many image tokens the processor turns the image into (Qwen-VL: from its size, no pixels
+        decoded; other families: counted in the processor's text for it)."""
+        if self.family.expansion != "grid":
+            return self.image_text(ref).count(self.image_token)
         if ref["sha256"] not in self.counts:
             from PIL import Image
 
@@ -166,18 +228,23 @@ class MediaTokens:
 
     def pixel_inputs(self, images: list[dict]) -> dict:
         """The processor's model inputs (pixel_values, image_grid_thw) for a batch's images, in order."""
-        return self.image_processor([self.load_image(ref) for ref in images], return_tensors="pt")
+        return self.image_processor([self.load_image(ref) for ref in images], return_tensors="pt",
+                                    **dict(self.family.image_kwargs))
 
     def model_inputs(self, input_ids, media_column: list[str | None]) -> dict:
-        """The image inputs of a batch (`input_ids` [rows, width], each row's `media` JSON): pixel_values,
-        image_grid_thw and mm_token_type_ids (1 on image tokens, 0 on text: what the model computes its
-        3-D rotary positions from); empty when the rows hold no image."""
+        """The image inputs of a batch (`input_ids` [rows, width], each row's `media` JSON): the family's
+        pixel keys (Qwen-VL pixel_values, image_grid_thw) and type ids (1 on image tokens, 0 on text:
+        what Qwen-VL computes its 3-D rotary positions from, Gemma 3 its bidirectional image
+        attention); empty when the rows hold no image."""
         images = [ref for media in media_column if media for ref in json.loads(media)["images"]]
         if not images:
             return {}
         inputs = self.pixel_inputs(images)
-        return {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"],
-                "mm_token_type_ids": (input_ids == self.image_token_id).long()}
+        out = {key: inputs[key] for key in self.family.pixel_keys}
+        if self.family.type_ids_key:
+            images = (input_ids == self.image_token_id).long()
+            out[self.family.type_ids_key] = 1 - images if self.family.prefix_images else images
+        return out
 
     def load_image(self, ref: dict):
         from PIL import Image
@@ -283,6 +350,8 @@ def regularized_size(width: int, height: int, max_pixels: int, min_pixels: int, 
     if width * height < min_pixels:
         factor = math.sqrt(min_pixels / (width * height))
         width, height = int(width * factor), int(height * factor)
+    if not min_side:  # LLaMA-Factory's plugins other than Qwen-VL's stop here
+        return width, height
     if min(width, height) < min_side:
         width, height = max(width, min_side), max(height, min_side)
     if width / height > 200:

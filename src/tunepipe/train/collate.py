@@ -128,6 +128,7 @@ def model_inputs(batch: dict) -> dict:
         # a vision-language batch (train/vision.py): right-padded rows with their mask, images and
         # videos; the model computes its own (3-D, image- and video-aware) rotary positions
         keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids",
+                "image_sizes", "pixel_attention_mask", "token_type_ids",  # the families' image inputs
                 "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
         return {**{key: batch[key] for key in keys if key in batch}, "use_cache": False}
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}

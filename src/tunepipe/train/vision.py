@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from tunepipe.config import TrainConfig
-from tunepipe.data.vision import Family, MediaTokens, family_of
+from tunepipe.data.vision import FAMILIES, Family, MediaTokens, family_of
 from tunepipe.errors import TunepipeError
 from tunepipe.train.collate import IGNORE_INDEX, shifted_labels
 
@@ -35,7 +35,7 @@ def model_family(model) -> Family | None:
     family = family_of(getattr(config, "model_type", None))
     if family is None:
         raise TunepipeError(f"{type(model).__name__}: vision-language model type {config.model_type!r} is not "
-                            "supported yet", hint="Qwen2-VL and Qwen2.5-VL are")
+                            "supported yet", hint=f"supported model types: {', '.join(sorted(FAMILIES))}")
     return family
 
 
