@@ -36,7 +36,10 @@ STATE = "trainer_state.json"
 NOT_TRAJECTORY = {"output_dir", "overwrite_output_dir", "logging_steps", "save_steps", "save_total_limit",
                   "eval_strategy", "eval_steps", "per_device_eval_batch_size", "plot_loss",
                   "resume_from_checkpoint", "restore_callback_states_from_checkpoint", "do_train",
-                  "num_machines", "machine_rank", "main_process_ip", "main_process_port"}
+                  "num_machines", "machine_rank", "main_process_ip", "main_process_port",
+                  # where Ray places the workers and keeps its record (ray_num_workers does count)
+                  "resources_per_worker", "placement_strategy", "ray_storage_path", "ray_run_name",
+                  "ray_init_kwargs"}
 # model.* keys the train stage reads (the base model itself is identified by its manifest)
 MODEL_KEYS = ("quantization_bit", "quantization_type", "double_quantization", "flash_attn", "trust_remote_code")
 
