@@ -28,6 +28,7 @@ from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import read_json
 from tunepipe.layout import Layout
 from tunepipe.pipeline import run_train_pipeline
+from tunepipe.train import run_ray_rank
 from tunepipe.train.ray_launch import connect, ray_trainer
 
 
@@ -65,7 +66,7 @@ def test_ray_init_kwargs_reach_ray_init_and_unset_resources_follow_the_cluster(r
         assert context.gcs_address.rsplit(":", 1)[1] == ray_cluster.address.rsplit(":", 1)[1]  # its head
         assert context.namespace == "tunepipe-ray-test"
         assert connect(cfg) is False  # already connected: joined, not started again
-        scaling = ray_trainer(cfg, Layout.at(tmp_path / "run")).scaling_config
+        scaling = ray_trainer(cfg, Layout.at(tmp_path / "run"), run_ray_rank).scaling_config
         assert (scaling.resources_per_worker, scaling.use_gpu) == ({"CPU": 1}, False)  # a CPU-only cluster
     finally:
         ray.shutdown()
@@ -114,14 +115,14 @@ def test_scaling_and_run_config_read_back(tmp_path, tiny_model_dir, lf_demo_dir,
     cfg = load_config(config, ["train.ray_num_workers=3", 'train.resources_per_worker={"CPU": 2}',
                                "train.placement_strategy=SPREAD", "train.ray_storage_path=ray_runs",
                                "train.ray_run_name=sweep-1"])
-    trainer = ray_trainer(cfg, Layout.at(tmp_path / "run"))
+    trainer = ray_trainer(cfg, Layout.at(tmp_path / "run"), run_ray_rank)
     scaling, run = trainer.scaling_config, trainer.run_config
     assert (scaling.num_workers, scaling.resources_per_worker, scaling.placement_strategy, scaling.use_gpu) == \
         (3, {"CPU": 2}, "SPREAD", False)
     assert (run.storage_path, run.name) == (str(tmp_path / "ray_runs"), "sweep-1")
     # LLaMA-Factory also takes the mapping keys as JSON text; a GPU in them asks Ray for GPU workers
     cfg = load_config(config, ["train.ray_num_workers=2", 'train.resources_per_worker={"GPU": 1, "CPU": 4}'])
-    scaling = ray_trainer(cfg, Layout.at(tmp_path / "run")).scaling_config
+    scaling = ray_trainer(cfg, Layout.at(tmp_path / "run"), run_ray_rank).scaling_config
     assert (scaling.resources_per_worker, scaling.use_gpu) == ({"GPU": 1, "CPU": 4}, True)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -43,11 +44,13 @@ def wants_ray(cfg: Config) -> bool:
     return cfg.train.ray_num_workers > 1
 
 
-def run_under_ray(cfg: Config, layout: Layout) -> None:
-    """Train in `ray_num_workers` Ray Train workers and wait for them; raise if the run failed."""
+def run_under_ray(cfg: Config, layout: Layout, rank_entry: Callable[[dict], None]) -> None:
+    """Train in `ray_num_workers` Ray Train workers, each running `rank_entry(loop_config)`, and
+    wait for them; raise if the run failed. (`tunepipe.train.run_ray_rank` is the entry: passed in,
+    since this module cannot import `tunepipe.train` back.)"""
     joined = connect(cfg)
     try:
-        trainer = ray_trainer(cfg, layout)
+        trainer = ray_trainer(cfg, layout, rank_entry)
         log.info("training in %d Ray workers", cfg.train.ray_num_workers)
         result = trainer.fit()
     except TunepipeError:
@@ -85,8 +88,8 @@ def connect(cfg: Config) -> bool:
     return True
 
 
-def ray_trainer(cfg: Config, layout: Layout):
-    """The TorchTrainer of the train step: `ray_worker` in each worker, placed by the Ray keys."""
+def ray_trainer(cfg: Config, layout: Layout, rank_entry: Callable[[dict], None]):
+    """The TorchTrainer of the train step: `rank_entry` in each worker, placed by the Ray keys."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -99,7 +102,7 @@ def ray_trainer(cfg: Config, layout: Layout):
                             resources_per_worker=resources or ({"GPU": 1} if use_gpu else {"CPU": 1}),
                             placement_strategy=train.placement_strategy)
     run = RunConfig(name=train.ray_run_name, storage_path=str(Path(train.ray_storage_path).resolve()))
-    return TorchTrainer(ray_worker, train_loop_config=_loop_config(cfg, layout), scaling_config=scaling,
+    return TorchTrainer(rank_entry, train_loop_config=_loop_config(cfg, layout), scaling_config=scaling,
                         run_config=run)
 
 
@@ -113,16 +116,16 @@ def _loop_config(cfg: Config, layout: Layout) -> dict:
             "cwd": os.getcwd(), "hf_token": cfg.model.hf_hub_token}
 
 
-def ray_worker(loop_config: dict) -> None:
-    """One Ray Train worker: the launched-rank path of `run_train` (Ray made the process group)."""
+def enter_rank(loop_config: dict) -> tuple[Config, Layout]:
+    """In a Ray Train worker: the launched-rank setup (Ray made the process group); returns what
+    to pass to `run_train`."""
     import tempfile
 
     from tunepipe.config.loader import load_config
-    from tunepipe.train import run_train
     from tunepipe.train.launch import child_env
     from tunepipe.train.sharding import prepare_launched_process
 
-    if Path(loop_config["cwd"]).is_dir():
+    if Path(loop_config["cwd"]).is_dir():  # Ray Train moves its workers to a folder of its own
         os.chdir(loop_config["cwd"])
     os.environ.update(child_env())  # marks the rank as launched; accelerate uses gloo on CPU
     os.environ[RAY_WORKER_ENV] = "1"
@@ -133,7 +136,7 @@ def ray_worker(loop_config: dict) -> None:
         config_file.write_text(loop_config["config"], encoding="utf-8")
         cfg = load_config(config_file, [])
     prepare_launched_process()
-    run_train(cfg, Layout.at(loop_config["root"]))
+    return cfg, Layout.at(loop_config["root"])
 
 
 def report_callbacks() -> list:
