@@ -207,10 +207,18 @@ def resume_checkpoint(cfg: Config, layout: Layout, data_fingerprint: str | None)
         why = "overwrite requested" if overwrite else \
             "they belong to a run with other params or data" if recorded != key else "none is intact"
         log.info("not resuming from %s (%s): starting over", folder, why)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / RESUME_KEY, {"run_key": key})
+    if _is_main_rank():  # every rank decides alike; one clears, or a rank's rmtree races another's write
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / RESUME_KEY, {"run_key": key})
     return None
+
+
+def _is_main_rank() -> bool:
+    """Rank 0 of a launched run's process group (torchrun, accelerate, Ray Train), or a lone process."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def explicit_checkpoint(path: Path) -> str:
