@@ -8,7 +8,8 @@ says why it is started that way).
   and Ray Train's own record of the run, under ray_storage_path/ray_run_name, holds the
   checkpoint its report callback copied there.
 - ray_init_kwargs reach ray.init (the address joins the test's cluster, the namespace is the
-  driver's); unset resources_per_worker follow the cluster (CPU here).
+  driver's); unset resources_per_worker follow the cluster (CPU here); LLaMA-Factory's
+  qwen3_lora_sft_ray.yaml, read verbatim from ../shared/llamafactory-examples/, asks for 4 workers.
 - resources_per_worker, placement_strategy, ray_storage_path, ray_run_name read back from the
   TorchTrainer's ScalingConfig / RunConfig.
 """
@@ -16,6 +17,7 @@ says why it is started that way).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import yaml
@@ -30,6 +32,9 @@ from tunepipe.layout import Layout
 from tunepipe.pipeline import run_train_pipeline
 from tunepipe.train import run_ray_rank
 from tunepipe.train.ray_launch import connect, ray_trainer
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "llamafactory-examples"
+RAY_EXAMPLE = "train_lora/qwen3_lora_sft_ray.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +73,13 @@ def test_ray_init_kwargs_reach_ray_init_and_unset_resources_follow_the_cluster(r
         assert connect(cfg) is False  # already connected: joined, not started again
         scaling = ray_trainer(cfg, Layout.at(tmp_path / "run"), run_ray_rank).scaling_config
         assert (scaling.resources_per_worker, scaling.use_gpu) == ({"CPU": 1}, False)  # a CPU-only cluster
+        # LLaMA-Factory's own Ray example, read as it ships: 4 workers, its defaults for the rest
+        if (EXAMPLES / RAY_EXAMPLE).is_file():
+            trainer = ray_trainer(load_config(EXAMPLES / RAY_EXAMPLE), Layout.at(tmp_path / "run"), run_ray_rank)
+            scaling, run = trainer.scaling_config, trainer.run_config
+            assert (scaling.num_workers, scaling.resources_per_worker, scaling.placement_strategy) == \
+                (4, {"CPU": 1}, "PACK")
+            assert (run.storage_path, run.name) == (str(Path.cwd() / "saves"), None)
     finally:
         ray.shutdown()
 
