@@ -140,8 +140,8 @@ def test_scaling_and_run_config_read_back(tmp_path, tiny_model_dir, lf_demo_dir,
 
 
 @pytest.mark.parametrize("override, pattern", [
-    ("train.ray_init_kwargs='{address: auto'", r"train\.ray_init_kwargs: must be a mapping or its JSON text"),
-    ("train.resources_per_worker='[1, 2]'", r"train\.resources_per_worker: must be a mapping"),
+    ("train.ray_init_kwargs='{address: auto'", r"train\.ray_init_kwargs='\{address: auto': must be a mapping or its JSON text"),
+    ("train.resources_per_worker='[1, 2]'", r"train\.resources_per_worker='\[1, 2\]': must be a mapping"),
     ("train.placement_strategy=SCATTER", r"train\.placement_strategy='SCATTER': must be one of"),
 ])
 def test_ray_keys_are_checked_at_load(tmp_path, tiny_model_dir, lf_demo_dir, override, pattern):

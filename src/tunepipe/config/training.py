@@ -461,11 +461,12 @@ def _mapping(value, key: str) -> dict:
     if isinstance(value, str):
         import json
 
+        text = value
         try:
-            value = json.loads(value)
+            value = json.loads(text)
         except json.JSONDecodeError:
             value = None
         if not isinstance(value, dict):
-            raise TunepipeError(f"train.{key}: must be a mapping or its JSON text",
+            raise TunepipeError(f"train.{key}={text!r}: must be a mapping or its JSON text",
                                 hint=f'e.g. {key}: {{"key": "value"}} in YAML, or its JSON text on the command line')
     return dict(value or {})
