@@ -126,11 +126,11 @@ def test_key_in_wrong_group_names_the_right_one(tmp_path):
 
 
 def test_unsupported_llamafactory_keys_are_all_listed(tmp_path):
-    path = write(tmp_path, "ray_num_workers: 2\nkt_optimize_rule: x\nlora_rank: 4\nreward_model: x\n")
+    path = write(tmp_path, "ray_storage_filesystem: s3\nkt_optimize_rule: x\nlora_rank: 4\nreward_model: x\n")
     with pytest.raises(TunepipeError) as err:
         load_config(path)
     message = str(err.value)
-    for key in ("ray_num_workers", "kt_optimize_rule", "reward_model"):
+    for key in ("ray_storage_filesystem", "kt_optimize_rule", "reward_model"):
         assert key in message
 
 

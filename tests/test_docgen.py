@@ -66,7 +66,8 @@ def test_lf_table_lists_every_known_key_once_with_its_treatment():
     assert rows["upcast_layernorm"].strip() == "accepted only as `false`"
     assert rows["deepspeed"].strip() == "supported: `train.deepspeed`"
     assert rows["eval_num_beams"].strip() == "supported: read as `num_beams`"
-    assert rows["ray_num_workers"].strip() == "not supported: error"
+    assert rows["ray_num_workers"].strip() == "supported: `train.ray_num_workers`"
+    assert rows["ray_storage_filesystem"].strip() == "not supported: error"
 
 
 def test_key_lists_are_disjoint_and_tunepipe_only_keys_are_fields():

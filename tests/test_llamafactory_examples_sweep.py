@@ -22,10 +22,10 @@ from tunepipe.errors import TunepipeError
 EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "llamafactory-examples"
 NOT_RUN_CONFIGS = ("accelerate/", "ktransformers/accelerate/", "v1/", "extras/multi_tokens/tokens_cfg.yaml")
 
-# 66 YAMLs: 47 load, 19 refused. Why, by family: hardware or another engine (Ascend NPU kernels
+# 66 YAMLs: 48 load, 18 refused. Why, by family: hardware or another engine (Ascend NPU kernels
 # `use_v1_kernels`; KTransformers `use_kt` / `kt_*`; Megatron parallel sizes; FP8 needs an FP8 GPU);
 # GPTQ export (`export_quantization_*`); mixture of depths (the mixture-of-depth package needs
-# transformers < 5); Ray (`ray_num_workers`).
+# transformers < 5).
 REFUSED: dict[str, set[str]] = {
     "ascend/qwen3_5_full_sft_fsdp2.yaml": {"use_v1_kernels"},
     "ascend/qwen3_full_sft_fsdp2.yaml": {"use_v1_kernels"},
@@ -54,7 +54,6 @@ REFUSED: dict[str, set[str]] = {
         "pipeline_model_parallel_size", "sequence_parallel", "tensor_model_parallel_size",
         "use_distributed_optimizer", "use_packed_sequences"},
     "merge_lora/qwen3_gptq.yaml": {"export_quantization_bit", "export_quantization_dataset"},
-    "train_lora/qwen3_lora_sft_ray.yaml": {"ray_num_workers"},
 }
 
 
@@ -85,4 +84,4 @@ def test_every_example_loads_or_is_refused_for_the_listed_keys(caplog):
             except TunepipeError as err:
                 refused[name] = refused_keys(str(err))
     assert refused == REFUSED
-    assert (len(yamls) - len(refused), len(refused)) == (47, 19)
+    assert (len(yamls) - len(refused), len(refused)) == (48, 18)

@@ -248,6 +248,18 @@ class TrainConfig:
     """Address of machine 0, where the processes meet (needed when num_machines > 1)."""
     main_process_port: int = 29500
     """Port on machine 0 where the processes meet."""
+    ray_num_workers: int = 1
+    """Ray Train workers for the train step; > 1 runs it under Ray Train's TorchTrainer (see ray_init_kwargs)."""
+    resources_per_worker: Optional[Union[dict, str]] = None
+    """Ray resources of each worker (a mapping or its JSON text); unset: {"GPU": 1} on a cluster with GPUs, else {"CPU": 1}."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers on the cluster's nodes (Ray Train's ScalingConfig)."""
+    ray_storage_path: str = "./saves"
+    """Where Ray Train writes its run (its checkpoints, as reported at each save); shared storage on several nodes."""
+    ray_run_name: Optional[str] = None
+    """Name of the Ray Train run: its folder under ray_storage_path (unset: Ray names it)."""
+    ray_init_kwargs: Optional[Union[dict, str]] = None
+    """Arguments of ray.init (a mapping or its JSON text), e.g. {"address": "auto"} to join a `ray start` cluster."""
     pref_beta: float = 0.1
     """Preference temperature beta (DPO / ORPO / SimPO / KTO)."""
     pref_ftx: float = 0.0
@@ -435,24 +447,21 @@ class TrainConfig:
 
     def scheduler_kwargs(self) -> dict:
         """`lr_scheduler_kwargs` as a mapping (LLaMA-Factory also takes its JSON text)."""
-        value = self.lr_scheduler_kwargs
-        if isinstance(value, str):
-            import json
-
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                value = None
-            if not isinstance(value, dict):
-                raise TunepipeError(f"train.lr_scheduler_kwargs={self.lr_scheduler_kwargs!r}: "
-                                    "must be a mapping or its JSON text")
-        return dict(value or {})
+        return _mapping(self.lr_scheduler_kwargs, "lr_scheduler_kwargs")
 
     def fsdp_options(self) -> list[str]:
         """`fsdp` as a list (transformers also takes one space-separated string)."""
         return self.fsdp.split() if isinstance(self.fsdp, str) else list(self.fsdp or [])
 
     def _check_machines(self) -> None:
+        require(self.ray_num_workers >= 1, "train", "ray_num_workers", self.ray_num_workers, "must be >= 1")
+        require(self.ray_num_workers == 1 or (self.num_processes == 1 and self.num_machines == 1
+                                               and not self.accelerate_config and not self.deepspeed),
+                "train", "ray_num_workers", self.ray_num_workers,
+                "Ray starts and places the workers itself: leave num_processes / num_machines at 1 and "
+                "accelerate_config / deepspeed unset")
+        self.ray_init_settings()  # JSON text that does not parse fails at load, not at launch
+        self.ray_resources()
         require(self.num_machines >= 1, "train", "num_machines", self.num_machines, "must be >= 1")
         require(0 <= self.machine_rank < self.num_machines, "train", "machine_rank", self.machine_rank,
                  f"must be in 0..{self.num_machines - 1} (num_machines={self.num_machines})")
@@ -463,6 +472,14 @@ class TrainConfig:
         require(1 <= self.main_process_port <= 65535, "train", "main_process_port",
                  self.main_process_port, "must be a TCP port")
 
+    def ray_init_settings(self) -> dict:
+        """`ray_init_kwargs` as a mapping (LLaMA-Factory also takes its JSON text)."""
+        return _mapping(self.ray_init_kwargs, "ray_init_kwargs")
+
+    def ray_resources(self) -> dict:
+        """`resources_per_worker` as a mapping; empty when unset (the cluster's devices decide)."""
+        return _mapping(self.resources_per_worker, "resources_per_worker")
+
     @property
     def bf16_compute(self) -> bool:
         """bf16 autocast: `bf16`, or `pure_bf16` (which also stores the frozen weights in bf16)."""
@@ -472,3 +489,19 @@ class TrainConfig:
     def alpha(self) -> int:
         """lora_alpha with LLaMA-Factory's default of twice the rank."""
         return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+
+def _mapping(value, key: str) -> dict:
+    """A mapping-valued key given as a mapping or as its JSON text."""
+    if isinstance(value, str):
+        import json
+
+        text = value
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, dict):
+            raise TunepipeError(f"train.{key}={text!r}: must be a mapping or its JSON text",
+                                hint=f'e.g. {key}: {{"key": "value"}} in YAML, or its JSON text on the command line')
+    return dict(value or {})

@@ -2,8 +2,9 @@
 
 `run_train(cfg, layout)` is what the DVC train stage and `tunepipe train` call. With
 `train.num_processes > 1` (or an accelerate config) it re-launches itself through
-torchrun / accelerate (`launch.py`); each launched process (`worker.py`) lands here again
-and trains its rank in-process.
+torchrun / accelerate (`launch.py`), with `train.ray_num_workers > 1` through Ray Train
+(`ray_launch.py`); each launched process (`worker.py`, `run_ray_rank`) lands here
+again and trains its rank in-process.
 
 Entry point: `run_train`. Objectives: `sft` (also continued pretraining) here, and the
 preference objectives in `preference/` (`dpo` for dpo / orpo / simpo, `kto`, `rm`), online RL in
@@ -23,6 +24,7 @@ from tunepipe.layout import Layout
 from tunepipe.train import sft
 from tunepipe.train.launch import in_launched_process, relaunch_train, should_relaunch
 from tunepipe.train.preference import dpo, kto, rm
+from tunepipe.train.ray_launch import enter_rank, run_under_ray, wants_ray
 from tunepipe.train.rl import grpo
 
 log = logging.getLogger(__name__)
@@ -49,10 +51,18 @@ def run_train(cfg: Config, layout: Layout) -> dict | None:
         done = _finished(cfg, layout)
         if done is not None:
             return done
+        if wants_ray(cfg):  # Ray Train starts the ranks (ray_launch.py)
+            run_under_ray(cfg, layout, run_ray_rank)
+            return None
         if should_relaunch(cfg):
             relaunch_train(cfg, layout)
             return None
         return _train_here(cfg, layout)
+
+
+def run_ray_rank(loop_config: dict) -> None:
+    """One Ray Train worker of `ray_launch.run_under_ray`: one rank of the train step."""
+    run_train(*enter_rank(loop_config))
 
 
 def _finished(cfg: Config, layout: Layout) -> dict | None:

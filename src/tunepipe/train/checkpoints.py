@@ -36,7 +36,10 @@ STATE = "trainer_state.json"
 NOT_TRAJECTORY = {"output_dir", "overwrite_output_dir", "logging_steps", "save_steps", "save_total_limit",
                   "eval_strategy", "eval_steps", "per_device_eval_batch_size", "plot_loss",
                   "resume_from_checkpoint", "restore_callback_states_from_checkpoint", "do_train",
-                  "num_machines", "machine_rank", "main_process_ip", "main_process_port"}
+                  "num_machines", "machine_rank", "main_process_ip", "main_process_port",
+                  # where Ray places the workers and keeps its record (ray_num_workers does count)
+                  "resources_per_worker", "placement_strategy", "ray_storage_path", "ray_run_name",
+                  "ray_init_kwargs"}
 # model.* keys the train stage reads (the base model itself is identified by its manifest)
 MODEL_KEYS = ("quantization_bit", "quantization_type", "double_quantization", "flash_attn", "trust_remote_code")
 
@@ -204,10 +207,18 @@ def resume_checkpoint(cfg: Config, layout: Layout, data_fingerprint: str | None)
         why = "overwrite requested" if overwrite else \
             "they belong to a run with other params or data" if recorded != key else "none is intact"
         log.info("not resuming from %s (%s): starting over", folder, why)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / RESUME_KEY, {"run_key": key})
+    if _is_main_rank():  # every rank decides alike; one clears, or a rank's rmtree races another's write
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / RESUME_KEY, {"run_key": key})
     return None
+
+
+def _is_main_rank() -> bool:
+    """Rank 0 of a launched run's process group (torchrun, accelerate, Ray Train), or a lone process."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def explicit_checkpoint(path: Path) -> str:

@@ -27,6 +27,7 @@ from tunepipe.train.checkpoints import (
 )
 from tunepipe.train.outputs import LOSS_CSV, LOSS_PNG, TRAIN_METRICS, train_summary, write_outputs
 from tunepipe.train.preemption import StopOnSignal
+from tunepipe.train.ray_launch import report_callbacks
 from tunepipe.train.sharding import gathered_state_dict
 from tunepipe.train.trainer_setup import ProgressBar, early_stopping, training_arguments
 
@@ -46,7 +47,9 @@ def run_session(cfg: Config, layout: Layout, model, tokenizer, has_eval: bool,
     tracker = Tracker.start(cfg, layout)
     progress, stopper, manifest = ProgressBar(), StopOnSignal(), CheckpointManifest()
     # the stopper asks for a save in on_step_end, so it goes before the manifest (see CheckpointManifest)
-    trainer = make_trainer(args, [progress, tracker.callback(), stopper, manifest, *early_stopping(cfg.train)])
+    # Ray's report callback copies the checkpoint the manifest completed, so it goes after it
+    trainer = make_trainer(args, [progress, tracker.callback(), stopper, manifest, *report_callbacks(),
+                                  *early_stopping(cfg.train)])
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the logs
     try:
         if resume and is_last_step(resume):
