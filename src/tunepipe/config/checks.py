@@ -29,3 +29,19 @@ def name_list(value) -> list[str]:
         return []
     items = value.split(",") if isinstance(value, str) else value
     return [str(item).strip() for item in items if str(item).strip()]
+
+
+def mapping_value(value, key: str) -> dict:
+    """A mapping-valued key given as a mapping or as its JSON text."""
+    if isinstance(value, str):
+        import json
+
+        text = value
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, dict):
+            raise TunepipeError(f"train.{key}={text!r}: must be a mapping or its JSON text",
+                                hint=f'e.g. {key}: {{"key": "value"}} in YAML, or its JSON text on the command line')
+    return dict(value or {})

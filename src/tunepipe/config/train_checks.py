@@ -42,3 +42,15 @@ def check_fsdp(train) -> None:
             "give the fsdp options, an accelerate config or a DeepSpeed JSON, not several")
     require(not train.fsdp_transformer_layer_cls_to_wrap or bool(options), "train",
             "fsdp_transformer_layer_cls_to_wrap", train.fsdp_transformer_layer_cls_to_wrap, "needs train.fsdp")
+
+
+def check_ray(train) -> None:
+    """Ray places its workers itself; its mapping keys must parse at load, not at launch."""
+    require(train.ray_num_workers >= 1, "train", "ray_num_workers", train.ray_num_workers, "must be >= 1")
+    require(train.ray_num_workers == 1 or (train.num_processes == 1 and train.num_machines == 1
+                                            and not train.accelerate_config and not train.deepspeed),
+            "train", "ray_num_workers", train.ray_num_workers,
+            "Ray starts and places the workers itself: leave num_processes / num_machines at 1 and "
+            "accelerate_config / deepspeed unset")
+    train.ray_init_settings()
+    train.ray_resources()

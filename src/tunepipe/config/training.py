@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
-from tunepipe.config.checks import name_list, require
-from tunepipe.config.train_checks import check_checkpointing, check_fsdp, check_sft_losses
-from tunepipe.errors import TunepipeError
+from tunepipe.config.checks import mapping_value, name_list, require
+from tunepipe.config.train_checks import check_checkpointing, check_fsdp, check_ray, check_sft_losses
 
 
 @dataclass
@@ -447,21 +446,14 @@ class TrainConfig:
 
     def scheduler_kwargs(self) -> dict:
         """`lr_scheduler_kwargs` as a mapping (LLaMA-Factory also takes its JSON text)."""
-        return _mapping(self.lr_scheduler_kwargs, "lr_scheduler_kwargs")
+        return mapping_value(self.lr_scheduler_kwargs, "lr_scheduler_kwargs")
 
     def fsdp_options(self) -> list[str]:
         """`fsdp` as a list (transformers also takes one space-separated string)."""
         return self.fsdp.split() if isinstance(self.fsdp, str) else list(self.fsdp or [])
 
     def _check_machines(self) -> None:
-        require(self.ray_num_workers >= 1, "train", "ray_num_workers", self.ray_num_workers, "must be >= 1")
-        require(self.ray_num_workers == 1 or (self.num_processes == 1 and self.num_machines == 1
-                                               and not self.accelerate_config and not self.deepspeed),
-                "train", "ray_num_workers", self.ray_num_workers,
-                "Ray starts and places the workers itself: leave num_processes / num_machines at 1 and "
-                "accelerate_config / deepspeed unset")
-        self.ray_init_settings()  # JSON text that does not parse fails at load, not at launch
-        self.ray_resources()
+        check_ray(self)
         require(self.num_machines >= 1, "train", "num_machines", self.num_machines, "must be >= 1")
         require(0 <= self.machine_rank < self.num_machines, "train", "machine_rank", self.machine_rank,
                  f"must be in 0..{self.num_machines - 1} (num_machines={self.num_machines})")
@@ -474,11 +466,11 @@ class TrainConfig:
 
     def ray_init_settings(self) -> dict:
         """`ray_init_kwargs` as a mapping (LLaMA-Factory also takes its JSON text)."""
-        return _mapping(self.ray_init_kwargs, "ray_init_kwargs")
+        return mapping_value(self.ray_init_kwargs, "ray_init_kwargs")
 
     def ray_resources(self) -> dict:
         """`resources_per_worker` as a mapping; empty when unset (the cluster's devices decide)."""
-        return _mapping(self.resources_per_worker, "resources_per_worker")
+        return mapping_value(self.resources_per_worker, "resources_per_worker")
 
     @property
     def bf16_compute(self) -> bool:
@@ -490,18 +482,3 @@ class TrainConfig:
         """lora_alpha with LLaMA-Factory's default of twice the rank."""
         return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
 
-
-def _mapping(value, key: str) -> dict:
-    """A mapping-valued key given as a mapping or as its JSON text."""
-    if isinstance(value, str):
-        import json
-
-        text = value
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = None
-        if not isinstance(value, dict):
-            raise TunepipeError(f"train.{key}={text!r}: must be a mapping or its JSON text",
-                                hint=f'e.g. {key}: {{"key": "value"}} in YAML, or its JSON text on the command line')
-    return dict(value or {})
