@@ -22,7 +22,11 @@ from tunepipe.errors import TunepipeError
 EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "llamafactory-examples"
 NOT_RUN_CONFIGS = ("accelerate/", "ktransformers/accelerate/", "v1/", "extras/multi_tokens/tokens_cfg.yaml")
 
-# 66 YAMLs: 43 load, 23 refused. Why, by family: hardware or another engine (Ascend NPU kernels
+# 66 YAMLs: 43 load, 23 refused. Of the 43, tests/e2e/test_hub_llamafactory_examples.py runs 27
+# (a few steps each on a tiny stand-in from the local hub); 5 are refused when their model loads
+# (pre-quantized AWQ / GPTQ / AQLM checkpoints: gptqmodel, optimum + gptqmodel, aqlm not installed:
+# its REFUSED_AT_LOAD); 11 do not run there, each with its reason (its NOT_RUN_HERE and the Qwen3-VL
+# group: DeepSpeed ZeRO-3, Qwen3-VL, MOSS-VL, Qwen3.5-MoE). The 23 refused here, by family: hardware or another engine (Ascend NPU kernels
 # `use_v1_kernels`; KTransformers `use_kt` / `kt_*`; Megatron parallel sizes; FP8 needs an FP8 GPU);
 # GPTQ export (`export_quantization_*`); loss / architecture variants not built yet (ASFT, EAFT,
 # mixture of depths); Ray (`ray_num_workers`); gradient_checkpointing_kwargs / use_reentrant_gc
