@@ -105,9 +105,9 @@ def require_quantization_packages(model_dir: Path, name_or_path: str) -> None:
     if missing:
         raise TunepipeError(f"model.model_name_or_path={name_or_path!r} is a {method.upper()}-quantized "
                             f"checkpoint: it needs {needs}; not installed: {', '.join(missing)}",
-                            hint=f"install {' '.join(missing)} (on a CUDA machine: their releases pull a CUDA "
-                                 "torch), or fine-tune the unquantized model with quantization_bit: 4 "
-                                 "(bitsandbytes, which runs on CPU)")
+                            hint=f"pip install {' '.join(missing)} with your torch pinned (gptqmodel's newest "
+                                 "release pulls another torch), or fine-tune the unquantized model with "
+                                 "quantization_bit: 4 (bitsandbytes, which runs on CPU)")
 
 
 def hub_source(repo: HubRepo) -> ModelSource:
