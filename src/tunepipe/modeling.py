@@ -94,10 +94,14 @@ PREQUANTIZED = {
 
 
 def require_quantization_packages(model_dir: Path, name_or_path: str) -> None:
-    """Refuse, before any work, a pre-quantized checkpoint whose quantization package is missing
-    (transformers would fail deep inside from_pretrained with an ImportError)."""
-    config = read_json(model_dir / "config.json") if (model_dir / "config.json").is_file() else {}
-    method = (config.get("quantization_config") or {}).get("quant_method")
+    """Refuse, before validating or training, a pre-quantized checkpoint whose quantization package
+    is missing (transformers would fail deep inside from_pretrained with an ImportError). A Hub
+    repo's snapshot is downloaded first: its config.json is read from there."""
+    try:
+        config = read_json(model_dir / "config.json")
+    except (OSError, ValueError):  # missing or unreadable: the loaders say so, with their context
+        return
+    method = ((config if isinstance(config, dict) else {}).get("quantization_config") or {}).get("quant_method")
     if method not in PREQUANTIZED:
         return
     packages, needs = PREQUANTIZED[method]
