@@ -79,3 +79,24 @@ def test_failed_preparation_leaves_nothing(tmp_path):
     with pytest.raises(TunepipeError):
         prepare_base_model(ModelConfig(model_name_or_path="no-such-model"), tmp_path / "base")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method, needs", [
+    ("gptq", "packages optimum and gptqmodel"), ("awq", "package gptqmodel"), ("aqlm", "package aqlm")])
+def test_a_prequantized_checkpoint_without_its_package_is_refused_before_any_work(tmp_path, method, needs):
+    import importlib.util
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                   "quantization_config": {"quant_method": method, "bits": 4}}))
+    modules = {"gptq": ["optimum", "gptqmodel"], "awq": ["gptqmodel"], "aqlm": ["aqlm"]}[method]
+    if any(importlib.util.find_spec(name) for name in modules):
+        pytest.skip(f"{', '.join(modules)} installed here")
+    with pytest.raises(TunepipeError, match=rf"is a {method.upper()}-quantized checkpoint: it needs {needs} .*"
+                                            rf"not installed: {', '.join(modules)}"):
+        resolve_source(str(model))
+    # bitsandbytes checkpoints (and unquantized ones) load as before
+    (model / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                   "quantization_config": {"quant_method": "bitsandbytes"}}))
+    assert resolve_source(str(model)).path == model.resolve()

@@ -68,13 +68,50 @@ def resolve_source(name_or_path: str, model_cfg: ModelConfig | None = None) -> M
             return ModelSource("hf_dir", follow_manifest(path))
         if not (path / "config.json").is_file():
             return ModelSource("hf_dir", full_finetune_in(path, name_or_path))
+        require_quantization_packages(path, name_or_path)
         return ModelSource("hf_dir", path.resolve())
     if is_repo_id(name_or_path):
-        return hub_source(hub_repo(name_or_path, model_cfg))
+        source = hub_source(hub_repo(name_or_path, model_cfg))
+        require_quantization_packages(source.path, name_or_path)
+        return source
     raise TunepipeError(
         f"model.model_name_or_path={name_or_path!r}: not a builtin alias, .gguf file, local model dir "
         "or Hub repo id",
         hint=f"builtin aliases: {', '.join(BUILTIN_ALIASES)}; a Hub repo id has the form org/name")
+
+
+# A checkpoint saved already quantized (its config.json's quantization_config.quant_method):
+# the packages transformers 5 loads it through, and what they run on. None is a tunepipe
+# dependency: gptqmodel's release for torch 2.13 downgrades numpy and adds torchao to the
+# environment; aqlm's 1x16 kernels need CUDA (on CPU it dequantizes in plain torch).
+PREQUANTIZED = {
+    "gptq": (("optimum", "gptqmodel"), ("packages optimum and gptqmodel (gptqmodel's torch kernels run on "
+                                        "CPU; its fast kernels need a CUDA GPU)")),
+    "awq": (("gptqmodel",), ("package gptqmodel (transformers 5 runs AWQ through it; its fast kernels need a "
+                             "CUDA GPU)")),
+    "aqlm": (("aqlm",), "package aqlm (its 1x16 kernels need a CUDA GPU; on CPU it dequantizes each matmul)"),
+}
+
+
+def require_quantization_packages(model_dir: Path, name_or_path: str) -> None:
+    """Refuse, before validating or training, a pre-quantized checkpoint whose quantization package
+    is missing (transformers would fail deep inside from_pretrained with an ImportError). A Hub
+    repo's snapshot is downloaded first: its config.json is read from there."""
+    try:
+        config = read_json(model_dir / "config.json")
+    except (OSError, ValueError):  # missing or unreadable: the loaders say so, with their context
+        return
+    method = ((config if isinstance(config, dict) else {}).get("quantization_config") or {}).get("quant_method")
+    if method not in PREQUANTIZED:
+        return
+    packages, needs = PREQUANTIZED[method]
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        raise TunepipeError(f"model.model_name_or_path={name_or_path!r} is a {method.upper()}-quantized "
+                            f"checkpoint: it needs {needs}; not installed: {', '.join(missing)}",
+                            hint=f"pip install {' '.join(missing)} with your torch pinned (gptqmodel's newest "
+                                 "release pulls another torch), or fine-tune the unquantized model with "
+                                 "quantization_bit: 4 (bitsandbytes, which runs on CPU)")
 
 
 def hub_source(repo: HubRepo) -> ModelSource:
