@@ -165,10 +165,10 @@ def write_blocks(writer: ShardWriter, columns: dict, names: list[str], stats) ->
 def media_tokens(cfg: Config, layout: Layout, tokenizer) -> MediaTokens:
     """A vision-language base model's image tokens and processor (its rows' images resolved in media_dir)."""
     data = cfg.data
-    if data.packing or cfg.train.stage != "sft":
-        raise TunepipeError(f"vision-language models train with stage sft and packing off for now "
+    if data.packing or cfg.train.stage not in ("sft", "dpo"):
+        raise TunepipeError(f"vision-language models train with stage sft or dpo and packing off for now "
                             f"(train.stage={cfg.train.stage}, data.packing={data.packing})",
-                            hint="DPO, KTO and packing with images are not supported yet")
+                            hint="KTO, reward models and packing with images are not supported yet")
     return MediaTokens.for_data(follow_manifest(layout.base_model), tokenizer, data)
 
 
@@ -176,7 +176,7 @@ def column_names(kind: str, split: str, packing: bool, media: bool = False) -> l
     if kind == "prompt":
         return list(PROMPT_COLUMNS)
     if kind == "preference":
-        return ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"]
+        return ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"] + ["media"] * media
     names = ["input_ids", "labels"]
     if packing and split == "train":
         names.append("seq_lens")
