@@ -128,3 +128,64 @@ def test_dpo_loss_with_images_equals_the_formula(pref_shards, media, tiny_qwen2v
         expected = -F.logsigmoid(train.pref_beta * torch.stack(margins)).mean()
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
     assert abs(metrics["rewards/margins"][0] / 2 - train.pref_beta * float(torch.stack(margins).mean())) < 1e-4
+
+
+def write_parquet_with_images(root, rows) -> None:
+    """The rows as a parquet file whose `images` column is datasets' Image feature ({bytes, path}), the way
+    LLaMA-Factory's hub datasets (llamafactory/RLHF-V) hold their pictures."""
+    from datasets import Dataset, Features, List, Value
+    from datasets import Image as ImageFeature
+
+    turn = {"from": Value("string"), "value": Value("string")}
+    features = Features({"conversations": List(turn), "chosen": turn, "rejected": turn,
+                         "images": List(ImageFeature())})
+    held = [{**row, "images": [{"bytes": (root / path).read_bytes(), "path": path.split("/")[-1]}
+                               for path in row["images"]]} for row in rows]
+    Dataset.from_list(held, features=features).to_parquet(str(root / "rlhf_v_held.parquet"))
+
+
+def test_images_held_in_a_parquet_dataset_are_stored_by_hash_and_train_dpo(tmp_path, tiny_qwen2vl_dir, pref_dir):
+    """validate writes each held image once into data/validated/media/<sha256>.<ext>, tokenize carries the
+    store beside the shards, and `tunepipe train` (DPO, LoRA) then evaluate read the pictures from there."""
+    import hashlib
+
+    import yaml
+    from tests.e2e.cli_runs import run_here
+
+    from tunepipe.evaluate.run import run_evaluate
+    from tunepipe.layout import Layout
+
+    data = tmp_path / "data"
+    (data / "pics").mkdir(parents=True)
+    for picture in (pref_dir / "pics").iterdir():
+        (data / "pics" / picture.name).write_bytes(picture.read_bytes())
+    rows = json.loads((pref_dir / "rlhf_v_local.json").read_text())
+    write_parquet_with_images(data, rows)
+    for picture in (data / "pics").iterdir():
+        picture.unlink()  # the parquet file alone holds the pictures now
+    entry = {**RLHF_V_ENTRY, "file_name": "rlhf_v_held.parquet"}
+    (data / "dataset_info.json").write_text(json.dumps({"rlhf_v_held": entry}), encoding="utf-8")
+    out = tmp_path / "run"
+    cfg = tmp_path / "dpo.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model_name_or_path": str(tiny_qwen2vl_dir), "stage": "dpo", "finetuning_type": "lora", "lora_target": "all",
+        "pref_beta": 0.1, "pref_loss": "sigmoid", "dataset": "rlhf_v_held", "dataset_dir": str(data),
+        "template": "qwen2_vl", "cutoff_len": 1024, "image_max_pixels": MAX_PIXELS, "image_min_pixels": MIN_PIXELS,
+        "val_size": 1, "output_dir": str(out), "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+        "max_steps": 1, "learning_rate": 1.0e-3, "logging_steps": 1, "report_to": "none"}), encoding="utf-8")
+    assert run_here("train", str(cfg)) == 0
+
+    validated = [json.loads(line) for line in (out / "data" / "validated" / "rlhf_v_held.jsonl").read_text().splitlines()]
+    refs = [ref for row in validated for ref in row["images"]]
+    assert len(refs) == sum(len(row["images"]) for row in rows) and all(ref["stored"] for ref in refs)
+    store = out / "data" / "validated" / "media"
+    assert sorted(p.name for p in store.iterdir()) == sorted({ref["path"] for ref in refs})  # each picture once
+    for ref in refs:
+        assert hashlib.sha256((store / ref["path"]).read_bytes()).hexdigest() == ref["sha256"]
+        assert ref["path"] == ref["sha256"] + (".jpeg" if ref["path"].endswith(".jpeg") else ".png")
+    assert sorted(p.name for p in (out / "data" / "tokenized" / "media").iterdir()) == sorted(p.name for p in store.iterdir())
+    metrics = json.loads((out / "metrics" / "train.json").read_text())
+    assert "rewards/margins" in metrics and metrics["train_loss"] > 0
+
+    report = run_evaluate(load_config(cfg, []), Layout.at(out))
+    assert report["tuned"]["eval_tokens"] > 0 and "rewards/accuracies" in report["preference"]

@@ -101,7 +101,8 @@ def stream_rows(hub: HubDataset, commit: str, token: str | None = None,
     repo = hub.repo(token, cache_dir)
     shown = hub.shown()
     with dataset_errors(hub, repo):
-        rows = load_dataset(**hub.load_kwargs(commit), token=token, cache_dir=cache_dir)
+        # images stay undecoded ({bytes, path}), as a local parquet file gives them (data/media.py)
+        rows = load_dataset(**hub.load_kwargs(commit), token=token, cache_dir=cache_dir).decode(False)
         for index, row in enumerate(rows):
             yield RawRow(shown, index, None, row)
 

@@ -63,6 +63,7 @@ class MediaTokens:
     max_pixels: int
     min_pixels: int
     family: Family
+    store_dir: Path | None = None  # the media store (images held inside datasets, data/media.py)
     counts: dict[str, int] = field(default_factory=dict)  # sha256 -> tokens (images repeat)
     verified: set = field(default_factory=set)  # (path, sha256) whose bytes were checked
 
@@ -83,10 +84,22 @@ class MediaTokens:
                    Path(media_dir), max_pixels, min_pixels, family)
 
     @classmethod
-    def for_data(cls, model_dir: Path, tokenizer, data) -> MediaTokens:
-        """From the `data` config group: media_dir (default dataset_dir) and the image pixel budget."""
-        return cls.load(model_dir, tokenizer, Path(data.media_dir or data.dataset_dir), data.image_max_pixels,
-                        data.image_min_pixels)
+    def for_data(cls, model_dir: Path, tokenizer, data, store_dir: Path | None = None) -> MediaTokens:
+        """From the `data` config group: media_dir (default dataset_dir) and the image pixel budget;
+        `store_dir`: the stage's media store."""
+        media = cls.load(model_dir, tokenizer, Path(data.media_dir or data.dataset_dir), data.image_max_pixels,
+                         data.image_min_pixels)
+        media.store_dir = store_dir
+        return media
+
+    def file(self, ref: dict) -> Path:
+        """Where a reference's image is: in media_dir, or in the media store when the dataset held it."""
+        if ref.get("stored"):
+            if self.store_dir is None:
+                raise TunepipeError(f"image {ref['path']} was held in the dataset, and no media store is given",
+                                    hint="re-run validate and tokenize (dvc repro does)")
+            return self.store_dir / ref["path"]
+        return self.media_dir / ref["path"]
 
     # -- the text: placeholders -> media tokens --------------------------------------------
     def marker(self) -> str:
@@ -131,7 +144,7 @@ class MediaTokens:
         if ref["sha256"] not in self.counts:
             from PIL import Image
 
-            with Image.open(self.media_dir / ref["path"]) as image:
+            with Image.open(self.file(ref)) as image:
                 width, height = regularized_size(image.width, image.height, self.max_pixels, self.min_pixels,
                                                  self.family.min_side)
             patches = self.image_processor.get_number_of_image_patches(height, width, {})
@@ -144,7 +157,7 @@ class MediaTokens:
         key = (ref["path"], ref["sha256"])
         if key in self.verified:
             return
-        path = self.media_dir / ref["path"]
+        path = self.file(ref)
         if not path.is_file() or file_sha256(path) != ref["sha256"]:
             raise TunepipeError(f"{path}: changed or missing since the validate stage hashed it",
                                 hint="re-run validate and tokenize (dvc repro does)")
@@ -169,7 +182,7 @@ class MediaTokens:
         from PIL import Image
 
         self.verify(ref)
-        with Image.open(self.media_dir / ref["path"]) as image:
+        with Image.open(self.file(ref)) as image:
             width, height = regularized_size(image.width, image.height, self.max_pixels, self.min_pixels,
                                              self.family.min_side)
             image = image.resize((width, height)) if (width, height) != image.size else image.copy()

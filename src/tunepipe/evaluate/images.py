@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunepipe.config import Config
+from tunepipe.data.media import MEDIA_STORE
 from tunepipe.data.vision import MediaTokens
 from tunepipe.evaluate.lm_metrics import padded
 
@@ -25,11 +26,12 @@ class EvalImages:
     pad_id: int
 
     @classmethod
-    def load(cls, cfg: Config, dataset, tokenizer, base_dir: Path) -> EvalImages:
+    def load(cls, cfg: Config, dataset, tokenizer, base_dir: Path, tokenized: Path) -> EvalImages:
+        """The images of `dataset` (a split of the shards in `tokenized`, beside their media store)."""
         from tunepipe.modeling import follow_manifest
 
-        return cls(MediaTokens.for_data(follow_manifest(base_dir), tokenizer, cfg.data), dataset,
-                   tokenizer.pad_token_id)
+        media = MediaTokens.for_data(follow_manifest(base_dir), tokenizer, cfg.data, tokenized / MEDIA_STORE)
+        return cls(media, dataset, tokenizer.pad_token_id)
 
     def __call__(self, column: str):
         """indices -> the images' inputs of those rows, their ids taken from `column` (`input_ids`, or

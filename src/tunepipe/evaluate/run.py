@@ -69,7 +69,7 @@ def run_evaluate(cfg: Config, layout: Layout) -> dict:
     examples = (generation_examples(dataset, tokenizer, cfg.eval.max_predict_samples)
                 if cfg.eval.predict_with_generate or cfg.train.stage == "grpo" else [])
     device = device_for()
-    images = EvalImages.load(cfg, dataset, tokenizer, base_dir) if vision else None
+    images = EvalImages.load(cfg, dataset, tokenizer, base_dir, layout.tokenized) if vision else None
     tuned = score_model(cfg, dataset, tokenizer, examples, "tuned",
                         lambda: load_trained(cfg, base_dir, source, device), base_dir, images)
     base = None

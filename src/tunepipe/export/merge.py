@@ -29,6 +29,7 @@ from tunepipe.errors import TunepipeError
 from tunepipe.export import gguf_export
 from tunepipe.export.modelfile import MODELFILE, modelfile_text
 from tunepipe.export.shards import export_size_bytes, save_sharded, verify_shards
+from tunepipe.export.vision import copy_processor_files, vision_probes
 from tunepipe.io_utils import atomic_dir, write_json_atomic, write_text_atomic
 from tunepipe.layout import Layout
 from tunepipe.loading import (
@@ -41,7 +42,6 @@ from tunepipe.loading import (
     tokenizer_for,
     trained_source,
 )
-from tunepipe.export.vision import copy_processor_files, vision_probes
 from tunepipe.modeling import follow_manifest, is_vision_model, load_causal_lm, torch_dtype
 from tunepipe.tracking.tracker import join_train_run
 
