@@ -150,8 +150,8 @@ def test_images_held_in_a_parquet_dataset_are_stored_by_hash_and_train_dpo(tmp_p
     import hashlib
 
     import yaml
-    from tests.e2e.cli_runs import run_here
 
+    from tests.e2e.cli_runs import run_here
     from tunepipe.evaluate.run import run_evaluate
     from tunepipe.layout import Layout
 
