@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from datasets import load_from_disk
 from PIL import Image
 
+from tests.fixtures.hub import write_image_parquet
 from tests.test_tokenize import run_stages
 from tunepipe.config.loader import load_config
 from tunepipe.data.vision import MediaTokens
@@ -130,20 +131,6 @@ def test_dpo_loss_with_images_equals_the_formula(pref_shards, media, tiny_qwen2v
     assert abs(metrics["rewards/margins"][0] / 2 - train.pref_beta * float(torch.stack(margins).mean())) < 1e-4
 
 
-def write_parquet_with_images(root, rows) -> None:
-    """The rows as a parquet file whose `images` column is datasets' Image feature ({bytes, path}), the way
-    LLaMA-Factory's hub datasets (llamafactory/RLHF-V) hold their pictures."""
-    from datasets import Dataset, Features, List, Value
-    from datasets import Image as ImageFeature
-
-    turn = {"from": Value("string"), "value": Value("string")}
-    features = Features({"conversations": List(turn), "chosen": turn, "rejected": turn,
-                         "images": List(ImageFeature())})
-    held = [{**row, "images": [{"bytes": (root / path).read_bytes(), "path": path.split("/")[-1]}
-                               for path in row["images"]]} for row in rows]
-    Dataset.from_list(held, features=features).to_parquet(str(root / "rlhf_v_held.parquet"))
-
-
 def test_images_held_in_a_parquet_dataset_are_stored_by_hash_and_train_dpo(tmp_path, tiny_qwen2vl_dir, pref_dir):
     """validate writes each held image once into data/validated/media/<sha256>.<ext>, tokenize carries the
     store beside the shards, and `tunepipe train` (DPO, LoRA) then evaluate read the pictures from there."""
@@ -160,7 +147,9 @@ def test_images_held_in_a_parquet_dataset_are_stored_by_hash_and_train_dpo(tmp_p
     for picture in (pref_dir / "pics").iterdir():
         (data / "pics" / picture.name).write_bytes(picture.read_bytes())
     rows = json.loads((pref_dir / "rlhf_v_local.json").read_text())
-    write_parquet_with_images(data, rows)
+    write_image_parquet(data / "rlhf_v_held.parquet", [  # the pictures' bytes in the rows, as hub datasets hold them
+        {**row, "images": [{"bytes": (data / path).read_bytes(), "path": path} for path in row["images"]]}
+        for row in rows])
     for picture in (data / "pics").iterdir():
         picture.unlink()  # the parquet file alone holds the pictures now
     entry = {**RLHF_V_ENTRY, "file_name": "rlhf_v_held.parquet"}
