@@ -161,7 +161,8 @@ def test_images_held_in_a_parquet_dataset_are_stored_by_hash_and_train_dpo(tmp_p
         "pref_beta": 0.1, "pref_loss": "sigmoid", "dataset": "rlhf_v_held", "dataset_dir": str(data),
         "template": "qwen2_vl", "cutoff_len": 1024, "image_max_pixels": MAX_PIXELS, "image_min_pixels": MIN_PIXELS,
         "val_size": 1, "output_dir": str(out), "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
-        "max_steps": 1, "learning_rate": 1.0e-3, "logging_steps": 1, "report_to": "none"}), encoding="utf-8")
+        "max_steps": 1, "learning_rate": 1.0e-3, "logging_steps": 1, "report_to": "none",
+        "predict_with_generate": False}), encoding="utf-8")  # generation with pictures: tests/test_vlm_use.py
     assert run_here("train", str(cfg)) == 0
 
     validated = [json.loads(line) for line in (out / "data" / "validated" / "rlhf_v_held.jsonl").read_text().splitlines()]

@@ -101,8 +101,9 @@ def stream_rows(hub: HubDataset, commit: str, token: str | None = None,
     repo = hub.repo(token, cache_dir)
     shown = hub.shown()
     with dataset_errors(hub, repo):
-        # images stay undecoded ({bytes, path}), as a local parquet file gives them (data/media.py)
-        rows = load_dataset(**hub.load_kwargs(commit), token=token, cache_dir=cache_dir).decode(False)
+        rows = load_dataset(**hub.load_kwargs(commit), token=token, cache_dir=cache_dir)
+        if rows.features is not None:  # typed files (parquet): images stay {bytes, path}, as read locally
+            rows = rows.decode(False)
         for index, row in enumerate(rows):
             yield RawRow(shown, index, None, row)
 
