@@ -64,7 +64,7 @@ def vision_probes(cfg: Config, model_dir: Path, tokenizer) -> list[dict]:
 
     media = MediaTokens.load(model_dir, tokenizer, Path(tempfile.gettempdir()), cfg.data.image_max_pixels,
                              cfg.data.image_min_pixels)
-    fmt = ChatFormat(tokenizer, cfg.data.template, today=cfg.data.today(), default_system=cfg.data.default_system)
+    fmt = ChatFormat(tokenizer, cfg.data.template)  # the template's own system prompt and date: fixed probes
     fmt.media = media
     probes = []
     with tempfile.TemporaryDirectory(prefix="tunepipe-probe-") as folder:
