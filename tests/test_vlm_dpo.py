@@ -179,3 +179,19 @@ def test_images_held_in_a_parquet_dataset_are_stored_by_hash_and_train_dpo(tmp_p
 
     report = run_evaluate(load_config(cfg, []), Layout.at(out))
     assert report["tuned"]["eval_tokens"] > 0 and "rewards/accuracies" in report["preference"]
+
+
+def test_cached_reference_log_probs_are_keyed_on_the_images(pref_shards, tiny_qwen2vl_dir):
+    """precompute_ref_log_probs: a picture whose bytes changed (same size, so the same token ids) must not
+    reuse the cached reference log-probs; the DPO trainer keys the cache on the media column too."""
+    from tunepipe.train.preference.data import PREFERENCE_COLUMNS
+    from tunepipe.train.preference.dpo import reference_columns
+    from tunepipe.train.preference.ref_cache import cache_key
+
+    cfg = load_config(None, ["train.stage=dpo"])
+    repainted = pref_shards.remove_columns("media").add_column(
+        "media", [media.replace('"sha256": "', '"sha256": "0') for media in pref_shards["media"]])
+    columns = reference_columns(pref_shards)
+    assert cache_key(tiny_qwen2vl_dir, pref_shards, PREFERENCE_COLUMNS, cfg) == \
+        cache_key(tiny_qwen2vl_dir, repainted, PREFERENCE_COLUMNS, cfg)  # the ids alone cannot tell
+    assert cache_key(tiny_qwen2vl_dir, pref_shards, columns, cfg) != cache_key(tiny_qwen2vl_dir, repainted, columns, cfg)

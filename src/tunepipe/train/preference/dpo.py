@@ -92,6 +92,12 @@ def dpo_objective(train_cfg, reference: Reference | None) -> Objective:
     return objective
 
 
+def reference_columns(dataset) -> tuple[str, ...]:
+    """The columns cached reference log-probs depend on: the token columns, and the images'
+    references (path + sha256) of a vision-language model's rows."""
+    return PREFERENCE_COLUMNS + ("media",) * ("media" in dataset.column_names)
+
+
 def train(cfg: Config, layout: Layout) -> dict:
     """Train on the preference shards, write the adapter or full model; returns metrics/train.json."""
     splits = load_tokenized(layout, cfg.train.stage, PREFERENCE_COLUMNS)
@@ -100,8 +106,8 @@ def train(cfg: Config, layout: Layout) -> dict:
     vision = "media" in splits.train.column_names  # a vision-language model's rows (train/vision.py)
     collator = PreferenceCollator(tokenizer.pad_token_id, media_tokens(cfg, layout, tokenizer) if vision else None)
     reference = None
-    if needs_reference(cfg.train):  # the images are part of what the cached reference log-probs depend on
-        columns = PREFERENCE_COLUMNS + ("media",) * vision
-        splits, reference = reference_for(cfg, layout, model, splits, collator, columns, REF_COLUMNS)
+    if needs_reference(cfg.train):
+        splits, reference = reference_for(cfg, layout, model, splits, collator, reference_columns(splits.train),
+                                          REF_COLUMNS)
     return train_with_objective(cfg, layout, model, tokenizer, splits, collator,
                                 dpo_objective(cfg.train, reference))
