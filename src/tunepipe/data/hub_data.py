@@ -102,7 +102,7 @@ def stream_rows(hub: HubDataset, commit: str, token: str | None = None,
     shown = hub.shown()
     with dataset_errors(hub, repo):
         rows = load_dataset(**hub.load_kwargs(commit), token=token, cache_dir=cache_dir)
-        if rows.features is not None:  # typed files (parquet): images stay {bytes, path}, as read locally
+        if getattr(rows, "features", None) is not None:  # typed (parquet): images stay {bytes, path}, as read locally
             rows = rows.decode(False)
         for index, row in enumerate(rows):
             yield RawRow(shown, index, None, row)
