@@ -90,7 +90,7 @@ def test_a_named_template_builds_the_prompt_as_training_did(session, monkeypatch
     from tunepipe.data.templates import ChatFormat
 
     seen = []
-    monkeypatch.setattr(chat, "stream_answer", lambda model, tokenizer, ids, cfg, out: seen.append(ids) or "A")
+    monkeypatch.setattr(chat, "stream_answer", lambda model, tokenizer, ids, cfg, out, images: seen.append(ids) or "A")
     named = ChatSession(session.model, session.tokenizer,
                         load_config(None, ["data.template=alpaca", "tracking.report_to=none"]))
     repl(named, io.StringIO("Q\nR\n"), io.StringIO(), interactive=False)

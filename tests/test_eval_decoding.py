@@ -125,7 +125,7 @@ def test_chat_takes_default_system(talkative, monkeypatch):
 
     model, tokenizer = talkative
     seen = []
-    monkeypatch.setattr(chat, "stream_answer", lambda model, tokenizer, ids, cfg, out: seen.append(ids) or "A")
+    monkeypatch.setattr(chat, "stream_answer", lambda model, tokenizer, ids, cfg, out, images: seen.append(ids) or "A")
     cfg = load_config(None, ["data.default_system=You are Tuney.", "tracking.report_to=none"])
     repl(ChatSession(model, tokenizer, cfg), io.StringIO("Q\n"), io.StringIO(), interactive=False)
     assert "You are Tuney." in tokenizer.decode(seen[0])

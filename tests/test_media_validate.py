@@ -99,7 +99,9 @@ def test_media_dir_moves_where_paths_resolve(tmp_path):
     (chat("<image>Hi", ["../outside.png"]), "/images/0", "outside media_dir"),
     (chat("<image>Hi", ["/etc/hostname"]), "/images/0", "outside media_dir"),
     (chat("<image><image>Hi", ["img/red.png"]), "/messages", "2 <image> placeholders but the row names 1 images"),
-    (chat("Hi", [{"bytes": None, "path": "x.png"}]), "/images/0", "must be a file path"),
+    (chat("Hi", [{"bytes": None, "path": "x.png"}]), "/images/0", "'x.png' not found"),  # datasets' path-only image
+    (chat("Hi", [{"url": "x.png"}]), "/images/0", "must be an image as {bytes, path}"),
+    (chat("Hi", [7]), "/images/0", "must be a file path"),
 ])
 def test_bad_media_is_a_row_precise_error_with_nothing_written(tmp_path, row, pointer, message):
     root = tmp_path / "data"

@@ -94,3 +94,42 @@ def test_freeze_keys_decide_which_parts_train(shards, collator, tiny_qwen2vl_dir
     for part, params in before.items():
         changed = any(not torch.equal(params[k], after[part][k]) for k in params)
         assert changed == (part in trained), part
+
+
+@pytest.mark.parametrize("method", ["qlora", "freeze"])
+def test_qlora_and_freeze_train_the_language_model_and_leave_the_tower_bit_identical(shards, collator, tmp_path,
+                                                                                    tiny_qwen2vl_dir, method):
+    """QLoRA: the base loads as training loads it, the language model in 4 bits (bitsandbytes) and the vision
+    tower + projector unquantized; LoRA wraps the 4-bit linears of the language model only. freeze: only the
+    last decoder layer trains. Either way the vision tower and projector stay bit-identical."""
+    from tunepipe.config.loader import load_config as load
+    from tunepipe.layout import Layout
+    from tunepipe.train.model_setup import load_base_for_training
+
+    keys = ["train.finetuning_type=lora", "model.quantization_bit=4"] if method == "qlora" \
+        else ["train.finetuning_type=freeze", "train.freeze_trainable_layers=1"]
+    cfg = load(None, keys + ["model.flash_attn=disabled"])
+    layout = Layout.at(tmp_path)
+    layout.base_model.parent.mkdir(parents=True)
+    layout.base_model.symlink_to(tiny_qwen2vl_dir)
+    torch.manual_seed(0)
+    model = apply_finetuning(load_base_for_training(cfg, layout), cfg.train, quantized=method == "qlora")
+    if method == "qlora":
+        import bitsandbytes as bnb
+
+        wrapped = [module for name, module in model.named_modules() if hasattr(module, "lora_A")]
+        assert wrapped and all(isinstance(module.base_layer, bnb.nn.Linear4bit) for module in wrapped)
+        linears = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+        assert not any(isinstance(module, bnb.nn.Linear4bit) for name, module in linears.items() if "visual" in name)
+    before = parts(model)
+    one_step(model, collator([shards[0], shards[1]]))
+    after = parts(model)
+    if method == "qlora":  # bitsandbytes' CPU kernels repack the 4-bit weights at their first forward: frozen
+        packed = {name for name, param in model.named_parameters() if isinstance(param, bnb.nn.Params4bit)}
+        assert packed and not any(param.requires_grad for name, param in model.named_parameters() if name in packed)
+        before["language"] = {k: v for k, v in before["language"].items() if k not in packed}
+    changed = {part for part, params in before.items() if any(not torch.equal(params[k], after[part][k]) for k in params)}
+    assert changed == ({"lora"} if method == "qlora" else {"language"})
+    if method == "freeze":  # the last decoder layer only
+        moved = {k for k, v in before["language"].items() if not torch.equal(v, after["language"][k])}
+        assert moved and all(".layers.1." in k for k in moved)

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         if name == "chat":
             cmd.add_argument("--system", default=None, help="system prompt")
+            cmd.add_argument("--image", action="append", default=[],
+                             help="a picture for the first question (vision-language models; repeatable)")
         if name == "score":
             cmd.add_argument("--text", action="append", default=[], help="text to score (repeatable)")
     sub.add_parser("env", help="versions, device and whether the embedded model is installed")

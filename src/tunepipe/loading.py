@@ -22,6 +22,7 @@ from tunepipe.modeling import (
     load_causal_lm,
     load_tokenizer,
     peft_wrapping,
+    quantization_skip_modules,
     resize_embeddings,
     resolve_source,
 )
@@ -153,6 +154,7 @@ def load_base(cfg: Config, base_dir: Path, device: str, quantized: bool = False,
     kwargs = {}
     if quantized and cfg.model.quantization_bit:
         kwargs["quantization_config"] = quantization_config(cfg)
+        kwargs["quantization_config"].llm_int8_skip_modules = quantization_skip_modules(base_dir)  # as training
     model = load_causal_lm(base_dir, dtype=dtype or cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                            device_map=device, **kwargs)
     return model.eval()

@@ -283,6 +283,21 @@ def fit_vocabulary(model, vocab_size: int):
             for weight in matrices.values():
                 weight[rows:] = weight[:rows].mean(dim=0)
     return model
+# The vision parts of the vision-language families' transformers classes (Qwen-VL `visual`, LLaVA /
+# Gemma 3 `vision_tower` + `multi_modal_projector`, Idefics3 / SmolVLM `vision_model` + `connector`).
+VISION_MODULES = ("visual", "vision_tower", "vision_model", "multi_modal_projector", "connector")
+
+
+def quantization_skip_modules(model_dir: str | Path) -> list[str] | None:
+    """What bitsandbytes must leave unquantized in a vision-language model: its vision tower and
+    projector (small beside the language model and frozen by default, so 4 bits would save little
+    memory and coarsen every image feature; bitsandbytes' 4-bit blocks also need linears at least
+    64 inputs wide) and the output head (transformers' own default). None for a text model."""
+    if not is_vision_model(follow_manifest(model_dir)):
+        return None
+    return [rf"(?:.*\.)?{name}" for name in VISION_MODULES] + ["lm_head"]
+
+
 def is_vision_model(model_dir: str | Path) -> bool:
     """A vision-language model: its config.json has a vision tower's config."""
     config = follow_manifest(model_dir) / "config.json"

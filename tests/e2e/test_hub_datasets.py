@@ -6,12 +6,13 @@ recorded, and the failures a user meets are one-line errors that leave no data/v
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import yaml
-from tests.fixtures.hub import ADGEN, ALPACA, CODE, dpo_rows
+from tests.fixtures.hub import ADGEN, ALPACA, CODE, dpo_rows, rlhf_v_rows
 from tests.fixtures.hub_cli import error_lines, errors_per_command, run_batch, run_tunepipe
 
 
@@ -26,7 +27,7 @@ def validated(out: Path, name: str) -> list[dict]:
 
 
 LF_RUNS = {"sft": ("alpaca_gpt4_en,adgen_eval", "sft"), "dpo": ("dpo_mix_en", "dpo"),
-           "pt": ("starcoder_python", "pt")}
+           "pt": ("starcoder_python", "pt"), "rlhf_v": ("rlhf_v", "dpo")}
 
 
 def failing_entries(adgen_commit: str) -> dict[str, dict]:
@@ -79,6 +80,13 @@ def test_llamafactory_hub_entries_validate_from_the_hub_at_a_recorded_commit(loc
     assert [r["chosen"]["content"] for r in dpo] == [r["chosen"]["value"] for r in dpo_rows("en", 4)]
     # folder python of a repo with one folder per language
     assert [r["text"] for r in validated(tmp_path / "pt", "starcoder_python")] == CODE["python"]
+    # pictures held in the dataset: stored once each in data/validated/media/<sha256>.png
+    held = [row["images"][0] for row in rlhf_v_rows()]
+    refs = [row["images"][0] for row in validated(tmp_path / "rlhf_v", "rlhf_v")]
+    assert [ref["sha256"] for ref in refs] == [hashlib.sha256(image["bytes"]).hexdigest() for image in held]
+    store = tmp_path / "rlhf_v" / "data" / "validated" / "media"
+    assert sorted(p.name for p in store.iterdir()) == sorted({f"{ref['sha256']}.png" for ref in refs}) and \
+        all((store / ref["path"]).read_bytes() == image["bytes"] and ref["stored"] for ref, image in zip(refs, held))
 
     report = json.loads((tmp_path / "sft" / "reports" / "validation.json").read_text())
     assert report["datasets"]["adgen_eval"]["hub"] == {

@@ -211,6 +211,8 @@ def encode_preference(rows: list[dict], fmt: ChatFormat, data: DataConfig, stats
     """Preference rows -> chosen/rejected ids, both sharing the prompt, prompt labels -100."""
     names = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
     columns: dict[str, list] = {name: [] for name in names}
+    if fmt.media is not None:  # both answers read the prompt's images (train/preference/data.py)
+        columns["media"] = []
     eos = [fmt.tokenizer.eos_token_id] if fmt.efficient_eos else []
 
     def prepare_turns(row: dict) -> list[list]:
@@ -220,10 +222,15 @@ def encode_preference(rows: list[dict], fmt: ChatFormat, data: DataConfig, stats
     def finish_row(row: dict, turns: list[list[int]]) -> None:
         stats.rows_in += 1
         prompt, chosen = one_turn(turns[:-1])
+        if row.get("images") and len(prompt) + max(len(chosen), len(turns[-1])) + len(eos) > data.cutoff_len:
+            stats.dropped_overlong += 1  # a cut would leave the model half an image (as for SFT rows)
+            return
         pair = build_pair(prompt, chosen + eos, turns[-1] + eos, data, stats)
         if pair is not None:
             for name, value in zip(names, pair):
                 columns[name].append(value)
+            if fmt.media is not None:
+                columns["media"].append(media_column(row))
 
     encoded_turns(BatchEncoder(fmt.tokenizer), prepare_turns, "tokenize preference", rows, finish_row)
     return columns

@@ -102,6 +102,8 @@ def stream_rows(hub: HubDataset, commit: str, token: str | None = None,
     shown = hub.shown()
     with dataset_errors(hub, repo):
         rows = load_dataset(**hub.load_kwargs(commit), token=token, cache_dir=cache_dir)
+        if getattr(rows, "features", None) is not None:  # typed (parquet): images stay {bytes, path}, as read locally
+            rows = rows.decode(False)
         for index, row in enumerate(rows):
             yield RawRow(shown, index, None, row)
 

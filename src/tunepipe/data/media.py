@@ -12,6 +12,14 @@ report counts those rows. Any other mismatch is an error on that row.
 The canonical row keeps `images` / `videos` as `[{"path", "sha256"}]`, the path relative
 to media_dir: the validated rows change when an image's bytes do, so DVC re-runs
 every stage downstream of a changed image. Audio is not supported (a clear error).
+
+Images held inside a dataset (a parquet / hub dataset's `Image` feature, `{"bytes", "path"}`,
+as LLaMA-Factory's hub datasets such as RLHF-V hold them) have no file to point at: their
+bytes are decoded, hashed and written once into the media store, `data/validated/media/`,
+named by their sha256 (content-addressed: a repeated image is stored once, and the same data
+gives the same folder on every machine). Their reference is `{"path": "<sha256>.<ext>",
+"sha256", "stored": true}`; tokenize copies the store beside the shards, so the train and
+evaluate stages read images only from their declared inputs.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from pathlib import Path
 from tunepipe.errors import TunepipeError
 
 PLACEHOLDERS = {"images": "<image>", "videos": "<video>"}
+MEDIA_STORE = "media"  # data/validated/media/ (and data/tokenized/media/): images held inside datasets
 SUPPORTED = tuple(PLACEHOLDERS)
 UNSUPPORTED = ("audios",)
 
@@ -36,6 +45,7 @@ class MediaFile:
 
     sha256: str | None
     error: str | None
+    name: str | None = None  # an image held in the dataset: its file name in the media store
 
 
 @dataclass
@@ -43,6 +53,7 @@ class MediaChecker:
     """Resolves, confines, decodes and hashes the media of rows, one dataset folder at a time."""
 
     media_dir: Path
+    store: Path | None = None  # where images held inside the dataset are written (the media store)
     checked: dict[tuple, MediaFile] = field(default_factory=dict)
     prepended: int = 0  # rows that had their placeholders prepended
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SUPPORTED, 0))
@@ -80,10 +91,11 @@ class MediaChecker:
         return problems
 
     def reference(self, kind: str, item) -> tuple[dict | None, str | None]:
+        if isinstance(item, dict):
+            return self.embedded(kind, item)
         if not isinstance(item, str) or not item:
-            shown = "an image held in the dataset" if isinstance(item, dict) else type(item).__name__
-            return None, (f"a {kind[:-1]} must be a file path (relative to media_dir, or absolute), got {shown}; "
-                          "images held inside hub datasets are not supported yet")
+            return None, (f"a {kind[:-1]} must be a file path (relative to media_dir, or absolute) or an image "
+                          f"held in the dataset ({{bytes, path}}), got {type(item).__name__}")
         path = Path(item) if os.path.isabs(item) else self.root / item
         resolved = path.resolve()
         if resolved != self.root and self.root not in resolved.parents:
@@ -95,6 +107,28 @@ class MediaChecker:
             return None, f"{item!r}: {checked.error}"
         self.counts[kind] += 1
         return {"path": resolved.relative_to(self.root).as_posix(), "sha256": checked.sha256}, None
+
+    def embedded(self, kind: str, item: dict) -> tuple[dict | None, str | None]:
+        """An image held in the dataset (datasets' Image feature undecoded: bytes and the name it
+        had): decoded, hashed, written to the media store under its sha256."""
+        data = item.get("bytes")
+        if data is None and isinstance(item.get("path"), str) and item["path"]:
+            return self.reference(kind, item["path"])  # datasets keeps a file-only image as its path
+        if kind != "images" or not isinstance(data, bytes | bytearray) or self.store is None:
+            return None, (f"a {kind[:-1]} held in the dataset must be an image as {{bytes, path}} "
+                          f"(datasets' Image feature), got keys {sorted(item)}")
+        sha256 = hashlib.sha256(data).hexdigest()
+        if ("stored", sha256) not in self.checked:
+            error, suffix = decode_image_bytes(bytes(data))
+            self.checked[("stored", sha256)] = MediaFile(sha256, error, sha256 + suffix)
+            if error is None:
+                self.store.mkdir(parents=True, exist_ok=True)
+                (self.store / (sha256 + suffix)).write_bytes(data)
+        stored = self.checked[("stored", sha256)]
+        if stored.error:
+            return None, f"the image held in the dataset ({item.get('path') or 'no name'}): {stored.error}"
+        self.counts[kind] += 1
+        return {"path": stored.name, "sha256": sha256, "stored": True}, None
 
     def check_file(self, kind: str, path: Path) -> MediaFile:
         stat = path.stat()
@@ -130,6 +164,19 @@ def decode_image(path: Path) -> str | None:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         return f"not a readable image ({type(exc).__name__}: {exc})"
     return None
+
+
+def decode_image_bytes(data: bytes) -> tuple[str | None, str]:
+    """(None when Pillow decodes every pixel, else why not; the file suffix of its format)."""
+    import io
+
+    from PIL import Image
+
+    error = decode_image(io.BytesIO(data))
+    if error:
+        return error, ""
+    with Image.open(io.BytesIO(data)) as image:
+        return None, f".{(image.format or 'img').lower()}"
 
 
 def decode_video(path: Path) -> str | None:

@@ -193,9 +193,10 @@ class ChatFormat:
             done = text
         return pieces
 
-    def prompt_ids(self, system: str, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation awaiting its next answer (chat), turn by turn as in training."""
-        turns = self.turns({"system": system or "", "tools": "", "messages": messages})
+    def prompt_ids(self, system: str, messages: list[dict], images: list[dict] | None = None) -> list[int]:
+        """Token ids of a conversation awaiting its next answer (chat), turn by turn as in training;
+        `images`: the references of its `<image>` placeholders, in order (a vision-language model)."""
+        turns = self.turns({"system": system or "", "tools": "", "messages": messages, "images": images or []})
         return [i for turn in turns for element in turn
                 for i in (self.tokenizer(element, add_special_tokens=False)["input_ids"]
                           if isinstance(element, str) else [element])]

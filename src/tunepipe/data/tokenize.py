@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from tunepipe.config import Config, DataConfig
 from tunepipe.data.chunks import Job, merge_stats, new_stats, run_chunks, worker_count
 from tunepipe.data.encoding import PROMPT_COLUMNS
+from tunepipe.data.media import MEDIA_STORE
 from tunepipe.data.mixing import mix_plan, sample_indices, split_positions
 from tunepipe.data.pack_spill import PackSpill
 from tunepipe.data.packing import BlockCutter
@@ -76,6 +78,9 @@ def run_tokenize(cfg: Config, layout: Layout) -> dict:
             if split == "train" and not rows[split]:
                 raise TunepipeError(f"no training rows left after tokenization: {stats['train']}",
                                     hint="raise data.cutoff_len or use data.overlong: truncate")
+        if fmt is not None and fmt.media is not None and (layout.validated / MEDIA_STORE).is_dir():
+            # images held inside datasets travel with the shards: train / evaluate read only their inputs
+            shutil.copytree(layout.validated / MEDIA_STORE, tmp / MEDIA_STORE)
         added += fmt.added_tokens if fmt else []
         if added:  # training resizes the embeddings for these; eval / export / chat get this tokenizer
             tokenizer.save_pretrained(str(tmp / layout.grown_tokenizer.relative_to(layout.tokenized)))
@@ -165,18 +170,18 @@ def write_blocks(writer: ShardWriter, columns: dict, names: list[str], stats) ->
 def media_tokens(cfg: Config, layout: Layout, tokenizer) -> MediaTokens:
     """A vision-language base model's image tokens and processor (its rows' images resolved in media_dir)."""
     data = cfg.data
-    if data.packing or cfg.train.stage != "sft":
-        raise TunepipeError(f"vision-language models train with stage sft and packing off for now "
+    if data.packing or cfg.train.stage not in ("sft", "dpo"):
+        raise TunepipeError(f"vision-language models train with stage sft or dpo and packing off for now "
                             f"(train.stage={cfg.train.stage}, data.packing={data.packing})",
-                            hint="DPO, KTO and packing with images are not supported yet")
-    return MediaTokens.for_data(follow_manifest(layout.base_model), tokenizer, data)
+                            hint="KTO, reward models and packing with images are not supported yet")
+    return MediaTokens.for_data(follow_manifest(layout.base_model), tokenizer, data, layout.validated / MEDIA_STORE)
 
 
 def column_names(kind: str, split: str, packing: bool, media: bool = False) -> list[str]:
     if kind == "prompt":
         return list(PROMPT_COLUMNS)
     if kind == "preference":
-        return ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"]
+        return ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"] + ["media"] * media
     names = ["input_ids", "labels"]
     if packing and split == "train":
         names.append("seq_lens")

@@ -25,7 +25,7 @@ from tunepipe.config import Config, ModelConfig
 from tunepipe.data.formats import Mapper
 from tunepipe.data.hub_data import resolve as resolve_hub
 from tunepipe.data.hub_data import stream_rows
-from tunepipe.data.media import MediaChecker, refuse_unsupported
+from tunepipe.data.media import MEDIA_STORE, MediaChecker, refuse_unsupported
 from tunepipe.data.readers import RawRow, read_rows
 from tunepipe.data.registry import DatasetEntry, get_entries
 from tunepipe.data.row_checks import check_view, problem_record
@@ -138,7 +138,7 @@ def validate_dataset(entry: DatasetEntry, stage: str, dataset_dir: Path, sinks: 
         if kind == "pretrain":
             raise TunepipeError(f"dataset {entry.name!r} maps {', '.join(entry.media)}: media in stage pt "
                                 "(multimodal pretraining) is not supported yet", hint="use train.stage: sft")
-        result.media = MediaChecker(media_dir or dataset_dir)
+        result.media = MediaChecker(media_dir or dataset_dir, store=sinks.validated.tmp / MEDIA_STORE)
     sinks.validated.open(entry.name)
     if entry.hub is not None:
         token, cache_dir = (model_cfg.hf_hub_token, model_cfg.cache_dir) if model_cfg else (None, None)

@@ -95,6 +95,7 @@ class MediaTokens:
     family: Family
     processor: object = None  # "processor" families: the whole processor (it writes each image's text)
     placeholder: str = ""  # the token a template writes for one image, replaced by the image's text
+    store_dir: Path | None = None  # the media store (images held inside datasets, data/media.py)
     counts: dict[str, int] = field(default_factory=dict)  # sha256 -> tokens (images repeat)
     texts: dict[str, str] = field(default_factory=dict)  # sha256 -> the image's text ("processor" families)
     verified: set = field(default_factory=set)  # (path, sha256) whose bytes were checked
@@ -128,14 +129,24 @@ class MediaTokens:
                    family, placeholder=image)
 
     @classmethod
-    def for_data(cls, model_dir: Path, tokenizer, data) -> MediaTokens:
+    def for_data(cls, model_dir: Path, tokenizer, data, store_dir: Path | None = None) -> MediaTokens:
         """From the `data` config group: media_dir (default dataset_dir), the image pixel budget and
-        the video keys."""
+        the video keys; `store_dir`: the stage's media store."""
         media = cls.load(model_dir, tokenizer, Path(data.media_dir or data.dataset_dir), data.image_max_pixels,
                          data.image_min_pixels)
+        media.store_dir = store_dir
         media.enable_video(model_dir, tokenizer, VideoBudget(data.video_fps, data.video_maxlen,
                                                              data.video_max_pixels, data.video_min_pixels))
         return media
+
+    def file(self, ref: dict) -> Path:
+        """Where a reference's image is: in media_dir, or in the media store when the dataset held it."""
+        if ref.get("stored"):
+            if self.store_dir is None:
+                raise TunepipeError(f"image {ref['path']} was held in the dataset, and no media store is given",
+                                    hint="re-run validate and tokenize (dvc repro does)")
+            return self.store_dir / ref["path"]
+        return self.media_dir / ref["path"]
 
     # -- the text: placeholders -> media tokens --------------------------------------------
     def marker(self) -> str:
@@ -207,7 +218,7 @@ class MediaTokens:
         if ref["sha256"] not in self.counts:
             from PIL import Image
 
-            with Image.open(self.media_dir / ref["path"]) as image:
+            with Image.open(self.file(ref)) as image:
                 width, height = regularized_size(image.width, image.height, self.max_pixels, self.min_pixels,
                                                  self.family.min_side)
             patches = self.image_processor.get_number_of_image_patches(height, width, {})
@@ -220,7 +231,7 @@ class MediaTokens:
         key = (ref["path"], ref["sha256"])
         if key in self.verified:
             return
-        path = self.media_dir / ref["path"]
+        path = self.file(ref)
         if not path.is_file() or file_sha256(path) != ref["sha256"]:
             raise TunepipeError(f"{path}: changed or missing since the validate stage hashed it",
                                 hint="re-run validate and tokenize (dvc repro does)")
@@ -250,7 +261,7 @@ class MediaTokens:
         from PIL import Image
 
         self.verify(ref)
-        with Image.open(self.media_dir / ref["path"]) as image:
+        with Image.open(self.file(ref)) as image:
             width, height = regularized_size(image.width, image.height, self.max_pixels, self.min_pixels,
                                              self.family.min_side)
             image = image.resize((width, height)) if (width, height) != image.size else image.copy()
@@ -314,7 +325,7 @@ class MediaTokens:
                                 hint=f"videos train on the families {', '.join(sorted(VIDEO_FAMILIES))}")
         self.verify(ref)
         budget, min_side = self.video_budget, self.family.min_side
-        return read_clip(self.media_dir / ref["path"], budget, lambda width, height: regularized_size(
+        return read_clip(self.file(ref), budget, lambda width, height: regularized_size(
             width, height, budget.max_pixels, budget.min_pixels, min_side))
 
     def video_inputs(self, videos: list[dict]) -> dict:

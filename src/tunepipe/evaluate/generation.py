@@ -2,7 +2,10 @@
 
 Left padding keeps every prompt's last token at the same position, so one `generate`
 call continues all of them; the attention mask hides the padding and transformers
-derives position ids from it, so a batched answer equals the unbatched one.
+derives position ids from it, so a batched answer equals the unbatched one. A
+vision-language model's prompts carry their images (`Example.media`, the shards' media
+references): `generate` passes their pixels with the left-padded ids, and the model
+derives its 3-D rotary positions from the mask and the image grid, as in training.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class Example:
 
     prompt_ids: list[int]
     label: str
+    media: str | None = None  # a vision-language row's media references (JSON, as the shards hold them)
 
 
 def generation_examples(dataset, tokenizer, limit: int | None) -> list[Example]:
@@ -36,12 +40,12 @@ def generation_examples(dataset, tokenizer, limit: int | None) -> list[Example]:
         if limit is not None and len(examples) >= limit:
             break
         if "prompt_ids" in columns:
-            examples.append(Example(list(row["prompt_ids"]), row["label_text"]))
+            examples.append(Example(list(row["prompt_ids"]), row["label_text"], row.get("media")))
             continue
         if "kto_tag" in columns and not row["kto_tag"]:
             continue
         ids, labels = _answer_columns(row, columns)
-        example = _split_at_answer(ids, labels, tokenizer)
+        example = _split_at_answer(ids, labels, tokenizer, row.get("media"))
         if example is not None:
             examples.append(example)
     return examples
@@ -53,18 +57,20 @@ def _answer_columns(row, columns):
     return row["input_ids"], row["labels"]
 
 
-def _split_at_answer(ids, labels, tokenizer) -> Example | None:
+def _split_at_answer(ids, labels, tokenizer, media: str | None = None) -> Example | None:
     start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
     if not start:  # no prompt (pretraining text) or no answer
         return None
     answer = [label for label in labels[start:] if label != IGNORE_INDEX]
-    return Example(list(ids[:start]), tokenizer.decode(answer, skip_special_tokens=True).strip())
+    return Example(list(ids[:start]), tokenizer.decode(answer, skip_special_tokens=True).strip(), media)
 
 
 def generate(model, tokenizer, prompts: list[list[int]], eval_cfg: EvalConfig, batch_size: int,
-             seed: int, desc: str = "generate", stop_words: tuple[str, ...] = ()) -> list[str]:
+             seed: int, desc: str = "generate", stop_words: tuple[str, ...] = (),
+             image_inputs=None) -> list[str]:
     """Decoded answers (special tokens dropped) for each prompt, in order; generation stops at the
-    EOS / end-of-turn token and at `stop_words` (a named template's)."""
+    EOS / end-of-turn token and at `stop_words` (a named template's). `image_inputs(indices, ids)`:
+    the images' forward inputs of those prompts, left-padded into `ids` (a vision-language model)."""
     import torch
     from tqdm.auto import tqdm
     from transformers import set_seed
@@ -75,9 +81,11 @@ def generate(model, tokenizer, prompts: list[list[int]], eval_cfg: EvalConfig, b
     answers: list[str] = []
     for index in tqdm(list(batched(len(prompts), batch_size)), desc=desc, unit="batch"):
         ids, mask = padded([prompts[i] for i in index], tokenizer.pad_token_id, left=True)
+        images = {key: value.to(device) for key, value in (image_inputs(list(index), ids) if image_inputs
+                                                           else {}).items()}
         with torch.inference_mode():
             out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device),
+                input_ids=ids.to(device), attention_mask=mask.to(device), **images,
                 max_new_tokens=eval_cfg.max_new_tokens, do_sample=eval_cfg.do_sample,
                 **sampling_kwargs(eval_cfg), **decoding_kwargs(eval_cfg), eos_token_id=stops,
                 pad_token_id=tokenizer.pad_token_id)

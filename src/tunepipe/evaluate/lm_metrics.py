@@ -81,8 +81,9 @@ def _safe_exp(value: float) -> float:
 
 
 def sequence_logps(model, input_rows, label_rows, pad_id: int, batch_size: int = 1,
-                   desc: str = "log-probs") -> list[tuple[float, int]]:
-    """Per row: (sum of the label tokens' log-probs, number of label tokens)."""
+                   desc: str = "log-probs", extra_inputs=None) -> list[tuple[float, int]]:
+    """Per row: (sum of the label tokens' log-probs, number of label tokens); `extra_inputs` as
+    in `token_metrics`."""
     import torch
     from tqdm.auto import tqdm
 
@@ -90,7 +91,8 @@ def sequence_logps(model, input_rows, label_rows, pad_id: int, batch_size: int =
     with torch.inference_mode():
         for index in tqdm(list(batched(len(input_rows), batch_size)), desc=desc, unit="batch"):
             logits, labels = _shifted_logits(model, [input_rows[i] for i in index],
-                                             [label_rows[i] for i in index], pad_id)
+                                             [label_rows[i] for i in index], pad_id,
+                                             extra_inputs(list(index)) if extra_inputs else None)
             valid = labels != IGNORE_INDEX
             gathered = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             sums = (gathered * valid).sum(-1)

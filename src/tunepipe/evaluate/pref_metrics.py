@@ -37,15 +37,14 @@ def needs_reference(train_cfg: TrainConfig) -> bool:
     return train_cfg.stage == "dpo" and train_cfg.pref_loss not in REFERENCE_FREE
 
 
-def preference_logps(model, dataset, pad_id: int, batch_size: int, desc: str) -> dict[str, list]:
-    """Per-sequence (sum log-prob, token count) of the answers in pair or KTO rows."""
+def preference_logps(model, dataset, pad_id: int, batch_size: int, desc: str, images=None) -> dict[str, list]:
+    """Per-sequence (sum log-prob, token count) of the answers in pair or KTO rows; `images(column)`:
+    the image inputs of rows whose ids are in that column (a vision-language model's pairs)."""
     if split_kind(dataset) == "pairs":
-        return {
-            "chosen": sequence_logps(model, dataset["chosen_input_ids"], dataset["chosen_labels"],
-                                     pad_id, batch_size, desc=f"{desc} chosen"),
-            "rejected": sequence_logps(model, dataset["rejected_input_ids"], dataset["rejected_labels"],
-                                       pad_id, batch_size, desc=f"{desc} rejected"),
-        }
+        return {side: sequence_logps(model, dataset[f"{side}_input_ids"], dataset[f"{side}_labels"], pad_id,
+                                     batch_size, desc=f"{desc} {side}",
+                                     extra_inputs=images(f"{side}_input_ids") if images else None)
+                for side in ("chosen", "rejected")}
     return {"rows": sequence_logps(model, dataset["input_ids"], dataset["labels"], pad_id, batch_size,
                                    desc=desc),
             "tags": list(dataset["kto_tag"])}

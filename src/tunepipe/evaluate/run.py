@@ -25,6 +25,7 @@ from tunepipe.data.templates import apply_template
 from tunepipe.errors import TunepipeError
 from tunepipe.evaluate.gen_metrics import corpus_scores, identity_accuracy
 from tunepipe.evaluate.generation import Example, generate, generation_examples
+from tunepipe.evaluate.images import EvalImages
 from tunepipe.evaluate.lm_metrics import token_metrics
 from tunepipe.evaluate.outputs import EVAL_METRICS, PREDICTIONS, log_report, write_outputs
 from tunepipe.evaluate.pref_metrics import needs_reference, preference_logps, preference_metrics, split_kind
@@ -63,15 +64,12 @@ def run_evaluate(cfg: Config, layout: Layout) -> dict:
         return run_reward_evaluate(cfg, layout, source, dataset)
     base_dir = base_dir_for(cfg, layout)
     tokenizer = apply_template(tokenizer_for(cfg, base_dir, source), cfg.data.template)  # its stop words
-    vision = "media" in dataset.column_names
-    if vision and cfg.eval.predict_with_generate:
-        log.warning("eval.predict_with_generate: generating with images is not supported yet; "
-                    "the image rows get loss, perplexity and token accuracy only")
+    vision = "media" in dataset.column_names  # a vision-language model's rows: forwards get their images
     # grpo is judged by its rewards on generated answers, so it always generates
     examples = (generation_examples(dataset, tokenizer, cfg.eval.max_predict_samples)
-                if (cfg.eval.predict_with_generate or cfg.train.stage == "grpo") and not vision else [])
+                if cfg.eval.predict_with_generate or cfg.train.stage == "grpo" else [])
     device = device_for()
-    images = image_inputs(cfg, dataset, tokenizer, base_dir) if vision else None
+    images = EvalImages.load(cfg, dataset, tokenizer, base_dir, layout.tokenized) if vision else None
     tuned = score_model(cfg, dataset, tokenizer, examples, "tuned",
                         lambda: load_trained(cfg, base_dir, source, device), base_dir, images)
     base = None
@@ -108,22 +106,26 @@ def _wants_reference(cfg: Config, dataset) -> bool:
 
 
 def score_model(cfg: Config, dataset, tokenizer, examples: list[Example], name: str,
-                load: Callable[[], object], base_dir: Path, extra_inputs=None) -> ModelScores:
-    """Load one model, compute every figure on it, free it."""
+                load: Callable[[], object], base_dir: Path, images: EvalImages | None = None) -> ModelScores:
+    """Load one model, compute every figure on it, free it (`images`: the rows' images, a VLM's)."""
     log.info("evaluating the %s model", name)
     model = load()
     batch = cfg.train.per_device_eval_batch_size
     pad_id = tokenizer.pad_token_id
     scores = ModelScores()
+    pairs = split_kind(dataset) == "pairs"
     if "prompt_ids" not in dataset.column_names or "input_ids" in dataset.column_names:  # not prompt-only rows
         inputs, labels = loss_columns(dataset)
         scores.metrics = token_metrics(model, inputs, labels, pad_id, batch, desc=f"{name} loss",
-                                       extra_inputs=extra_inputs)
+                                       extra_inputs=images("chosen_input_ids" if pairs else "input_ids")
+                                       if images else None)
     if split_kind(dataset) in ("pairs", "kto") and cfg.train.stage in ("dpo", "kto"):
-        scores.logps = preference_logps(model, dataset, pad_id, batch, desc=f"{name} log-probs")
+        scores.logps = preference_logps(model, dataset, pad_id, batch, desc=f"{name} log-probs",
+                                        images=images)
     if examples:
         scores.answers = generate(model, tokenizer, [e.prompt_ids for e in examples], cfg.eval, batch,
-                                  cfg.train.seed, desc=f"{name} generate", stop_words=stop_words(cfg.data.template))
+                                  cfg.train.seed, desc=f"{name} generate", stop_words=stop_words(cfg.data.template),
+                                  image_inputs=images.prompts(examples) if images else None)
         scores.metrics.update(corpus_scores(scores.answers, [e.label for e in examples]))
         if cfg.eval.identity_keywords:
             scores.metrics["identity_accuracy"] = identity_accuracy(scores.answers, cfg.eval.identity_keywords)
@@ -135,21 +137,6 @@ def score_model(cfg: Config, dataset, tokenizer, examples: list[Example], name: 
     del model
     gc.collect()
     return scores
-
-
-def image_inputs(cfg: Config, dataset, tokenizer, base_dir: Path):
-    """For a vision-language model's rows: indices -> the images' forward inputs (as in training)."""
-    from tunepipe.data.vision import MediaTokens
-    from tunepipe.evaluate.lm_metrics import padded
-    from tunepipe.modeling import follow_manifest
-
-    media = MediaTokens.for_data(follow_manifest(base_dir), tokenizer, cfg.data)
-
-    def inputs(indices: list[int]) -> dict:  # the rows right-padded as token_metrics pads them
-        rows = [dataset[i] for i in indices]
-        ids, _ = padded([row["input_ids"] for row in rows], tokenizer.pad_token_id)
-        return media.batch_inputs(ids, [row["media"] for row in rows])
-    return inputs
 
 
 def loss_columns(dataset) -> tuple[list, list]:

@@ -37,6 +37,12 @@ def gguf_name(gguf_type: str) -> str:
 
 def check_architecture(config, tokenizer=None, key: str = "export.export_gguf") -> None:
     """Refuse, before any work, a model whose architecture or tokenizer this exporter cannot map."""
+    if hasattr(config, "vision_config"):
+        raise TunepipeError(f"{key}: {config.model_type} is a vision-language model; llama.cpp runs one from two "
+                            "GGUF files, the language model and the vision tower + projector (its mmproj file), "
+                            "and this exporter writes only language models",
+                            hint=f"unset {key}, then convert the safetensors export with llama.cpp's "
+                                 "convert_hf_to_gguf.py, once as it is and once with --mmproj")
     family_for(config, key)
     if tokenizer is None or _byte_level(tokenizer):
         return

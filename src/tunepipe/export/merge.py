@@ -29,6 +29,7 @@ from tunepipe.errors import TunepipeError
 from tunepipe.export import gguf_export
 from tunepipe.export.modelfile import MODELFILE, modelfile_text
 from tunepipe.export.shards import export_size_bytes, save_sharded, verify_shards
+from tunepipe.export.vision import copy_processor_files, vision_probes
 from tunepipe.io_utils import atomic_dir, write_json_atomic, write_text_atomic
 from tunepipe.layout import Layout
 from tunepipe.loading import (
@@ -41,7 +42,7 @@ from tunepipe.loading import (
     tokenizer_for,
     trained_source,
 )
-from tunepipe.modeling import load_causal_lm, torch_dtype
+from tunepipe.modeling import follow_manifest, is_vision_model, load_causal_lm, torch_dtype
 from tunepipe.tracking.tracker import join_train_run
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ def run_export(cfg: Config, layout: Layout) -> dict:
     source = trained_source(cfg, layout)
     # with `template:` the export carries that template (chat template, EOS, stop ids, Modelfile)
     tokenizer = apply_template(tokenizer_for(cfg, base_dir, source), cfg.data.template)
-    probes = probe_inputs(tokenizer)
+    vision = is_vision_model(follow_manifest(base_dir))  # probes with pictures, processor files exported
+    probes = vision_probes(cfg, follow_manifest(base_dir), tokenizer) if vision else probe_inputs(tokenizer)
     device = device_for(cfg.export.export_device)
     gguf_type = cfg.export.export_gguf
     if gguf_type:  # an architecture the GGUF writer cannot map fails here, before any merge work
@@ -82,6 +84,8 @@ def run_export(cfg: Config, layout: Layout) -> dict:
         model = model.to(torch_dtype(cfg.model.dtype))  # the one rounding to the export dtype
         save_sharded(model, tmp, limit)
         tokenizer.save_pretrained(str(tmp))
+        if vision:
+            copy_processor_files(follow_manifest(base_dir), tmp)
         if gguf_type:  # from the rounded weights, so the GGUF is the export, not the float32 merge
             gguf_export.write_gguf(model, tokenizer, tmp, gguf_type, model.generation_config.eos_token_id)
         del model
@@ -121,15 +125,18 @@ def probe_inputs(tokenizer) -> list[list[int]]:
     return [tokenizer(text)["input_ids"] for text in PROBE_PROMPTS]
 
 
-def probe_logits(model, probes: list[list[int]]) -> list:
-    """Float32 CPU logits of each probe (one forward each: no padding to reason about)."""
+def probe_logits(model, probes: list) -> list:
+    """Float32 CPU logits of each probe (one forward each: no padding to reason about). A probe is
+    token ids, or a vision-language model's forward inputs (export/vision.py)."""
     import torch
 
     from tunepipe.evaluate.lm_metrics import model_device
 
     device = model_device(model)
     with torch.inference_mode():
-        return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in probes]
+        return [model(**({key: value.to(device) for key, value in ids.items()} if isinstance(ids, dict)
+                         else {"input_ids": torch.tensor([ids], device=device)})).logits[0].float().cpu()
+                for ids in probes]
 
 
 def max_abs_diff(a: list, b: list) -> float:
@@ -195,7 +202,12 @@ def check_equivalence(cfg: Config, export_dir: Path, device: str, probes, refere
             f"(tolerance {limit:.4g} for {cfg.model.dtype}); nothing was written to {cfg.export.export_dir}",
             hint="an adapter that does not match this base model, or a bug worth reporting")
     return {"max_abs_logit_diff": diff, "logit_tolerance": limit, "dtype_noise_max_abs_logit_diff": noise,
-            "probe_prompts": len(probes), "probe_tokens": sum(len(ids) for ids in probes)}
+            "probe_prompts": len(probes), "probe_tokens": sum(probe_length(ids) for ids in probes),
+            "probe_images": sum(len(ids["image_grid_thw"]) for ids in probes if isinstance(ids, dict))}
+
+
+def probe_length(probe) -> int:
+    return probe["input_ids"].shape[1] if isinstance(probe, dict) else len(probe)
 
 
 # GGUF read-back tolerance, relative to the largest |logit| of the probes (at least 1): f32 carries

@@ -14,7 +14,7 @@ import logging
 from tunepipe.config import Config, ModelConfig, TrainConfig
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
-from tunepipe.modeling import load_causal_lm
+from tunepipe.modeling import load_causal_lm, quantization_skip_modules
 from tunepipe.train.adapters import attach_lora, merge_named_adapters, name_list
 from tunepipe.train.llama_pro import expanded_block_ids
 from tunepipe.train.moe import configure_router_loss
@@ -46,6 +46,7 @@ def load_base_for_training(cfg: Config, layout: Layout, quantize: bool = True):
         kwargs["dtype"] = "bfloat16"
     if quantize and cfg.model.quantization_bit is not None:
         kwargs["quantization_config"] = quantization_config(cfg.model, cfg.train)
+        kwargs["quantization_config"].llm_int8_skip_modules = quantization_skip_modules(layout.base_model)
         kwargs["device_map"] = {"": _default_device()}
     model = load_causal_lm(layout.base_model, trust_remote_code=cfg.model.trust_remote_code, **kwargs)
     model.config.use_cache = False  # a KV cache is useless in training and disables packed masks

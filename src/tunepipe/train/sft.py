@@ -12,6 +12,7 @@ import logging
 from transformers import Trainer
 
 from tunepipe.config import Config
+from tunepipe.data.media import MEDIA_STORE
 from tunepipe.data.vision import MediaTokens
 from tunepipe.layout import Layout
 from tunepipe.modeling import follow_manifest
@@ -51,7 +52,7 @@ def train(cfg: Config, layout: Layout) -> dict:
 
 def media_tokens(cfg: Config, layout: Layout, tokenizer) -> MediaTokens:
     data = cfg.data
-    return MediaTokens.for_data(follow_manifest(layout.base_model), tokenizer, data)
+    return MediaTokens.for_data(follow_manifest(layout.base_model), tokenizer, data, layout.tokenized / MEDIA_STORE)
 
 
 def batch_layout(model, pad_token_id: int) -> SegmentCollator:

@@ -23,6 +23,8 @@ from tunepipe.train.preference.losses import IGNORE_INDEX, ld_token_weights
 # objective(model, batch) -> (loss, {metric name: (sum over rows, row count)})
 Objective = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, tuple[float, int]]]]
 MODEL_INPUTS = ("input_ids", "attention_mask")
+# a vision-language batch's image inputs (train/vision.py), passed on when the collator made them
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
 def forward_log_probs(model: torch.nn.Module, batch: dict,
@@ -40,7 +42,8 @@ def forward_log_probs(model: torch.nn.Module, batch: dict,
     targets = torch.full_like(labels, IGNORE_INDEX)
     targets[:, :-1] = labels[:, 1:]
     selected = targets != IGNORE_INDEX
-    logits = model(**{k: batch[k] for k in MODEL_INPUTS}, use_cache=False, logits_to_keep=selected).logits
+    inputs = {k: batch[k] for k in MODEL_INPUTS + IMAGE_INPUTS if k in batch}
+    logits = model(**inputs, use_cache=False, logits_to_keep=selected).logits
     token_logps = -F.cross_entropy(logits.float(), targets[selected], reduction="none")
     if ld_alpha is not None:
         token_logps = token_logps * ld_token_weights(selected, ld_alpha)[selected]

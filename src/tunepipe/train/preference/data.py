@@ -35,14 +35,22 @@ def pad_rows(input_ids: list[list[int]], labels: list[list[int]], pad_token_id: 
 
 @dataclass
 class PreferenceCollator:
-    """One forward for both answers: rows 0..B-1 are the chosen answers, B..2B-1 the rejected."""
+    """One forward for both answers: rows 0..B-1 are the chosen answers, B..2B-1 the rejected.
+
+    `media` (a vision-language model's `data.vision.MediaTokens`): the rows' images go in twice,
+    once for the chosen rows and once for the rejected rows, so both answers see the prompt's
+    images exactly as a lone forward of that row would."""
 
     pad_token_id: int
+    media: object | None = None
 
     def __call__(self, rows: list[dict]) -> dict:
         batch = pad_rows([r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows],
                          [r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows],
                          self.pad_token_id)
+        if self.media is not None:
+            media = [r.get("media") for r in rows]
+            batch.update(self.media.batch_inputs(batch["input_ids"], media + media))
         if REF_COLUMNS[0] in rows[0]:
             batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows]
                                               + [r["ref_rejected_logps"] for r in rows], dtype=torch.float32)

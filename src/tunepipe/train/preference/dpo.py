@@ -34,6 +34,7 @@ from tunepipe.train.preference.losses import (
     simpo_loss,
 )
 from tunepipe.train.preference.ref_cache import reference_for
+from tunepipe.train.sft import media_tokens
 from tunepipe.train.tokenized import load_tokenized
 from tunepipe.train.vocabulary import training_tokenizer
 
@@ -91,14 +92,22 @@ def dpo_objective(train_cfg, reference: Reference | None) -> Objective:
     return objective
 
 
+def reference_columns(dataset) -> tuple[str, ...]:
+    """The columns cached reference log-probs depend on: the token columns, and the images'
+    references (path + sha256) of a vision-language model's rows."""
+    return PREFERENCE_COLUMNS + ("media",) * ("media" in dataset.column_names)
+
+
 def train(cfg: Config, layout: Layout) -> dict:
     """Train on the preference shards, write the adapter or full model; returns metrics/train.json."""
     splits = load_tokenized(layout, cfg.train.stage, PREFERENCE_COLUMNS)
     tokenizer = training_tokenizer(cfg, layout)  # the grown one when the shards added tokens
     model = build_trainable_model(cfg, layout)
-    collator = PreferenceCollator(tokenizer.pad_token_id)
+    vision = "media" in splits.train.column_names  # a vision-language model's rows (train/vision.py)
+    collator = PreferenceCollator(tokenizer.pad_token_id, media_tokens(cfg, layout, tokenizer) if vision else None)
     reference = None
     if needs_reference(cfg.train):
-        splits, reference = reference_for(cfg, layout, model, splits, collator, PREFERENCE_COLUMNS, REF_COLUMNS)
+        splits, reference = reference_for(cfg, layout, model, splits, collator, reference_columns(splits.train),
+                                          REF_COLUMNS)
     return train_with_objective(cfg, layout, model, tokenizer, splits, collator,
                                 dpo_objective(cfg.train, reference))
