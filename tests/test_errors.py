@@ -34,3 +34,23 @@ def test_sigterm_outside_training_stops_like_ctrl_c_and_cleans_up(tmp_path):
     assert done.returncode == 128 + signal.SIGTERM
     assert done.stderr.startswith("interrupted: SIGTERM: stopped")
     assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary sibling
+
+
+def test_a_command_that_never_uses_deepspeed_never_imports_it():
+    """accelerate asks every model it unwraps (Trainer set-up, save_pretrained) whether it is a
+    DeepSpeedEngine, importing DeepSpeed to do so; under `guarded` the question is answered
+    without the import, the same way (no model is an engine before DeepSpeed is imported)."""
+    code = ("import sys, torch\n"
+            "from tunepipe.errors import guarded\n"
+            "def run():\n"
+            "    from accelerate.utils import extract_model_from_parallel\n"
+            "    import accelerate.utils.other as other\n"
+            "    model = torch.nn.Linear(2, 2)\n"
+            "    assert extract_model_from_parallel(model) is model\n"
+            "    print('deepspeed' in sys.modules, other.is_deepspeed_available())\n"
+            "    sys.modules['deepspeed'] = sys  # stands for DeepSpeed imported by a DeepSpeed run\n"
+            "    print(other.is_deepspeed_available())\n"
+            "sys.exit(guarded(run))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False", "True"], done.stdout

@@ -69,6 +69,53 @@ def name_deepspeed_accelerator() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def defer_unused_deepspeed() -> None:
+    """accelerate's `extract_model_from_parallel` (run by every Trainer set-up and every
+    `save_pretrained`) imports DeepSpeed whenever it is installed, only to ask whether the model
+    is a `DeepSpeedEngine`: about 4 CPU seconds (DeepSpeed imports MLflow) in every command that
+    never uses DeepSpeed. A model can only be a DeepSpeedEngine once DeepSpeed has been imported,
+    so "is DeepSpeed imported" gives the same answer without the import; a DeepSpeed run imports
+    it when it builds its engine and gets the original check. Hooked on accelerate's own import,
+    so commands that never load accelerate (validate, env) do not pay for loading it here."""
+    import sys
+
+    other = sys.modules.get("accelerate.utils.other")
+    if other is not None:
+        other.is_deepspeed_available = _deepspeed_imported
+    elif not any(isinstance(finder, _AfterAccelerateImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AfterAccelerateImport())
+
+
+def _deepspeed_imported() -> bool:
+    import sys
+
+    return "deepspeed" in sys.modules
+
+
+class _AfterAccelerateImport:
+    """A meta path finder that finds nothing itself: when `accelerate.utils.other` is being
+    imported, it lets the normal finders locate it and swaps the check in once the module ran."""
+
+    def find_spec(self, name, path=None, target=None):
+        import importlib.util
+        import sys
+
+        if name != "accelerate.utils.other":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        run_module = spec.loader.exec_module
+
+        def run_then_swap(module) -> None:
+            run_module(module)
+            module.is_deepspeed_available = _deepspeed_imported
+
+        spec.loader.exec_module = run_then_swap
+        return spec
+
+
 def guarded(fn, debug: bool = False) -> int:
     """Run `fn`; print user errors as `error: ...` (exit 2), tracebacks only with --debug.
 
@@ -79,6 +126,7 @@ def guarded(fn, debug: bool = False) -> int:
     import sys
 
     name_deepspeed_accelerator()
+    defer_unused_deepspeed()
     try:
         with _sigterm_as_interrupt():
             return fn() or 0

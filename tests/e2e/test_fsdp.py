@@ -82,8 +82,10 @@ def test_deepspeed_lora_matches_one_process_with_doubled_accumulation(config, on
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_llamafactory_deepspeed_json_matches_one_process_with_doubled_accumulation(
-        config, one_process, tmp_path, stage):
-    """`deepspeed: examples/deepspeed/ds_z{2,3}_config.json`, LLaMA-Factory's own files read unchanged."""
+        config, one_process, tmp_path, stage, capfd):
+    """`deepspeed: examples/deepspeed/ds_z{2,3}_config.json`, LLaMA-Factory's own files read unchanged.
+    The launched ranks import DeepSpeed (plain runs no longer do: errors.defer_unused_deepspeed),
+    and print no DeepSpeed accelerator line (errors.name_deepspeed_accelerator)."""
     pytest.importorskip("deepspeed")
     json_file = REPO.parent / "shared" / "llamafactory-examples" / "deepspeed" / f"ds_z{stage}_config.json"
     if not json_file.is_file():
@@ -96,6 +98,8 @@ def test_llamafactory_deepspeed_json_matches_one_process_with_doubled_accumulati
     # DeepSpeed names ZeRO-3's partitioned model states per rank; ZeRO-2 keeps one model file
     expected = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
     assert expected in saved, saved
+    stderr = capfd.readouterr().err
+    assert "Setting accelerator to CPU" not in stderr and "[real_accelerator" not in stderr, stderr
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ preference objectives in `preference/` (`dpo` for dpo / orpo / simpo, `kto`, `rm
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 from tunepipe.config import Config
@@ -21,20 +22,21 @@ from tunepipe.devices import check_precision
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import hold_run_lock
 from tunepipe.layout import Layout
-from tunepipe.train import sft
 from tunepipe.train.launch import in_launched_process, relaunch_train, should_relaunch
-from tunepipe.train.preference import dpo, kto, rm
 from tunepipe.train.ray_launch import enter_rank, run_under_ray, wants_ray
-from tunepipe.train.rl import grpo
 
 log = logging.getLogger(__name__)
 
-# train.stage -> the objective's train(cfg, layout); sft and continued pretraining share one.
+# train.stage -> the module whose train(cfg, layout) runs it; sft and continued pretraining share
+# one. Imported when chosen: TRL's trainers (dpo, kto, rm, grpo) import MLflow and more, seconds
+# of CPU that an sft run would pay at every start (docs/benchmarks.md, "The test suite").
 TRAINERS = {
-    "sft": sft.train,
-    "pt": sft.train,
-    "dpo": dpo.train, "kto": kto.train, "rm": rm.train,  # preference objectives (dpo: pref_loss)
-    "grpo": grpo.train,  # online RL (rl/)
+    "sft": "tunepipe.train.sft",
+    "pt": "tunepipe.train.sft",
+    "dpo": "tunepipe.train.preference.dpo",  # preference objectives (dpo: pref_loss)
+    "kto": "tunepipe.train.preference.kto",
+    "rm": "tunepipe.train.preference.rm",
+    "grpo": "tunepipe.train.rl.grpo",  # online RL (rl/)
 }
 
 
@@ -78,8 +80,8 @@ def _finished(cfg: Config, layout: Layout) -> dict | None:
 
 
 def _train_here(cfg: Config, layout: Layout) -> dict:
-    trainer = TRAINERS.get(cfg.train.stage)
-    if trainer is None:
+    module = TRAINERS.get(cfg.train.stage)
+    if module is None:
         raise TunepipeError(f"train.stage={cfg.train.stage!r} is not available",
                             hint=f"stages: {', '.join(sorted(TRAINERS))}")
-    return trainer(cfg, layout)
+    return importlib.import_module(module).train(cfg, layout)
