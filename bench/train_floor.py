@@ -11,6 +11,7 @@ Python) is counted, so a real trainer is slower than this.
 
     .venv/bin/python bench/train_floor.py [--steps 8] [--lf-tokens-per-s 52.9]
     .venv/bin/python bench/train_floor.py --batches-from /tmp/train_fp32.json   # bench/train.py's own batches
+    .venv/bin/python bench/train_floor.py --dtype bfloat16   # the same kernels in bf16 (an AMX / AVX512-BF16 CPU)
 """
 
 from __future__ import annotations
@@ -66,11 +67,14 @@ def linear_shapes(config) -> list[tuple[int, int]]:
     return layer * config.num_hidden_layers
 
 
+DTYPE = torch.float32  # --dtype bfloat16: the kernels a bf16 run cannot avoid (AMX / AVX512-BF16)
+
+
 def time_matmuls(shapes, tokens: int, trained: int, vocab: int, hidden: int) -> float:
-    weights = [torch.randn(out, inp) for out, inp in shapes]
-    inputs = [torch.randn(tokens, inp) for _, inp in shapes]
-    grads = [torch.randn(tokens, out) for out, _ in shapes]
-    head, states = torch.randn(vocab, hidden), torch.randn(trained, hidden)
+    weights = [torch.randn(out, inp, dtype=DTYPE) for out, inp in shapes]
+    inputs = [torch.randn(tokens, inp, dtype=DTYPE) for _, inp in shapes]
+    grads = [torch.randn(tokens, out, dtype=DTYPE) for out, _ in shapes]
+    head, states = torch.randn(vocab, hidden, dtype=DTYPE), torch.randn(trained, hidden, dtype=DTYPE)
     start = time.perf_counter()
     for w, x, g in zip(weights, inputs, grads):
         x @ w.t()  # forward
@@ -83,8 +87,8 @@ def time_matmuls(shapes, tokens: int, trained: int, vocab: int, hidden: int) -> 
 def time_attention(config, lengths: list[int]) -> float:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     dim = config.hidden_size // heads
-    pieces = [(torch.randn(1, heads, n, dim, requires_grad=True), torch.randn(1, kv_heads, n, dim, requires_grad=True),
-               torch.randn(1, kv_heads, n, dim, requires_grad=True)) for n in lengths]
+    pieces = [tuple(torch.randn(1, h, n, dim, dtype=DTYPE, requires_grad=True) for h in (heads, kv_heads, kv_heads))
+              for n in lengths]
     start = time.perf_counter()
     for _ in range(config.num_hidden_layers):
         for q, k, v in pieces:
@@ -102,7 +106,11 @@ def main() -> int:
     parser.add_argument("--batches-from", type=Path, default=None,
                         help="a bench/train.py --json file: use the batches tunepipe trained on there "
                              "(its ratios then come from that file's LLaMA-Factory figure)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--emit", action="store_true", help="print a BENCH_RESULT line (bench/train.py --switches)")
     args = parser.parse_args()
+    global DTYPE
+    DTYPE = getattr(torch, args.dtype)
     base = base_model_dir(DEFAULT_WORK)
     config, tokenizer = AutoConfig.from_pretrained(base), AutoTokenizer.from_pretrained(base)
     shapes = linear_shapes(config)
@@ -122,6 +130,12 @@ def main() -> int:
         rate = tokens / seconds
         ratio = f", {rate / args.lf_tokens_per_s:.2f}x LLaMA-Factory" if args.lf_tokens_per_s else ""
         print(f"[floor] {name:<32} {seconds:7.1f} s  {rate:7.1f} tokens/s at most{ratio}")
+    if args.emit:
+        from _common import emit
+
+        emit({"tokens": tokens, "matmul_s": round(matmul_s, 3), "attention_s": round(attention_s, 3),
+              "tokens_per_s": round(tokens / (matmul_s + attention_s), 2), "dtype": args.dtype,
+              "threads": torch.get_num_threads()})
     return 0
 
 
