@@ -59,8 +59,8 @@ SIDES = ("tunepipe", "llamafactory")
 # tunepipe's speed switches (train keys); "default" is what `tunepipe train` does unasked.
 VARIANTS = {
     "default": {},
-
-    "torch_compile": {"torch_compile": True},
+    "no_fused_adamw": {"fused_optimizer": False},  # AdamW's per-tensor loop (torch's CPU default)
+    "torch_compile": {"torch_compile": True},  # regional compilation of the decoder layers
 }
 
 

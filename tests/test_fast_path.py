@@ -98,14 +98,17 @@ def test_torch_compile_compiles_each_decoder_layer_in_place(family_dirs):
     assert training_arguments(config_for(layout, torch_compile=True), layout, False).torch_compile is False
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_compiled_layers_give_the_eager_loss_and_grads(family_dirs, name):
-    """llama (SmolLM2's family) and qwen2 (a windowed and a full layer, so two layer variants)."""
+def test_compiled_layers_give_the_eager_loss_and_grads(family_dirs):
+    """llama, SmolLM2's family, only: tracing a family's layer costs ~45 CPU s here, the whole
+    table would be ten minutes of the suite (bench/family_compile.py runs every family)."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
-    layout = family_dirs(name)
+    layout = family_dirs("llama")
     eager, compiled = lora_model(layout), lora_model(layout)
     compile_decoder_layers(compiled, backend="aot_eager")
-    for order in ((0, 1, 2, 3, 4), (4, 0, 2), (1, 3)):  # three layouts: new lengths, no new graphs
+    graphs = []
+    for order in ((0, 1, 2, 3, 4), (4, 0, 2), (1, 3)):  # three layouts: new lengths
         want_loss = causal_lm_loss(eager, padding_free(eager, order))
         got_loss = causal_lm_loss(compiled, padding_free(compiled, order))
         eager.zero_grad()
@@ -116,6 +119,8 @@ def test_compiled_layers_give_the_eager_loss_and_grads(family_dirs, name):
         want = lora_grads(eager)
         for key, grad in lora_grads(compiled).items():
             torch.testing.assert_close(grad, want[key], rtol=0, atol=1e-5, msg=key)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[2] == graphs[1]  # compiled, and a new layout needs no new graph
 
 
 @pytest.mark.parametrize("dropout, kind", [(0.0, torch.nn.Identity), (0.1, torch.nn.Dropout)])
