@@ -128,3 +128,14 @@ def test_no_dropout_op_when_lora_dropout_is_zero(family_dirs, dropout, kind):
     model = build_trainable_model(config_for(family_dirs("llama"), lora_dropout=dropout), family_dirs("llama"))
     modules = [m for name, m in model.named_modules() if name.endswith("lora_dropout.default")]
     assert len(modules) == 14 and all(type(m) is kind for m in modules)  # 7 linears x 2 layers
+
+
+def test_fused_optimizer_is_a_train_param_of_the_dvc_stage():
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    assert "train.fused_optimizer" in stages["train"]["params"]
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["fused_optimizer"] is True
