@@ -2,7 +2,8 @@
 # GPU check: SFT on the real SmolLM2-135M-Instruct, 30 steps each, through tunepipe, printing one
 # table of real tokens/s and peak GPU memory. Rows: LoRA in float32, bf16, pure_bf16 (frozen
 # weights stored in bf16) and bf16 with Liger kernels (`enable_liger_kernel`; LoRA bf16 is the
-# "off" row), 4-bit QLoRA in bf16, and FSDP+QLoRA on one GPU (FSDP2 through
+# "off" row), bf16 with `torch_compile` (regional compilation; time to step 1 shown), 4-bit
+# QLoRA in bf16, and FSDP+QLoRA on one GPU (FSDP2 through
 # configs/accelerate/fsdp.yaml, one process; the launched rank's own metrics/train.json, as the
 # in-process probe cannot see a child process). About 6 minutes on one H100. Then the vllm-serve row:
 # `tunepipe serve` with `infer_backend: vllm` on the base + the lora row's adapter (a vLLM LoRA
