@@ -32,7 +32,7 @@ from tunepipe.layout import Layout
 from tunepipe.train.collate import SegmentCollator
 from tunepipe.train.fast_path import compile_decoder_layers
 from tunepipe.train.loss import causal_lm_loss
-from tunepipe.train.model_setup import build_trainable_model
+from tunepipe.train.model_setup import build_trainable_model, decoder_layers
 
 ORDERS = ((0, 1, 2, 3, 4), (4, 0, 2), (1, 3))
 
@@ -48,7 +48,7 @@ def compare(name: str, root: Layout, backend: str) -> str:
     randomise_lora_b(eager)
     compiled = build_trainable_model(cfg, root)
     compiled.load_state_dict(eager.state_dict())
-    compile_decoder_layers(compiled, backend=backend)
+    compile_decoder_layers(decoder_layers(compiled), backend=backend)
     attn = eager.config._attn_implementation
     rows = [labelled(ids) for ids in samples()]
     loss_diff = grad_diff = 0.0

@@ -36,12 +36,9 @@ def optimizer_name(train: TrainConfig) -> str:
     return train.optim
 
 
-def compile_decoder_layers(model, backend: str = "inductor") -> int:
-    """Compile every decoder layer of `model` (a PeftModel or a plain causal LM) in place; returns
-    how many. The state dict keeps its names (no `_orig_mod.` wrapper), so saving is unchanged."""
-    from tunepipe.train.model_setup import decoder_layers
-
-    layers = decoder_layers(model)
+def compile_decoder_layers(layers, backend: str = "inductor") -> int:
+    """Compile every decoder layer (`model_setup.decoder_layers(model)`) in place; returns how
+    many. The state dict keeps its names (no `_orig_mod.` wrapper), so saving is unchanged."""
     for layer in layers:
         layer.compile(backend=backend, dynamic=True)
     log.info("torch_compile: %d decoder layers of %s compiled (%s, regional)", len(layers),

@@ -36,7 +36,7 @@ def build_trainable_model(cfg: Config, layout: Layout):
     model = apply_finetuning(model, train, quantized=cfg.model.quantization_bit is not None)
     log.info("%s", trainable_summary(model))
     if train.torch_compile:
-        compile_decoder_layers(model)
+        compile_decoder_layers(decoder_layers(model))
     return model
 
 
