@@ -94,6 +94,9 @@ def run_side(side: str, precision: str, round_no: int, tmp: Path, base: Path, st
     result["process_wall_s"] = round(measured.wall_s, 1)
     result["max_rss_mib"] = round(measured.max_rss_mib)
     result["steady_tokens_per_s"] = steady_rate(result)
+    # per CPU second of the steps (all threads): with OMP_NUM_THREADS=1 on a shared machine,
+    # this is the rate a quiet core would give, where wall-clock rates follow the load
+    result["tokens_per_cpu_s"] = round(result["real_tokens"] / result["train_cpu_s"], 2)
     print(f"[bench] {name:<22} {result['real_tokens_per_s']:8.1f} real tok/s  train {result['train_s']:7.1f} s  "
           f"steady {result['steady_tokens_per_s']:8.1f} tok/s  step 1 done {result['first_step_after_s']:6.1f} s  "
           f"CPU {result['train_cpu_s']:7.1f} s  real {result['real_tokens']} / slots {result['slot_tokens']}  "
@@ -180,17 +183,19 @@ def measure_floor(tmp: Path, trained: dict, precision: str) -> dict:
 
 def report_switches(runs: dict, floors: dict) -> None:
     print("\n| precision | variant | real tokens/s (all steps) | steady tokens/s (steps 2-N) | step 1 done after s "
-          "| steady / floor | first-batch loss | last loss |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| steady / floor | tokens per CPU s | per CPU s / floor's | first-batch loss | last loss |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for precision, by_variant in runs.items():
-        floor = floors[precision]["tokens_per_s"]
+        floor, floor_cpu = floors[precision]["tokens_per_s"], floors[precision]["tokens_per_cpu_s"]
         for variant, results in by_variant.items():
             med = {key: statistics.median(r[key] for r in results)
-                   for key in ("real_tokens_per_s", "steady_tokens_per_s", "first_step_after_s")}
+                   for key in ("real_tokens_per_s", "steady_tokens_per_s", "first_step_after_s", "tokens_per_cpu_s")}
             print(f"| {precision} | {variant} | {med['real_tokens_per_s']:.1f} | {med['steady_tokens_per_s']:.1f} "
                   f"| {med['first_step_after_s']:.1f} | {100 * med['steady_tokens_per_s'] / floor:.0f}% "
+                  f"| {med['tokens_per_cpu_s']:.1f} | {100 * med['tokens_per_cpu_s'] / floor_cpu:.0f}% "
                   f"| {results[0]['first_loss']} | {results[0]['losses'][-1]} |")
-        print(f"| {precision} | floor (bench/train_floor.py, same batches) | {floor:.1f} | | | 100% | | |")
+        print(f"| {precision} | floor (bench/train_floor.py, same batches) | {floor:.1f} | | | 100% "
+              f"| {floor_cpu:.1f} | 100% | | |")
 
 
 def report(runs: dict, machine: dict, args: argparse.Namespace) -> None:

@@ -120,9 +120,11 @@ def main() -> int:
         work = batches(tokenizer, args.steps, args.batch_size, args.cutoff_len)
     time_matmuls(shapes, 64, 32, config.vocab_size, config.hidden_size)  # warm-up
     matmul_s = attention_s = 0.0
+    cpu_start = time.process_time()  # with one thread: the seconds a quiet core would take
     for lengths, trained in work:
         matmul_s += time_matmuls(shapes, sum(lengths), trained, config.vocab_size, config.hidden_size)
         attention_s += time_attention(config, lengths)
+    cpu_s = time.process_time() - cpu_start
     tokens = sum(sum(lengths) for lengths, _ in work)
     print(f"[floor] {args.steps} batches, {tokens} tokens, {torch.get_num_threads()} threads")
     for name, seconds in (("frozen matmuls + output head", matmul_s),
@@ -135,6 +137,7 @@ def main() -> int:
 
         emit({"tokens": tokens, "matmul_s": round(matmul_s, 3), "attention_s": round(attention_s, 3),
               "tokens_per_s": round(tokens / (matmul_s + attention_s), 2), "dtype": args.dtype,
+              "cpu_s": round(cpu_s, 3), "tokens_per_cpu_s": round(tokens / cpu_s, 2),
               "threads": torch.get_num_threads()})
     return 0
 
