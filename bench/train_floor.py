@@ -126,7 +126,7 @@ def main() -> int:
         attention_s += time_attention(config, lengths)
     cpu_s = time.process_time() - cpu_start
     tokens = sum(sum(lengths) for lengths, _ in work)
-    print(f"[floor] {args.steps} batches, {tokens} tokens, {torch.get_num_threads()} threads")
+    print(f"[floor] {len(work)} batches, {tokens} tokens, {torch.get_num_threads()} threads")
     for name, seconds in (("frozen matmuls + output head", matmul_s),
                           ("  + per-sample causal attention", matmul_s + attention_s)):
         rate = tokens / seconds

@@ -32,6 +32,7 @@ class TrainerProbe(TrainerCallback):
         self.slot_tokens = 0
         self.micro_batches = 0
         self.step_times: list[float] = []
+        self.step_cpu: list[float] = []  # this process's CPU seconds per step (all its threads)
         self.first_step_begin: float | None = None
         self.last_step_end: float | None = None
         self._step_begin = 0.0
@@ -61,6 +62,7 @@ class TrainerProbe(TrainerCallback):
         if state.global_step + 1 == int(os.environ.get("BENCH_PROFILE_STEP", "0")):
             self.profiler = StepProfiler()
         self._step_begin = time.perf_counter()
+        self._step_cpu_begin = process_cpu_seconds()
         if self.first_step_begin is None:
             self.first_step_begin = self._step_begin
             self.cpu_begin = process_cpu_seconds()
@@ -71,6 +73,7 @@ class TrainerProbe(TrainerCallback):
             self.first_step_end = self.last_step_end
         self.cpu_end = process_cpu_seconds()
         self.step_times.append(self.last_step_end - self._step_begin)
+        self.step_cpu.append(self.cpu_end - self._step_cpu_begin)
         if getattr(self, "profiler", None) is not None:
             self.profile = self.profiler.finish(self.last_step_end - self._step_begin)
             self.profiler = None
@@ -87,6 +90,7 @@ class TrainerProbe(TrainerCallback):
             "micro_batches": self.micro_batches,
             "train_s": round(train_s, 3),
             "step_s": [round(s, 3) for s in self.step_times],
+            "step_cpu_s": [round(s, 3) for s in self.step_cpu],
             "real_tokens": self.real_tokens,
             "slot_tokens": self.slot_tokens,
             "real_tokens_per_s": round(self.real_tokens / train_s, 2) if train_s > 0 else None,
