@@ -75,13 +75,13 @@ def time_matmuls(shapes, tokens: int, trained: int, vocab: int, hidden: int) -> 
     inputs = [torch.randn(tokens, inp, dtype=DTYPE) for _, inp in shapes]
     grads = [torch.randn(tokens, out, dtype=DTYPE) for out, _ in shapes]
     head, states = torch.randn(vocab, hidden, dtype=DTYPE), torch.randn(trained, hidden, dtype=DTYPE)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for w, x, g in zip(weights, inputs, grads):
         x @ w.t()  # forward
         g @ w  # input gradient
     logits = states @ head.t()
     logits @ head
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def time_attention(config, lengths: list[int]) -> float:
@@ -89,11 +89,11 @@ def time_attention(config, lengths: list[int]) -> float:
     dim = config.hidden_size // heads
     pieces = [tuple(torch.randn(1, h, n, dim, dtype=DTYPE, requires_grad=True) for h in (heads, kv_heads, kv_heads))
               for n in lengths]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(config.num_hidden_layers):
         for q, k, v in pieces:
             F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def main() -> int:
@@ -119,12 +119,12 @@ def main() -> int:
     else:
         work = batches(tokenizer, args.steps, args.batch_size, args.cutoff_len)
     time_matmuls(shapes, 64, 32, config.vocab_size, config.hidden_size)  # warm-up
-    matmul_s = attention_s = 0.0
-    cpu_start = time.process_time()  # with one thread: the seconds a quiet core would take
+    matmul_s = attention_s = cpu_s = 0.0  # cpu_s, with one thread: the seconds a quiet core would take
     for lengths, trained in work:
-        matmul_s += time_matmuls(shapes, sum(lengths), trained, config.vocab_size, config.hidden_size)
-        attention_s += time_attention(config, lengths)
-    cpu_s = time.process_time() - cpu_start
+        wall, cpu = time_matmuls(shapes, sum(lengths), trained, config.vocab_size, config.hidden_size)
+        matmul_s, cpu_s = matmul_s + wall, cpu_s + cpu
+        wall, cpu = time_attention(config, lengths)
+        attention_s, cpu_s = attention_s + wall, cpu_s + cpu
     tokens = sum(sum(lengths) for lengths, _ in work)
     print(f"[floor] {len(work)} batches, {tokens} tokens, {torch.get_num_threads()} threads")
     for name, seconds in (("frozen matmuls + output head", matmul_s),
