@@ -9,8 +9,9 @@ measurements behind each default).
   compile would be thrown away at step 2. The per-sample attention of padding-free batches
   (`varlen_attention`) stays outside the graphs (it reads the sample boundaries as Python ints,
   which would otherwise mean one graph per batch layout): each layer runs as two graphs around it.
-  Off by default on CPU and GPU: on the CPUs measured, the warm-up costs more than a short run
-  gains (docs/benchmarks.md).
+  Off by default on CPU and GPU: on the CPU measured, steady steps cost 14% fewer CPU seconds,
+  but step 1 pays the compile (~10 CPU s with inductor's disk cache warm, minutes cold), more
+  than a short run gains (docs/benchmarks.md); no GPU was measured.
 - `fused_optimizer: true` (default): the default `optim: adamw_torch` runs as torch's fused AdamW
   kernel (one kernel over every tensor) instead of its per-tensor loop: the same update (equal to
   1e-9 here), and LoRA's hundreds of small tensors make the loop's per-op overhead a visible share
