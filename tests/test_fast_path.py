@@ -6,8 +6,8 @@
 - `torch_compile` (regional): every decoder layer compiled, none of the model wrapped; the
   compiled layers give the eager loss and LoRA gradients on padding-free batches of three
   different layouts through the per-sample attention (graphs traced by dynamo and split by
-  AOTAutograd into forward and backward; inductor's kernels are checked by
-  bench/family_compile.py, too slow to build here on the shared CPU);
+  AOTAutograd into forward and backward; inductor's own kernels take minutes to build on the
+  shared CPU: bench/family_compile.py runs them per family, outside the suite);
 - `lora_dropout: 0` puts no dropout op in LoRA's path (PEFT's nn.Identity).
 """
 
