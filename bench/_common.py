@@ -30,10 +30,10 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
                "DISABLE_VERSION_CHECK": "1"}
 
 
-def check_prerequisites() -> None:
+def check_prerequisites(need_llamafactory: bool = True) -> None:
     if not TUNEPIPE_PYTHON.is_file():
         sys.exit(f"{TUNEPIPE_PYTHON} is missing: run `make setup` first")
-    if not LF_PYTHON.is_file():
+    if need_llamafactory and not LF_PYTHON.is_file():
         sys.exit(f"{LF_PYTHON} is missing: run `bash bench/setup_llamafactory.sh` first")
     if not (LF_DEMO / "alpaca_en_demo.json").is_file():
         sys.exit(f"LLaMA-Factory demo data not found at {LF_DEMO}")

@@ -2,7 +2,8 @@
 # GPU check: SFT on the real SmolLM2-135M-Instruct, 30 steps each, through tunepipe, printing one
 # table of real tokens/s and peak GPU memory. Rows: LoRA in float32, bf16, pure_bf16 (frozen
 # weights stored in bf16) and bf16 with Liger kernels (`enable_liger_kernel`; LoRA bf16 is the
-# "off" row), 4-bit QLoRA in bf16, and FSDP+QLoRA on one GPU (FSDP2 through
+# "off" row), bf16 with `torch_compile` (regional compilation; time to step 1 shown), 4-bit
+# QLoRA in bf16, and FSDP+QLoRA on one GPU (FSDP2 through
 # configs/accelerate/fsdp.yaml, one process; the launched rank's own metrics/train.json, as the
 # in-process probe cannot see a child process). About 6 minutes on one H100. Then the vllm-serve row:
 # `tunepipe serve` with `infer_backend: vllm` on the base + the lora row's adapter (a vLLM LoRA
@@ -43,11 +44,11 @@ py="${PYTHON:-python3}"  # the GPU image's python3 holds torch
 # GPU_CHECK_DRY=1: rehearse `run` on a CPU machine with the project's venv (PYTHON=.venv/bin/python,
 # GPU_CHECK_STEPS=2): no wheel install, no CUDA check. Only for checking this script.
 dry="${GPU_CHECK_DRY:-0}"
-# GPU_CHECK_ROWS="qlora fsdp-qlora": run only these rows (default: all nine; vllm-serve needs the lora row).
+# GPU_CHECK_ROWS="qlora fsdp-qlora": run only these rows (default: all ten; vllm-serve needs the lora row).
 # grpo / grpo-vllm: stage grpo (online RL) on the arithmetic set, generating with transformers,
 # then with TRL's vLLM path (use_vllm: true; the image must have vllm, which no bundle carries:
 # without it the row shows tunepipe's refusal, which is the check that the error is clear).
-rows="${GPU_CHECK_ROWS:-lora-fp32 lora lora-pure_bf16 lora-liger qlora fsdp-qlora grpo grpo-vllm vllm-serve}"
+rows="${GPU_CHECK_ROWS:-lora-fp32 lora lora-pure_bf16 lora-liger lora-compile qlora fsdp-qlora grpo grpo-vllm vllm-serve}"
 # Wheels the GPU image lacks; versions are the ones the project's CPU venv runs.
 # liger-kernel is pure Python (its Triton kernels compile on the GPU; the torch image has triton).
 wheels=(bitsandbytes==0.50.2 datasets==5.2.0 "dill>=0.3.0,<0.4.2" "multiprocess<0.70.20" trl==1.16.0
@@ -201,6 +202,9 @@ run() {
   write_config lora ""
   write_config lora-pure_bf16 "pure_bf16: true"
   write_config lora-liger "enable_liger_kernel: true"
+  # torch_compile: regional compilation of the decoder layers (train/fast_path.py); its warm-up
+  # lands in step 1, hence the "step 1 done" column, and the lora row is its "off" row
+  write_config lora-compile "torch_compile: true"
   write_config qlora "$qlora"
   write_config fsdp-qlora "$qlora"$'\n'"accelerate_config: $work/fsdp-1gpu.yaml"
   write_grpo_config grpo false
@@ -230,8 +234,8 @@ run() {
 
   echo
   echo "[gpu_check] $("$py" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (dry run)")'); CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)"
-  echo "| method | precision | GPU | steps | real tokens | train s | real tokens/s | peak GPU MiB (allocated / reserved) | first loss |"
-  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "| method | precision | GPU | steps | real tokens | train s | real tokens/s | steps 2-N tokens/s | step 1 done after s | peak GPU MiB (allocated / reserved) | first loss |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   for line in "${results[@]}"; do
     "$py" - "$line" "$work" <<'PY'
 import json
@@ -243,8 +247,12 @@ name, payload = sys.argv[1].split(" ", 1)
 r = json.loads(payload)
 cfg = yaml.safe_load(open(f"{sys.argv[2]}/{name}.yaml"))
 precision = "pure_bf16" if cfg.get("pure_bf16") else "bf16" if cfg.get("bf16") else "fp32"
+batches, step_s = r.get("batches", []), r.get("step_s", [])
+steady = (round(sum(sum(b["lengths"]) for b in batches[1:]) / sum(step_s[1:]), 1)
+          if len(step_s) > 1 and len(batches) == len(step_s) and sum(step_s[1:]) > 0 else "n/a")
 print(f"| {name} | {precision} | {r.get('gpu', '?')} | {r['steps']} | {r['real_tokens']} | {r['train_s']} | "
-      f"{r['real_tokens_per_s']} | {r.get('gpu_peak_allocated_mib')} / {r.get('gpu_peak_reserved_mib')} | "
+      f"{r['real_tokens_per_s']} | {steady} | {r.get('first_step_after_s', 'n/a')} | "
+      f"{r.get('gpu_peak_allocated_mib')} / {r.get('gpu_peak_reserved_mib')} | "
       f"{r['first_loss']} |")
 PY
   done

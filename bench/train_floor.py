@@ -11,6 +11,7 @@ Python) is counted, so a real trainer is slower than this.
 
     .venv/bin/python bench/train_floor.py [--steps 8] [--lf-tokens-per-s 52.9]
     .venv/bin/python bench/train_floor.py --batches-from /tmp/train_fp32.json   # bench/train.py's own batches
+    .venv/bin/python bench/train_floor.py --dtype bfloat16   # the same kernels in bf16 (an AMX / AVX512-BF16 CPU)
 """
 
 from __future__ import annotations
@@ -66,30 +67,33 @@ def linear_shapes(config) -> list[tuple[int, int]]:
     return layer * config.num_hidden_layers
 
 
+DTYPE = torch.float32  # --dtype bfloat16: the kernels a bf16 run cannot avoid (AMX / AVX512-BF16)
+
+
 def time_matmuls(shapes, tokens: int, trained: int, vocab: int, hidden: int) -> float:
-    weights = [torch.randn(out, inp) for out, inp in shapes]
-    inputs = [torch.randn(tokens, inp) for _, inp in shapes]
-    grads = [torch.randn(tokens, out) for out, _ in shapes]
-    head, states = torch.randn(vocab, hidden), torch.randn(trained, hidden)
-    start = time.perf_counter()
+    weights = [torch.randn(out, inp, dtype=DTYPE) for out, inp in shapes]
+    inputs = [torch.randn(tokens, inp, dtype=DTYPE) for _, inp in shapes]
+    grads = [torch.randn(tokens, out, dtype=DTYPE) for out, _ in shapes]
+    head, states = torch.randn(vocab, hidden, dtype=DTYPE), torch.randn(trained, hidden, dtype=DTYPE)
+    start, cpu_start = time.perf_counter(), time.process_time()
     for w, x, g in zip(weights, inputs, grads):
         x @ w.t()  # forward
         g @ w  # input gradient
     logits = states @ head.t()
     logits @ head
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def time_attention(config, lengths: list[int]) -> float:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     dim = config.hidden_size // heads
-    pieces = [(torch.randn(1, heads, n, dim, requires_grad=True), torch.randn(1, kv_heads, n, dim, requires_grad=True),
-               torch.randn(1, kv_heads, n, dim, requires_grad=True)) for n in lengths]
-    start = time.perf_counter()
+    pieces = [tuple(torch.randn(1, h, n, dim, dtype=DTYPE, requires_grad=True) for h in (heads, kv_heads, kv_heads))
+              for n in lengths]
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(config.num_hidden_layers):
         for q, k, v in pieces:
             F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def main() -> int:
@@ -102,7 +106,11 @@ def main() -> int:
     parser.add_argument("--batches-from", type=Path, default=None,
                         help="a bench/train.py --json file: use the batches tunepipe trained on there "
                              "(its ratios then come from that file's LLaMA-Factory figure)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--emit", action="store_true", help="print a BENCH_RESULT line (bench/train.py --switches)")
     args = parser.parse_args()
+    global DTYPE
+    DTYPE = getattr(torch, args.dtype)
     base = base_model_dir(DEFAULT_WORK)
     config, tokenizer = AutoConfig.from_pretrained(base), AutoTokenizer.from_pretrained(base)
     shapes = linear_shapes(config)
@@ -111,17 +119,26 @@ def main() -> int:
     else:
         work = batches(tokenizer, args.steps, args.batch_size, args.cutoff_len)
     time_matmuls(shapes, 64, 32, config.vocab_size, config.hidden_size)  # warm-up
-    matmul_s = attention_s = 0.0
+    matmul_s = attention_s = cpu_s = 0.0  # cpu_s, with one thread: the seconds a quiet core would take
     for lengths, trained in work:
-        matmul_s += time_matmuls(shapes, sum(lengths), trained, config.vocab_size, config.hidden_size)
-        attention_s += time_attention(config, lengths)
+        wall, cpu = time_matmuls(shapes, sum(lengths), trained, config.vocab_size, config.hidden_size)
+        matmul_s, cpu_s = matmul_s + wall, cpu_s + cpu
+        wall, cpu = time_attention(config, lengths)
+        attention_s, cpu_s = attention_s + wall, cpu_s + cpu
     tokens = sum(sum(lengths) for lengths, _ in work)
-    print(f"[floor] {args.steps} batches, {tokens} tokens, {torch.get_num_threads()} threads")
+    print(f"[floor] {len(work)} batches, {tokens} tokens, {torch.get_num_threads()} threads")
     for name, seconds in (("frozen matmuls + output head", matmul_s),
                           ("  + per-sample causal attention", matmul_s + attention_s)):
         rate = tokens / seconds
         ratio = f", {rate / args.lf_tokens_per_s:.2f}x LLaMA-Factory" if args.lf_tokens_per_s else ""
         print(f"[floor] {name:<32} {seconds:7.1f} s  {rate:7.1f} tokens/s at most{ratio}")
+    if args.emit:
+        from _common import emit
+
+        emit({"tokens": tokens, "matmul_s": round(matmul_s, 3), "attention_s": round(attention_s, 3),
+              "tokens_per_s": round(tokens / (matmul_s + attention_s), 2), "dtype": args.dtype,
+              "cpu_s": round(cpu_s, 3), "tokens_per_cpu_s": round(tokens / cpu_s, 2),
+              "threads": torch.get_num_threads()})
     return 0
 
 

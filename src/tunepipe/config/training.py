@@ -95,6 +95,8 @@ class TrainConfig:
     """AdamW weight decay."""
     optim: str = "adamw_torch"
     """transformers optimizer name."""
+    fused_optimizer: bool = True
+    """optim adamw_torch runs as torch's fused AdamW kernel (same update, less per-tensor overhead); not under DeepSpeed / accelerate_config."""
     adam_beta1: float = 0.9
     """Adam / AdamW beta1."""
     adam_beta2: float = 0.999
@@ -178,7 +180,7 @@ class TrainConfig:
     group_by_length: bool = False
     """Draw training rows in groups of similar length (transformers' LengthGroupedSampler)."""
     torch_compile: bool = False
-    """Compile the model with torch.compile before training."""
+    """Compile each decoder layer with torch.compile (regional: one layer's code compiled once, reused by every layer)."""
     tf32: Optional[bool] = None
     """TF32 matmuls on NVIDIA Ampere or newer GPUs (unset: PyTorch's default); no effect without such a GPU."""
     use_dft_loss: bool = False

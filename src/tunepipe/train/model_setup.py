@@ -16,6 +16,7 @@ from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 from tunepipe.modeling import load_causal_lm, quantization_skip_modules
 from tunepipe.train.adapters import attach_lora, merge_named_adapters, name_list
+from tunepipe.train.fast_path import compile_decoder_layers
 from tunepipe.train.llama_pro import expanded_block_ids
 from tunepipe.train.moe import configure_router_loss
 from tunepipe.train.vision import freeze_parts, lora_targets, model_family
@@ -34,6 +35,8 @@ def build_trainable_model(cfg: Config, layout: Layout):
     train = grow_vocabulary(model, cfg, layout)  # new tokens: rows resized, initialised, and trained
     model = apply_finetuning(model, train, quantized=cfg.model.quantization_bit is not None)
     log.info("%s", trainable_summary(model))
+    if train.torch_compile:
+        compile_decoder_layers(decoder_layers(model))
     return model
 
 

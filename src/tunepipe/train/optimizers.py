@@ -19,6 +19,7 @@ import torch
 from tunepipe.config import TrainConfig
 from tunepipe.config.checks import name_list
 from tunepipe.errors import TunepipeError
+from tunepipe.train.fast_path import optimizer_name
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def optimizer_arguments(train: TrainConfig) -> dict:
                       "update_proj_gap": train.apollo_update_interval, "scale": train.apollo_scale,
                       "scale_type": train.apollo_scale_type}
         return low_rank("apollo_adamw", train.apollo_layerwise, train.apollo_target, projection)
-    return {"optim": train.optim}
+    return {"optim": optimizer_name(train)}  # fused AdamW where it applies (fast_path.py)
 
 
 def low_rank(name: str, layerwise: bool, target, projection: dict) -> dict:

@@ -67,7 +67,7 @@ def training_arguments(cfg: Config, layout: Layout, has_eval: bool, **extra):
         label_smoothing_factor=train.label_smoothing_factor,
         # transformers 5 replaced group_by_length with a sampling strategy of that name
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
-        torch_compile=train.torch_compile,
+        torch_compile=False,  # train.torch_compile compiles each decoder layer instead (fast_path.py)
         tf32=tf32_setting(train),
         deepspeed=train.deepspeed,  # the Trainer fills the JSON's "auto" values from these arguments
         bf16=train.bf16_compute,

@@ -47,6 +47,7 @@ def register() -> str:
     return NAME
 
 
+@torch.compiler.disable  # runs eagerly inside a compiled layer (fast_path.py): see the comment below
 def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                         scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """query [B, H, T, D], key/value [B, Hkv, T, D] -> [B, T, H, D], as transformers expects."""
@@ -62,6 +63,9 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
     q, k, v = (_end_to_end(t) for t in (query, key, value))
     dropout = dropout if module.training else 0.0
     window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
+    # Python ints from a tensor: under torch_compile this would break the graph (data-dependent)
+    # and specialise on every batch layout; disabled above, the layer compiles as two graphs
+    # around this call, and the per-sample loop runs eagerly whatever the lengths.
     lengths = [e - s for s, e in itertools.pairwise(boundaries.tolist())]
     # split, not slicing: split's backward writes all gradients with one concatenation,
     # where each slice's backward would zero-fill a full-size buffer and add into it.
