@@ -149,3 +149,24 @@ def test_a_batch_of_qwen3_vl_video_rows_gives_each_sample_its_loss_alone(shards,
     per_patch = video.shape[1] // 2
     assert len(set(map(tuple, video.T.tolist()))) == video.shape[1]
     assert len(set(video[0, :per_patch].tolist())) == 1 and video[0, per_patch] > video[0, per_patch - 1]
+
+
+def test_each_video_of_a_row_gets_its_own_patches_and_times(shards, qwen3vl_dir, tmp_path):
+    """Two videos in one row (LLaMA-Factory 0.9.5 would give both the first video's patch count and the
+    first message's times: docs/migrating-from-llama-factory.md); tunepipe writes each its own."""
+    from tests.test_vlm_video import write_clip
+    from tunepipe.data.media import file_sha256
+
+    cfg, _ = shards
+    media = MediaTokens.for_data(qwen3vl_dir, load_tokenizer(qwen3vl_dir), cfg.data)
+    media.media_dir = tmp_path
+    refs = [{"path": name, "sha256": file_sha256(write_clip(tmp_path / name, frames=frames, rate=5))}
+            for name, frames in (("long.mp4", 20), ("short.mp4", 3))]  # 4 s: 4 frames (2 patches); 0.6 s: 1 (1)
+    marker = media.video_marker()
+    (turn,) = media.expand_videos([[f"<|im_start|>user\n{marker}first{marker}second<|im_end|>\n"]], refs)
+    texts = [element for element in turn if isinstance(element, str)]
+    # long: frames 0, 6, 12, 19 at 0, 1.2, 2.4, 3.8 s; short: frame 0, repeated to a whole patch
+    assert texts == ["<|im_start|>user\n<0.6 seconds><|vision_start|>", "<|vision_end|><3.1 seconds><|vision_start|>",
+                     "<|vision_end|>first<0.0 seconds><|vision_start|>", "<|vision_end|>second<|im_end|>\n"]
+    size = regularized_size(64, 48, cfg.data.video_max_pixels, cfg.data.video_min_pixels, 28)
+    assert turn.count(media.video_token_id) == 2 * media.video.frame_tokens(4, *size) + media.video.frame_tokens(2, *size)
