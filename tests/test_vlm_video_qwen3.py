@@ -169,4 +169,5 @@ def test_each_video_of_a_row_gets_its_own_patches_and_times(shards, qwen3vl_dir,
     assert texts == ["<|im_start|>user\n<0.6 seconds><|vision_start|>", "<|vision_end|><3.1 seconds><|vision_start|>",
                      "<|vision_end|>first<0.0 seconds><|vision_start|>", "<|vision_end|>second<|im_end|>\n"]
     size = regularized_size(64, 48, cfg.data.video_max_pixels, cfg.data.video_min_pixels, 28)
-    assert turn.count(media.video_token_id) == 2 * media.video.frame_tokens(4, *size) + media.video.frame_tokens(2, *size)
+    per_patch = media.video.frame_tokens
+    assert turn.count(media.video_token_id) == 2 * per_patch(4, *size) + per_patch(2, *size)

@@ -17,6 +17,13 @@ temporal patch exactly as the video processor's `patchify` does. The only differ
 is the resize interpolation (PIL's bicubic, torchvision's bicubic): tests/test_vlm_video.py
 runs transformers' video processor code on frames that need no resize and gets the same
 tensors. The same code runs on a GPU machine, so a run there gives the same tokens.
+
+Qwen3-VL (LLaMA-Factory 0.9.5's qwen3_vl plugin): the same frames, but the frame size is
+transformers' Qwen3-VL smart_resize, whose pixel bound covers all the frames together
+(`frame_size`: tunepipe resizes there, the image processor then keeps the size), and the
+text gives each temporal patch its time (`timestamps`; vision.MediaTokens.video_elements).
+tests/test_vlm_video_qwen3.py checks both against transformers' Qwen3VLVideoProcessor /
+Qwen3VLProcessor and LLaMA-Factory's own rows.
 """
 
 from __future__ import annotations
@@ -77,7 +84,8 @@ class Clip:
 
     frames: list
     fps: float  # sampled frames per second of video (Qwen2.5-VL's second_per_grid_ts reads it)
-    seconds: list[float] = field(default_factory=list)  # when each sampled frame is: its index / the stream's average frame rate (Qwen3-VL)
+    # when each sampled frame is (Qwen3-VL's text): its index / the stream's average frame rate
+    seconds: list[float] = field(default_factory=list)
 
 
 def sample_indices(total: int, duration: float | None, budget: VideoBudget) -> list[int]:
@@ -163,7 +171,8 @@ class VideoProcessing:
         """Tokens of one temporal patch of a video of `frames` frames of width x height (regularized)."""
         if self.temporal_resize:
             width, height = self.frame_size(frames, width, height)
-            return (width // self.settings["patch_size"]) * (height // self.settings["patch_size"]) // self.merge_size ** 2
+            patch = self.settings["patch_size"]
+            return (width // patch) * (height // patch) // self.merge_size ** 2
         per_frame = self.image_processor.get_number_of_image_patches(
             height, width, {key: self.settings[key] for key in ("size", "patch_size", "merge_size")})
         return per_frame // self.merge_size ** 2
