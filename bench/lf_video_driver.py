@@ -5,7 +5,7 @@
 ARGS.json: `lf` (LLaMA-Factory's YAML keys), `out` (a folder). Writes `rows.json` (the train
 rows' input_ids and labels, as LLaMA-Factory's get_dataset makes them) and, per row of the
 dataset, `pixels<k>.npy` / `grid<k>.npy`: the pixel_values_videos and video_grid_thw its
-Qwen2-VL plugin feeds the model (transformers' video processor, with torchvision), and
+Qwen-VL plugin feeds the model (transformers' video processor, with torchvision), and
 `frames<k>.npy`: the regularized frames they came from (decoded by its PyAV). Prints
 `BENCH_RESULT {json}` last. Imports nothing from tunepipe.
 """

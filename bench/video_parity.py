@@ -1,18 +1,21 @@
-"""Parity for videos: tunepipe's qwen2_vl rows of LLaMA-Factory's mllm_video_demo against LLaMA-Factory 0.9.5's.
+"""Parity for videos: tunepipe's qwen2_vl / qwen3_vl rows of LLaMA-Factory's mllm_video_demo against LLaMA-Factory 0.9.5's.
 
 Both sides tokenize the demo's three clips (an .mp4 at 25 fps, an .avi, an .mp4 at 23.976 fps)
-with the same tiny Qwen2-VL tokenizer and processor config (tests/fixtures/tiny_vlm.py) and the
-same video keys; each row's input_ids and labels are compared. It also compares the pixels
+with the same tiny model's tokenizer and processor config (qwen2_vl: tests/fixtures/tiny_vlm.py;
+qwen3_vl: tests/fixtures/tiny_vlm_families.py, whose rows carry Qwen3-VL's per-patch timestamps)
+and the same video keys; each row's input_ids and labels are compared. It also compares the pixels
 each side feeds the model: LLaMA-Factory's come from transformers' Qwen2-VL video processor
 (torchvision), tunepipe's from the same settings run through the PIL image processor
 (docs/architecture.md, "Vision-language models"): the grids must be equal; the values differ
 by the resize interpolation (printed: tunepipe's processing of LLaMA-Factory's own frames) and
 by the decoder when the two venvs' PyAV (FFmpeg) versions differ (printed: end to end).
 
-    .venv/bin/python bench/video_parity.py [--video-maxlen 4] [--video-max-pixels 4096] [--write-fixture]
+    .venv/bin/python bench/video_parity.py [--template qwen3_vl] [--video-maxlen 4] [--video-max-pixels 4096]
+                                           [--write-fixture]
 
-`--write-fixture` writes tests/fixtures/video_parity/qwen2_vl_mllm_video_demo.json (the keys and
-LLaMA-Factory's ids and labels), which tests/test_vlm_video.py checks on every `make test`.
+`--write-fixture` writes tests/fixtures/video_parity/<template>_mllm_video_demo.json (the keys and
+LLaMA-Factory's ids and labels), which tests/test_vlm_video.py (qwen2_vl) and
+tests/test_vlm_video_qwen3.py (qwen3_vl) check on every `make test`.
 Needs `bash bench/setup_llamafactory.sh` (LF_VENV selects another LLaMA-Factory venv). Runs in
 the project's venv (it imports tunepipe); LLaMA-Factory runs in its own (bench/lf_video_driver.py).
 """
@@ -40,11 +43,19 @@ from _common import (
     run_measured,
 )
 
-FIXTURE = REPO / "tests" / "fixtures" / "video_parity" / "qwen2_vl_mllm_video_demo.json"
+FIXTURES = REPO / "tests" / "fixtures" / "video_parity"
 DATASET = "mllm_video_demo"
 
 
-def tunepipe_rows(model: Path, keys: dict, work: Path):
+def tiny_model(template: str, path: Path) -> Path:
+    """The tests' tiny model of the template's family."""
+    from tests.fixtures.tiny_vlm import build_tiny_qwen2vl_dir
+    from tests.fixtures.tiny_vlm_families import build_qwen3_vl
+
+    return {"qwen2_vl": build_tiny_qwen2vl_dir, "qwen3_vl": build_qwen3_vl}[template](path)
+
+
+def tunepipe_rows(model: Path, template: str, keys: dict, work: Path):
     """tunepipe's validate + tokenize on the demo (in this process), and its media tokens."""
     from datasets import load_from_disk
     from tests.test_tokenize import run_stages
@@ -52,16 +63,16 @@ def tunepipe_rows(model: Path, keys: dict, work: Path):
     from tunepipe.data.vision import MediaTokens
     from tunepipe.modeling import load_tokenizer
 
-    cfg, layout, _ = run_stages(work / "tunepipe", model, LF_DEMO, DATASET, template="qwen2_vl", **keys)
+    cfg, layout, _ = run_stages(work / "tunepipe", model, LF_DEMO, DATASET, template=template, **keys)
     shards = load_from_disk(str(layout.tokenized / "train"))
     return shards, MediaTokens.for_data(model, load_tokenizer(model), cfg.data)
 
 
-def lf_side(model: Path, keys: dict, work: Path) -> Path:
+def lf_side(model: Path, template: str, keys: dict, work: Path) -> Path:
     out = work / "lf"
     out.mkdir(parents=True, exist_ok=True)
     lf = {"model_name_or_path": str(model), "do_train": True, "finetuning_type": "lora", "stage": "sft",
-          "dataset_dir": str(LF_DEMO), "dataset": DATASET, "template": "qwen2_vl", "overwrite_cache": True,
+          "dataset_dir": str(LF_DEMO), "dataset": DATASET, "template": template, "overwrite_cache": True,
           "output_dir": str(out / "lf-out"), "report_to": "none", "use_cpu": True, **keys}
     config = work / "lf-args.json"
     config.write_text(json.dumps({"lf": lf, "out": str(out)}))
@@ -74,6 +85,7 @@ def lf_side(model: Path, keys: dict, work: Path) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--template", choices=("qwen2_vl", "qwen3_vl"), default="qwen2_vl")
     parser.add_argument("--video-maxlen", type=int, default=4)
     parser.add_argument("--video-max-pixels", type=int, default=64 * 64)
     parser.add_argument("--cutoff-len", type=int, default=2048)
@@ -88,18 +100,16 @@ def main() -> int:
     import numpy as np
 
     sys.path.insert(0, str(REPO))  # the tiny model and run_stages are the tests' own
-    from tests.fixtures.tiny_vlm import build_tiny_qwen2vl_dir
-
     shutil.rmtree(args.work, ignore_errors=True)
-    model = build_tiny_qwen2vl_dir(args.work / "tiny-qwen2vl")
+    model = tiny_model(args.template, args.work / f"tiny-{args.template}")
     keys = {"video_maxlen": args.video_maxlen, "video_max_pixels": args.video_max_pixels,
             "cutoff_len": args.cutoff_len}
-    lf_out = lf_side(model, keys, args.work)
+    lf_out = lf_side(model, args.template, keys, args.work)
     lf = json.loads((lf_out / "rows.json").read_text())
-    shards, media = tunepipe_rows(model, keys, args.work)
+    shards, media = tunepipe_rows(model, args.template, keys, args.work)
     equal = [row["input_ids"] == ids and row["labels"] == labels
              for row, ids, labels in zip(shards, lf["input_ids"], lf["labels"])]
-    print(f"[bench] qwen2_vl / {DATASET}: ids and labels equal on {sum(equal)} / {len(lf['input_ids'])} rows "
+    print(f"[bench] {args.template} / {DATASET}: ids and labels equal on {sum(equal)} / {len(lf['input_ids'])} rows "
           f"(tunepipe has {len(shards)})")
     from PIL import Image
 
@@ -116,10 +126,11 @@ def main() -> int:
               f"max {diff.max():.4f} mean {diff.mean():.5f}, from LLaMA-Factory's frames max {alone.max():.4f} "
               f"mean {alone.mean():.5f} (LLaMA-Factory's mean |value| {np.abs(theirs).mean():.3f})")
     if args.write_fixture:
-        FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-        FIXTURE.write_text(json.dumps({"keys": keys, "template": "qwen2_vl", "dataset": DATASET,
+        fixture = FIXTURES / f"{args.template}_{DATASET}.json"
+        fixture.parent.mkdir(parents=True, exist_ok=True)
+        fixture.write_text(json.dumps({"keys": keys, "template": args.template, "dataset": DATASET,
                                        "input_ids": lf["input_ids"], "labels": lf["labels"]}) + "\n")
-        print(f"[bench] wrote {FIXTURE}")
+        print(f"[bench] wrote {fixture}")
     return 0 if all(equal) and len(equal) == len(shards) else 1
 
 

@@ -157,13 +157,14 @@ class ChatFormat:
         where = row.get("_source", "a row")
         if self.media is None:
             raise TunepipeError(f"{where}: the row has videos but the base model is not a vision-language model",
-                                hint="use a vision-language base model (Qwen2-VL) or drop the videos column")
+                                hint="use a vision-language base model (Qwen2-VL, Qwen3-VL) or drop the videos column")
         if self.named is not None and not self.named.vision:
             raise TunepipeError(f"{where}: the row has videos but template {self.name} takes none",
-                                hint="use template: qwen2_vl, or leave data.template unset for the model's own")
+                                hint="use template: qwen2_vl (qwen3_vl for Qwen3-VL), or leave data.template unset "
+                                     "for the model's own")
         if self.media.video is None:
             raise TunepipeError(f"{where}: the row has videos but the base model takes none",
-                                hint="videos train on the Qwen-VL families (Qwen2-VL, Qwen2.5-VL)")
+                                hint="videos train on the Qwen-VL families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
         return videos
 
     def rendered_turns(self, row: dict, extra: dict | None = None) -> list[str]:

@@ -17,13 +17,20 @@ temporal patch exactly as the video processor's `patchify` does. The only differ
 is the resize interpolation (PIL's bicubic, torchvision's bicubic): tests/test_vlm_video.py
 runs transformers' video processor code on frames that need no resize and gets the same
 tensors. The same code runs on a GPU machine, so a run there gives the same tokens.
+
+Qwen3-VL (LLaMA-Factory 0.9.5's qwen3_vl plugin): the same frames, but the frame size is
+transformers' Qwen3-VL smart_resize, whose pixel bound covers all the frames together
+(`frame_size`: tunepipe resizes there, the image processor then keeps the size), and the
+text gives each temporal patch its time (`timestamps`; vision.MediaTokens.video_elements).
+tests/test_vlm_video_qwen3.py checks both against transformers' Qwen3VLVideoProcessor /
+Qwen3VLProcessor and LLaMA-Factory's own rows.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +45,10 @@ QWEN2_VL_VIDEO_DEFAULTS = {
     "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
 }
 PASSED_KEYS = tuple(QWEN2_VL_VIDEO_DEFAULTS)  # what the image processor call takes from the video config
+# Qwen3VLVideoProcessor's class defaults (transformers 5.x): patch 16, ImageNet-standard mean / std
+QWEN3_VL_VIDEO_DEFAULTS = {**QWEN2_VL_VIDEO_DEFAULTS, "size": {"shortest_edge": 128 * 32 * 32,
+                                                               "longest_edge": 32 * 32 * 768},
+                           "patch_size": 16, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 
 
 @dataclass(frozen=True)
@@ -46,11 +57,15 @@ class VideoFamily:
 
     defaults: dict  # the video processor's class defaults (for keys the model's config omits)
     seconds_per_grid: bool = False  # the 3-D positions read each video's second_per_grid_ts (Qwen2.5-VL)
+    # Qwen3-VL: the text says when each temporal patch is ("<t seconds>" before its own start / tokens /
+    # end), and a frame's size comes from the whole video's pixels (its resize counts the frames)
+    timestamps: bool = False
 
 
 # config.json model_type -> its video handling (Qwen2.5-VL's processor uses Qwen2-VL's video processor)
 VIDEO_FAMILIES = {"qwen2_vl": VideoFamily(QWEN2_VL_VIDEO_DEFAULTS),
-                  "qwen2_5_vl": VideoFamily(QWEN2_VL_VIDEO_DEFAULTS, seconds_per_grid=True)}
+                  "qwen2_5_vl": VideoFamily(QWEN2_VL_VIDEO_DEFAULTS, seconds_per_grid=True),
+                  "qwen3_vl": VideoFamily(QWEN3_VL_VIDEO_DEFAULTS, timestamps=True)}
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,8 @@ class Clip:
 
     frames: list
     fps: float  # sampled frames per second of video (Qwen2.5-VL's second_per_grid_ts reads it)
+    # when each sampled frame is (Qwen3-VL's text): its index / the stream's average frame rate
+    seconds: list[float] = field(default_factory=list)
 
 
 def sample_indices(total: int, duration: float | None, budget: VideoBudget) -> list[int]:
@@ -87,7 +104,9 @@ def read_clip(path: Path, budget: VideoBudget, frame_size: Callable[[int, int], 
         stream = container.streams.video[0]
         duration = float(stream.duration * stream.time_base) if stream.duration is not None else None
         wanted = set(sample_indices(stream.frames, duration, budget))
-        frames = [frame.to_image() for k, frame in enumerate(container.decode(stream)) if k in wanted]
+        rate = float(stream.average_rate) if stream.average_rate else budget.fps
+        decoded = [(k, frame.to_image()) for k, frame in enumerate(container.decode(stream)) if k in wanted]
+    frames, seconds = [image for _, image in decoded], [k / rate for k, _ in decoded]
     if not frames:
         raise TunepipeError(f"{path}: no frame decoded", hint="re-encode the video (ffmpeg -i in.mp4 out.mp4)")
     # LLaMA-Factory: the sampled count over the whole length (or video_fps when the length is unknown)
@@ -99,7 +118,7 @@ def read_clip(path: Path, budget: VideoBudget, frame_size: Callable[[int, int], 
         size = frame_size(frame.width, frame.height)
         frame = frame.resize(size) if size != frame.size else frame
         out.append(frame if frame.mode == "RGB" else frame.convert("RGB"))
-    return Clip(out, fps)
+    return Clip(out, fps, seconds)
 
 
 @dataclass
@@ -108,9 +127,10 @@ class VideoProcessing:
 
     image_processor: object
     settings: dict  # PASSED_KEYS -> value, as the model's video processor would use them
+    temporal_resize: bool = False  # Qwen3-VL: the frame size comes from the whole video (frame_size)
 
     @classmethod
-    def load(cls, model_dir: Path, image_processor, defaults: dict) -> VideoProcessing:
+    def load(cls, model_dir: Path, image_processor, defaults: dict, temporal_resize: bool = False) -> VideoProcessing:
         from transformers.video_processing_utils import BaseVideoProcessor
 
         try:  # transformers' own lookup of the video processor config (no torchvision needed to read it)
@@ -126,7 +146,7 @@ class VideoProcessing:
         if config.get("cap_pixels_per_frame"):
             raise TunepipeError(f"{model_dir}: the video processor sets cap_pixels_per_frame, which tunepipe "
                                 "does not apply", hint="remove it from the video processor config")
-        return cls(image_processor, {**settings, "size": size})
+        return cls(image_processor, {**settings, "size": size}, temporal_resize)
 
     @property
     def temporal_patch_size(self) -> int:
@@ -136,12 +156,38 @@ class VideoProcessing:
     def merge_size(self) -> int:
         return self.settings["merge_size"]
 
-    def tokens(self, frames: int, width: int, height: int) -> int:
-        """Video tokens for `frames` frames of width x height (already regularized): temporal
-        patches x the processor's patches per frame / merge_size^2."""
+    def frame_size(self, frames: int, width: int, height: int) -> tuple[int, int]:
+        """Qwen3-VL: (width, height) its video processor resizes `frames` frames of width x height to:
+        transformers' own smart_resize, which bounds the pixels of all the frames together."""
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+        size, patch = self.settings["size"], self.settings["patch_size"]
+        h, w = smart_resize(frames, height, width, temporal_factor=self.temporal_patch_size,
+                            factor=patch * self.merge_size, min_pixels=size["shortest_edge"],
+                            max_pixels=size["longest_edge"])
+        return w, h
+
+    def frame_tokens(self, frames: int, width: int, height: int) -> int:
+        """Tokens of one temporal patch of a video of `frames` frames of width x height (regularized)."""
+        if self.temporal_resize:
+            width, height = self.frame_size(frames, width, height)
+            patch = self.settings["patch_size"]
+            return (width // patch) * (height // patch) // self.merge_size ** 2
         per_frame = self.image_processor.get_number_of_image_patches(
             height, width, {key: self.settings[key] for key in ("size", "patch_size", "merge_size")})
-        return math.ceil(frames / self.temporal_patch_size) * per_frame // self.merge_size ** 2
+        return per_frame // self.merge_size ** 2
+
+    def tokens(self, frames: int, width: int, height: int) -> int:
+        """Video tokens for `frames` frames of width x height (already regularized): temporal
+        patches x the processor's tokens per temporal patch."""
+        return math.ceil(frames / self.temporal_patch_size) * self.frame_tokens(frames, width, height)
+
+    def timestamps(self, clip: Clip) -> list[float]:
+        """Seconds of each temporal patch (Qwen3-VL's text): the mean of its first and last frame's
+        time, the last frame repeated up to a whole patch (transformers' Qwen3VLProcessor rule)."""
+        t_size = self.temporal_patch_size
+        seconds = clip.seconds + clip.seconds[-1:] * (-len(clip.seconds) % t_size)
+        return [(seconds[k] + seconds[k + t_size - 1]) / 2 for k in range(0, len(seconds), t_size)]
 
     def pixels(self, clips: list[Clip]) -> dict:
         """pixel_values_videos [patches, C * T * P * P] and video_grid_thw [videos, 3], in the video
@@ -151,7 +197,12 @@ class VideoProcessing:
 
         values, grids = [], []
         for clip in clips:
-            out = self.image_processor(clip.frames, return_tensors="np", **self.settings)
+            frames, settings = clip.frames, self.settings
+            if self.temporal_resize:  # resized here to the video's size; the image processor then keeps it
+                size = self.frame_size(len(frames), *frames[0].size)
+                frames = [f if f.size == size else f.resize(size, settings["resample"]) for f in frames]
+                settings = {**settings, "do_resize": False}
+            out = self.image_processor(frames, return_tensors="np", **settings)
             grid = out["image_grid_thw"]  # one [1, h, w] per frame, all equal (one size per video)
             h, w = int(grid[0][1]), int(grid[0][2])
             t_size, patch = self.temporal_patch_size, self.settings["patch_size"]

@@ -279,36 +279,47 @@ class MediaTokens:
         self.video_family, self.video_budget = family, budget
         self.video_token_id = config["video_token_id"]
         self.video_token = tokenizer.convert_ids_to_tokens(self.video_token_id)
-        self.video = VideoProcessing.load(model_dir, self.image_processor, family.defaults)
+        self.video = VideoProcessing.load(model_dir, self.image_processor, family.defaults, family.timestamps)
 
     def video_marker(self) -> str:
         """What one `<video>` becomes in a named template's text before expansion (LLaMA-Factory's
-        Qwen2-VL plugin: start, one video token, end)."""
+        Qwen-VL plugins: start, one video token, end; the models' own templates write the same)."""
         return f"{self.start_token}{self.video_token}{self.end_token}"
 
+    def video_elements(self, ref: dict) -> list:
+        """What one video's marker becomes: start, its video token ids, end (Qwen2-VL, Qwen2.5-VL);
+        Qwen3-VL: for each temporal patch "<t seconds>" (one decimal), start, that patch's ids, end
+        (LLaMA-Factory's Qwen3VLPlugin, as transformers' Qwen3VLProcessor writes it)."""
+        if not self.video_family.timestamps:
+            return [self.start_token, *[self.video_token_id] * self.video_tokens(ref), self.end_token]
+        clip = self.load_clip(ref)
+        per_patch = self.video.frame_tokens(len(clip.frames), *clip.frames[0].size)
+        out = []
+        for seconds in self.video.timestamps(clip):
+            out += [f"<{seconds:.1f} seconds>{self.start_token}", *[self.video_token_id] * per_patch, self.end_token]
+        return out
+
     def expand_videos(self, turns: list[list], videos: list[dict]) -> list[list]:
-        """Every video token in the turns' texts (one per video, in order) becomes that video's count
-        of video token ids; the texts around it are tokenized as before."""
-        counts = iter([self.video_tokens(ref) for ref in videos])
-        out, seen = [], 0
+        """Every video marker in the turns' texts (one per video, in order) becomes that video's
+        elements; the texts around them join the texts next to them (tokenized as one, as
+        LLaMA-Factory tokenizes the whole message; the video ids are special and split it anyway)."""
+        marker, pending, seen = self.video_marker(), iter(videos), 0
+        out = []
         for turn in turns:
             elements = []
             for element in turn:
-                pieces = element.split(self.video_token) if isinstance(element, str) else [element]
+                pieces = element.split(marker) if isinstance(element, str) else [element]
                 for k, piece in enumerate(pieces):
-                    count = next(counts, None) if k else None
-                    if k and count is None:  # more video tokens than videos: counted below, not expanded
-                        seen += 1
-                        elements.append(self.video_token)
-                    elif k:
-                        elements.extend([self.video_token_id] * count)
-                        seen += 1
+                    ref = next(pending, None) if k else None
+                    seen += bool(k)
+                    if k:  # more markers than videos: counted, left as text (the error below)
+                        elements += self.video_elements(ref) if ref is not None else [marker]
                     elements.append(piece)
-            out.append(elements)
-        if seen != len(videos):
-            raise TunepipeError(f"the chat template rendered {seen} video token(s) {self.video_token!r} for "
+            out.append(joined_texts(elements))
+        if seen != len(videos) or any(isinstance(e, str) and self.video_token in e for turn in out for e in turn):
+            raise TunepipeError(f"the chat template rendered {seen} video marker(s) {marker!r} for "
                                 f"{len(videos)} video(s)", hint="set data.template to the family's template "
-                                                                "(qwen2_vl for Qwen2-VL)")
+                                                                "(qwen2_vl for Qwen2-VL, qwen3_vl for Qwen3-VL)")
         return out
 
     def video_tokens(self, ref: dict) -> int:
@@ -350,6 +361,17 @@ class MediaTokens:
             types = out.get("mm_token_type_ids", torch.zeros_like(input_ids))
             out["mm_token_type_ids"] = types + 2 * (input_ids == self.video_token_id).long()
         return out
+
+
+def joined_texts(elements: list) -> list:
+    """Adjacent texts of a turn as one text (token ids kept as they are)."""
+    out = []
+    for element in elements:
+        if isinstance(element, str) and out and isinstance(out[-1], str):
+            out[-1] += element
+        else:
+            out.append(element)
+    return out
 
 
 def regularized_size(width: int, height: int, max_pixels: int, min_pixels: int, min_side: int) -> tuple[int, int]:
