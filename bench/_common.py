@@ -50,7 +50,7 @@ def base_model_dir(work: Path) -> Path:
         return out
     work.mkdir(parents=True, exist_ok=True)
     code = ("import sys; from tunepipe.config import ModelConfig; "
-            "from tunepipe.modeling import prepare_base_model; "
+            "from tunepipe.models.base import prepare_base_model; "
             "prepare_base_model(ModelConfig(), sys.argv[1])")
     print(f"[bench] converting the embedded SmolLM2 GGUF into {out} (once)", flush=True)
     subprocess.run([str(TUNEPIPE_PYTHON), "-c", code, str(out)], check=True, env=child_env())

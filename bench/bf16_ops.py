@@ -72,9 +72,9 @@ def base_dir(choice: str, work: Path) -> Path:
 def one_step(base: Path, mode: str, samples: int, length: int, work: Path) -> dict:
     from tunepipe.config import Config, ModelConfig, TrainConfig
     from tunepipe.layout import Layout
-    from tunepipe.modeling import prepare_base_model
+    from tunepipe.models.base import prepare_base_model
     from tunepipe.train.loss import causal_lm_loss
-    from tunepipe.train.model_setup import build_trainable_model
+    from tunepipe.train.model.model_setup import build_trainable_model
     from tunepipe.train.sft import batch_layout
 
     cfg = Config(model=ModelConfig(model_name_or_path=str(base)),

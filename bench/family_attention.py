@@ -27,8 +27,8 @@ from tests.fixtures.families import FAMILIES, family_config, model_class
 from tests.fixtures.tiny_model import build_tokenizer
 
 from tunepipe.config import ModelConfig
-from tunepipe.train.collate import SegmentCollator, model_inputs, positions
-from tunepipe.train.model_setup import attention_implementation
+from tunepipe.train.batches.collate import SegmentCollator, model_inputs, positions
+from tunepipe.train.model.model_setup import attention_implementation
 
 LENGTHS = [40, 23, 37, 18, 29]
 

@@ -29,10 +29,10 @@ from tests.fixtures.families import FAMILIES, build_family_dir
 from tests.test_model_families import config_for, labelled, lora_grads, randomise_lora_b, samples
 
 from tunepipe.layout import Layout
-from tunepipe.train.collate import SegmentCollator
+from tunepipe.train.batches.collate import SegmentCollator
 from tunepipe.train.fast_path import compile_decoder_layers
 from tunepipe.train.loss import causal_lm_loss
-from tunepipe.train.model_setup import build_trainable_model, decoder_layers
+from tunepipe.train.model.model_setup import build_trainable_model, decoder_layers
 
 ORDERS = ((0, 1, 2, 3, 4), (4, 0, 2), (1, 3))
 

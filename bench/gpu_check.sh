@@ -58,7 +58,7 @@ prepare() {
   local venv_py="$repo/.venv/bin/python"
   [[ -x "$venv_py" ]] || { echo "run \`make setup\` first (the model file comes from the venv)"; exit 1; }
   local src
-  src="$("$venv_py" -c "from tunepipe.modeling import builtin_gguf; print(builtin_gguf('smollm2-135m-instruct'))")"
+  src="$("$venv_py" -c "from tunepipe.models.base import builtin_gguf; print(builtin_gguf('smollm2-135m-instruct'))")"
   local demo="$repo/../shared/datasets/llamafactory-demo/alpaca_en_demo.json"
   [[ -f "$demo" ]] || { echo "missing $demo"; exit 1; }
   rm -rf "$gpu" && mkdir -p "$gpu"/bundle-{1,2,3}/wheels "$gpu/bundle-2/data"

@@ -157,9 +157,9 @@ def tunepipe_rows(template: str, dataset: str, stage: str, base: Path, cutoff_le
     from datasets import load_from_disk
 
     from tunepipe.config.loader import load_config
+    from tunepipe.data.checks.validated import read_manifest, read_validated
     from tunepipe.data.tokenize import run_tokenize
     from tunepipe.data.validate import run_validate
-    from tunepipe.data.validated import read_manifest, read_validated
     from tunepipe.layout import Layout
 
     root = work / "tunepipe" / f"{dataset}-{stage}"
@@ -199,7 +199,7 @@ def fixture_rows(lf: dict, rows: list[dict], names: tuple, differ: list[int]) ->
 
 def main() -> int:
     from tunepipe.config import DEFAULT_TEMPLATE_DATE
-    from tunepipe.data.named_templates import TEMPLATES
+    from tunepipe.data.chat.named_templates import TEMPLATES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--templates", nargs="*", default=sorted(TEMPLATES))

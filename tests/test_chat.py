@@ -21,8 +21,8 @@ def adapter(tiny_model_dir, tmp_path_factory):
 
 
 def expected_answer(tiny_model_dir, adapter, messages, max_new_tokens=6) -> str:
-    from tunepipe.loading import apply_adapters
-    from tunepipe.modeling import load_causal_lm, load_tokenizer
+    from tunepipe.models.base import load_causal_lm, load_tokenizer
+    from tunepipe.models.trained import apply_adapters
 
     tokenizer = load_tokenizer(tiny_model_dir)
     model = apply_adapters(load_causal_lm(tiny_model_dir), [adapter])
@@ -54,8 +54,8 @@ def test_chat_answers_a_piped_prompt_and_stops_at_exit(tiny_model_dir, adapter, 
 
 @pytest.fixture(scope="module")
 def session(tiny_model_dir, adapter):
-    from tunepipe.loading import apply_adapters
-    from tunepipe.modeling import load_causal_lm, load_tokenizer
+    from tunepipe.models.base import load_causal_lm, load_tokenizer
+    from tunepipe.models.trained import apply_adapters
 
     cfg = load_config(None, ["eval.max_new_tokens=4", "tracking.report_to=none"])
     model = apply_adapters(load_causal_lm(tiny_model_dir), [adapter])
@@ -87,7 +87,7 @@ def test_a_named_template_builds_the_prompt_as_training_did(session, monkeypatch
     """With `template: alpaca` the prompt is alpaca's turns, each tokenized alone (its default
     system prompt included), not the tokenizer's own ChatML."""
     from tunepipe import chat
-    from tunepipe.data.templates import ChatFormat
+    from tunepipe.data.chat.templates import ChatFormat
 
     seen = []
     monkeypatch.setattr(chat, "stream_answer", lambda model, tokenizer, ids, cfg, out, images: seen.append(ids) or "A")

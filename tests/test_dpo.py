@@ -10,7 +10,7 @@ import torch
 
 from tests.fixtures.pref_rows import preference_dataset
 from tests.fixtures.pref_runs import pref_config, write_tree
-from tunepipe.modeling import load_causal_lm
+from tunepipe.models.base import load_causal_lm
 from tunepipe.train.preference import dpo
 from tunepipe.train.preference.common import Reference
 from tunepipe.train.preference.data import PreferenceCollator

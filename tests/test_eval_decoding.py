@@ -19,7 +19,7 @@ def talkative(tiny_model_dir, tmp_path_factory):
     """The tiny model with a strong adapter (alone, the random model ends every answer at once)."""
     from peft import PeftModel
 
-    from tunepipe.modeling import load_causal_lm, load_tokenizer
+    from tunepipe.models.base import load_causal_lm, load_tokenizer
 
     adapter = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("decoding") / "a", scale=1.0)
     model = PeftModel.from_pretrained(load_causal_lm(tiny_model_dir), str(adapter)).eval()
@@ -100,7 +100,7 @@ def test_decoding_values_are_checked():
 
 
 def test_default_system_replaces_the_templates_own(talkative):
-    from tunepipe.data.templates import ChatFormat
+    from tunepipe.data.chat.templates import ChatFormat
 
     _, tokenizer = talkative
     row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],

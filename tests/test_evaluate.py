@@ -32,7 +32,7 @@ def config(tiny_model_dir, *overrides):
 @pytest.fixture(scope="module")
 def evaluated(tiny_model_dir, tmp_path_factory):
     """One evaluation with MLflow on: an adapter from a recorded train run, six SFT eval rows."""
-    from tunepipe.modeling import load_tokenizer
+    from tunepipe.models.base import load_tokenizer
     from tunepipe.tracking.tracker import Tracker, write_run_record
 
     root = tmp_path_factory.mktemp("eval-run")
@@ -69,7 +69,7 @@ def test_predictions_file_holds_prompt_answer_and_reference(evaluated, tiny_mode
     import torch
     from peft import PeftModel
 
-    from tunepipe.modeling import load_causal_lm, load_tokenizer
+    from tunepipe.models.base import load_causal_lm, load_tokenizer
 
     _, layout, report, _, _ = evaluated
     rows = [json.loads(line) for line in (layout.reports / "predictions.jsonl").read_text().splitlines()]
@@ -104,7 +104,7 @@ def test_metrics_are_logged_into_the_train_run(evaluated):
 
 
 def test_preference_eval_reports_reward_margins(tiny_model_dir, tmp_path):
-    from tunepipe.modeling import load_tokenizer
+    from tunepipe.models.base import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_dir)
     rows = [pair_row(tokenizer, q, a, "I do not know.") for q, a in QUESTIONS[:4]]
@@ -127,7 +127,7 @@ def test_reward_model_eval_reports_pairwise_accuracy(tiny_model_dir, tmp_path):
     import torch
 
     from tunepipe.evaluate.scoring import load_reward_model
-    from tunepipe.modeling import load_tokenizer
+    from tunepipe.models.base import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_dir)
     rows = [pair_row(tokenizer, q, a, "I do not know.") for q, a in QUESTIONS]

@@ -42,8 +42,8 @@ def greedy_tokens(model, tokenizer, prompts=("Who are you?", "你好")) -> list[
 
 def unmerged(tiny_model_dir, adapters: list[Path]):
     """base + adapters the slow way: PEFT layers on the unquantized float32 base."""
-    from tunepipe.loading import apply_adapters
-    from tunepipe.modeling import load_causal_lm
+    from tunepipe.models.base import load_causal_lm
+    from tunepipe.models.trained import apply_adapters
 
     return apply_adapters(load_causal_lm(tiny_model_dir, dtype="float32"), adapters)
 
@@ -68,7 +68,7 @@ def assert_index_names_every_tensor_once(export_dir: Path, limit: int) -> None:
 def test_merged_export_matches_base_plus_adapter(kind, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tunepipe.modeling import load_tokenizer
+    from tunepipe.models.base import load_tokenizer
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", dora=kind == "dora", quantized=kind == "qlora",
                            scale=1.0)
@@ -148,7 +148,7 @@ def test_full_finetune_is_exported_without_merge(tiny_model_dir, tmp_path):
     with torch.no_grad():
         full.model.layers[0].mlp.down_proj.weight.add_(0.5)
     full.save_pretrained(str(layout.full))
-    from tunepipe.modeling import load_tokenizer
+    from tunepipe.models.base import load_tokenizer
 
     load_tokenizer(tiny_model_dir).save_pretrained(str(layout.full))
     cfg = export_config(tiny_model_dir, tmp_path / "export", "train.finetuning_type=full")
@@ -245,7 +245,7 @@ def test_a_train_output_dir_merges_in_order_with_other_adapters(tiny_model_dir, 
     first = make_adapter(tiny_model_dir, Layout.at(run).adapter, seed=1, scale=0.3)
     second = make_adapter(tiny_model_dir, tmp_path / "a2", seed=2, scale=0.3)
     cfg = export_config(tiny_model_dir, tmp_path / "export", f"model.adapter_name_or_path='{run}, {second}'")
-    with caplog.at_level("INFO", logger="tunepipe.loading"):
+    with caplog.at_level("INFO", logger="tunepipe.models.trained"):
         metrics = run_export(cfg, Layout.at(tmp_path))
     assert metrics["merged_adapters"] == 2
     said = [r.getMessage() for r in caplog.records if "tunepipe output_dir" in r.getMessage()]

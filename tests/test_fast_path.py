@@ -20,10 +20,10 @@ from transformers import Trainer
 from tests.fixtures.families import FAMILIES
 from tests.test_model_families import config_for, family_dirs, labelled, lora_grads, randomise_lora_b, samples
 from tunepipe.config import TrainConfig
-from tunepipe.train.collate import SegmentCollator
+from tunepipe.train.batches.collate import SegmentCollator
 from tunepipe.train.fast_path import compile_decoder_layers
 from tunepipe.train.loss import causal_lm_loss
-from tunepipe.train.model_setup import build_trainable_model, decoder_layers
+from tunepipe.train.model.model_setup import build_trainable_model, decoder_layers
 from tunepipe.train.optimizers import optimizer_arguments
 from tunepipe.train.trainer_setup import training_arguments
 

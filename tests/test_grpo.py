@@ -202,7 +202,7 @@ def test_a_stage_rm_output_dir_rewards_prompt_plus_completion_with_its_score(tin
     from tests.fixtures.pref_runs import pref_config, write_tree
     from tunepipe.config import Config, DataConfig, ModelConfig
     from tunepipe.evaluate.scoring import score_texts
-    from tunepipe.modeling import load_reward_model
+    from tunepipe.models.base import load_reward_model
     from tunepipe.train.preference import rm
     from tunepipe.train.rl.grpo import load_rewards
 

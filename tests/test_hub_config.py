@@ -43,7 +43,7 @@ def test_the_token_is_not_a_tracked_param(tmp_path):
 
 
 def test_the_token_reaches_launched_workers_by_environment_not_by_file(tmp_path):
-    from tunepipe.train.launch import dump_config
+    from tunepipe.train.parallel.launch import dump_config
 
     cfg = load_config(write(tmp_path, f"hf_hub_token: {TOKEN}\n"))
     dumped = dump_config(cfg, tmp_path / "config.yaml")

@@ -12,10 +12,10 @@ import logging
 import pytest
 
 from tests.test_registry import write_info
-from tunepipe.data import hub_data
-from tunepipe.data.registry import get_entries, load_dataset_info
+from tunepipe.data.sources import hub_data
+from tunepipe.data.sources.registry import get_entries, load_dataset_info
 from tunepipe.errors import TunepipeError
-from tunepipe.hub import is_repo_id, refuse_other_hubs
+from tunepipe.models.hub import is_repo_id, refuse_other_hubs
 
 
 def expected_call(raw: dict) -> dict:
@@ -71,7 +71,7 @@ def test_a_modelscope_url_beside_an_hf_one_is_set_aside_in_one_log_line(tmp_path
     folder = write_info(tmp_path, {"a": {"hf_hub_url": "org/a", "ms_hub_url": "ms/a", "om_hub_url": "om/a"}})
     (entry,) = get_entries(["a"], folder)
     assert entry.hub.repo_id == "org/a"
-    said = [r.getMessage() for r in caplog.records if r.name == "tunepipe.data.hub_data"]
+    said = [r.getMessage() for r in caplog.records if r.name == "tunepipe.data.sources.hub_data"]
     assert said == [("dataset 'a': reading hf_hub_url 'org/a' (ms_hub_url / om_hub_url not used: tunepipe reads "
                     "the Hugging Face Hub)")]
 

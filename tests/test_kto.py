@@ -9,7 +9,7 @@ import torch
 
 from tests.fixtures.pref_rows import kto_dataset
 from tests.fixtures.pref_runs import pref_config, write_tree
-from tunepipe.modeling import load_causal_lm
+from tunepipe.models.base import load_causal_lm
 from tunepipe.train.preference import kto
 from tunepipe.train.preference.common import Reference
 from tunepipe.train.preference.data import KtoCollator, add_kto_kl_pairs

@@ -14,7 +14,7 @@ import pytest
 
 from tunepipe.config.loader import load_config
 from tunepipe.errors import TunepipeError
-from tunepipe.train.launch import (
+from tunepipe.train.parallel.launch import (
     LAUNCHED_ENV,
     check_accelerate_config,
     child_env,
@@ -57,8 +57,8 @@ def test_cpu_launch_uses_torchrun_with_gloo(plain_env, tmp_path):
     command = launcher_command(cfg, tmp_path / "c.yaml", tmp_path)
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert command[command.index("--nproc_per_node") + 1] == "2"
-    assert command[-5:] == ["-m", "tunepipe.train.worker", str(tmp_path / "c.yaml"), "--root", str(tmp_path.resolve())]
-    with mock.patch("tunepipe.train.launch._has_cuda", return_value=False):
+    assert command[-5:] == ["-m", "tunepipe.train.parallel.worker", str(tmp_path / "c.yaml"), "--root", str(tmp_path.resolve())]
+    with mock.patch("tunepipe.train.parallel.launch._has_cuda", return_value=False):
         env = child_env()
     assert env[LAUNCHED_ENV] == "1" and env["ACCELERATE_USE_CPU"] == "true"
 
@@ -66,7 +66,7 @@ def test_cpu_launch_uses_torchrun_with_gloo(plain_env, tmp_path):
 def test_accelerate_config_launch(plain_env, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = load_config(None, ["train.num_processes=4", "train.accelerate_config=configs/accelerate/fsdp.yaml"])
-    with mock.patch("tunepipe.train.launch._has_cuda", return_value=True):
+    with mock.patch("tunepipe.train.parallel.launch._has_cuda", return_value=True):
         command = launcher_command(cfg, tmp_path / "c.yaml", tmp_path)
     assert command[:5] == [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                            "configs/accelerate/fsdp.yaml"]
@@ -110,12 +110,12 @@ def test_multi_node_settings_are_checked(overrides, key):
 
 def test_fsdp_runs_on_cpu_and_other_gpu_configs_are_refused(monkeypatch):
     monkeypatch.chdir(REPO)
-    with mock.patch("tunepipe.train.launch._has_cuda", return_value=False):
+    with mock.patch("tunepipe.train.parallel.launch._has_cuda", return_value=False):
         assert check_accelerate_config("configs/accelerate/fsdp.yaml").name == "fsdp.yaml"  # FSDP2 over gloo
 
 
 def test_deepspeed_on_cpu_uses_its_cpu_accelerator_not_accelerate_cpu_mode():
-    with mock.patch("tunepipe.train.launch._has_cuda", return_value=False), \
+    with mock.patch("tunepipe.train.parallel.launch._has_cuda", return_value=False), \
             mock.patch.dict(os.environ, {}, clear=False):
         os.environ.pop("DS_ACCELERATOR", None)
         env = child_env(deepspeed=True)
@@ -124,7 +124,7 @@ def test_deepspeed_on_cpu_uses_its_cpu_accelerator_not_accelerate_cpu_mode():
 
 def test_gpu_accelerate_config_on_a_cpu_machine_is_a_clear_error(monkeypatch):
     monkeypatch.chdir(REPO)
-    with mock.patch("tunepipe.train.launch._has_cuda", return_value=False), \
+    with mock.patch("tunepipe.train.parallel.launch._has_cuda", return_value=False), \
             pytest.raises(TunepipeError, match="needs GPUs and this machine has none"):
         check_accelerate_config("configs/accelerate/ddp.yaml")
     with pytest.raises(TunepipeError, match="train.accelerate_config='nope.yaml': file not found"):
@@ -139,7 +139,7 @@ def test_accelerate_configs_build_their_plugins(path):
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     parsed = launch_command_parser().parse_args(
-        ["--config_file", str(path), "--num_processes", "2", "-m", "tunepipe.train.worker", "params.yaml"])
+        ["--config_file", str(path), "--num_processes", "2", "-m", "tunepipe.train.parallel.worker", "params.yaml"])
     args, defaults, _ = _validate_launch_command(parsed)
     if args.use_deepspeed:
         args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
@@ -167,7 +167,7 @@ def test_launcher_stops_when_its_parent_is_killed():
 
     parent_code = (
         "import subprocess, sys, time\n"
-        "from tunepipe.train.launch import _die_with_parent\n"
+        "from tunepipe.train.parallel.launch import _die_with_parent\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],"
         " preexec_fn=_die_with_parent())\n"
         "print(child.pid, flush=True)\n"
@@ -197,7 +197,7 @@ def fsdp_plugin_of(config_file: Path):
     from accelerate.utils.launch import prepare_multi_gpu_env
 
     parsed = launch_command_parser().parse_args(
-        ["--config_file", str(config_file), "--num_processes", "2", "-m", "tunepipe.train.worker", "params.yaml"])
+        ["--config_file", str(config_file), "--num_processes", "2", "-m", "tunepipe.train.parallel.worker", "params.yaml"])
     args, _, _ = _validate_launch_command(parsed)
     with mock.patch.dict(os.environ, prepare_multi_gpu_env(args)):
         return FullyShardedDataParallelPlugin()

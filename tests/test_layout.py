@@ -94,9 +94,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_graph_sees_the_packages_modules():
     assert {"tunepipe.cli", "tunepipe.data.tokenize", "tunepipe.train", "tunepipe.evaluate.run",
             "tunepipe.export.merge", "tunepipe.tracking.tracker"} <= set(MODULES)
-    assert "tunepipe.train.launch" in GRAPH["tunepipe.train"]
-    assert "tunepipe.data.chunks" in GRAPH["tunepipe.data.tokenize"]
-    assert "tunepipe.data.encoding" in GRAPH["tunepipe.data.chunks"]
+    assert "tunepipe.train.parallel.launch" in GRAPH["tunepipe.train"]
+    assert "tunepipe.data.tokenizing.chunks" in GRAPH["tunepipe.data.tokenize"]
+    assert "tunepipe.data.tokenizing.encoding" in GRAPH["tunepipe.data.tokenizing.chunks"]
 
 
 def test_no_import_circles():

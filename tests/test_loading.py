@@ -8,8 +8,8 @@ from tests.fixtures.adapters import make_adapter
 from tunepipe.config import Config, ModelConfig
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
-from tunepipe.loading import adapter_dir, trained_source
-from tunepipe.modeling import resolve_source
+from tunepipe.models.base import resolve_source
+from tunepipe.models.trained import adapter_dir, trained_source
 
 
 def test_an_adapter_dir_is_used_as_it_is(tiny_model_dir, tmp_path):

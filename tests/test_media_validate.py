@@ -10,8 +10,8 @@ import json
 import pytest
 
 from tests.test_validate import config
+from tunepipe.data.checks.validated import read_manifest, read_validated
 from tunepipe.data.validate import run_validate
-from tunepipe.data.validated import read_manifest, read_validated
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 

@@ -10,7 +10,7 @@ import torch
 
 from tests.fixtures.adapters import QUESTIONS, pair_row, sft_row
 from tunepipe.config import EvalConfig, TrainConfig
-from tunepipe.data.chat_format import TurnFormat, end_of_turn_token, stop_token_ids, turn_format
+from tunepipe.data.chat.chat_format import TurnFormat, end_of_turn_token, stop_token_ids, turn_format
 from tunepipe.evaluate.gen_metrics import corpus_scores, identity_accuracy, score_tokens
 from tunepipe.evaluate.generation import generate
 from tunepipe.evaluate.lm_metrics import sequence_logps, token_metrics
@@ -67,7 +67,7 @@ def test_identity_accuracy_is_case_insensitive_fraction():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from tunepipe.modeling import load_causal_lm, load_tokenizer
+    from tunepipe.models.base import load_causal_lm, load_tokenizer
 
     return load_causal_lm(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
 
@@ -107,7 +107,7 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny, tiny_m
     from peft import PeftModel
 
     from tests.fixtures.adapters import make_adapter
-    from tunepipe.modeling import load_causal_lm
+    from tunepipe.models.base import load_causal_lm
 
     _, tokenizer = tiny
     # The random tiny model ends every answer at once; a strong adapter makes it talk.

@@ -29,7 +29,7 @@ from tests.fixtures.families import (
 from tests.fixtures.tiny_model import build_tokenizer
 from tunepipe.config import Config, ModelConfig, TrackingConfig, TrainConfig
 from tunepipe.layout import Layout
-from tunepipe.train.collate import IGNORE_INDEX, SegmentCollator, model_inputs
+from tunepipe.train.batches.collate import IGNORE_INDEX, SegmentCollator, model_inputs
 from tunepipe.train.loss import causal_lm_loss
 
 NAMES = sorted(FAMILIES)
@@ -79,7 +79,7 @@ def randomise_lora_b(model, seed: int = 1) -> None:
 
 def trainable_pair(layout: Layout, flash_attn: str):
     """(model under test as `tunepipe train` builds it, the same weights on eager attention)."""
-    from tunepipe.train.model_setup import build_trainable_model
+    from tunepipe.train.model.model_setup import build_trainable_model
 
     cfg = config_for(layout, flash_attn)
     model = build_trainable_model(cfg, layout)
@@ -131,7 +131,7 @@ def layouts(rows: list[dict], attn: str) -> dict[str, tuple]:
 
 
 def expected_kernel(name: str, flash_attn: str) -> str:
-    from tunepipe.train.collate import VARLEN
+    from tunepipe.train.batches.collate import VARLEN
 
     if FAMILIES[name].softcapped():
         return "eager"  # SDPA cannot softcap: tunepipe says so in one log line and uses eager
@@ -141,7 +141,7 @@ def expected_kernel(name: str, flash_attn: str) -> str:
 @pytest.mark.parametrize("flash_attn", CHOICES)
 @pytest.mark.parametrize("name", NAMES)
 def test_batches_equal_each_sample_alone_on_eager(family_dirs, name, flash_attn, caplog):
-    with caplog.at_level("INFO", logger="tunepipe.train.model_setup"):
+    with caplog.at_level("INFO", logger="tunepipe.train.model.model_setup"):
         model, reference = trainable_pair(family_dirs(name), flash_attn)
     assert model.config._attn_implementation == expected_kernel(name, flash_attn)
     fell_back = [r for r in caplog.records if "softcaps attention logits" in r.getMessage()]
@@ -210,7 +210,7 @@ def test_lora_all_wraps_exactly_the_family_linear_layers(family_dirs, name):
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
-    from tunepipe.train.model_setup import build_trainable_model
+    from tunepipe.train.model.model_setup import build_trainable_model
 
     model = build_trainable_model(config_for(family_dirs(name), additional_target="embed_tokens"),
                                   family_dirs(name))
@@ -230,7 +230,7 @@ def test_lora_all_wraps_exactly_the_family_linear_layers(family_dirs, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_freeze_trains_the_last_layer_only(family_dirs, name):
-    from tunepipe.train.model_setup import build_trainable_model
+    from tunepipe.train.model.model_setup import build_trainable_model
 
     model = build_trainable_model(config_for(family_dirs(name), finetuning_type="freeze",
                                              freeze_trainable_layers=1), family_dirs(name))
@@ -243,7 +243,7 @@ def test_freeze_trains_the_last_layer_only(family_dirs, name):
 def test_qlora_4bit_trains(family_dirs, name):
     import bitsandbytes as bnb
 
-    from tunepipe.train.model_setup import build_trainable_model
+    from tunepipe.train.model.model_setup import build_trainable_model
 
     layout = family_dirs(name)
     cfg = config_for(layout)
@@ -275,12 +275,12 @@ def test_merge_export_reloads_and_generates(family_dirs, name, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from tunepipe.chat import stream_answer
-    from tunepipe.data.templates import ChatFormat
+    from tunepipe.data.chat.templates import ChatFormat
     from tunepipe.evaluate.generation import generate, stop_token_ids
     from tunepipe.export.merge import run_export
-    from tunepipe.modeling import load_tokenizer
-    from tunepipe.train.adapters import save_adapter
-    from tunepipe.train.model_setup import build_trainable_model
+    from tunepipe.models.base import load_tokenizer
+    from tunepipe.train.model.adapters import save_adapter
+    from tunepipe.train.model.model_setup import build_trainable_model
 
     base = family_dirs(name)
     layout = Layout.at(tmp_path)

@@ -8,7 +8,7 @@ import pytest
 
 from tunepipe.config import ModelConfig
 from tunepipe.errors import TunepipeError
-from tunepipe.modeling import (
+from tunepipe.models.base import (
     MANIFEST,
     follow_manifest,
     load_causal_lm,

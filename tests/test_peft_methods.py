@@ -17,10 +17,10 @@ from tests.fixtures.train_runs import tiny_run
 from tunepipe.config import TrainConfig
 from tunepipe.config.loader import load_config
 from tunepipe.errors import TunepipeError
-from tunepipe.modeling import load_causal_lm
+from tunepipe.models.base import load_causal_lm
 from tunepipe.train import run_train
-from tunepipe.train.adapters import attach_lora, lora_config, loraplus_optimizer, merge_named_adapters
-from tunepipe.train.model_setup import apply_finetuning
+from tunepipe.train.model.adapters import attach_lora, lora_config, loraplus_optimizer, merge_named_adapters
+from tunepipe.train.model.model_setup import apply_finetuning
 
 
 def fresh_model(tiny_model_dir, layers: int | None = None):
@@ -71,7 +71,7 @@ def test_pissa_iter_picks_peft_initialisation(pissa_iter, expected):
 
 
 def test_pissa_full_svd_adapter_is_saved_converted_for_the_original_base(tmp_path, tiny_model_dir):
-    from tunepipe.loading import apply_adapters
+    from tunepipe.models.trained import apply_adapters
 
     cfg, layout = tiny_run(tmp_path, tiny_model_dir, max_steps=2, pissa_init=True, pissa_iter=-1,
                            pissa_convert=True, lora_target="q_proj")
@@ -145,7 +145,7 @@ def first_loss(layout) -> float:
 
 def test_create_new_adapter_trains_on_top_of_the_merged_adapters(tmp_path, tiny_model_dir):
     from tests.fixtures.adapters import make_adapter
-    from tunepipe.loading import trained_source
+    from tunepipe.models.trained import trained_source
 
     old = make_adapter(tiny_model_dir, tmp_path / "old", scale=1.0)
     plain_cfg, plain = tiny_run(tmp_path / "plain", tiny_model_dir, max_steps=1)

@@ -11,7 +11,7 @@ from tests.fixtures.tiny_model import build_tiny_model_dir
 from tunepipe.config import Config, ModelConfig, TrainConfig
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
-from tunepipe.modeling import load_causal_lm, load_tokenizer
+from tunepipe.models.base import load_causal_lm, load_tokenizer
 from tunepipe.train.preference.common import build_reference, forward_log_probs
 from tunepipe.train.preference.data import PREFERENCE_COLUMNS, REF_COLUMNS, PreferenceCollator
 from tunepipe.train.preference.ref_cache import reference_for

@@ -16,10 +16,10 @@ import torch
 from tests.fixtures.train_runs import tiny_run
 from tunepipe.config import Config, ModelConfig, TrainConfig
 from tunepipe.layout import Layout
-from tunepipe.modeling import prepare_base_model
+from tunepipe.models.base import prepare_base_model
 from tunepipe.train import run_train
-from tunepipe.train.adapters import skip_input_casts_under_autocast
-from tunepipe.train.model_setup import build_trainable_model
+from tunepipe.train.model.adapters import skip_input_casts_under_autocast
+from tunepipe.train.model.model_setup import build_trainable_model
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tunepipe.data.registry import get_entries, load_dataset_info, parse_names
-from tunepipe.data.schemas import load_schema, schema_dir
+from tunepipe.data.checks.schemas import load_schema, schema_dir
+from tunepipe.data.sources.registry import get_entries, load_dataset_info, parse_names
 from tunepipe.errors import TunepipeError
 
 

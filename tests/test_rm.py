@@ -34,7 +34,7 @@ def test_reward_model_ranks_its_training_pairs(tiny_model_dir, tokenizer, tmp_pa
     quantization = None
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
-        from tunepipe.loading import quantization_config
+        from tunepipe.models.trained import quantization_config
 
         cfg.model.quantization_bit = 4
         quantization = quantization_config(cfg)
@@ -87,7 +87,7 @@ def test_score_refuses_a_causal_lm_adapter(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from tunepipe.errors import TunepipeError
-    from tunepipe.modeling import load_causal_lm
+    from tunepipe.models.base import load_causal_lm
 
     get_peft_model(load_causal_lm(tiny_model_dir), LoraConfig(r=2, target_modules="all-linear",
                                                               task_type="CAUSAL_LM")).save_pretrained(tmp_path)

@@ -17,9 +17,9 @@ import time_machine
 from tests.test_tokenize import model_with_template, run_stages, tree_hashes
 from tunepipe.config import DEFAULT_TEMPLATE_DATE
 from tunepipe.config.loader import load_config
-from tunepipe.data.templates import ChatFormat
+from tunepipe.data.chat.templates import ChatFormat
 from tunepipe.errors import TunepipeError
-from tunepipe.modeling import load_tokenizer
+from tunepipe.models.base import load_tokenizer
 
 # A ChatML template that writes the day like Llama 3.1's does: strftime_now, the clock in transformers
 DATED_TEMPLATE = (

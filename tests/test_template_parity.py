@@ -22,10 +22,10 @@ import time_machine
 
 from tunepipe.config import DEFAULT_TEMPLATE_DATE
 from tunepipe.config.loader import load_config
-from tunepipe.data.encoding import Stats, encode_conversations, encode_preference
-from tunepipe.data.named_templates import TEMPLATES
-from tunepipe.data.templates import ChatFormat
-from tunepipe.modeling import load_tokenizer
+from tunepipe.data.chat.named_templates import TEMPLATES
+from tunepipe.data.chat.templates import ChatFormat
+from tunepipe.data.tokenizing.encoding import Stats, encode_conversations, encode_preference
+from tunepipe.models.base import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "template_parity"
 MOVED_CLOCK = "2031-02-28 23:59:30"  # neither the capture day nor the default template_date

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from tests.fixtures.tiny_model import build_tokenizer
-from tunepipe.data.named_templates import TEMPLATES, jinja
-from tunepipe.data.templates import ChatFormat, reads_tools
+from tunepipe.data.chat.named_templates import TEMPLATES, jinja
+from tunepipe.data.chat.templates import ChatFormat, reads_tools
 from tunepipe.errors import TunepipeError
 
 # A small tool-aware template in the style of Qwen2.5's: it reads `tools` and renders
@@ -155,9 +155,9 @@ def test_tools_render_natively_when_the_template_supports_them(tokenizer):
 
 
 def test_chat_export_and_generation_follow_the_named_template():
-    from tunepipe.data.chat_format import stop_token_ids
-    from tunepipe.data.named_templates import stop_words
-    from tunepipe.data.templates import apply_template
+    from tunepipe.data.chat.chat_format import stop_token_ids
+    from tunepipe.data.chat.named_templates import stop_words
+    from tunepipe.data.chat.templates import apply_template
     from tunepipe.export.modelfile import modelfile_text
 
     tokenizer = apply_template(build_tokenizer(), "qwen")

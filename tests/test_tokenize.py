@@ -12,15 +12,15 @@ from datasets import load_from_disk
 
 from tests.test_registry import write_info
 from tunepipe.config.loader import load_config
-from tunepipe.data.encoding import IGNORE, infer_seqlen
-from tunepipe.data.packing import unpack
-from tunepipe.data.templates import ChatFormat
+from tunepipe.data.chat.templates import ChatFormat
+from tunepipe.data.checks.validated import read_manifest, read_validated
 from tunepipe.data.tokenize import run_tokenize
+from tunepipe.data.tokenizing.encoding import IGNORE, infer_seqlen
+from tunepipe.data.tokenizing.packing import unpack
 from tunepipe.data.validate import run_validate
-from tunepipe.data.validated import read_manifest, read_validated
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
-from tunepipe.modeling import load_tokenizer
+from tunepipe.models.base import load_tokenizer
 
 SFT_DEMO = "identity,alpaca_en_demo,glaive_toolcall_en_demo"
 
@@ -316,7 +316,7 @@ def data_config(**data):
 
 
 def test_num_samples_max_samples_and_mixing():
-    from tunepipe.data.mixing import mix, sample_rows
+    from tunepipe.data.tokenizing.mixing import mix, sample_rows
 
     rows = [{"i": i} for i in range(4)]
     assert sample_rows(rows, None, 2, seed=1) == rows[:2]
@@ -334,7 +334,7 @@ def test_num_samples_max_samples_and_mixing():
 
 
 def test_val_size_fraction_or_count_is_seeded():
-    from tunepipe.data.mixing import split_eval
+    from tunepipe.data.tokenizing.mixing import split_eval
 
     rows = [{"i": i} for i in range(50)]
     train, evals = split_eval(rows, 0.2, seed=3)
@@ -357,7 +357,7 @@ def test_num_samples_from_dataset_info_reaches_the_shards(tmp_path, tiny_model_d
 
 
 def test_named_template_runs_end_to_end_and_keeps_tokens_the_model_lacks(tmp_path, tiny_model_dir, lf_demo_dir):
-    from tunepipe.train.tokenized import load_tokenized
+    from tunepipe.train.batches.tokenized import load_tokenized
 
     _, layout, metrics = run_stages(tmp_path / "qwen", tiny_model_dir, lf_demo_dir, "identity", template="qwen",
                                     max_samples=3)

@@ -105,7 +105,7 @@ def test_chatml_shards_equal_the_golden_hashes(case, tmp_path, smollm2_base_dir,
 @pytest.mark.parametrize(("case", "workers", "chunk"), [("sft_packed", 1, 7), ("pt_packed", 3, 13), ("sft", 2, 333)])
 def test_shards_do_not_depend_on_workers_or_chunk_size(case, workers, chunk, tmp_path, smollm2_base_dir,
                                                        lf_demo_dir, monkeypatch):
-    from tunepipe.data import chunks
+    from tunepipe.data.tokenizing import chunks
 
     monkeypatch.setattr(chunks, "RECYCLE", 2)  # workers replaced every 2 chunks: same bytes
     where, stage, dataset, data = CASES[case]
@@ -119,9 +119,9 @@ def test_packing_through_many_buckets_equals_packing_in_memory(tmp_path, monkeyp
     import numpy as np
     from datasets import load_from_disk
 
-    from tunepipe.data import pack_spill
-    from tunepipe.data.packing import pack
-    from tunepipe.data.shards import ShardWriter, to_table
+    from tunepipe.data.tokenizing import pack_spill
+    from tunepipe.data.tokenizing.packing import pack
+    from tunepipe.data.tokenizing.shards import ShardWriter, to_table
 
     rng = np.random.default_rng(0)
     ids = [rng.integers(0, 500, size=int(n)).tolist() for n in rng.integers(1, 60, size=700)]
@@ -145,7 +145,7 @@ def capture(out: Path) -> None:
 
     from tests.conftest import LF_DEMO
     from tunepipe.config import ModelConfig
-    from tunepipe.modeling import prepare_base_model
+    from tunepipe.models.base import prepare_base_model
 
     with tempfile.TemporaryDirectory() as tmp:
         base = prepare_base_model(ModelConfig(), Path(tmp) / "base")

@@ -42,7 +42,7 @@ def test_a_folder_without_shards_is_refused(tmp_path, tiny_model_dir):
     (other / "dataset_dict.json").write_text("{}")  # what LLaMA-Factory's save_to_disk writes
     config, _ = write_config(tmp_path, tiny_model_dir, tokenized_path=str(other), max_steps=1)
     from tunepipe.config.loader import load_config
-    from tunepipe.data.tokenized_path import saved_shards
+    from tunepipe.data.tokenizing.tokenized_path import saved_shards
 
     with pytest.raises(TunepipeError, match="holds no tunepipe shards"):
         saved_shards(load_config(config))

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from tests.fixtures.sft_shards import pack, sft_rows
-from tunepipe.modeling import load_causal_lm, load_tokenizer
-from tunepipe.train.collate import SegmentCollator, model_inputs, shifted_labels, varlen_kwargs
+from tunepipe.models.base import load_causal_lm, load_tokenizer
+from tunepipe.train.batches.collate import SegmentCollator, model_inputs, shifted_labels, varlen_kwargs
+from tunepipe.train.batches.varlen_attention import NAME as VARLEN
+from tunepipe.train.batches.varlen_attention import register
 from tunepipe.train.loss import causal_lm_loss
-from tunepipe.train.varlen_attention import NAME as VARLEN
-from tunepipe.train.varlen_attention import register
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_isolation_check_catches_a_model_that_ignores_packed_positions(tiny_mode
     from transformers import masking_utils
 
     from tunepipe.errors import TunepipeError
-    from tunepipe.train import isolation
+    from tunepipe.train.batches import isolation
 
     model = model_with(tiny_model_dir, attn)
     collate = SegmentCollator(pad_token_id=tokenizer.pad_token_id, attn_implementation=attn, flatten=True)

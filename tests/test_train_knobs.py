@@ -74,7 +74,7 @@ def test_neftune_noises_the_embeddings_in_training_only(tmp_path, tiny_model_dir
     # after training the hook is gone: the saved adapter evaluates deterministically, without noise
     from peft import PeftModel
 
-    from tunepipe.modeling import load_causal_lm
+    from tunepipe.models.base import load_causal_lm
 
     model = PeftModel.from_pretrained(load_causal_lm(layout.base_model), str(layout.adapter)).eval()
     ids = torch.tensor([[5, 6, 7, 8]])

@@ -17,7 +17,7 @@ from tunepipe.config import Config, TrainConfig
 from tunepipe.config.loader import load_config
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
-from tunepipe.modeling import load_causal_lm
+from tunepipe.models.base import load_causal_lm
 from tunepipe.train import loss as loss_module
 from tunepipe.train import run_train
 from tunepipe.train.loss import causal_lm_loss, linear_cross_entropy

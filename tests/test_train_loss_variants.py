@@ -15,11 +15,11 @@ from tests.fixtures.pref_rows import preference_dataset
 from tests.fixtures.sft_shards import collated_sft_batch
 from tunepipe.config import TrainConfig
 from tunepipe.errors import TunepipeError
-from tunepipe.modeling import load_causal_lm, load_tokenizer
+from tunepipe.models.base import load_causal_lm, load_tokenizer
 from tunepipe.train import loss as loss_module
-from tunepipe.train.collate import IGNORE_INDEX, SegmentCollator
+from tunepipe.train.batches.collate import IGNORE_INDEX, SegmentCollator
 from tunepipe.train.loss import causal_lm_loss
-from tunepipe.train.moe import configure_router_loss
+from tunepipe.train.model.moe import configure_router_loss
 from tunepipe.train.preference.common import build_reference, forward_log_probs
 from tunepipe.train.preference.data import PreferenceCollator
 from tunepipe.train.preference.dpo import dpo_objective
@@ -176,7 +176,7 @@ def test_router_loss_is_refused_where_it_cannot_apply(mixtral_dir, tiny_model_di
     with pytest.raises(TunepipeError, match="moe_aux_loss_coef"):
         configure_router_loss(trainable(mixtral_dir), TrainConfig(stage="dpo", moe_aux_loss_coef=0.1))
     dense = trainable(tiny_model_dir)
-    with caplog.at_level(logging.WARNING, logger="tunepipe.train.moe"):
+    with caplog.at_level(logging.WARNING, logger="tunepipe.train.model.moe"):
         configure_router_loss(dense, TrainConfig(moe_aux_loss_coef=0.1))
     assert "has no router; ignored" in caplog.text
 
@@ -186,7 +186,7 @@ def test_lora_all_skips_the_router_gate_unless_named(tmp_path):
 
     from tunepipe.config import Config, ModelConfig, TrackingConfig
     from tunepipe.layout import Layout
-    from tunepipe.train.model_setup import build_trainable_model
+    from tunepipe.train.model.model_setup import build_trainable_model
 
     layout = Layout.at(tmp_path)
     build_family_dir(layout.base_model, "qwen2_moe")

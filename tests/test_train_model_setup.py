@@ -10,9 +10,9 @@ import torch
 from tunepipe.config import Config, ModelConfig, TrainConfig
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
-from tunepipe.modeling import load_causal_lm, prepare_base_model
-from tunepipe.train.adapters import loraplus_optimizer, save_adapter
-from tunepipe.train.model_setup import build_trainable_model
+from tunepipe.models.base import load_causal_lm, prepare_base_model
+from tunepipe.train.model.adapters import loraplus_optimizer, save_adapter
+from tunepipe.train.model.model_setup import build_trainable_model
 
 
 @pytest.fixture(scope="module")

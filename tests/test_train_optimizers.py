@@ -164,7 +164,7 @@ def test_layerwise_galore_trains_through_the_train_step(tmp_path, tiny_model_dir
     assert summary["steps"] == 3
     from safetensors.torch import load_file
 
-    from tunepipe.modeling import load_causal_lm
+    from tunepipe.models.base import load_causal_lm
 
     trained = load_file(layout.full / "model.safetensors")
     original = load_causal_lm(layout.base_model).state_dict()

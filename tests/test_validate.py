@@ -10,8 +10,8 @@ import pytest
 from tests.test_registry import write_info
 from tunepipe.cli import main as cli_main
 from tunepipe.config.loader import load_config
+from tunepipe.data.checks.validated import read_manifest, read_validated
 from tunepipe.data.validate import run_validate
-from tunepipe.data.validated import read_manifest, read_validated
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
 
@@ -280,7 +280,7 @@ def test_openai_preference_rows_need_both_answers(tmp_path):
 
 
 def test_readers_stream_rows_equal_to_whole_file_parsing(tmp_path):
-    from tunepipe.data.readers import read_rows
+    from tunepipe.data.sources.readers import read_rows
 
     rows = [{"instruction": f"q{i} \u00e9\u4e2d\U0001F600", "output": "a\u2028b", "score": i / 3, "n": i}
             for i in range(2500)]
@@ -293,7 +293,7 @@ def test_readers_stream_rows_equal_to_whole_file_parsing(tmp_path):
 
 
 def test_utf8_check_across_read_blocks(tmp_path):
-    from tunepipe.data.readers import check_utf8
+    from tunepipe.data.sources.readers import check_utf8
 
     good = ("ab\n" + "\u00e9\U0001F600" * 5 + "\n").encode()
     (tmp_path / "good.txt").write_bytes(good * 3)

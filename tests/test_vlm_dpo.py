@@ -17,12 +17,12 @@ from tests.fixtures.hub import write_image_parquet
 from tests.test_tokenize import run_stages
 from tunepipe.config.loader import load_config
 from tunepipe.data.vision import MediaTokens
-from tunepipe.modeling import load_causal_lm, load_tokenizer
-from tunepipe.train.model_setup import apply_finetuning
+from tunepipe.models.base import load_causal_lm, load_tokenizer
+from tunepipe.train.model.model_setup import apply_finetuning
+from tunepipe.train.model.vision import VisionCollator
 from tunepipe.train.preference.common import build_reference
 from tunepipe.train.preference.data import PreferenceCollator
 from tunepipe.train.preference.dpo import dpo_objective
-from tunepipe.train.vision import VisionCollator
 
 MAX_PIXELS, MIN_PIXELS = 112 * 112, 32 * 32
 RLHF_V_ENTRY = {"file_name": "rlhf_v_local.json", "ranking": True, "formatting": "sharegpt",

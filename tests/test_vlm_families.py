@@ -11,15 +11,15 @@ from PIL import Image
 
 from tests.fixtures.tiny_vlm_families import BUILDERS
 from tunepipe.config.loader import load_config
-from tunepipe.data.encoding import IGNORE, Stats, encode_conversations
-from tunepipe.data.media import file_sha256
-from tunepipe.data.templates import ChatFormat
+from tunepipe.data.chat.templates import ChatFormat
+from tunepipe.data.sources.media import file_sha256
+from tunepipe.data.tokenizing.encoding import IGNORE, Stats, encode_conversations
 from tunepipe.data.vision import FAMILIES, MediaTokens
-from tunepipe.modeling import load_causal_lm, load_tokenizer
-from tunepipe.train.collate import model_inputs
+from tunepipe.models.base import load_causal_lm, load_tokenizer
+from tunepipe.train.batches.collate import model_inputs
 from tunepipe.train.loss import causal_lm_loss
-from tunepipe.train.model_setup import apply_finetuning
-from tunepipe.train.vision import VisionCollator
+from tunepipe.train.model.model_setup import apply_finetuning
+from tunepipe.train.model.vision import VisionCollator
 
 SIZES = {"wide.png": (100, 60), "tall.png": (40, 90)}
 CONVERSATIONS = [  # two images then one: different lengths, so the second row is padded

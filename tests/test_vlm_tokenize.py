@@ -11,10 +11,10 @@ from datasets import load_from_disk
 from PIL import Image
 
 from tests.test_tokenize import run_stages
-from tunepipe.data.encoding import IGNORE
+from tunepipe.data.tokenizing.encoding import IGNORE
 from tunepipe.data.vision import regularized_size
 from tunepipe.errors import TunepipeError
-from tunepipe.modeling import load_tokenizer
+from tunepipe.models.base import load_tokenizer
 
 SMALL = {"image_max_pixels": 112 * 112, "cutoff_len": 2048}  # a few dozen tokens an image
 
@@ -106,9 +106,9 @@ def test_image_rows_need_a_vision_model_and_template(tmp_path, tiny_model_dir, t
 
 def test_an_image_row_too_long_is_dropped_never_cut(tmp_path, tiny_qwen2vl_dir):
     from tunepipe.config.loader import load_config
-    from tunepipe.data.encoding import Stats, encode_conversations
-    from tunepipe.data.media import file_sha256
-    from tunepipe.data.templates import ChatFormat
+    from tunepipe.data.chat.templates import ChatFormat
+    from tunepipe.data.sources.media import file_sha256
+    from tunepipe.data.tokenizing.encoding import Stats, encode_conversations
     from tunepipe.data.vision import MediaTokens
 
     Image.new("RGB", (56, 56), (1, 2, 3)).save(tmp_path / "a.png")  # 2x2 merged patches: 4 image tokens
@@ -129,7 +129,7 @@ def test_an_image_row_too_long_is_dropped_never_cut(tmp_path, tiny_qwen2vl_dir):
 
 
 def test_a_changed_image_is_refused_at_training(tmp_path, tiny_qwen2vl_dir):
-    from tunepipe.data.media import file_sha256
+    from tunepipe.data.sources.media import file_sha256
     from tunepipe.data.vision import MediaTokens
 
     Image.new("RGB", (56, 56), (1, 2, 3)).save(tmp_path / "a.png")

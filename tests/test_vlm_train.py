@@ -13,11 +13,11 @@ from tests.test_tokenize import run_stages
 from tests.test_vlm_tokenize import SMALL
 from tunepipe.config.loader import load_config
 from tunepipe.data.vision import MediaTokens
-from tunepipe.modeling import load_causal_lm, load_tokenizer
-from tunepipe.train.collate import model_inputs
+from tunepipe.models.base import load_causal_lm, load_tokenizer
+from tunepipe.train.batches.collate import model_inputs
 from tunepipe.train.loss import causal_lm_loss
-from tunepipe.train.model_setup import apply_finetuning
-from tunepipe.train.vision import VisionCollator
+from tunepipe.train.model.model_setup import apply_finetuning
+from tunepipe.train.model.vision import VisionCollator
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_qlora_and_freeze_train_the_language_model_and_leave_the_tower_bit_ident
     last decoder layer trains. Either way the vision tower and projector stay bit-identical."""
     from tunepipe.config.loader import load_config as load
     from tunepipe.layout import Layout
-    from tunepipe.train.model_setup import load_base_for_training
+    from tunepipe.train.model.model_setup import load_base_for_training
 
     keys = ["train.finetuning_type=lora", "model.quantization_bit=4"] if method == "qlora" \
         else ["train.finetuning_type=freeze", "train.freeze_trainable_layers=1"]

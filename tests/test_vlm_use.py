@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tunepipe.config.loader import load_config
-from tunepipe.data.media import file_sha256
-from tunepipe.data.templates import ChatFormat
+from tunepipe.data.chat.templates import ChatFormat
+from tunepipe.data.sources.media import file_sha256
 from tunepipe.data.vision import MediaTokens
 from tunepipe.errors import TunepipeError
 from tunepipe.evaluate.generation import Example, generate
@@ -22,8 +22,8 @@ from tunepipe.evaluate.images import EvalImages
 from tunepipe.export.merge import run_export
 from tunepipe.export.vision import vision_probes
 from tunepipe.layout import Layout
-from tunepipe.loading import apply_adapters
-from tunepipe.modeling import load_causal_lm, load_tokenizer
+from tunepipe.models.base import load_causal_lm, load_tokenizer
+from tunepipe.models.trained import apply_adapters
 
 MAX_PIXELS, MIN_PIXELS = 112 * 112, 32 * 32
 KEYS = [f"data.image_max_pixels={MAX_PIXELS}", f"data.image_min_pixels={MIN_PIXELS}", "data.template=qwen2_vl",
@@ -33,7 +33,7 @@ KEYS = [f"data.image_max_pixels={MAX_PIXELS}", f"data.image_min_pixels={MIN_PIXE
 @pytest.fixture(scope="module")
 def vlm_adapter(tiny_qwen2vl_dir, tmp_path_factory):
     """A LoRA adapter on the language model (lora_target all, tower frozen) with random B matrices."""
-    from tunepipe.train.model_setup import apply_finetuning
+    from tunepipe.train.model.model_setup import apply_finetuning
 
     train = load_config(None, ["train.finetuning_type=lora", "train.lora_rank=4"]).train
     torch.manual_seed(0)

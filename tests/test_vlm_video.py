@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests.fixtures.video_processor import qwen2vl_video_processor_class
 from tests.test_tokenize import run_stages
-from tunepipe.data.encoding import IGNORE
+from tunepipe.data.tokenizing.encoding import IGNORE
 from tunepipe.data.video import (
     QWEN2_VL_VIDEO_DEFAULTS,
     Clip,
@@ -28,10 +28,10 @@ from tunepipe.data.video import (
     sample_indices,
 )
 from tunepipe.data.vision import MediaTokens, regularized_size
-from tunepipe.modeling import load_causal_lm, load_tokenizer
-from tunepipe.train.collate import model_inputs
+from tunepipe.models.base import load_causal_lm, load_tokenizer
+from tunepipe.train.batches.collate import model_inputs
 from tunepipe.train.loss import causal_lm_loss
-from tunepipe.train.vision import VisionCollator
+from tunepipe.train.model.vision import VisionCollator
 
 av = pytest.importorskip("av")
 
@@ -146,7 +146,7 @@ def test_video_rows_equal_llamafactory_golden_rows(video_shards):
 
 
 def test_the_model_chat_template_places_the_video_itself(video_shards, tiny_qwen2vl_dir, lf_demo_dir):
-    from tunepipe.data.templates import ChatFormat
+    from tunepipe.data.chat.templates import ChatFormat
 
     cfg, shards = video_shards
     tokenizer = load_tokenizer(tiny_qwen2vl_dir)

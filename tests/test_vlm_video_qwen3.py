@@ -19,13 +19,13 @@ from PIL import Image
 from tests.fixtures.tiny_vlm_families import build_qwen3_vl
 from tests.fixtures.video_processor import video_processor_class
 from tests.test_tokenize import run_stages
-from tunepipe.data.encoding import IGNORE
+from tunepipe.data.tokenizing.encoding import IGNORE
 from tunepipe.data.video import QWEN3_VL_VIDEO_DEFAULTS, Clip, VideoBudget, VideoProcessing, sample_indices
 from tunepipe.data.vision import MediaTokens, regularized_size
-from tunepipe.modeling import load_causal_lm, load_tokenizer
-from tunepipe.train.collate import model_inputs
+from tunepipe.models.base import load_causal_lm, load_tokenizer
+from tunepipe.train.batches.collate import model_inputs
 from tunepipe.train.loss import causal_lm_loss
-from tunepipe.train.vision import VisionCollator
+from tunepipe.train.model.vision import VisionCollator
 
 av = pytest.importorskip("av")
 
@@ -155,7 +155,7 @@ def test_each_video_of_a_row_gets_its_own_patches_and_times(shards, qwen3vl_dir,
     """Two videos in one row (LLaMA-Factory 0.9.5 would give both the first video's patch count and the
     first message's times: docs/migrating-from-llama-factory.md); tunepipe writes each its own."""
     from tests.test_vlm_video import write_clip
-    from tunepipe.data.media import file_sha256
+    from tunepipe.data.sources.media import file_sha256
 
     cfg, _ = shards
     media = MediaTokens.for_data(qwen3vl_dir, load_tokenizer(qwen3vl_dir), cfg.data)

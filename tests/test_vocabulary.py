@@ -50,7 +50,7 @@ def vocab_run(tmp_path_factory, tiny_model_dir):
     from tunepipe.data.validate import run_validate
     from tunepipe.evaluate.run import run_evaluate
     from tunepipe.export.merge import run_export
-    from tunepipe.modeling import prepare_base_model
+    from tunepipe.models.base import prepare_base_model
     from tunepipe.train import run_train
 
     root = tmp_path_factory.mktemp("vocab")
@@ -67,13 +67,13 @@ def vocab_run(tmp_path_factory, tiny_model_dir):
 
 
 def base_rows(tiny_model_dir) -> int:
-    from tunepipe.modeling import load_tokenizer
+    from tunepipe.models.base import load_tokenizer
 
     return len(load_tokenizer(tiny_model_dir))
 
 
 def test_new_tokens_encode_as_one_id_and_are_recorded(vocab_run, tiny_model_dir):
-    from tunepipe.modeling import load_tokenizer
+    from tunepipe.models.base import load_tokenizer
 
     _, layout, _ = vocab_run
     meta = json.loads((layout.tokenized / "meta.json").read_text())
@@ -91,8 +91,8 @@ def test_new_tokens_encode_as_one_id_and_are_recorded(vocab_run, tiny_model_dir)
 def test_rows_start_as_init_special_tokens_says(vocab_run, tiny_model_dir):
     from transformers import set_seed
 
-    from tunepipe.modeling import load_causal_lm, load_tokenizer
-    from tunepipe.train.vocabulary import grow_vocabulary
+    from tunepipe.models.base import load_causal_lm, load_tokenizer
+    from tunepipe.train.model.vocabulary import grow_vocabulary
 
     cfg, layout, _ = vocab_run
     set_seed(cfg.train.seed)
@@ -114,8 +114,8 @@ def test_rows_start_as_init_special_tokens_says(vocab_run, tiny_model_dir):
 
 @pytest.mark.parametrize("method", ["noise_init", "desc_init_w_noise"])
 def test_noise_is_added_to_the_start_row_with_std_one_over_sqrt_hidden(method, tiny_model_dir):
-    from tunepipe.modeling import load_tokenizer
-    from tunepipe.train.vocabulary import initialise_rows
+    from tunepipe.models.base import load_tokenizer
+    from tunepipe.train.model.vocabulary import initialise_rows
 
     tokenizer = load_tokenizer(tiny_model_dir)
     torch.manual_seed(0)
@@ -134,8 +134,8 @@ def test_noise_is_added_to_the_start_row_with_std_one_over_sqrt_hidden(method, t
 def test_lora_trains_the_new_rows(vocab_run, tiny_model_dir):
     from transformers import set_seed
 
-    from tunepipe.modeling import load_causal_lm, load_tokenizer
-    from tunepipe.train.vocabulary import grow_vocabulary
+    from tunepipe.models.base import load_causal_lm, load_tokenizer
+    from tunepipe.train.model.vocabulary import grow_vocabulary
 
     cfg, layout, _ = vocab_run
     set_seed(cfg.train.seed)
@@ -152,8 +152,8 @@ def test_lora_trains_the_new_rows(vocab_run, tiny_model_dir):
 
 
 def test_export_has_the_tokens_and_equals_base_plus_adapter(vocab_run, tiny_model_dir):
-    from tunepipe.loading import apply_adapters, tokenizer_for, trained_source
-    from tunepipe.modeling import load_causal_lm, load_tokenizer
+    from tunepipe.models.base import load_causal_lm, load_tokenizer
+    from tunepipe.models.trained import apply_adapters, tokenizer_for, trained_source
 
     cfg, layout, metrics = vocab_run
     assert metrics["max_abs_logit_diff"] <= metrics["logit_tolerance"] <= 1e-3
@@ -173,7 +173,7 @@ def test_export_has_the_tokens_and_equals_base_plus_adapter(vocab_run, tiny_mode
 def test_special_token_keys_and_their_precedence(tiny_model_dir):
     from tunepipe.config import ModelConfig
     from tunepipe.data.vocabulary import extend_tokenizer
-    from tunepipe.modeling import load_tokenizer
+    from tunepipe.models.base import load_tokenizer
 
     def added(**keys):
         tokenizer = load_tokenizer(tiny_model_dir)
@@ -188,8 +188,8 @@ def test_special_token_keys_and_their_precedence(tiny_model_dir):
 
 
 def test_resize_vocab_alone_trains_the_embedding_modules(tmp_path, tiny_model_dir):
-    from tunepipe.modeling import load_causal_lm
-    from tunepipe.train.vocabulary import grow_vocabulary
+    from tunepipe.models.base import load_causal_lm
+    from tunepipe.train.model.vocabulary import grow_vocabulary
 
     layout = Layout.at(tmp_path)
     layout.tokenized.mkdir(parents=True)
@@ -212,9 +212,9 @@ def test_eval_scores_the_tuned_and_the_grown_base(vocab_run):
 
 
 def test_create_new_adapter_keeps_the_rows_the_merged_adapter_trained(vocab_run, tiny_model_dir):
-    from tunepipe.modeling import load_causal_lm, load_tokenizer
-    from tunepipe.train.adapters import merge_named_adapters
-    from tunepipe.train.vocabulary import grow_vocabulary
+    from tunepipe.models.base import load_causal_lm, load_tokenizer
+    from tunepipe.train.model.adapters import merge_named_adapters
+    from tunepipe.train.model.vocabulary import grow_vocabulary
 
     _, layout, _ = vocab_run
     on_top = vocab_config(layout.root, tiny_model_dir, "train.create_new_adapter=true",

@@ -28,13 +28,20 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from tunepipe.config import Config
-from tunepipe.data.chat_format import stop_token_ids
-from tunepipe.data.media import PLACEHOLDERS
-from tunepipe.data.named_templates import stop_words
-from tunepipe.data.templates import ChatFormat, apply_template
+from tunepipe.data.chat.chat_format import stop_token_ids
+from tunepipe.data.chat.named_templates import stop_words
+from tunepipe.data.chat.templates import ChatFormat, apply_template
+from tunepipe.data.sources.media import PLACEHOLDERS
 from tunepipe.errors import TunepipeError
 from tunepipe.evaluate.generation import decoding_kwargs, sampling_kwargs
-from tunepipe.loading import base_dir_for, cli_config, device_for, load_trained, tokenizer_for, trained_source
+from tunepipe.models.trained import (
+    base_dir_for,
+    cli_config,
+    device_for,
+    load_trained,
+    tokenizer_for,
+    trained_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +74,7 @@ class ChatSession:
         """Check the picture (it decodes, the model takes pictures) and hold it for the next question."""
         from pathlib import Path
 
-        from tunepipe.data.media import decode_image, file_sha256
+        from tunepipe.data.sources.media import decode_image, file_sha256
 
         if self.media is None:
             raise TunepipeError(f"/image {path}: this model takes no pictures (not a vision-language model)")
@@ -155,7 +162,7 @@ def chat_media(cfg: Config, base_dir, tokenizer):
     from pathlib import Path
 
     from tunepipe.data.vision import MediaTokens
-    from tunepipe.modeling import follow_manifest, is_vision_model
+    from tunepipe.models.base import follow_manifest, is_vision_model
 
     model_dir = follow_manifest(base_dir)
     if not is_vision_model(model_dir):

@@ -78,7 +78,7 @@ def dispatch(args: argparse.Namespace) -> int | None:
 def print_env() -> int:
     from importlib.metadata import PackageNotFoundError, version
 
-    from tunepipe.modeling import builtin_installed
+    from tunepipe.models.base import builtin_installed
 
     print(f"tunepipe       {__version__}")
     print(f"python         {platform.python_version()}")

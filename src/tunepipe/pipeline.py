@@ -18,12 +18,12 @@ from dataclasses import replace
 
 from tunepipe.config import Config
 from tunepipe.config.loader import load_config
-from tunepipe.data.tokenized_path import save_shards, saved_shards, use_saved_shards
+from tunepipe.data.tokenizing.tokenized_path import save_shards, saved_shards, use_saved_shards
 from tunepipe.devices import check_precision
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import hold_run_lock, read_json
 from tunepipe.layout import Layout
-from tunepipe.modeling import ensure_base_model
+from tunepipe.models.base import ensure_base_model
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def eval_command(args) -> int:
     `llamafactory-cli eval`: benchmarks only, of the trained model if there is one, else the base."""
     from tunepipe.evaluate.benchmarks import prepare_benchmarks, print_benchmarks, run_benchmarks
     from tunepipe.evaluate.run import print_report, run_evaluate
-    from tunepipe.loading import require_trained, trained_source
+    from tunepipe.models.trained import require_trained, trained_source
 
     cfg, layout = cli_config(args)
     benchmarks_only = cfg.eval.task is not None
@@ -195,7 +195,7 @@ def run_train_steps(cfg: Config, layout: Layout) -> None:
     log.info("writing under %s", layout.root)
     if cfg.train.machine_rank > 0:
         # multi-node on shared storage: machine 0 prepares the data; this machine's ranks
-        # wait for it when they join the process group (tunepipe.train.sharding)
+        # wait for it when they join the process group (tunepipe.train.parallel.sharding)
         log.info("== train (machine %d of %d: data prepared by machine 0) ==",
                  cfg.train.machine_rank, cfg.train.num_machines)
         step("train")(cfg, layout)

@@ -38,7 +38,7 @@ def test_two_processes_match_one_with_doubled_accumulation(tmp_path, tiny_model_
     config.write_text(yaml.safe_dump(settings(tiny_model_dir, lf_demo_dir, mlflow_uri)))
     ddp, single = Layout.at(tmp_path / "ddp"), Layout.at(tmp_path / "single")
 
-    with caplog.at_level(logging.INFO, logger="tunepipe.train.launch"):
+    with caplog.at_level(logging.INFO, logger="tunepipe.train.parallel.launch"):
         run_train_pipeline(load_config(config, ["train.num_processes=2", "train.gradient_accumulation_steps=4"]),
                            ddp)
     assert any("launching 2 training processes" in r.getMessage() for r in caplog.records)

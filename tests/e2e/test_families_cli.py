@@ -23,7 +23,7 @@ import yaml
 from tests.fixtures.families import FAMILIES, WINDOW, build_family_dir, greedy_without_cache
 
 from tunepipe.cli import main
-from tunepipe.train.collate import IGNORE_INDEX
+from tunepipe.train.batches.collate import IGNORE_INDEX
 
 ROWS = [
     {"instruction": "Give three tips for staying healthy.",
@@ -76,7 +76,7 @@ def train_samples(out) -> list[tuple[list[int], list[int]]]:
 
 def per_sample_eager_loss(model_dir, out, **config_changes) -> float:
     """Mean next-token loss over the tokenized training samples, each run alone on eager attention."""
-    from tunepipe.modeling import load_causal_lm
+    from tunepipe.models.base import load_causal_lm
 
     model = load_causal_lm(model_dir, attn_implementation="eager", **config_changes)
     total, count = 0.0, 0
@@ -111,7 +111,7 @@ def test_tunepipe_train_first_loss_equals_each_sample_alone(tmp_path, name, pack
 
 
 def greedy_text(model, tokenizer, ids: list[int], new_tokens: int) -> str:
-    from tunepipe.data.chat_format import stop_token_ids
+    from tunepipe.data.chat.chat_format import stop_token_ids
 
     stops = stop_token_ids(tokenizer, model.generation_config)
     return tokenizer.decode(greedy_without_cache(model, ids, new_tokens, stops), skip_special_tokens=True).strip()
@@ -120,7 +120,7 @@ def greedy_text(model, tokenizer, ids: list[int], new_tokens: int) -> str:
 def test_gemma3_eval_export_and_chat_through_the_cli(tmp_path, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
 
-    from tunepipe.modeling import load_tokenizer
+    from tunepipe.models.base import load_tokenizer
 
     model_dir = build_family_dir(tmp_path / "model", "gemma3")
     config, out = write_config(tmp_path, model_dir, max_steps=3, learning_rate=5e-2, val_size=0.4,

@@ -23,7 +23,7 @@ from tests.fixtures.families import build_family_dir
 
 from tunepipe.cli import main
 from tunepipe.train import asft
-from tunepipe.train.collate import IGNORE_INDEX
+from tunepipe.train.batches.collate import IGNORE_INDEX
 
 EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[3] / "shared" / "llamafactory-examples"
 YAML = EXAMPLES / "extras" / "asft" / "qwen2_full_asft.yaml"
@@ -54,7 +54,7 @@ def asft_loss(model, reference, samples) -> float:
 def test_llamafactory_asft_example_trains_with_the_kl_anchor(tmp_path, lf_demo_dir, monkeypatch):
     if not YAML.is_file():
         pytest.skip(f"LLaMA-Factory's examples not found at {EXAMPLES}")
-    from tunepipe.modeling import load_causal_lm
+    from tunepipe.models.base import load_causal_lm
 
     base = build_family_dir(tmp_path / "models" / "Qwen2.5-7B", "qwen2")
     anchored = []

@@ -20,8 +20,8 @@ from tests.fixtures.families import build_family_dir
 from tests.fixtures.tiny_model import build_tiny_model_dir
 
 from tunepipe.cli import main
-from tunepipe.modeling import load_causal_lm
-from tunepipe.train.collate import IGNORE_INDEX
+from tunepipe.models.base import load_causal_lm
+from tunepipe.train.batches.collate import IGNORE_INDEX
 
 
 def test_dft_and_router_loss_through_the_cli(tmp_path):

@@ -59,7 +59,7 @@ def test_lf_demo_preference_data_trains_on_smollm2(smollm2_base_dir, lf_demo_dir
 
     from peft import PeftModel
 
-    from tunepipe.modeling import load_causal_lm
+    from tunepipe.models.base import load_causal_lm
 
     model = PeftModel.from_pretrained(load_causal_lm(out / "models" / "base"), str(out / "models" / "adapter"))
     changed = [name for name, param in model.named_parameters() if "lora_B" in name and param.abs().sum() > 0]

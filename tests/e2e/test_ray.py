@@ -31,7 +31,7 @@ from tunepipe.io_utils import read_json
 from tunepipe.layout import Layout
 from tunepipe.pipeline import run_train_pipeline
 from tunepipe.train import run_ray_rank
-from tunepipe.train.ray_launch import connect, ray_trainer
+from tunepipe.train.parallel.ray_launch import connect, ray_trainer
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "llamafactory-examples"
 RAY_EXAMPLE = "train_lora/qwen3_lora_sft_ray.yaml"
@@ -90,7 +90,7 @@ def test_two_ray_workers_match_one_process_with_doubled_accumulation(ray_cluster
     config = write_settings(tmp_path, tiny_model_dir, lf_demo_dir, mlflow_uri)
     under_ray, single = Layout.at(tmp_path / "ray"), Layout.at(tmp_path / "single")
     storage = tmp_path / "ray_storage"
-    with caplog.at_level(logging.INFO, logger="tunepipe.train.ray_launch"):
+    with caplog.at_level(logging.INFO, logger="tunepipe.train.parallel.ray_launch"):
         run_train_pipeline(load_config(config, [
             "train.ray_num_workers=2", "train.gradient_accumulation_steps=4", "train.ray_run_name=equal",
             f"train.ray_storage_path={storage}", f'train.ray_init_kwargs={{"address": "{ray_cluster.address}"}}',

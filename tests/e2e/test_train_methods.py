@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from tests.fixtures.train_runs import tiny_run
 
-from tunepipe.modeling import load_causal_lm
+from tunepipe.models.base import load_causal_lm
 from tunepipe.train import run_train, session
 
 PROBE = torch.tensor([[1, 40, 52, 77, 90, 2, 61, 33]])
@@ -57,7 +57,7 @@ def probe_logits(model) -> torch.Tensor:
 def test_lora_and_qlora(tmp_path, tiny_model_dir, captured, quantization_bit):
     from peft import PeftModel
 
-    from tunepipe.train.model_setup import load_base_for_training
+    from tunepipe.train.model.model_setup import load_base_for_training
 
     cfg, layout = tiny_run(tmp_path, tiny_model_dir, rows=4, max_steps=8, per_device_train_batch_size=4,
                            learning_rate=1e-2, model={"quantization_bit": quantization_bit})

@@ -59,7 +59,7 @@ def test_short_lora_sft_on_smollm2_through_dvc_repro(tmp_path, smollm2_base_dir)
 
     from peft import PeftModel
 
-    from tunepipe.modeling import load_causal_lm
+    from tunepipe.models.base import load_causal_lm
 
     tuned = PeftModel.from_pretrained(load_causal_lm(repo / "models" / "base"), str(repo / "models" / "adapter"))
     base = load_causal_lm(repo / "models" / "base")

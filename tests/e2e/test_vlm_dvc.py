@@ -28,7 +28,7 @@ from tests.e2e.test_data_stages import REPO, dvc
 from tests.test_vlm_use import greedy_by_hand, picture_prompt
 
 from tunepipe.data.vision import MediaTokens
-from tunepipe.modeling import load_causal_lm, load_tokenizer
+from tunepipe.models.base import load_causal_lm, load_tokenizer
 
 MAX_PIXELS, MIN_PIXELS = 112 * 112, 32 * 32
 PICTURE = "mllm_demo_data/1.jpg"
@@ -84,7 +84,7 @@ def test_dvc_repro_trains_evaluates_and_exports_a_vlm_on_the_demo_sets(vlm_repo,
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from tunepipe.loading import apply_adapters
+    from tunepipe.models.trained import apply_adapters
 
     report = json.loads((vlm_repo / "reports" / "validation.json").read_text())
     assert report["invalid"] == 0
@@ -142,7 +142,7 @@ def stale_stages(repo) -> dict:
 
 @pytest.mark.slow
 def test_a_changed_image_reruns_validate_and_everything_after_it(vlm_repo):
-    from tunepipe.data.media import file_sha256
+    from tunepipe.data.sources.media import file_sha256
 
     assert stale_stages(vlm_repo) == {}  # one `dvc repro` left the whole pipeline up to date
     picture = vlm_repo / "data" / "raw" / PICTURE

@@ -107,7 +107,7 @@ def reward(tiny_model_dir, tmp_path_factory):
 
 def test_score_evaluation_equals_score_texts(reward, tiny_model_dir):
     from tunepipe.evaluate.scoring import load_reward_model, score_texts
-    from tunepipe.modeling import load_tokenizer
+    from tunepipe.models.base import load_tokenizer
 
     url, adapter = reward
     tokenizer = load_tokenizer(tiny_model_dir)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.fixtures.serving import running, serve_config
-from tunepipe.data.tool_formats import FORMATS, calls_text
+from tunepipe.data.chat.tool_formats import FORMATS, calls_text
 from tunepipe.layout import Layout
 from tunepipe.serve.prompts import canonical_row, parse_calls, prompt_ids
 

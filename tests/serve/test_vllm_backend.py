@@ -21,7 +21,7 @@ from tunepipe.layout import Layout
 
 @pytest.fixture
 def nothing_loads(monkeypatch):
-    from tunepipe import loading
+    from tunepipe.models import trained as loading
     from tunepipe.serve import server
 
     for module in (loading, server):

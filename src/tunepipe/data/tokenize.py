@@ -25,21 +25,21 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tunepipe.config import Config, DataConfig
-from tunepipe.data.chunks import Job, merge_stats, new_stats, run_chunks, worker_count
-from tunepipe.data.encoding import PROMPT_COLUMNS
-from tunepipe.data.media import MEDIA_STORE
-from tunepipe.data.mixing import mix_plan, sample_indices, split_positions
-from tunepipe.data.pack_spill import PackSpill
-from tunepipe.data.packing import BlockCutter
-from tunepipe.data.shards import ShardWriter, to_table
-from tunepipe.data.templates import ChatFormat
-from tunepipe.data.validated import KINDS_FOR_STAGE, SHARD_KINDS, line_offsets, read_manifest
+from tunepipe.data.chat.templates import ChatFormat
+from tunepipe.data.checks.validated import KINDS_FOR_STAGE, SHARD_KINDS, line_offsets, read_manifest
+from tunepipe.data.sources.media import MEDIA_STORE
+from tunepipe.data.tokenizing.chunks import Job, merge_stats, new_stats, run_chunks, worker_count
+from tunepipe.data.tokenizing.encoding import PROMPT_COLUMNS
+from tunepipe.data.tokenizing.mixing import mix_plan, sample_indices, split_positions
+from tunepipe.data.tokenizing.pack_spill import PackSpill
+from tunepipe.data.tokenizing.packing import BlockCutter
+from tunepipe.data.tokenizing.shards import ShardWriter, to_table
 from tunepipe.data.vision import MediaTokens
 from tunepipe.data.vocabulary import extend_tokenizer
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import atomic_dir, write_json_atomic
 from tunepipe.layout import Layout
-from tunepipe.modeling import follow_manifest, is_vision_model, load_tokenizer
+from tunepipe.models.base import follow_manifest, is_vision_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from tunepipe.config import Config, ModelConfig
-from tunepipe.data.formats import Mapper
-from tunepipe.data.hub_data import resolve as resolve_hub
-from tunepipe.data.hub_data import stream_rows
-from tunepipe.data.media import MEDIA_STORE, MediaChecker, refuse_unsupported
-from tunepipe.data.readers import RawRow, read_rows
-from tunepipe.data.registry import DatasetEntry, get_entries
-from tunepipe.data.row_checks import check_view, problem_record
-from tunepipe.data.validated import KINDS_FOR_STAGE, ValidatedWriter
+from tunepipe.data.checks.row_checks import check_view, problem_record
+from tunepipe.data.checks.validated import KINDS_FOR_STAGE, ValidatedWriter
+from tunepipe.data.sources.formats import Mapper
+from tunepipe.data.sources.hub_data import resolve as resolve_hub
+from tunepipe.data.sources.hub_data import stream_rows
+from tunepipe.data.sources.media import MEDIA_STORE, MediaChecker, refuse_unsupported
+from tunepipe.data.sources.readers import RawRow, read_rows
+from tunepipe.data.sources.registry import DatasetEntry, get_entries
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import write_json_atomic
 from tunepipe.layout import Layout

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tunepipe.data.media import PLACEHOLDERS, file_sha256
+from tunepipe.data.sources.media import PLACEHOLDERS, file_sha256
 from tunepipe.data.video import VIDEO_FAMILIES, VideoBudget, VideoFamily, VideoProcessing, read_clip
 from tunepipe.errors import TunepipeError
 
@@ -95,7 +95,7 @@ class MediaTokens:
     family: Family
     processor: object = None  # "processor" families: the whole processor (it writes each image's text)
     placeholder: str = ""  # the token a template writes for one image, replaced by the image's text
-    store_dir: Path | None = None  # the media store (images held inside datasets, data/media.py)
+    store_dir: Path | None = None  # the media store (images held inside datasets, data/sources/media.py)
     counts: dict[str, int] = field(default_factory=dict)  # sha256 -> tokens (images repeat)
     texts: dict[str, str] = field(default_factory=dict)  # sha256 -> the image's text ("processor" families)
     verified: set = field(default_factory=set)  # (path, sha256) whose bytes were checked

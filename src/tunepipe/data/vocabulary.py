@@ -5,7 +5,7 @@ does it when it loads the tokenizer, before the template adds its own), so each 
 encodes as one id. When the vocabulary grew, the stage keeps the grown tokenizer beside the
 shards (`Layout.grown_tokenizer`, `data/tokenized/tokenizer/`) and lists the new tokens (and their descriptions, for
 `init_special_tokens: desc_init`) in `meta.json`: training reads both from there, resizes
-the embeddings and initialises the new rows (`train/vocabulary.py`).
+the embeddings and initialises the new rows (`train/model/vocabulary.py`).
 """
 
 from __future__ import annotations

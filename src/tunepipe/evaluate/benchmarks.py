@@ -27,7 +27,14 @@ from tunepipe.errors import TunepipeError
 from tunepipe.evaluate.outputs import flat_metrics
 from tunepipe.io_utils import write_json_atomic
 from tunepipe.layout import Layout
-from tunepipe.loading import base_dir_for, device_for, load_base, load_trained, tokenizer_for, trained_source
+from tunepipe.models.trained import (
+    base_dir_for,
+    device_for,
+    load_base,
+    load_trained,
+    tokenizer_for,
+    trained_source,
+)
 from tunepipe.tracking.tracker import join_train_run
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tunepipe.config import EvalConfig
-from tunepipe.data.chat_format import stop_token_ids
+from tunepipe.data.chat.chat_format import stop_token_ids
 from tunepipe.evaluate.lm_metrics import IGNORE_INDEX, batched, model_device, padded
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunepipe.config import Config
-from tunepipe.data.media import MEDIA_STORE
+from tunepipe.data.sources.media import MEDIA_STORE
 from tunepipe.data.vision import MediaTokens
 from tunepipe.evaluate.lm_metrics import padded
 
@@ -28,7 +28,7 @@ class EvalImages:
     @classmethod
     def load(cls, cfg: Config, dataset, tokenizer, base_dir: Path, tokenized: Path) -> EvalImages:
         """The images of `dataset` (a split of the shards in `tokenized`, beside their media store)."""
-        from tunepipe.modeling import follow_manifest
+        from tunepipe.models.base import follow_manifest
 
         media = MediaTokens.for_data(follow_manifest(base_dir), tokenizer, cfg.data, tokenized / MEDIA_STORE)
         return cls(media, dataset, tokenizer.pad_token_id)

@@ -18,7 +18,13 @@ from tunepipe.evaluate.lm_metrics import batched, model_device, padded
 from tunepipe.evaluate.outputs import log_report, write_outputs
 from tunepipe.evaluate.pref_metrics import split_kind
 from tunepipe.layout import Layout
-from tunepipe.loading import TrainedSource, base_dir_for, device_for, quantization_config, tokenizer_for
+from tunepipe.models.trained import (
+    TrainedSource,
+    base_dir_for,
+    device_for,
+    quantization_config,
+    tokenizer_for,
+)
 
 log = logging.getLogger(__name__)
 

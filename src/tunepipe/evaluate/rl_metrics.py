@@ -45,7 +45,7 @@ def model_rewards(model_dir: Path, base_dir: Path, tokenizer, texts: list[str]) 
     import gc
 
     from tunepipe.evaluate.scoring import score_texts
-    from tunepipe.modeling import load_reward_model
+    from tunepipe.models.base import load_reward_model
 
     model = load_reward_model(model_dir, base_dir, tokenizer.pad_token_id)
     try:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunepipe.config import Config
-from tunepipe.data.named_templates import stop_words
-from tunepipe.data.templates import apply_template
+from tunepipe.data.chat.named_templates import stop_words
+from tunepipe.data.chat.templates import apply_template
 from tunepipe.errors import TunepipeError
 from tunepipe.evaluate.gen_metrics import corpus_scores, identity_accuracy
 from tunepipe.evaluate.generation import Example, generate, generation_examples
@@ -32,7 +32,8 @@ from tunepipe.evaluate.pref_metrics import needs_reference, preference_logps, pr
 from tunepipe.evaluate.rl_metrics import reward_means
 from tunepipe.io_utils import read_json
 from tunepipe.layout import Layout
-from tunepipe.loading import (
+from tunepipe.models.base import fit_vocabulary
+from tunepipe.models.trained import (
     base_dir_for,
     device_for,
     load_base,
@@ -41,7 +42,6 @@ from tunepipe.loading import (
     tokenizer_for,
     trained_source,
 )
-from tunepipe.modeling import fit_vocabulary
 
 log = logging.getLogger(__name__)
 

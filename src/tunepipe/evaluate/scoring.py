@@ -12,7 +12,7 @@ import json
 import torch
 
 from tunepipe.errors import TunepipeError
-from tunepipe.modeling import load_reward_model
+from tunepipe.models.base import load_reward_model
 
 
 def as_text(tokenizer, item) -> str:
@@ -48,7 +48,7 @@ def score_command(args) -> int:
     """
     from tunepipe.config.loader import load_config
     from tunepipe.layout import Layout
-    from tunepipe.loading import (
+    from tunepipe.models.trained import (
         base_dir_for,
         quantization_config,
         require_trained,

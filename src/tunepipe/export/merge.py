@@ -22,9 +22,9 @@ import logging
 from pathlib import Path
 
 from tunepipe.config import Config
-from tunepipe.data.chat_format import stop_token_ids
-from tunepipe.data.named_templates import stop_words
-from tunepipe.data.templates import apply_template
+from tunepipe.data.chat.chat_format import stop_token_ids
+from tunepipe.data.chat.named_templates import stop_words
+from tunepipe.data.chat.templates import apply_template
 from tunepipe.errors import TunepipeError
 from tunepipe.export import gguf_export
 from tunepipe.export.modelfile import MODELFILE, modelfile_text
@@ -32,7 +32,8 @@ from tunepipe.export.shards import export_size_bytes, save_sharded, verify_shard
 from tunepipe.export.vision import copy_processor_files, vision_probes
 from tunepipe.io_utils import atomic_dir, write_json_atomic, write_text_atomic
 from tunepipe.layout import Layout
-from tunepipe.loading import (
+from tunepipe.models.base import follow_manifest, is_vision_model, load_causal_lm, torch_dtype
+from tunepipe.models.trained import (
     TrainedSource,
     apply_adapters,
     base_dir_for,
@@ -42,7 +43,6 @@ from tunepipe.loading import (
     tokenizer_for,
     trained_source,
 )
-from tunepipe.modeling import follow_manifest, is_vision_model, load_causal_lm, torch_dtype
 from tunepipe.tracking.tracker import join_train_run
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ line (Ollama then falls back to its own detection) and a comment saying so.
 
 from __future__ import annotations
 
-from tunepipe.data.chat_format import TurnFormat, stop_token_ids, turn_format
+from tunepipe.data.chat.chat_format import TurnFormat, stop_token_ids, turn_format
 
 MODELFILE = "Modelfile"
 

@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 
 from tunepipe.config import Config
-from tunepipe.data.media import file_sha256
-from tunepipe.data.templates import ChatFormat
+from tunepipe.data.chat.templates import ChatFormat
+from tunepipe.data.sources.media import file_sha256
 from tunepipe.data.vision import MediaTokens
 
 # what a processor is saved as besides the tokenizer's files (transformers' processor / image /

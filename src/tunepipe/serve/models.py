@@ -40,8 +40,8 @@ def load_multi_adapter(base, paths: list[Path], names: list[str]):
     """`base` with every adapter loaded under its name, the first one active."""
     from peft import PeftModel
 
-    from tunepipe.loading import grown_tokenizer_dir
-    from tunepipe.modeling import load_tokenizer, peft_wrapping, resize_embeddings
+    from tunepipe.models.base import load_tokenizer, peft_wrapping, resize_embeddings
+    from tunepipe.models.trained import grown_tokenizer_dir
 
     for path in paths:  # adapters trained with new tokens carry rows past the base's vocabulary
         if (grown := grown_tokenizer_dir(path)) is not None:

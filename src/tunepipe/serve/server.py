@@ -19,11 +19,11 @@ import signal
 import sys
 
 from tunepipe.config import Config
-from tunepipe.data.chat_format import stop_token_ids
-from tunepipe.data.named_templates import stop_words
-from tunepipe.data.templates import ChatFormat, apply_template
+from tunepipe.data.chat.chat_format import stop_token_ids
+from tunepipe.data.chat.named_templates import stop_words
+from tunepipe.data.chat.templates import ChatFormat, apply_template
 from tunepipe.errors import TunepipeError
-from tunepipe.loading import (
+from tunepipe.models.trained import (
     base_dir_for,
     cli_config,
     device_for,
@@ -134,7 +134,7 @@ def served_tool_format(chat_format) -> str | None:
 def build_reward(cfg: Config, base_dir, source, api_key: str | None, model_name: str):
     """A reward model (`stage: rm`): `/v1/score/evaluation` only, as LLaMA-Factory serves one."""
     from tunepipe.evaluate.scoring import load_reward_model
-    from tunepipe.loading import quantization_config
+    from tunepipe.models.trained import quantization_config
     from tunepipe.serve.app import Served
     from tunepipe.serve.models import RewardModel
 

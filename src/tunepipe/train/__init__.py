@@ -22,8 +22,8 @@ from tunepipe.devices import check_precision
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import hold_run_lock
 from tunepipe.layout import Layout
-from tunepipe.train.launch import in_launched_process, relaunch_train, should_relaunch
-from tunepipe.train.ray_launch import enter_rank, run_under_ray, wants_ray
+from tunepipe.train.parallel.launch import in_launched_process, relaunch_train, should_relaunch
+from tunepipe.train.parallel.ray_launch import enter_rank, run_under_ray, wants_ray
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from tunepipe.errors import TunepipeError
-from tunepipe.train.collate import model_inputs
+from tunepipe.train.batches.collate import model_inputs
 from tunepipe.train.loss import label_hidden_states, plain_output_head
 from tunepipe.train.preference.common import Reference, build_reference, peft_model_of
 

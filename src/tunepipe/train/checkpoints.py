@@ -48,7 +48,7 @@ def run_key(cfg: Config, layout: Layout, data_fingerprint: str | None) -> str:
     """What a checkpoint must share with this run to be resumed: the base model, the model
     and trajectory knobs, the data (fingerprint of the tokenized shards) and tunepipe's code
     (so that `dvc repro` after a code change trains with the new code, as DVC users expect)."""
-    from tunepipe.modeling import MANIFEST as BASE_MANIFEST
+    from tunepipe.models.base import MANIFEST as BASE_MANIFEST
 
     manifest = layout.base_model / BASE_MANIFEST
     train = {k: v for k, v in asdict(cfg.train).items() if k not in NOT_TRAJECTORY}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunepipe.train.collate import IGNORE_INDEX, model_inputs
+from tunepipe.train.batches.collate import IGNORE_INDEX, model_inputs
 
 # Rows per chunk so that one chunk's float32 logits stay near 64 MB whatever the vocabulary.
 CHUNK_ELEMENTS = 1 << 24

@@ -91,7 +91,7 @@ def write_outputs(cfg: Config, layout: Layout, model, tokenizer, summary: dict,
 
 def save_weights(model, out_dir: Path, finetuning_type: str, state_dict=None) -> None:
     if finetuning_type in ("lora", "oft"):
-        from tunepipe.train.adapters import save_adapter
+        from tunepipe.train.model.adapters import save_adapter
 
         save_adapter(model, out_dir, state_dict)
         return

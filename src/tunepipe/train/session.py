@@ -26,9 +26,9 @@ from tunepipe.train.checkpoints import (
     save_failed,
 )
 from tunepipe.train.outputs import LOSS_CSV, LOSS_PNG, TRAIN_METRICS, train_summary, write_outputs
+from tunepipe.train.parallel.ray_launch import report_callbacks
+from tunepipe.train.parallel.sharding import gathered_state_dict
 from tunepipe.train.preemption import StopOnSignal
-from tunepipe.train.ray_launch import report_callbacks
-from tunepipe.train.sharding import gathered_state_dict
 from tunepipe.train.trainer_setup import ProgressBar, early_stopping, training_arguments
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,6 @@ def log_results(tracker, layout: Layout, trained, summary: dict) -> None:
 
 
 def _discard_pissa_snapshot(model) -> None:
-    from tunepipe.train.adapters import discard_pissa_snapshot
+    from tunepipe.train.model.adapters import discard_pissa_snapshot
 
     discard_pissa_snapshot(model)

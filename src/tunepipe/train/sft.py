@@ -12,20 +12,20 @@ import logging
 from transformers import Trainer
 
 from tunepipe.config import Config
-from tunepipe.data.media import MEDIA_STORE
+from tunepipe.data.sources.media import MEDIA_STORE
 from tunepipe.data.vision import MediaTokens
 from tunepipe.layout import Layout
-from tunepipe.modeling import follow_manifest
+from tunepipe.models.base import follow_manifest
 from tunepipe.train.asft import reference_anchor
-from tunepipe.train.collate import SegmentCollator
-from tunepipe.train.isolation import check_sample_isolation
+from tunepipe.train.batches.collate import SegmentCollator
+from tunepipe.train.batches.isolation import check_sample_isolation
+from tunepipe.train.batches.tokenized import load_tokenized
 from tunepipe.train.loss import causal_lm_loss
-from tunepipe.train.model_setup import build_trainable_model
+from tunepipe.train.model.model_setup import build_trainable_model
+from tunepipe.train.model.vision import VisionCollator
+from tunepipe.train.model.vocabulary import training_tokenizer
 from tunepipe.train.session import run_session
-from tunepipe.train.tokenized import load_tokenized
 from tunepipe.train.trainer_setup import optimizer_for
-from tunepipe.train.vision import VisionCollator
-from tunepipe.train.vocabulary import training_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def train(cfg: Config, layout: Layout) -> dict:
     splits = load_tokenized(layout, cfg.train.stage, ("input_ids", "labels"))
     tokenizer = training_tokenizer(cfg, layout)  # the grown one when the shards added tokens
     model = build_trainable_model(cfg, layout)
-    if "media" in splits.train.column_names:  # a vision-language model's rows (train/vision.py)
+    if "media" in splits.train.column_names:  # a vision-language model's rows (train/model/vision.py)
         collator = VisionCollator(tokenizer.pad_token_id, media_tokens(cfg, layout, tokenizer))
     else:
         collator = batch_layout(model, tokenizer.pad_token_id)

@@ -192,6 +192,6 @@ def optimizer_for(model, train: TrainConfig):
         return custom_optimizer(model, train)
     if train.finetuning_type != "lora":
         raise TunepipeError(f"train.loraplus_lr_ratio needs finetuning_type lora, not {train.finetuning_type!r}")
-    from tunepipe.train.adapters import loraplus_optimizer
+    from tunepipe.train.model.adapters import loraplus_optimizer
 
     return loraplus_optimizer(model, train)

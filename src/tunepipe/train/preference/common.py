@@ -23,7 +23,7 @@ from tunepipe.train.preference.losses import IGNORE_INDEX, ld_token_weights
 # objective(model, batch) -> (loss, {metric name: (sum over rows, row count)})
 Objective = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, tuple[float, int]]]]
 MODEL_INPUTS = ("input_ids", "attention_mask")
-# a vision-language batch's image inputs (train/vision.py), passed on when the collator made them
+# a vision-language batch's image inputs (train/model/vision.py), passed on when the collator made them
 IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 

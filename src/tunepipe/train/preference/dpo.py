@@ -14,7 +14,9 @@ import torch
 
 from tunepipe.config import Config
 from tunepipe.layout import Layout
-from tunepipe.train.model_setup import build_trainable_model
+from tunepipe.train.batches.tokenized import load_tokenized
+from tunepipe.train.model.model_setup import build_trainable_model
+from tunepipe.train.model.vocabulary import training_tokenizer
 from tunepipe.train.preference.common import (
     Objective,
     Reference,
@@ -35,8 +37,6 @@ from tunepipe.train.preference.losses import (
 )
 from tunepipe.train.preference.ref_cache import reference_for
 from tunepipe.train.sft import media_tokens
-from tunepipe.train.tokenized import load_tokenized
-from tunepipe.train.vocabulary import training_tokenizer
 
 REFERENCE_FREE = frozenset({"orpo", "simpo"})
 
@@ -103,7 +103,7 @@ def train(cfg: Config, layout: Layout) -> dict:
     splits = load_tokenized(layout, cfg.train.stage, PREFERENCE_COLUMNS)
     tokenizer = training_tokenizer(cfg, layout)  # the grown one when the shards added tokens
     model = build_trainable_model(cfg, layout)
-    vision = "media" in splits.train.column_names  # a vision-language model's rows (train/vision.py)
+    vision = "media" in splits.train.column_names  # a vision-language model's rows (train/model/vision.py)
     collator = PreferenceCollator(tokenizer.pad_token_id, media_tokens(cfg, layout, tokenizer) if vision else None)
     reference = None
     if needs_reference(cfg.train):

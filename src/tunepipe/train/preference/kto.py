@@ -13,7 +13,9 @@ import torch
 
 from tunepipe.config import Config
 from tunepipe.layout import Layout
-from tunepipe.train.model_setup import build_trainable_model
+from tunepipe.train.batches.tokenized import load_tokenized
+from tunepipe.train.model.model_setup import build_trainable_model
+from tunepipe.train.model.vocabulary import training_tokenizer
 from tunepipe.train.preference.common import (
     Objective,
     Reference,
@@ -23,8 +25,6 @@ from tunepipe.train.preference.common import (
 from tunepipe.train.preference.data import KTO_COLUMNS, KTO_REF_COLUMNS, KtoCollator, add_kto_kl_pairs
 from tunepipe.train.preference.losses import kto_kl_estimate, kto_loss
 from tunepipe.train.preference.ref_cache import reference_for
-from tunepipe.train.tokenized import load_tokenized
-from tunepipe.train.vocabulary import training_tokenizer
 
 # The reference columns are keyed on the rows as batched, KL pairs included.
 KEYED_COLUMNS = ("input_ids", "labels", "kto_tag", "kl_input_ids", "kl_labels")

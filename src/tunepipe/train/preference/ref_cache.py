@@ -23,7 +23,7 @@ from pyarrow import feather
 from torch.utils.data import DataLoader
 
 from tunepipe.io_utils import read_json
-from tunepipe.modeling import MANIFEST, base_dtype, follow_manifest, hash_model_dir
+from tunepipe.models.base import MANIFEST, base_dtype, follow_manifest, hash_model_dir
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import logging
 
 from tunepipe.config import Config
 from tunepipe.errors import TunepipeError
-from tunepipe.loading import adapter_dir, apply_adapters
-from tunepipe.modeling import load_causal_lm, resolve_source
-from tunepipe.train.adapters import name_list
-from tunepipe.train.model_setup import attention_implementation, quantization_config
+from tunepipe.models.base import load_causal_lm, resolve_source
+from tunepipe.models.trained import adapter_dir, apply_adapters
+from tunepipe.train.model.adapters import name_list
+from tunepipe.train.model.model_setup import attention_implementation, quantization_config
 
 log = logging.getLogger(__name__)
 

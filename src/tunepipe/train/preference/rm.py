@@ -21,12 +21,12 @@ from trl import RewardTrainer
 from tunepipe.config import Config
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
-from tunepipe.modeling import load_tokenizer
-from tunepipe.train.model_setup import upcast_trainable
+from tunepipe.models.base import load_tokenizer
+from tunepipe.train.batches.tokenized import load_tokenized
+from tunepipe.train.model.model_setup import upcast_trainable
 from tunepipe.train.preference.common import add_objective_metrics, reward_metrics
 from tunepipe.train.preference.data import PREFERENCE_COLUMNS
 from tunepipe.train.session import run_session
-from tunepipe.train.tokenized import load_tokenized
 from tunepipe.train.trainer_setup import optimizer_for
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,8 @@ def build_reward_model(cfg, layout, pad_token_id: int):
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-    from tunepipe.modeling import base_dtype, follow_manifest, torch_dtype
-    from tunepipe.train.model_setup import (
+    from tunepipe.models.base import base_dtype, follow_manifest, torch_dtype
+    from tunepipe.train.model.model_setup import (
         apply_finetuning,
         attention_implementation,
         base_config,

@@ -25,12 +25,12 @@ from tunepipe import rewards as reward_lib
 from tunepipe.config import Config
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
-from tunepipe.modeling import load_tokenizer
-from tunepipe.train.model_setup import build_trainable_model, upcast_trainable
+from tunepipe.models.base import load_tokenizer
+from tunepipe.train.batches.tokenized import load_tokenized
+from tunepipe.train.model.model_setup import build_trainable_model, upcast_trainable
 from tunepipe.train.preference.common import add_objective_metrics
 from tunepipe.train.rl.trainer import PromptIdsGRPOTrainer, prompt_dataset
 from tunepipe.train.session import run_session
-from tunepipe.train.tokenized import load_tokenized
 from tunepipe.train.trainer_setup import optimizer_for
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def train(cfg: Config, layout: Layout) -> dict:
 def load_rewards(cfg: Config, layout: Layout, tokenizer, train_rows) -> tuple[list, list]:
     """The rewards TRL calls (checked function wrappers, or reward models) and the tokenizer each
     reward model scores with; every function reward probed on the first training rows."""
-    from tunepipe.modeling import follow_manifest, load_reward_model
+    from tunepipe.models.base import follow_manifest, load_reward_model
 
     funcs, processing, probed = [], [], []
     for spec in cfg.train.reward_list():

@@ -13,7 +13,7 @@ transformers has no initialisation from descriptions, so these few lines are our
 OFT the input and output embedding modules are trained in full and saved with the adapter
 (PEFT modules_to_save), so the adapter carries the new rows; evaluation, export and chat
 load the grown tokenizer saved beside it and resize the base the same way
-(`tunepipe.modeling.resize_embeddings`) before applying it.
+(`tunepipe.models.base.resize_embeddings`) before applying it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tunepipe.config.checks import name_list
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import read_json
 from tunepipe.layout import Layout
-from tunepipe.modeling import load_tokenizer, resize_embeddings
+from tunepipe.models.base import load_tokenizer, resize_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def grow_vocabulary(model, cfg: Config, layout: Layout) -> TrainConfig:
 
 def merged_vocabulary(cfg: Config) -> set[str]:
     """Tokens of the adapters `create_new_adapter` merged in that were trained with new tokens."""
-    from tunepipe.loading import adapter_dir, grown_tokenizer_dir
+    from tunepipe.models.trained import adapter_dir, grown_tokenizer_dir
 
     if not cfg.train.create_new_adapter:
         return set()

@@ -17,7 +17,7 @@ import logging
 import torch
 
 from tunepipe.errors import TunepipeError
-from tunepipe.train.collate import SegmentCollator, model_inputs
+from tunepipe.train.batches.collate import SegmentCollator, model_inputs
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tunepipe.data.packing import assign_bins
+from tunepipe.data.tokenizing.packing import assign_bins
 
 BUCKET_TOKENS = 1 << 23  # tokens per bucket: 8M tokens, 64 MB of input_ids + labels
 

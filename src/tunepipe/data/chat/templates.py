@@ -35,9 +35,9 @@ from datetime import date
 from typing import Any
 
 from tunepipe.config import DEFAULT_TEMPLATE_DATE
-from tunepipe.data import named_templates as nt
-from tunepipe.data.media import PLACEHOLDERS
-from tunepipe.data.tool_formats import FORMATS, calls_text, tools_text
+from tunepipe.data.chat import named_templates as nt
+from tunepipe.data.chat.tool_formats import FORMATS, calls_text, tools_text
+from tunepipe.data.sources.media import PLACEHOLDERS
 from tunepipe.data.vision import image_parts
 from tunepipe.errors import TunepipeError
 

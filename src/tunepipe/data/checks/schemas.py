@@ -19,7 +19,7 @@ from tunepipe.errors import TunepipeError
 def schema_dir() -> Path:
     """`schemas/` at the repository root (TUNEPIPE_SCHEMAS overrides, e.g. for an installed wheel)."""
     override = os.environ.get("TUNEPIPE_SCHEMAS")
-    return Path(override) if override else Path(__file__).resolve().parents[3] / "schemas"
+    return Path(override) if override else Path(__file__).resolve().parents[4] / "schemas"
 
 
 def schema_path(name: str) -> Path:

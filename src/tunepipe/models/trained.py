@@ -14,9 +14,8 @@ from pathlib import Path
 
 from tunepipe.config import Config, ModelConfig
 from tunepipe.errors import TunepipeError
-from tunepipe.hub import DEFAULT_REVISION, fetch_model, is_repo_id
 from tunepipe.layout import Layout
-from tunepipe.modeling import (
+from tunepipe.models.base import (
     ensure_base_model,
     hub_repo,
     load_causal_lm,
@@ -26,6 +25,7 @@ from tunepipe.modeling import (
     resize_embeddings,
     resolve_source,
 )
+from tunepipe.models.hub import DEFAULT_REVISION, fetch_model, is_repo_id
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def quantization_config(cfg: Config):
     """bitsandbytes settings for `model.quantization_bit`, computing in the base dtype."""
     from transformers import BitsAndBytesConfig
 
-    from tunepipe.modeling import torch_dtype
+    from tunepipe.models.base import torch_dtype
 
     if cfg.model.quantization_bit == 8:
         return BitsAndBytesConfig(load_in_8bit=True)

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tunepipe.config import DataConfig
-from tunepipe.data.batching import BatchEncoder
-from tunepipe.data.encoding import Stats, encode_conversations, encode_preference, encode_prompts
-from tunepipe.data.shards import to_table
+from tunepipe.data.tokenizing.batching import BatchEncoder
+from tunepipe.data.tokenizing.encoding import Stats, encode_conversations, encode_preference, encode_prompts
+from tunepipe.data.tokenizing.shards import to_table
 
 AHEAD = 2  # chunks in flight per worker
 RECYCLE = 200  # chunks a worker process encodes before a fresh fork replaces it

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tunepipe.data.registry import DatasetEntry
+from tunepipe.data.sources.registry import DatasetEntry
 
 ROLES = ("system", "user", "assistant", "function_call", "observation")
 TAG_ROLES = {"user_tag": "user", "assistant_tag": "assistant", "observation_tag": "observation",

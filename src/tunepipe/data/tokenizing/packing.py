@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 
-from tunepipe.data.encoding import IGNORE
+from tunepipe.data.tokenizing.encoding import IGNORE
 
 
 def pack(input_ids: list[list[int]], labels: list[list[int]], cutoff_len: int) -> dict[str, list]:

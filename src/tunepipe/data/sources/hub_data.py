@@ -15,9 +15,9 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tunepipe.data.readers import RawRow
+from tunepipe.data.sources.readers import RawRow
 from tunepipe.errors import TunepipeError
-from tunepipe.hub import (
+from tunepipe.models.hub import (
     DEFAULT_REVISION,
     HubRepo,
     hub_errors,

@@ -122,8 +122,8 @@ def enter_rank(loop_config: dict) -> tuple[Config, Layout]:
     import tempfile
 
     from tunepipe.config.loader import load_config
-    from tunepipe.train.launch import child_env
-    from tunepipe.train.sharding import prepare_launched_process
+    from tunepipe.train.parallel.launch import child_env
+    from tunepipe.train.parallel.sharding import prepare_launched_process
 
     if Path(loop_config["cwd"]).is_dir():  # Ray Train moves its workers to a folder of its own
         os.chdir(loop_config["cwd"])

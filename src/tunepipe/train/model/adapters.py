@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tunepipe.config import TrainConfig
 from tunepipe.errors import TunepipeError
-from tunepipe.modeling import peft_wrapping
+from tunepipe.models.base import peft_wrapping
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def peft_targets(model, train: TrainConfig, names, target_modules: list[str] | N
         return target_modules
     targets = name_list(names) or ["all"]
     if train.use_llama_pro:
-        from tunepipe.train.llama_pro import expanded_block_modules
+        from tunepipe.train.model.llama_pro import expanded_block_modules
 
         return expanded_block_modules(model, train, targets)
     return "all-linear" if targets == ["all"] else targets
@@ -237,8 +237,8 @@ def loraplus_optimizer(model, train: TrainConfig):
 def merge_named_adapters(model, cfg):
     """`create_new_adapter`: the `adapter_name_or_path` adapters merged into the base, in order,
     so the adapter trained next starts on top of them (LLaMA-Factory's meaning). Later stages
-    apply them and then the new one (`tunepipe.loading.trained_source`)."""
-    from tunepipe.loading import adapter_dir, apply_adapters
+    apply them and then the new one (`tunepipe.models.trained.trained_source`)."""
+    from tunepipe.models.trained import adapter_dir, apply_adapters
 
     names = cfg.model.adapters()
     if not names:

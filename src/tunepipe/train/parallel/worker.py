@@ -1,6 +1,6 @@
-"""One rank of a launched training: `python -m tunepipe.train.worker CONFIG [k=v ...] [--root DIR]`.
+"""One rank of a launched training: `python -m tunepipe.train.parallel.worker CONFIG [k=v ...] [--root DIR]`.
 
-torchrun / `accelerate launch` start this module in every process (see `tunepipe.train.launch`);
+torchrun / `accelerate launch` start this module in every process (see `tunepipe.train.parallel.launch`);
 each process loads the config and calls `run_train`, which trains its rank in-process. Started by
 hand on each machine of a multi-node job it is the train step alone (see the README).
 """
@@ -16,12 +16,12 @@ from tunepipe.config.loader import load_config
 from tunepipe.errors import Interrupted, guarded
 from tunepipe.layout import Layout
 from tunepipe.train import run_train
-from tunepipe.train.launch import LAUNCHED_ENV
-from tunepipe.train.sharding import prepare_launched_process
+from tunepipe.train.parallel.launch import LAUNCHED_ENV
+from tunepipe.train.parallel.sharding import prepare_launched_process
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tunepipe.train.worker",
+    parser = argparse.ArgumentParser(prog="python -m tunepipe.train.parallel.worker",
                                      description="the train step alone, in this process (one rank)")
     parser.add_argument("config", help="params.yaml, a LLaMA-Factory YAML, or the dump of relaunch_train")
     parser.add_argument("overrides", nargs="*", help="key=value or group.key=value")

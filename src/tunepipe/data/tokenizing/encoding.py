@@ -21,8 +21,8 @@ import json
 from dataclasses import dataclass, field
 
 from tunepipe.config import DataConfig
-from tunepipe.data.batching import BatchEncoder, pipelined
-from tunepipe.data.templates import ChatFormat
+from tunepipe.data.chat.templates import ChatFormat
+from tunepipe.data.tokenizing.batching import BatchEncoder, pipelined
 from tunepipe.errors import TunepipeError
 
 IGNORE = -100

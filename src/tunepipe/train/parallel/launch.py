@@ -3,7 +3,7 @@
 `tunepipe train` and the DVC train stage prepare data in their own single process; only
 the training itself fans out. When `train.num_processes > 1` or `train.accelerate_config`
 is set, `tunepipe.train.run_train` calls `relaunch_train`, which dumps the resolved config
-to a temporary YAML and starts the launcher on `tunepipe.train.worker`, whose processes run
+to a temporary YAML and starts the launcher on `tunepipe.train.parallel.worker`, whose processes run
 `run_train` again: they see the launcher's WORLD_SIZE (and our TUNEPIPE_LAUNCHED) and
 train in-process, one rank each, through transformers' Trainer (DDP, FSDP or DeepSpeed
 as the accelerate config says).
@@ -18,7 +18,7 @@ as the accelerate config says).
   (static rendezvous on machine 0), accelerate `--num_machines/--machine_rank/--main_process_ip/
   --main_process_port`. `train.num_processes` counts the processes of all machines.
 
-Started by hand, `python -m tunepipe.train.worker CONFIG [k=v ...] [--root DIR]` is the train step
+Started by hand, `python -m tunepipe.train.parallel.worker CONFIG [k=v ...] [--root DIR]` is the train step
 alone, for launchers run on each machine of a multi-node job (see the README).
 """
 
@@ -93,7 +93,7 @@ def relaunch_train(cfg: Config, layout: Layout) -> None:
 
 def launcher_command(cfg: Config, config_file: Path, root: Path) -> list[str]:
     train = cfg.train
-    entry = ["-m", "tunepipe.train.worker", str(config_file), "--root", str(Path(root).resolve())]
+    entry = ["-m", "tunepipe.train.parallel.worker", str(config_file), "--root", str(Path(root).resolve())]
     accelerate_config = train.accelerate_config
     if train.fsdp_options():  # transformers' fsdp keys: the accelerate FSDP2 path, from a written config
         accelerate_config = str(fsdp_accelerate_config(train, config_file.parent / "fsdp_accelerate.yaml"))

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tunepipe.data.formats import Mapper
-from tunepipe.data.schemas import load_validator, pointer
+from tunepipe.data.checks.schemas import load_validator, pointer
+from tunepipe.data.sources.formats import Mapper
 
 ODD_ROLES = ("user", "observation")
 EVEN_ROLES = ("assistant", "function_call")

@@ -29,7 +29,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from tunepipe.train.collate import VARLEN as NAME
+from tunepipe.train.batches.collate import VARLEN as NAME
 
 _registered = False
 

@@ -14,13 +14,13 @@ import logging
 from tunepipe.config import Config, ModelConfig, TrainConfig
 from tunepipe.errors import TunepipeError
 from tunepipe.layout import Layout
-from tunepipe.modeling import load_causal_lm, quantization_skip_modules
-from tunepipe.train.adapters import attach_lora, merge_named_adapters, name_list
+from tunepipe.models.base import load_causal_lm, quantization_skip_modules
 from tunepipe.train.fast_path import compile_decoder_layers
-from tunepipe.train.llama_pro import expanded_block_ids
-from tunepipe.train.moe import configure_router_loss
-from tunepipe.train.vision import freeze_parts, lora_targets, model_family
-from tunepipe.train.vocabulary import grow_vocabulary
+from tunepipe.train.model.adapters import attach_lora, merge_named_adapters, name_list
+from tunepipe.train.model.llama_pro import expanded_block_ids
+from tunepipe.train.model.moe import configure_router_loss
+from tunepipe.train.model.vision import freeze_parts, lora_targets, model_family
+from tunepipe.train.model.vocabulary import grow_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def base_config(cfg: Config, layout: Layout):
     """The base model's transformers config (read before loading, to choose the kernel)."""
     from transformers import AutoConfig
 
-    from tunepipe.modeling import follow_manifest
+    from tunepipe.models.base import follow_manifest
 
     return AutoConfig.from_pretrained(str(follow_manifest(layout.base_model)),
                                       trust_remote_code=cfg.model.trust_remote_code)
@@ -99,7 +99,7 @@ def attention_implementation(model_cfg: ModelConfig, model_config=None) -> str:
         return "eager"
     if choice == "auto":
         # SDPA per sample of a padding-free row (plain SDPA for everything else)
-        from tunepipe.train.varlen_attention import register
+        from tunepipe.train.batches.varlen_attention import register
 
         return register()
     return "sdpa"

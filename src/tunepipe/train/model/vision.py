@@ -24,7 +24,7 @@ import torch
 from tunepipe.config import TrainConfig
 from tunepipe.data.vision import FAMILIES, Family, MediaTokens, family_of
 from tunepipe.errors import TunepipeError
-from tunepipe.train.collate import IGNORE_INDEX, shifted_labels
+from tunepipe.train.batches.collate import IGNORE_INDEX, shifted_labels
 
 
 def model_family(model) -> Family | None:

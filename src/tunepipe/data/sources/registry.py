@@ -16,9 +16,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunepipe.data.hub_data import HubDataset, hub_dataset
-from tunepipe.data.media import SUPPORTED as MEDIA_COLUMNS
-from tunepipe.data.schemas import load_validator, pointer
+from tunepipe.data.checks.schemas import load_validator, pointer
+from tunepipe.data.sources.hub_data import HubDataset, hub_dataset
+from tunepipe.data.sources.media import SUPPORTED as MEDIA_COLUMNS
 from tunepipe.errors import TunepipeError
 
 log = logging.getLogger(__name__)

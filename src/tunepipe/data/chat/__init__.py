@@ -1,0 +1,1 @@
+"""Chat templates: turns, LLaMA-Factory's named templates, tool formats."""

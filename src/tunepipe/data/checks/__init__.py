@@ -1,0 +1,1 @@
+"""What validate checks and writes: JSON Schemas, row rules, `data/validated/`."""

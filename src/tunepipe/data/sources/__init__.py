@@ -1,0 +1,1 @@
+"""Where rows come from: the dataset registry, file and Hub readers, formats, media."""

@@ -1,0 +1,1 @@
+"""Validated rows -> tokenized Arrow shards: encoding, batching, packing, mixing, writing."""

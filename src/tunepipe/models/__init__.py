@@ -1,0 +1,1 @@
+"""Models: Hub repos, base models (`models/base/`) and the trained weights later stages load."""

@@ -1,0 +1,1 @@
+"""The batches a trainer reads: shards, collation, padding-free attention."""

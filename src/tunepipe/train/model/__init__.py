@@ -1,0 +1,1 @@
+"""The model a trainer trains: loading, adapters, vocabulary, MoE, vision parts."""

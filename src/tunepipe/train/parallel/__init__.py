@@ -1,0 +1,1 @@
+"""Several processes: torchrun / accelerate launch, Ray Train, one rank's worker, FSDP / DeepSpeed."""
