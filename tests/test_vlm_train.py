@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from datasets import load_from_disk
 
+from tests.fixtures.vlm_checks import assert_each_row_as_alone
 from tests.test_tokenize import run_stages
 from tests.test_vlm_tokenize import SMALL
 from tunepipe.config.loader import load_config
 from tunepipe.data.vision import MediaTokens
 from tunepipe.models.base import load_causal_lm, load_tokenizer
-from tunepipe.train.batches.collate import model_inputs
 from tunepipe.train.loss import causal_lm_loss
 from tunepipe.train.model.model_setup import apply_finetuning
 from tunepipe.train.model.vision import VisionCollator
@@ -38,16 +37,7 @@ def test_a_batch_gives_each_sample_its_loss_alone(shards, collator, tiny_qwen2vl
     model = load_causal_lm(tiny_qwen2vl_dir).eval()
     rows = [shards[0], shards[1]]  # two images, then one: different lengths, so row 2 is padded
     assert len(rows[0]["input_ids"]) != len(rows[1]["input_ids"])
-    batch = collator(rows)
-    with torch.no_grad():
-        logits = model(**model_inputs(batch)).logits
-        for i, row in enumerate(rows):
-            alone = collator([row])
-            n = len(row["input_ids"])
-            torch.testing.assert_close(logits[i, :n], model(**model_inputs(alone)).logits[0], atol=1e-5, rtol=0)
-            targets = batch["shift_labels"][i, :n]
-            loss_in_batch = F.cross_entropy(logits[i, :n][targets != -100], targets[targets != -100])
-            torch.testing.assert_close(loss_in_batch, causal_lm_loss(model, alone), atol=1e-5, rtol=0)
+    assert_each_row_as_alone(model, collator, rows)
 
 
 def test_image_tokens_per_image_equal_the_processor_grid(shards, collator):

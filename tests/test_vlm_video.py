@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from datasets import load_from_disk
 from PIL import Image
 
 from tests.fixtures.video_processor import qwen2vl_video_processor_class
+from tests.fixtures.vlm_checks import assert_each_row_as_alone
 from tests.test_tokenize import run_stages
 from tunepipe.data.tokenizing.encoding import IGNORE
 from tunepipe.data.video import (
@@ -30,7 +30,6 @@ from tunepipe.data.video import (
 from tunepipe.data.vision import MediaTokens, regularized_size
 from tunepipe.models.base import load_causal_lm, load_tokenizer
 from tunepipe.train.batches.collate import model_inputs
-from tunepipe.train.loss import causal_lm_loss
 from tunepipe.train.model.vision import VisionCollator
 
 av = pytest.importorskip("av")
@@ -179,15 +178,7 @@ def test_a_batch_of_video_and_image_rows_gives_each_sample_its_loss_alone(video_
     assert batch["video_grid_thw"].tolist() == [[2, 4, 6], [2, 4, 6]] and batch["image_grid_thw"].shape[0] == 2
     types = batch["mm_token_type_ids"]
     assert int((types == 2).sum()) == int((batch["input_ids"] == collator.media.video_token_id).sum()) == 24
-    with torch.no_grad():
-        logits = model(**model_inputs(batch)).logits
-        for i, row in enumerate(rows):
-            alone = collator([row])
-            n = len(row["input_ids"])
-            torch.testing.assert_close(logits[i, :n], model(**model_inputs(alone)).logits[0], atol=1e-5, rtol=0)
-            targets = batch["shift_labels"][i, :n]
-            loss_in_batch = F.cross_entropy(logits[i, :n][targets != -100], targets[targets != -100])
-            torch.testing.assert_close(loss_in_batch, causal_lm_loss(model, alone), atol=1e-5, rtol=0)
+    assert_each_row_as_alone(model, collator, rows)
     # the video's positions are 3-D: its tokens share temporal / height / width indices, unlike text
     position_ids, _ = model.model.get_rope_index(batch["input_ids"][:1], types[:1], None,
                                                  batch["video_grid_thw"][:1], batch["attention_mask"][:1])

@@ -12,19 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from datasets import load_from_disk
 from PIL import Image
 
 from tests.fixtures.tiny_vlm_families import build_qwen3_vl
 from tests.fixtures.video_processor import video_processor_class
+from tests.fixtures.vlm_checks import assert_each_row_as_alone
 from tests.test_tokenize import run_stages
 from tunepipe.data.tokenizing.encoding import IGNORE
 from tunepipe.data.video import QWEN3_VL_VIDEO_DEFAULTS, Clip, VideoBudget, VideoProcessing, sample_indices
 from tunepipe.data.vision import MediaTokens, regularized_size
 from tunepipe.models.base import load_causal_lm, load_tokenizer
-from tunepipe.train.batches.collate import model_inputs
-from tunepipe.train.loss import causal_lm_loss
 from tunepipe.train.model.vision import VisionCollator
 
 av = pytest.importorskip("av")
@@ -132,15 +130,7 @@ def test_a_batch_of_qwen3_vl_video_rows_gives_each_sample_its_loss_alone(shards,
     types = batch["mm_token_type_ids"]
     assert batch["video_grid_thw"][:, 0].tolist() == [2, 2, 2]
     assert int((types == 2).sum()) == int((batch["input_ids"] == collator.media.video_token_id).sum())
-    with torch.no_grad():
-        logits = model(**model_inputs(batch)).logits
-        for i, row in enumerate(batch_rows):
-            alone = collator([row])
-            n = len(row["input_ids"])
-            torch.testing.assert_close(logits[i, :n], model(**model_inputs(alone)).logits[0], atol=1e-5, rtol=0)
-            targets = batch["shift_labels"][i, :n]
-            loss_in_batch = F.cross_entropy(logits[i, :n][targets != -100], targets[targets != -100])
-            torch.testing.assert_close(loss_in_batch, causal_lm_loss(model, alone), atol=1e-5, rtol=0)
+    assert_each_row_as_alone(model, collator, batch_rows)
     # Qwen3-VL places each temporal patch as its own frame (its timestamp text between them): the
     # video tokens are 3-D, each patch's tokens share one temporal index, and the two patches differ
     position_ids, _ = model.model.get_rope_index(batch["input_ids"][:1], types[:1], None,
