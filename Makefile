@@ -45,7 +45,8 @@ demo: setup
 # Two pytest-xdist workers, one thread each (two cores; several test processes with torch's
 # default threads oversubscribe them); whole files per worker, so module fixtures are built once.
 # Measured on 2 cores (docs/benchmarks.md): 615 tests took 13 min 38 s in one process, 8 min 11 s on
-# two workers; 725 tests took about 13 min on two, 930 tests 15.5 min (2026-12-07).
+# two workers; 725 tests took about 13 min on two, 930 tests 15.5 min, 1085 tests 11.5 min once the
+# venv's bytecode is compiled and children skip DeepSpeed (2026-12-07).
 TEST_WORKERS ?= 2
 
 test: setup
