@@ -269,6 +269,8 @@ def test_every_example_that_loads_is_run_refused_or_accounted_for():
     """With the sweep: each of the 48 examples that load has one place here."""
     from tests.test_llamafactory_examples_sweep import REFUSED, example_yamls
 
+    if not (EXAMPLES / TRAIN[0]).is_file():  # as the batch fixture: a checkout without ../shared
+        pytest.skip(f"LLaMA-Factory's examples not found at {EXAMPLES}")
     loading = {name for name in example_yamls() if name not in REFUSED}
     here = [*TRAIN, "merge_lora/qwen3_lora_sft.yaml", *CHATS, *TRAINED, PREDICT, "merge_lora/qwen3_full_sft.yaml",
             *REFUSED_AT_LOAD, *NOT_RUN_HERE, *(name for _, name in QWEN3_VL_RUNS)]
