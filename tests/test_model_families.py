@@ -19,12 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from tests.fixtures.families import (
+    ATTENTION,
+    DELTANET,
     FAMILIES,
     WINDOW,
     build_family_dir,
     family_config,
     greedy_without_cache,
     model_class,
+    recurrent,
 )
 from tests.fixtures.tiny_model import build_tokenizer
 from tunepipe.config import Config, ModelConfig, TrackingConfig, TrainConfig
@@ -119,9 +122,12 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
     return {name: param.grad.clone() for name, param in model.named_parameters() if "lora_" in name}
 
 
-def layouts(rows: list[dict], attn: str) -> dict[str, tuple]:
+def layouts(rows: list[dict], attn: str, name: str) -> dict[str, tuple]:
     """padding-free (all samples in one row) and packed (two packed rows + one, right-padded):
-    name -> (collated batch, the sample indices of each row)."""
+    name -> (collated batch, the sample indices of each row). A family with recurrent layers
+    trains on right-padded rows, one sample each (what `sft.batch_layout` gives it)."""
+    if recurrent(name):
+        return {"padded": (SegmentCollator(0, attn, sample_boundaries=False)(rows), [[i] for i in range(len(rows))])}
     groups = [[0, 1], [2, 3], [4]]
     packed = [{"input_ids": [t for i in group for t in rows[i]["input_ids"]],
                "labels": [t for i in group for t in rows[i]["labels"]],
@@ -151,7 +157,7 @@ def test_batches_equal_each_sample_alone_on_eager(family_dirs, name, flash_attn,
     want_loss.backward()
     want_grads = lora_grads(reference)
     attn = model.config._attn_implementation
-    for layout_name, (batch, groups) in layouts(rows, attn).items():
+    for layout_name, (batch, groups) in layouts(rows, attn, name).items():
         for got, want in zip(batch_logits(model, batch, groups, rows), want_logits, strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=f"{layout_name} logits ({attn})")
         model.zero_grad()
@@ -217,9 +223,11 @@ def test_lora_all_wraps_exactly_the_family_linear_layers(family_dirs, name):
     wrapped = {lora_owner(full).rsplit(".", 1)[-1] for full, module in model.named_modules()
                if isinstance(module, LoraLayer)}
     assert wrapped == FAMILIES[name].linear_layers
-    layer = model.base_model.model.model.layers[0]
-    per_layer = {lora_owner(full) for full, m in layer.named_modules() if isinstance(m, LoraLayer)}
-    assert len(per_layer) == len(FAMILIES[name].linear_layers)
+    for index, layer in enumerate(model.base_model.model.model.layers):  # Qwen3.5: linear attention, then full
+        kind = FAMILIES[name].config.get("layer_types", [None] * 2)[index]
+        unused = {"full_attention": DELTANET, "linear_attention": ATTENTION}.get(kind, set())
+        per_layer = {lora_owner(full) for full, m in layer.named_modules() if isinstance(m, LoraLayer)}
+        assert len(per_layer) == len(FAMILIES[name].linear_layers - unused)
     saved = [full for full, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
     # the families tie lm_head to embed_tokens: the head stays tied to the trained copy
     assert sorted(full.rsplit(".", 1)[-1] for full in saved) == ["embed_tokens", "lm_head"]
@@ -244,6 +252,7 @@ def test_qlora_4bit_trains(family_dirs, name):
     import bitsandbytes as bnb
 
     from tunepipe.train.model.model_setup import build_trainable_model
+    from tunepipe.train.sft import batch_layout
 
     layout = family_dirs(name)
     cfg = config_for(layout)
@@ -253,7 +262,7 @@ def test_qlora_4bit_trains(family_dirs, name):
                  if isinstance(m, bnb.nn.Linear4bit)}
     assert quantized == FAMILIES[name].quantized_layers()
     rows = [labelled(ids) for ids in samples()[:2]]
-    batch = SegmentCollator(0, model.config._attn_implementation, flatten=True)(rows)
+    batch = batch_layout(model, 0)(rows)  # what `tunepipe train` feeds the family
     before = {full: p.detach().clone() for full, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
@@ -325,7 +334,7 @@ def test_reward_model_scores_a_padded_batch_like_each_row_alone(family_dirs, nam
     from tunepipe.train.preference.rm import build_reward_model
 
     layout = family_dirs(name)
-    if name == "granite":  # transformers ships no GraniteForSequenceClassification
+    if name in ("granite", "qwen3_5_moe"):  # transformers ships no sequence-classification class for them
         with pytest.raises(TunepipeError, match="no sequence-classification"):
             build_reward_model(config_for(layout), layout, pad_token_id=0)
         return

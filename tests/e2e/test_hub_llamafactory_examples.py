@@ -28,7 +28,14 @@ import pytest
 import yaml
 from tests.fixtures.hub import ADAPTER_ID, MODEL_ID, VLM_ID
 from tests.fixtures.hub_cli import errors_per_command, run_batch
-from tests.fixtures.hub_standins import PREQUANTIZED, QWEN25_VL_ID, STANDINS, add_standins, expand_blocks
+from tests.fixtures.hub_standins import (
+    PREQUANTIZED,
+    QWEN3_5_MOE_ID,
+    QWEN25_VL_ID,
+    STANDINS,
+    add_standins,
+    expand_blocks,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "llamafactory-examples"
 TRAIN = ["train_lora/qwen3_lora_sft.yaml", "train_lora/qwen3_lora_dpo.yaml", "train_lora/qwen3_lora_pretrain.yaml"]
@@ -49,6 +56,12 @@ TRAINED = {
     "train_lora/qwen3_preprocess.yaml": "lora", "train_qlora/qwen3_lora_sft_bnb_npu.yaml": "lora",
     "train_qlora/qwen3_lora_sft_otfq.yaml": "lora", "extras/eaft/qwen25_05b_eaft_full.yaml": "full",
 }
+# Qwen3.5-MoE (template qwen3_5_nothink, lora_target all) on its stand-in. The YAML asks for
+# `flash_attn: fa2`, which needs a CUDA GPU and the flash-attn package: as shipped it is refused when
+# the model loads (naming both), and it runs with the kernel choice alone overridden (`auto`).
+QWEN3_5_MOE = "ascend/qwen3_5moe_lora_sft_fsdp2.yaml"
+QWEN3_5_MOE_OUT = "runs/" + QWEN3_5_MOE.removesuffix(".yaml")
+QWEN3_5_MOE_AS_SHIPPED = "qwen3_5moe_as_shipped.yaml"  # a link to the example in the run's folder
 # examples whose shipped output dir a later example reads (the rest get one each: several share one)
 SHIPPED_OUTPUT = {"extras/loraplus/llama3_lora_sft.yaml"}  # saves/llama3-8b/lora/sft, nlg_eval's adapter
 PREDICT = "extras/nlg_eval/llama3_lora_predict.yaml"  # do_predict: `tunepipe eval`
@@ -83,9 +96,6 @@ NOT_RUN_HERE = {
     "inference/mossvl.yaml": "MOSS-VL: remote code for transformers < 5; no moss_vl template",
     "merge_lora/mossvl_lora_sft.yaml": "MOSS-VL: remote code for transformers < 5; no moss_vl template",
     "train_lora/mossvl_lora_sft.yaml": "MOSS-VL: remote code for transformers < 5; no moss_vl template",
-    # Qwen3.5-MoE (qwen3_5_moe, a vision-language MoE with linear-attention layers): no family row,
-    # no qwen3_5_nothink template yet
-    "ascend/qwen3_5moe_lora_sft_fsdp2.yaml": "Qwen3.5-MoE: family and qwen3_5_nothink template not supported yet",
     "train_full/mossvl_full_sft.yaml": "MOSS-VL: remote code for transformers < 5; no moss_vl template",
     # ASFT's datasets (`med`, `math`) are not in LLaMA-Factory's demo dataset_info.json; the qwen2 one
     # runs with the demo's identity set in tests/e2e/test_llamafactory_asft_example.py
@@ -114,6 +124,8 @@ def example_commands() -> list[list[str]]:
     commands.append(["export", str(EXAMPLES / "merge_lora/qwen3_full_sft.yaml"), "export_dir=saves/qwen3_full_merged"])
     commands += [["chat", str(EXAMPLES / name)] for name in CHATS[1:]]
     commands += [["train", str(EXAMPLES / name), *ONE_STEP] for name in REFUSED_AT_LOAD]
+    commands.append(["train", str(EXAMPLES / QWEN3_5_MOE), *ONE_STEP, "flash_attn=auto", f"output_dir={QWEN3_5_MOE_OUT}"])
+    commands.append(["train", QWEN3_5_MOE_AS_SHIPPED, *ONE_STEP, "output_dir=runs/qwen3_5moe_fa2"])
     if QWEN3_VL_READY:  # the sft run first: the merge and chat examples read its adapter
         commands += [VLM_SFT] + [[verb, str(EXAMPLES / name), *(ONE_STEP if verb == "train" else [])]
                                  for verb, name in QWEN3_VL_RUNS[1:]]
@@ -141,9 +153,10 @@ def hub_runs(local_hub, lf_demo_dir, tmp_path_factory, mlflow_template_db):
 
     if not (EXAMPLES / TRAIN[0]).is_file():
         pytest.skip(f"LLaMA-Factory's examples not found at {EXAMPLES}")
-    add_standins(local_hub, [*STANDINS, QWEN25_VL_ID, *PREQUANTIZED])
+    add_standins(local_hub, [*STANDINS, QWEN25_VL_ID, QWEN3_5_MOE_ID, *PREQUANTIZED])
     root = tmp_path_factory.mktemp("lf-examples")
     (root / "data").symlink_to(lf_demo_dir)
+    (root / QWEN3_5_MOE_AS_SHIPPED).symlink_to(EXAMPLES / QWEN3_5_MOE)
     user_made_models(local_hub, root)
     store = root / "mlflow" / "mlflow.db"
     store.parent.mkdir()
@@ -273,7 +286,7 @@ def test_every_example_that_loads_is_run_refused_or_accounted_for():
         pytest.skip(f"LLaMA-Factory's examples not found at {EXAMPLES}")
     loading = {name for name in example_yamls() if name not in REFUSED}
     here = [*TRAIN, "merge_lora/qwen3_lora_sft.yaml", *CHATS, *TRAINED, PREDICT, "merge_lora/qwen3_full_sft.yaml",
-            *REFUSED_AT_LOAD, *NOT_RUN_HERE, *(name for _, name in QWEN3_VL_RUNS)]
+            *REFUSED_AT_LOAD, *NOT_RUN_HERE, *(name for _, name in QWEN3_VL_RUNS), QWEN3_5_MOE]
     assert sorted(here) == sorted(loading)
 
 
@@ -303,3 +316,27 @@ def test_llamafactory_qwen3vl_example_trains_on_images_against_the_hub(local_hub
     adapter = json.loads((out / "models" / "adapter" / "adapter_config.json").read_text())
     targets = adapter["target_modules"]
     assert targets and all("language_model" in name for name in targets)
+
+
+def test_llamafactory_qwen3_5_moe_example_trains_the_language_model_experts_not_routers(local_hub, hub_runs):
+    """ascend/qwen3_5moe_lora_sft_fsdp2.yaml (template qwen3_5_nothink, lora_target all) on the
+    Qwen3.5-MoE stand-in (a vision-language MoE with linear-attention layers): one step; LoRA wraps the
+    language model's attention, linear-attention and shared-expert linears and its fused routed experts,
+    never a router gate nor the vision tower. As shipped (`flash_attn: fa2`) it is refused at load here."""
+    root, done = hub_runs[0], hub_runs[1]
+    assert outcome_of(hub_runs, "train", QWEN3_5_MOE) == (0, []), done.stderr[-3000:]
+    out = root / QWEN3_5_MOE_OUT
+    assert json.loads((out / "metrics" / "train.json").read_text())["steps"] == 1
+    base = json.loads((out / "models" / "base" / "tunepipe_base.json").read_text())["source"]
+    assert base["repo_id"] == QWEN3_5_MOE_ID and base["commit"] == local_hub.commits[QWEN3_5_MOE_ID]
+    meta = json.loads((out / "data" / "tokenized" / "meta.json").read_text())
+    assert meta["template"] == "qwen3_5_nothink" and meta["rows"]["train"] == 4
+    adapter = json.loads((out / "models" / "adapter" / "adapter_config.json").read_text())
+    targets = adapter["target_modules"]
+    assert targets and all(".language_model." in name for name in targets)
+    assert {name.rsplit(".", 1)[-1] for name in targets} == {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv",
+                                                             "in_proj_z", "in_proj_b", "in_proj_a", "out_proj",
+                                                             "gate_proj", "up_proj", "down_proj"}
+    assert sorted(adapter["target_parameters"]) == ["down_proj", "gate_up_proj"]  # the fused routed experts
+    code, errors = hub_runs[4][f"train {QWEN3_5_MOE_AS_SHIPPED}"]
+    assert code == 2 and len(errors) == 1 and "flash_attn='fa2' needs a CUDA GPU and the flash-attn package" in errors[0]

@@ -66,6 +66,9 @@ FAMILIES = {
     "qwen2_vl": QWEN_VL, "qwen2_5_vl": QWEN_VL,
     # Qwen3-VL's deepstack mergers project vision features into the language model, as the merger does
     "qwen3_vl": Family(projector_keys=("visual.merger", "visual.deepstack_merger_list")),
+    # Qwen3.5 / Qwen3.5-MoE: Qwen3-VL's vision tower without the deepstack mergers (LLaMA-Factory 0.9.5
+    # runs their templates with its qwen3_vl plugin); the language model mixes linear and full attention
+    "qwen3_5": QWEN_VL, "qwen3_5_moe": QWEN_VL,
     "llava": LLAVA,
     "llava_next": replace(LLAVA, pixel_keys=("pixel_values", "image_sizes")),
     "gemma3": replace(LLAVA, type_ids_key="token_type_ids"),

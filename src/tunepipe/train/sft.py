@@ -19,6 +19,7 @@ from tunepipe.models.base import follow_manifest
 from tunepipe.train.asft import reference_anchor
 from tunepipe.train.batches.collate import SegmentCollator
 from tunepipe.train.batches.isolation import check_sample_isolation
+from tunepipe.train.batches.recurrent import recurrent_layer_types, refuse_packed_rows
 from tunepipe.train.batches.tokenized import load_tokenized
 from tunepipe.train.loss import causal_lm_loss
 from tunepipe.train.model.model_setup import build_trainable_model
@@ -35,6 +36,7 @@ def train(cfg: Config, layout: Layout) -> dict:
     splits = load_tokenized(layout, cfg.train.stage, ("input_ids", "labels"))
     tokenizer = training_tokenizer(cfg, layout)  # the grown one when the shards added tokens
     model = build_trainable_model(cfg, layout)
+    refuse_packed_rows(model.config, "seq_lens" in splits.train.column_names)
     if "media" in splits.train.column_names:  # a vision-language model's rows (train/model/vision.py)
         collator = VisionCollator(tokenizer.pad_token_id, media_tokens(cfg, layout, tokenizer))
     else:
@@ -59,8 +61,14 @@ def batch_layout(model, pad_token_id: int) -> SegmentCollator:
     """Every batch is padding-free: its samples are laid end to end in one row, each sample
     isolated (per-sample masks transformers builds from the restarting position ids on SDPA /
     eager, varlen boundaries on flash attention and per-sample SDPA), so
-    no step computes pad tokens and no batch is padded to cutoff_len."""
+    no step computes pad tokens and no batch is padded to cutoff_len. A model whose layers
+    carry a recurrent state along the row (Qwen3.5's linear attention, `batches/recurrent.py`)
+    gets right-padded rows instead, one sample each."""
     attn = model.config._attn_implementation
+    if recurrent_layer_types(model.config):
+        log.info("%s keeps a recurrent state along each row: batches are right-padded rows, one sample each "
+                 "(not padding-free)", type(model).__name__)
+        return SegmentCollator(pad_token_id=pad_token_id, attn_implementation=attn, sample_boundaries=False)
     collator = SegmentCollator(pad_token_id=pad_token_id, attn_implementation=attn, flatten=True)
     check_sample_isolation(model, collator)  # a model with its own code may not keep samples apart
     return collator

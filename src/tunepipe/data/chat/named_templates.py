@@ -135,6 +135,9 @@ TEMPLATES: dict[str, NamedTemplate] = dict([
     _t("qwen3_vl", **QWEN_CHAT, reasoning=True, vision=True),
     _t("qwen3_vl_nothink", **QWEN_CHAT, vision=True),
     _t("qwen3_nothink", **QWEN_CHAT),
+    # Qwen3.5: Qwen3-VL's turns and images, its own XML-style tool calls (tool format qwen3_5)
+    _t("qwen3_5", **{**QWEN_CHAT, "tool_format": "qwen3_5"}, reasoning=True, vision=True),
+    _t("qwen3_5_nothink", **{**QWEN_CHAT, "tool_format": "qwen3_5"}, vision=True),
     _t("smollm2", user=CHATML_USER, assistant=CHATML_ANSWER, system=CHATML_SYSTEM, stop_words=("<|im_end|>",),
        default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face."),
     _t("vicuna", user=VICUNA_USER, default_system=VICUNA_SYSTEM),

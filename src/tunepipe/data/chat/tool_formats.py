@@ -4,7 +4,7 @@ Each format is two functions: `tools(list, today) -> str` (appended to the syste
 llama3 writes `today`, the date from `data.template_date`) and `calls(list of (name, arguments
 JSON text)) -> str` (the assistant's function-call turn).
 The wording is LLaMA-Factory 0.9.5's for the same format name (default, qwen, llama3,
-mistral, glm4), so a tool-calling dataset tokenizes the same; the code is tunepipe's.
+mistral, glm4, qwen3_5), so a tool-calling dataset tokenizes the same; the code is tunepipe's.
 """
 
 from __future__ import annotations
@@ -32,6 +32,20 @@ LLAMA3_PROMPT = (
     "You have access to the following functions. To call a function, please respond with JSON for a function call. "
     'Respond in the format {{"name": function name, "parameters": dictionary of argument name and its value}}. '
     "Do not use variables.\n\n{tool_text}")
+# Qwen3.5 lists the tools as JSON but has calls written as <function=...> / <parameter=...> blocks
+QWEN3_5_PROMPT = (
+    "\n\n# Tools\n\nYou have access to the following functions:\n\n<tools>{tool_text}"
+    "\n</tools>\n\nIf you choose to call a function ONLY reply in the following format with NO suffix:\n\n"
+    "<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n</parameter>\n"
+    "<parameter=example_parameter_2>\nThis is the value for the second parameter\nthat can span\nmultiple lines\n"
+    "</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n"
+    "- Function calls MUST follow the specified format: "
+    "an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\n"
+    "- Required parameters MUST be specified\n"
+    "- You may provide optional reasoning for your function call in natural language "
+    "BEFORE the function call, but NOT after\n"
+    "- If there is no function call available, answer the question like normal with your current knowledge "
+    "and do not tell the user about function calls\n</IMPORTANT>")
 GLM4_PROMPT = ("你是一个名为 ChatGLM 的人工智能助手。你是基于智谱 AI 公司训练的语言模型 GLM-4 模型开发的，"
                "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具{tool_text}")
 GLM4_TOOL = "\n\n## {name}\n\n{body}\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
@@ -108,12 +122,28 @@ def glm4_calls(calls: list[tuple[str, str]]) -> str:
     return f"{calls[0][0]}\n{calls[0][1]}"
 
 
+def qwen3_5_tools(tools: list[dict], today: date) -> str:
+    unwrapped = (tool.get("function", tool) if tool.get("type") == "function" else tool for tool in tools)
+    return QWEN3_5_PROMPT.format(tool_text="".join("\n" + _dumps(tool) for tool in unwrapped))
+
+
+def qwen3_5_calls(calls: list[tuple[str, str]]) -> str:
+    """Each call a <function=name> block, one <parameter=key> per argument (strings as they are, other values JSON)."""
+    blocks = []
+    for name, arguments in calls:
+        params = "".join(f"\n<parameter={key}>\n{value if isinstance(value, str) else _dumps(value)}\n</parameter>"
+                         for key, value in json.loads(arguments).items())
+        blocks.append(f"<tool_call>\n<function={name}>{params}\n</function>\n</tool_call>")
+    return "\n".join(blocks)
+
+
 FORMATS = {
     "default": (default_tools, default_calls),
     "qwen": (qwen_tools, qwen_calls),
     "llama3": (llama3_tools, llama3_calls),
     "mistral": (mistral_tools, mistral_calls),
     "glm4": (glm4_tools, glm4_calls),
+    "qwen3_5": (qwen3_5_tools, qwen3_5_calls),
 }
 
 

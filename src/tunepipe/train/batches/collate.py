@@ -67,6 +67,9 @@ class SegmentCollator:
     attn_implementation: str = "sdpa"
     flatten: bool = False
     pad_to_multiple_of: int | None = None
+    # False: never the varlen kwargs (rows of one sample each, for a model whose recurrent layers
+    # refuse sample boundaries without their GPU kernels: batches/recurrent.py)
+    sample_boundaries: bool = True
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         rows_segments = [row_segments(row) for row in rows]
@@ -91,7 +94,8 @@ class SegmentCollator:
         return batch
 
     def _varlen(self) -> bool:
-        return self.attn_implementation.startswith("flash_attention") or self.attn_implementation == VARLEN
+        kernel = self.attn_implementation
+        return self.sample_boundaries and (kernel.startswith("flash_attention") or kernel == VARLEN)
 
     def _padded_width(self, longest: int) -> int:
         multiple = self.pad_to_multiple_of

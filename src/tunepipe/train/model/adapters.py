@@ -103,6 +103,11 @@ def attach_lora(model, train: TrainConfig, task_type: str = "CAUSAL_LM", target_
     config.ensure_weight_tying = _trains_tied_embeddings(model, config)
     if train.finetuning_type == "lora" and config.target_modules == "all-linear":
         _all_linear_on_moe(config, model)  # experts yes, router gates no
+    elif train.finetuning_type == "lora" and target_modules and name_list(train.lora_target) in (None, ["all"]) \
+            and not train.freeze_language_model:
+        # a vision-language model's `all` (train/model/vision.py names its linears): a MoE language
+        # model's fused experts are parameters, not Linear layers, so they are added here
+        config.target_parameters = sorted(_fused_experts(model)) or None
     pissa_snapshot = _pissa_snapshot_dir() if train.pissa_init and train.finetuning_type == "lora" else None
     try:
         with peft_wrapping():
@@ -135,12 +140,15 @@ def _all_linear_on_moe(config, model) -> None:
     from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
 
     convert_peft_config_for_transformers(config, model=model, conversions=None)
-    fused = {name.rsplit(".", 1)[-1] for name, param in model.named_parameters()
-             if param.dim() == 3 and name.rsplit(".", 1)[-1] in FUSED_EXPERTS}
-    targets = set(config.target_parameters or ()) | fused
+    targets = set(config.target_parameters or ()) | _fused_experts(model)
     config.target_parameters = {name for name in targets if name.split(".")[0] not in ROUTER_GATES} or None
     routers = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} & set(ROUTER_GATES)
     config.exclude_modules = sorted(routers) or None  # named only where present: PEFT warns otherwise
+
+
+def _fused_experts(model) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, param in model.named_parameters()
+            if param.dim() == 3 and name.rsplit(".", 1)[-1] in FUSED_EXPERTS}
 
 
 class _CastUnlessAutocast:

@@ -25,6 +25,7 @@ from tunepipe.config import TrainConfig
 from tunepipe.data.vision import FAMILIES, Family, MediaTokens, family_of
 from tunepipe.errors import TunepipeError
 from tunepipe.train.batches.collate import IGNORE_INDEX, shifted_labels
+from tunepipe.train.model.adapters import ROUTER_GATES
 
 
 def model_family(model) -> Family | None:
@@ -52,12 +53,14 @@ def frozen_keys(family: Family, train: TrainConfig) -> tuple[str, ...]:
 
 def lora_targets(model, family: Family, train: TrainConfig, targets: list[str]) -> list[str]:
     """Full names of the linear layers LoRA wraps: in unfrozen parts, never the output head;
-    `targets` ["all"] takes every such layer, else those whose name ends with one of them."""
+    `targets` ["all"] takes every such layer but an MoE router gate (as on a text MoE; its fused
+    experts are added by `adapters.attach_lora`), else those whose name ends with one of them."""
     frozen = frozen_keys(family, train)
     names = [name for name, module in model.named_modules()
              if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
              and not any(key in name for key in frozen)
-             and (targets == ["all"] or name.rsplit(".", 1)[-1] in targets)]
+             and (name.rsplit(".", 1)[-1] not in ROUTER_GATES if targets == ["all"]
+                  else name.rsplit(".", 1)[-1] in targets)]
     if not names:
         raise TunepipeError(f"train.lora_target={train.lora_target!r}: no linear layer left to wrap outside the "
                             f"frozen parts ({', '.join(frozen)})",
