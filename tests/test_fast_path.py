@@ -20,11 +20,11 @@ from transformers import Trainer
 from tests.fixtures.families import FAMILIES
 from tests.test_model_families import config_for, family_dirs, labelled, lora_grads, randomise_lora_b, samples
 from tunepipe.config import TrainConfig
-from tunepipe.train.batches.collate import SegmentCollator
 from tunepipe.train.fast_path import compile_decoder_layers
 from tunepipe.train.loss import causal_lm_loss
 from tunepipe.train.model.model_setup import build_trainable_model, decoder_layers
 from tunepipe.train.optimizers import optimizer_arguments
+from tunepipe.train.sft import batch_layout
 from tunepipe.train.trainer_setup import training_arguments
 
 __all__ = ["family_dirs"]  # the module-scoped fixture, shared with test_model_families
@@ -39,8 +39,9 @@ def lora_model(layout, **train):
 
 
 def padding_free(model, order=(0, 1, 2, 3, 4)) -> dict:
+    """The batch `tunepipe train` feeds: padding-free (right-padded rows for Qwen3.5's recurrent layers)."""
     rows = [labelled(ids) for ids in samples()]
-    return SegmentCollator(0, model.config._attn_implementation, flatten=True)([rows[i] for i in order])
+    return batch_layout(model, 0)([rows[i] for i in order])
 
 
 @pytest.mark.parametrize("values, expected", [

@@ -168,6 +168,30 @@ def test_batches_equal_each_sample_alone_on_eager(family_dirs, name, flash_attn,
             torch.testing.assert_close(grad, want_grads[key], rtol=0, atol=1e-5, msg=f"{layout_name} {key}")
 
 
+@pytest.mark.parametrize("name", [n for n in NAMES if recurrent(n)])
+def test_a_recurrent_family_trains_padded_rows_and_refuses_packed_ones(family_dirs, name):
+    """Qwen3.5's linear-attention layers carry a state along the row: `tunepipe train` gives them
+    right-padded rows without sample boundaries, and refuses packed shards. The guard: laid end to end
+    (padding-free) on eager attention, the second sample's logits move away from its lone logits."""
+    from tunepipe.errors import TunepipeError
+    from tunepipe.train.batches.recurrent import refuse_packed_rows
+    from tunepipe.train.model.model_setup import build_trainable_model
+    from tunepipe.train.sft import batch_layout
+
+    model = build_trainable_model(config_for(family_dirs(name), "disabled"), family_dirs(name))
+    collator = batch_layout(model, 0)
+    assert (collator.flatten, collator.sample_boundaries) == (False, False)
+    with pytest.raises(TunepipeError, match="linear_attention layers, whose recurrent state runs across a packed row"):
+        refuse_packed_rows(model.config, packed=True)
+    refuse_packed_rows(model.config, packed=False)
+    rows = [labelled(ids) for ids in samples()[:2]]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([rows[1]["input_ids"]]), use_cache=False).logits[0]
+        flat = SegmentCollator(0, "eager", flatten=True)(rows)
+        got = model(**model_inputs(flat)).logits[0, LENGTHS[0]:]
+    assert (got - want).abs().max().item() > 1e-3
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if FAMILIES[n].windowed()])
 def test_the_window_and_the_softcap_change_the_reference(name):
     """Guards the test above: without its window (or softcap) the family's logits differ."""

@@ -115,7 +115,7 @@ class DataConfig:
     neat_packing: bool = False
     """LLaMA-Factory's contamination-free packing; tunepipe packing is always so (implies packing)."""
     tool_format: Optional[str] = None
-    """Tool-call format: unset uses the template's own; default, qwen, llama3, mistral or glm4 with a named template."""
+    """Tool-call format: unset uses the template's own; default, qwen, qwen3_5, llama3, mistral or glm4 with a named template."""
     on_invalid: Literal["error", "drop"] = "error"
     """Invalid rows: stop with an error, or drop them into reports/rejected.jsonl."""
     preprocessing_num_workers: Optional[int] = None

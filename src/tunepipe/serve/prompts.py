@@ -86,6 +86,8 @@ def parse_calls(text: str, tool_format: str | None) -> tuple[str, list[dict]]:
     """(text before the calls, [{"name", "arguments" (JSON text)}]); no calls: (text, [])."""
     if tool_format == "default":
         return _parse_actions(text)
+    if tool_format == "qwen3_5":
+        return _parse_functions(text)
     if tool_format == "glm4":
         name, _, body = text.partition("\n")
         obj = _json(body)
@@ -101,6 +103,22 @@ def parse_calls(text: str, tool_format: str | None) -> tuple[str, list[dict]]:
     if objects and all(calls):
         return "", calls
     return text, []
+
+
+FUNCTION = re.compile(r"<tool_call>\s*<function=([^\s<>]+)>(.*?)</function>\s*</tool_call>", re.DOTALL)
+PARAMETER = re.compile(r"<parameter=([^\s<>]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
+
+
+def _parse_functions(text: str) -> tuple[str, list[dict]]:
+    """Qwen3.5's calls: <function=name> blocks of <parameter=key> values (JSON where they parse, else text)."""
+    calls = []
+    for name, body in FUNCTION.findall(text):
+        arguments = {}
+        for key, value in PARAMETER.findall(body):
+            parsed = _json(value)
+            arguments[key] = value if parsed is None else parsed
+        calls.append(_call(name, arguments))
+    return (text[: text.find("<tool_call>")].strip(), calls) if calls else (text, [])
 
 
 def _parse_actions(text: str) -> tuple[str, list[dict]]:
