@@ -67,7 +67,8 @@ STAND_INS = {"gemma3": "gemma"}
 FIXTURES = REPO / "tests" / "fixtures" / "template_parity"
 # multimodal mode: template -> the tiny model family it runs on (tests/fixtures/tiny_vlm_families.py BUILDERS;
 # qwen2_vl: tests/fixtures/tiny_vlm.py)
-VISION_MODELS = {"qwen2_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "qwen3_vl_nothink": "qwen3_vl", "llava": "llava",
+VISION_MODELS = {"qwen2_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "qwen3_vl_nothink": "qwen3_vl",
+                 "qwen3_5": "qwen3_5_moe", "qwen3_5_nothink": "qwen3_5_moe", "llava": "llava",
                  "llava_next": "llava_next", "gemma3": "gemma3", "paligemma": "paligemma"}
 MM_DATASETS = [("mllm_demo", "sft", "sft", ("input_ids", "labels"))]
 MM_PIXELS = {"image_max_pixels": 112 * 112, "image_min_pixels": 32 * 32}  # a few dozen tokens an image
