@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ MOVED_CLOCK = "2031-02-28 23:59:30"  # neither the capture day nor the default t
 # vision-only templates: LLaMA-Factory runs them only with the model's multimodal processor, so their
 # golden rows come from bench/template_parity.py --multimodal (mllm_demo on a tiny model of the family)
 MULTIMODAL = FIXTURES / "multimodal"
-VISION_ONLY = {"qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "llava", "llava_next", "paligemma"}
+VISION_ONLY = {"qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "qwen3_5", "qwen3_5_nothink", "llava", "llava_next", "paligemma"}
 CAPTURED = sorted(set(TEMPLATES) - VISION_ONLY)
 
 
@@ -103,3 +104,18 @@ def test_vision_template_ids_and_labels_equal_llamafactory_on_mllm_demo(name, vi
                                  fixture["image_min_pixels"])
     assert sum(len(golden["row"]["images"]) for golden in fixture["datasets"]["mllm_demo"]["rows"]) > 0
     check_fixture(name, fixture, fmt, data)
+
+
+def test_qwen3_5_tool_format_equals_llamafactory():
+    """LLaMA-Factory 0.9.5 needs a multimodal processor to run the qwen3_5 templates on text rows, so
+    their tool format (the one part they do not share with qwen3_vl) is compared on its own: the tools
+    text and the <function=...> calls of glaive_toolcall_en_demo rows, as its Qwen35ToolUtils wrote them
+    (the whole set, 300 tools texts and 211 calls, matched when captured: docs/migrating-from-llama-factory.md)."""
+    from tunepipe.data.chat.named_templates import THOUGHT
+    from tunepipe.data.chat.tool_formats import calls_text, tools_text
+
+    fixture = json.loads((FIXTURES / "tools" / "qwen3_5.json").read_text(encoding="utf-8"))
+    assert TEMPLATES["qwen3_5"].tool_format == TEMPLATES["qwen3_5_nothink"].tool_format == "qwen3_5"
+    for row in fixture["rows"]:
+        assert tools_text("qwen3_5", row["tools"], date.fromisoformat(DEFAULT_TEMPLATE_DATE)) == row["expected_tools_text"]
+        assert [calls_text("qwen3_5", call, THOUGHT) for call in row["function_calls"]] == row["expected_calls_text"]
