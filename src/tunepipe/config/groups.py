@@ -51,7 +51,7 @@ class ModelConfig:
     double_quantization: bool = True
     """Quantize the 4-bit quantization constants too."""
     flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = "auto"
-    """Attention kernel: auto picks flash-attention varlen on GPU when installed, else SDPA run per sample; `disabled` is eager. Models that softcap attention logits (Gemma 2) use eager unless flash attention 2 runs. See [Model families](#model-families)."""
+    """Attention kernel: auto picks flash-attention varlen on GPU when installed, else SDPA run per sample; `disabled` is eager; `fa2` where flash attention 2 cannot run warns and acts as auto (as LLaMA-Factory). Models that softcap attention logits (Gemma 2) use eager unless flash attention 2 runs. See [Model families](#model-families)."""
     trust_remote_code: bool = False
     """Allow model repos to run their own Python code (off by default)."""
     infer_backend: Literal["huggingface", "vllm"] = "huggingface"

@@ -87,10 +87,13 @@ def attention_implementation(model_cfg: ModelConfig, model_config=None) -> str:
     if choice == "disabled":
         return "eager"
     if choice == "fa2":
-        if not fa2_ready:
-            raise TunepipeError("model.flash_attn='fa2' needs a CUDA GPU and the flash-attn package",
-                                hint="use flash_attn: auto (SDPA where flash attention cannot run)")
-        return "flash_attention_2"
+        if fa2_ready:
+            return "flash_attention_2"
+        # LLaMA-Factory warns and keeps the default kernel when flash attention 2 cannot run, so
+        # its YAMLs that ask for fa2 (written for GPUs) train unchanged on a CPU: do the same.
+        log.warning("model.flash_attn='fa2' needs a CUDA GPU and the flash-attn package; using "
+                    "flash_attn: auto instead (SDPA run per sample)")
+        choice = "auto"
     if choice == "auto" and fa2_ready:
         return "flash_attention_2"
     if softcaps_attention(model_config):
