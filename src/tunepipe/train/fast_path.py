@@ -17,6 +17,10 @@ measurements behind each default).
   1e-9 here), and LoRA's hundreds of small tensors make the loop's per-op overhead a visible share
   of a step. Not under DeepSpeed (its own optimizer) or an accelerate config (FSDP's sharded
   tensors): there the Trainer's default stays.
+- `fused_lora: true` (default): LoRA layers that read one input (q/k/v, gate/up) run one A
+  matmul over their concatenated A weights, and every LoRA layer adds its B product with
+  `scaling` folded into one addmm; PEFT keeps its modules and files, only their forward is
+  grouped (`train.model.lora_groups`, installed by `adapters.attach_lora`).
 - No dropout kernel when `lora_dropout: 0`: PEFT itself builds `nn.Identity` then (checked by a
   test), and no float32 round trip of LoRA inputs under autocast (`adapters.skip_input_casts_under_autocast`).
 """
