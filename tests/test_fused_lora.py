@@ -9,7 +9,9 @@
 - the modes where PEFT's forward must be used or the cache must not leak: eval / no_grad logits,
   greedy generation with a KV cache, `disable_adapter()`, a merged adapter, two active adapters,
   DoRA and an active `lora_dropout` (fall back: the same numbers under the same seed);
-- `fused_lora: false` leaves PEFT's forward alone; OFT layers are never touched.
+- `fused_lora: false`, `torch_compile` (more graphs to compile), DeepSpeed and accelerate
+  configs (ZeRO-3 gathers weights in each Linear's own hook) leave PEFT's forward alone; OFT
+  layers are never touched.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from safetensors import safe_open
 
 from tests.fixtures.families import FAMILIES
 from tests.test_model_families import config_for, family_dirs, labelled, lora_grads, randomise_lora_b, samples
+from tunepipe.config import TrainConfig
 from tunepipe.train.batches.collate import SegmentCollator
+from tunepipe.train.fast_path import fuses_lora
 from tunepipe.train.loss import causal_lm_loss
 from tunepipe.train.model import lora_groups
 from tunepipe.train.model.adapters import save_adapter
@@ -165,6 +169,15 @@ def test_dropout_and_dora_fall_back_to_peft(family_dirs, train, monkeypatch):
                         lambda self, x: products.append(self) or real(self, x))
     assert_same_step(plain, fused, batch_for(plain), seed=3)
     assert products == []  # every layer ran PEFT's own forward
+
+
+@pytest.mark.parametrize("values, fuses", [
+    ({}, True), ({"fused_lora": False}, False), ({"torch_compile": True}, False),
+    ({"deepspeed": "ds_z3.json"}, False), ({"accelerate_config": "fsdp.yaml"}, False),
+    ({"finetuning_type": "oft"}, False), ({"finetuning_type": "full"}, False),
+])
+def test_where_fused_lora_applies(values, fuses):
+    assert fuses_lora(TrainConfig(**{"finetuning_type": "lora", **values})) is fuses
 
 
 def test_oft_layers_are_left_alone(family_dirs):
