@@ -61,6 +61,8 @@ VARIANTS = {
     "default": {},
     "no_fused_adamw": {"fused_optimizer": False},  # AdamW's per-tensor loop (torch's CPU default)
     "torch_compile": {"torch_compile": True},  # regional compilation of the decoder layers
+    "fused_lora": {"fused_lora": True},  # one A matmul per q/k/v, gate/up; scaling folded into B's addmm
+    "no_fused_lora": {"fused_lora": False},  # PEFT's own LoRA forward, module by module
 }
 
 

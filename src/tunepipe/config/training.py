@@ -97,6 +97,8 @@ class TrainConfig:
     """transformers optimizer name."""
     fused_optimizer: bool = True
     """optim adamw_torch runs as torch's fused AdamW kernel (same update, less per-tensor overhead); not under DeepSpeed / accelerate_config."""
+    fused_lora: bool = True
+    """LoRA layers sharing an input (q/k/v, gate/up) run one A matmul, scaling + add fold into B's GEMM (same numbers); not with torch_compile, DeepSpeed, accelerate_config."""
     adam_beta1: float = 0.9
     """Adam / AdamW beta1."""
     adam_beta2: float = 0.999

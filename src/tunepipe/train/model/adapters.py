@@ -17,6 +17,8 @@ from pathlib import Path
 from tunepipe.config import TrainConfig
 from tunepipe.errors import TunepipeError
 from tunepipe.models.base import peft_wrapping
+from tunepipe.train.fast_path import fuses_lora
+from tunepipe.train.model.lora_groups import fuse_lora_inputs
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,8 @@ def attach_lora(model, train: TrainConfig, task_type: str = "CAUSAL_LM", target_
     if pissa_snapshot is not None:
         _save_pissa_start(peft_model, pissa_snapshot)
     skip_input_casts_under_autocast(peft_model)
+    if fuses_lora(train):
+        fuse_lora_inputs(peft_model)
     return peft_model
 
 
