@@ -108,3 +108,16 @@ def test_loraplus_gives_b_matrices_a_larger_learning_rate(layout):
     optimizer = loraplus_optimizer(model, TrainConfig(loraplus_lr_ratio=16.0, learning_rate=1e-3))
     rates = {group["lr"] for group in optimizer.param_groups if group["params"]}
     assert rates == {1e-3, 16e-3}
+
+
+def test_flash_attn_fa2_without_flash_attention_warns_and_uses_auto(caplog, monkeypatch):
+    """LLaMA-Factory's GPU YAMLs say `flash_attn: fa2`; where flash attention 2 cannot run (no CUDA
+    or no flash-attn) the run keeps auto's kernel with a warning instead of stopping."""
+    from tunepipe.train.model import model_setup
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    auto = model_setup.attention_implementation(ModelConfig(model_name_or_path="m", flash_attn="auto"))
+    with caplog.at_level("WARNING", logger=model_setup.__name__):
+        fa2 = model_setup.attention_implementation(ModelConfig(model_name_or_path="m", flash_attn="fa2"))
+    assert fa2 == auto and fa2 != "flash_attention_2"
+    assert "flash_attn='fa2' needs a CUDA GPU and the flash-attn package; using flash_attn: auto" in caplog.text
