@@ -27,8 +27,8 @@ os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + str(REPO / ".pytest_
 SLOWEST_FIRST = [
     "e2e/test_dvc_experience.py", "e2e/test_preemption.py", "e2e/test_hub_llamafactory_examples.py",
     "e2e/test_fsdp.py", "e2e/test_disk_full.py",
-    "e2e/test_rerun_checkpoints.py", "e2e/test_benchmarks_hub.py", "e2e/test_pref_real.py",
-    "e2e/test_train_real_model.py", "test_template_parity.py", "test_benchmarks.py", "test_tokenize.py",
+    "e2e/test_benchmarks_hub.py", "e2e/test_pref_real.py",
+    "e2e/test_train_real_model.py", "e2e/test_rerun_checkpoints.py", "test_template_parity.py", "test_benchmarks.py", "test_tokenize.py",
     "e2e/test_ray.py", "test_fast_path.py", "e2e/test_concurrent_runs.py", "e2e/test_train_resume.py",
     "test_export_gguf_demo.py", "e2e/test_vlm_dvc.py", "e2e/test_vlm_cli.py", "e2e/test_ddp.py",
     "e2e/test_grpo_run.py",

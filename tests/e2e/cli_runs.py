@@ -70,6 +70,28 @@ def run_here(*args: str) -> int:
         os.environ.update(saved)
 
 
+def run_here_logged(*args: str) -> int:
+    """`run_here`, with the CLI's log lines written to stderr as a child's are (`cli.main` calls
+    `logging.basicConfig`, which does nothing under pytest: its capture handlers are already on
+    the root logger). For a rerun whose stderr the test reads: read it with pytest's `capfd`,
+    which also holds what launched ranks (torchrun's children) wrote to file descriptor 2.
+    Library warnings are not a child's here (Python shows each once per process): a test that
+    checks for their absence keeps a child process."""
+    import logging
+
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        return run_here(*args)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def start_cli(*args: str, quiet: bool = False) -> subprocess.Popen:
     """The run in the background; read its output with `communicate()` (`quiet`: discard it,
     for a long run whose progress bar would fill the pipe)."""

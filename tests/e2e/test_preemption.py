@@ -4,6 +4,10 @@ The run finishes its step, saves a checkpoint there, says where in one line and 
 (128 + the signal); the same command run again resumes from that checkpoint and ends with
 the adapter an uninterrupted run produces. With two processes (DDP over gloo) the signal
 reaches both ranks through `tunepipe train`, and they stop at the same step.
+
+The signalled runs are child processes; the references and the reruns (their stderr captured)
+go through the same `cli.main` in this process (cli_runs.run_here / run_here_logged), which
+saves a child's imports, about 12 CPU s each.
 """
 
 from __future__ import annotations
@@ -15,7 +19,14 @@ import time
 
 import pytest
 import torch
-from tests.e2e.cli_runs import adapter_weights, checkpoint_steps, run_cli, run_here, start_cli, write_config
+from tests.e2e.cli_runs import (
+    adapter_weights,
+    checkpoint_steps,
+    run_here,
+    run_here_logged,
+    start_cli,
+    write_config,
+)
 
 STEPS = {"max_steps": 12, "save_steps": 2}
 
@@ -47,7 +58,7 @@ def loss_steps(out) -> list[int]:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_a_checkpoint_and_the_rerun_ends_where_an_uninterrupted_run_does(
-        tmp_path, tiny_model_dir, uninterrupted, signum):
+        tmp_path, tiny_model_dir, uninterrupted, signum, capfd):
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "train.yaml", tiny_model_dir, out, **STEPS)
     code, stderr = signal_after_first_checkpoint(cfg, out, signum)
@@ -61,9 +72,10 @@ def test_a_signal_saves_a_checkpoint_and_the_rerun_ends_where_an_uninterrupted_r
                     f"(step {saved} of 12); run the same command again to resume from it")]
     assert not (out / "models" / "adapter").exists()  # no output that looks finished
 
-    rerun = run_cli("train", str(cfg))
-    assert rerun.returncode == 0, rerun.stderr
-    assert f"resuming from {out / 'checkpoints'}/checkpoint-{saved}" in rerun.stderr
+    capfd.readouterr()  # the signalled run's output is read above; what follows is the rerun's
+    code, rerun_stderr = run_here_logged("train", str(cfg)), capfd.readouterr().err
+    assert code == 0, rerun_stderr
+    assert f"resuming from {out / 'checkpoints'}/checkpoint-{saved}" in rerun_stderr
     resumed, straight = adapter_weights(out), adapter_weights(uninterrupted)
     assert resumed.keys() == straight.keys()
     for name in straight:
@@ -74,7 +86,7 @@ def test_a_signal_saves_a_checkpoint_and_the_rerun_ends_where_an_uninterrupted_r
     assert metrics["tokens_seen"] == json.loads((uninterrupted / "metrics" / "train.json").read_text())["tokens_seen"]
 
 
-def test_sigterm_to_a_two_process_run_stops_every_rank_at_one_step(tmp_path, tiny_model_dir):
+def test_sigterm_to_a_two_process_run_stops_every_rank_at_one_step(tmp_path, tiny_model_dir, capfd):
     steps = {"max_steps": 8, "save_steps": 2, "num_processes": 2}
     straight = tmp_path / "straight"
     # the reference launches its two ranks from this process (only its outputs are compared)
@@ -92,9 +104,10 @@ def test_sigterm_to_a_two_process_run_stops_every_rank_at_one_step(tmp_path, tin
                     "run the same command again to resume from it")]
     assert stderr.count("saving a checkpoint at the end of this step") == 2  # both ranks
 
-    rerun = run_cli("train", str(cfg))
-    assert rerun.returncode == 0, rerun.stderr
-    assert f"resuming from {out / 'checkpoints'}/checkpoint-{saved}" in rerun.stderr
+    capfd.readouterr()
+    code, rerun_stderr = run_here_logged("train", str(cfg)), capfd.readouterr().err
+    assert code == 0, rerun_stderr
+    assert f"resuming from {out / 'checkpoints'}/checkpoint-{saved}" in rerun_stderr
     resumed, reference = adapter_weights(out), adapter_weights(straight)
     for name in reference:
         torch.testing.assert_close(resumed[name], reference[name], rtol=0, atol=1e-5, msg=name)

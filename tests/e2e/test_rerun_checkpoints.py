@@ -4,6 +4,10 @@ Through the CLI on the tiny model: a finished run run again leaves every file by
 and never trains past max_steps; with its outputs lost it rewrites them from the final
 checkpoint, identically. A damaged newest checkpoint is replaced by the newest intact one
 (one warning line); with none intact the run starts over; never a traceback.
+
+The first run is a child process (its stderr must hold no library warning, which Python shows
+once per process); the reruns go through the same `cli.main` in this process with their stderr
+captured (cli_runs.run_here_logged): a child spends about 12 CPU s importing before it starts.
 """
 
 from __future__ import annotations
@@ -12,7 +16,14 @@ import json
 
 import pytest
 import torch
-from tests.e2e.cli_runs import adapter_weights, checkpoint_steps, file_bytes, run_cli, write_config
+from tests.e2e.cli_runs import (
+    adapter_weights,
+    checkpoint_steps,
+    file_bytes,
+    run_cli,
+    run_here_logged,
+    write_config,
+)
 
 STEPS = {"max_steps": 4, "save_steps": 2}
 
@@ -47,27 +58,28 @@ def test_a_cpu_run_prints_no_library_noise(finished_run):
     assert "Setting accelerator to CPU" not in stderr and "[real_accelerator" not in stderr, stderr
 
 
-def test_a_finished_run_run_again_trains_nothing_and_changes_no_byte(tmp_path, tiny_model_dir, finished_run):
+def test_a_finished_run_run_again_trains_nothing_and_changes_no_byte(tmp_path, tiny_model_dir, finished_run,
+                                                                     capfd):
     cfg, out = fresh_copy(tmp_path, tiny_model_dir, finished_run)
     before = file_bytes(out)
-    again = run_cli("train", str(cfg))
-    assert again.returncode == 0, again.stderr
-    assert "already trained: 4 steps" in again.stderr
+    code, stderr = run_here_logged("train", str(cfg)), capfd.readouterr().err
+    assert code == 0, stderr
+    assert "already trained: 4 steps" in stderr
     assert file_bytes(out) == before  # adapter, metrics, checkpoints, shards: not one byte differs
     assert json.loads((out / "metrics" / "train.json").read_text())["steps"] == 4
     assert checkpoint_steps(out) == [2, 4]
 
 
-def test_lost_outputs_are_rewritten_from_the_final_checkpoint(tmp_path, tiny_model_dir, finished_run):
+def test_lost_outputs_are_rewritten_from_the_final_checkpoint(tmp_path, tiny_model_dir, finished_run, capfd):
     cfg, out = fresh_copy(tmp_path, tiny_model_dir, finished_run)
     original = finished_run[2]
     import shutil
 
     shutil.rmtree(out / "models" / "adapter")
     (out / "metrics" / "train.json").unlink()
-    again = run_cli("train", str(cfg))
-    assert again.returncode == 0, again.stderr
-    assert "final step: nothing to train" in again.stderr
+    code, stderr = run_here_logged("train", str(cfg)), capfd.readouterr().err
+    assert code == 0, stderr
+    assert "final step: nothing to train" in stderr
     rewritten = file_bytes(out / "models" / "adapter")
     assert rewritten == {k.removeprefix("models/adapter/"): v for k, v in original.items()
                          if k.startswith("models/adapter/")}
@@ -77,11 +89,12 @@ def test_lost_outputs_are_rewritten_from_the_final_checkpoint(tmp_path, tiny_mod
     for key in ("final_loss", "train_loss", "tokens_seen", "epochs"):
         assert metrics[key] == pytest.approx(first[key], rel=1e-9), key
     assert (out / "plots" / "train_loss.csv").read_bytes() == original["plots/train_loss.csv"]
-    assert run_cli("train", str(cfg)).stderr.count("already trained") == 1  # and now it is finished
+    assert run_here_logged("train", str(cfg)) == 0
+    assert capfd.readouterr().err.count("already trained") == 1  # and now it is finished
 
 
 @pytest.mark.parametrize("damaged", ["newest", "all"])
-def test_a_damaged_checkpoint_is_skipped_with_one_warning(tmp_path, tiny_model_dir, finished_run, damaged):
+def test_a_damaged_checkpoint_is_skipped_with_one_warning(tmp_path, tiny_model_dir, finished_run, damaged, capfd):
     cfg, out = fresh_copy(tmp_path, tiny_model_dir, finished_run)
     import shutil
 
@@ -90,11 +103,11 @@ def test_a_damaged_checkpoint_is_skipped_with_one_warning(tmp_path, tiny_model_d
         weights = out / "checkpoints" / f"checkpoint-{step}" / "adapter_model.safetensors"
         with open(weights, "r+b") as handle:
             handle.truncate(100)
-    again = run_cli("train", str(cfg))
-    assert again.returncode == 0, again.stderr
-    assert "Traceback" not in again.stderr
-    warnings = [line for line in again.stderr.splitlines() if line.startswith("WARNING") and "damaged" in line]
-    assert len(warnings) == 1, again.stderr
+    code, stderr = run_here_logged("train", str(cfg)), capfd.readouterr().err
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    warnings = [line for line in stderr.splitlines() if line.startswith("WARNING") and "damaged" in line]
+    assert len(warnings) == 1, stderr
     assert "adapter_model.safetensors is 100 bytes" in warnings[0]
     if damaged == "newest":
         assert "resuming from checkpoint-2" in warnings[0]
