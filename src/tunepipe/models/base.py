@@ -89,7 +89,14 @@ PREQUANTIZED = {
                                         "CPU; its fast kernels need a CUDA GPU)")),
     "awq": (("gptqmodel",), ("package gptqmodel (transformers 5 runs AWQ through it; its fast kernels need a "
                              "CUDA GPU)")),
-    "aqlm": (("aqlm",), "package aqlm (its 1x16 kernels need a CUDA GPU; on CPU it dequantizes each matmul)"),
+    # aqlm 1.1.7 installs beside torch 2.13, but transformers 5.25 then gives NaN logits: AQLM
+    # checkpoints list `linear_weights_not_to_quantize` as parameter names ("lm_head.weight") and
+    # its replace_with_aqlm_linear matches module names ("lm_head"), so the head becomes an
+    # uninitialised QuantizedLinear (checked by hand on the tiny stand-in; the head's saved
+    # weight is reported UNEXPECTED, its codes / codebooks / scales MISSING).
+    "aqlm": (("aqlm",), ("package aqlm (its 1x16 kernels need a CUDA GPU); and with transformers 5.25 an "
+                         "AQLM checkpoint's lm_head loads uninitialised (NaN logits): its "
+                         "linear_weights_not_to_quantize names 'lm_head.weight', transformers matches 'lm_head'")),
 }
 
 
