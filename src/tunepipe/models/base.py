@@ -81,15 +81,22 @@ def resolve_source(name_or_path: str, model_cfg: ModelConfig | None = None) -> M
 
 
 # A checkpoint saved already quantized (its config.json's quantization_config.quant_method):
-# the packages transformers 5 loads it through, and what they run on. None is a tunepipe
-# dependency: gptqmodel's release for torch 2.13 downgrades numpy and adds torchao to the
-# environment; aqlm's 1x16 kernels need CUDA (on CPU it dequantizes in plain torch).
+# the packages transformers 5 loads it through, and what they run on. optimum and gptqmodel come
+# with the extra `quantized` (gptqmodel installed --no-deps: see pyproject.toml); aqlm is not a
+# dependency (its 1x16 kernels need CUDA; on CPU it dequantizes in plain torch).
 PREQUANTIZED = {
     "gptq": (("optimum", "gptqmodel"), ("packages optimum and gptqmodel (gptqmodel's torch kernels run on "
                                         "CPU; its fast kernels need a CUDA GPU)")),
     "awq": (("gptqmodel",), ("package gptqmodel (transformers 5 runs AWQ through it; its fast kernels need a "
                              "CUDA GPU)")),
-    "aqlm": (("aqlm",), "package aqlm (its 1x16 kernels need a CUDA GPU; on CPU it dequantizes each matmul)"),
+    # aqlm 1.1.7 installs beside torch 2.13, but transformers 5.25 then gives NaN logits: AQLM
+    # checkpoints list `linear_weights_not_to_quantize` as parameter names ("lm_head.weight") and
+    # its replace_with_aqlm_linear matches module names ("lm_head"), so the head becomes an
+    # uninitialised QuantizedLinear (checked by hand on the tiny stand-in; the head's saved
+    # weight is reported UNEXPECTED, its codes / codebooks / scales MISSING).
+    "aqlm": (("aqlm",), ("package aqlm (its 1x16 kernels need a CUDA GPU); and with transformers 5.25 an "
+                         "AQLM checkpoint's lm_head loads uninitialised (NaN logits): its "
+                         "linear_weights_not_to_quantize names 'lm_head.weight', transformers matches 'lm_head'")),
 }
 
 
@@ -109,9 +116,46 @@ def require_quantization_packages(model_dir: Path, name_or_path: str) -> None:
     if missing:
         raise TunepipeError(f"model.model_name_or_path={name_or_path!r} is a {method.upper()}-quantized "
                             f"checkpoint: it needs {needs}; not installed: {', '.join(missing)}",
-                            hint=f"pip install {' '.join(missing)} with your torch pinned (gptqmodel's newest "
-                                 "release pulls another torch), or fine-tune the unquantized model with "
-                                 "quantization_bit: 4 (bitsandbytes, which runs on CPU)")
+                            hint="pip install 'tunepipe[quantized]' and then pip install --no-deps "
+                                 "gptqmodel==7.7.0 (its metadata pulls another torch), or fine-tune the "
+                                 "unquantized model with quantization_bit: 4 (bitsandbytes, which runs on CPU)")
+
+
+# gptqmodel's kernel for a pre-quantized checkpoint without a CUDA GPU: its plain torch one
+# (dequantize, then matmul: trainable, PEFT's GPTQ / AWQ LoRA and OFT layers wrap it). Its `auto`
+# choice on a CPU with AVX512-BF16 is a C++ kernel JIT-compiled on first use (over 10 minutes on
+# 2 cores here) that cannot train.
+CPU_KERNEL = {"gptq": "torch", "awq": "torch_awq"}
+
+
+def prequantized_loading(model_dir: Path) -> dict:
+    """from_pretrained's `quantization_config` for a GPTQ / AWQ checkpoint on a machine without
+    CUDA: the checkpoint's own config, gptqmodel's torch kernel chosen (transformers keeps the
+    saved layout and takes only the loading attributes, `backend` among them). {} otherwise."""
+    import torch
+
+    try:
+        saved = read_json(Path(model_dir) / "config.json").get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    method = saved.get("quant_method")
+    if method not in CPU_KERNEL or torch.cuda.is_available():
+        return {}
+    from transformers import AwqConfig, GPTQConfig
+
+    config_class = GPTQConfig if method == "gptq" else AwqConfig
+    return {"quantization_config": config_class(bits=saved.get("bits", 4), backend=CPU_KERNEL[method])}
+
+
+def eager_dequantize(model) -> None:
+    """Undo gptqmodel's torch.compile of each quantized linear's `dequantize_weight` (an instance
+    attribute its post_init sets; the class's own method is the same arithmetic, uncompiled). On
+    CPU, inductor generates and builds C++ for every layer shape and recompiles under PEFT's
+    wrappers: 2.2 CPU s per step of a 2-layer hidden-64 model, against 0.03 s eager
+    (docs/benchmarks.md)."""
+    for module in model.modules():
+        if "dequantize_weight" in vars(module):
+            del module.dequantize_weight
 
 
 def hub_source(repo: HubRepo) -> ModelSource:
@@ -313,9 +357,13 @@ def load_causal_lm(base_dir: str | Path, dtype: str | None = None, trust_remote_
     model_dir = follow_manifest(base_dir)
     dtype = dtype or base_dtype(base_dir)
     auto = AutoModelForImageTextToText if is_vision_model(model_dir) else AutoModelForCausalLM
-    return auto.from_pretrained(
+    cpu_kernel = {} if "quantization_config" in kwargs else prequantized_loading(model_dir)
+    model = auto.from_pretrained(
         str(model_dir), dtype=torch_dtype(dtype), use_safetensors=True,
-        trust_remote_code=trust_remote_code, **kwargs)
+        trust_remote_code=trust_remote_code, **kwargs, **cpu_kernel)
+    if cpu_kernel:
+        eager_dequantize(model)
+    return model
 
 
 @contextlib.contextmanager

@@ -59,7 +59,21 @@ def peft_targets(model, train: TrainConfig, names, target_modules: list[str] | N
         from tunepipe.train.model.llama_pro import expanded_block_modules
 
         return expanded_block_modules(model, train, targets)
-    return "all-linear" if targets == ["all"] else targets
+    if targets == ["all"]:
+        return quantized_linear_names(model) or "all-linear"
+    return targets
+
+
+def quantized_linear_names(model) -> list[str]:
+    """LLaMA-Factory's `all` on a pre-quantized GPTQ / AWQ model: every gptqmodel quantized
+    linear (PEFT's "all-linear" looks for torch.nn.Linear, which they are not, and would find
+    only the output head, which it leaves out). [] for any other model."""
+    import sys
+
+    qlinear = sys.modules.get("gptqmodel.nn_modules.qlinear")  # imported by transformers when it loaded one
+    if model is None or qlinear is None:
+        return []
+    return sorted(name for name, module in model.named_modules() if isinstance(module, qlinear.BaseQuantLinear))
 
 
 def lora_config(train: TrainConfig, task_type: str = "CAUSAL_LM", model=None,
