@@ -22,11 +22,12 @@ from tunepipe.errors import TunepipeError
 EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "llamafactory-examples"
 NOT_RUN_CONFIGS = ("accelerate/", "ktransformers/accelerate/", "v1/", "extras/multi_tokens/tokens_cfg.yaml")
 
-# 66 YAMLs: 48 load, 18 refused. Of the 48, tests/e2e/test_hub_llamafactory_examples.py runs 32
-# (a few steps each on a tiny stand-in from the local hub); 5 are refused when their model loads
+# 66 YAMLs: 48 load, 18 refused. Of the 48, tests/e2e/test_hub_llamafactory_examples.py runs 37
+# (a few steps each on a tiny stand-in from the local hub; the 5 DeepSpeed ones, ZeRO-3 and ASFT's
+# ZeRO-0, included); 5 are refused when their model loads
 # (pre-quantized AWQ / GPTQ / AQLM checkpoints: gptqmodel, optimum + gptqmodel, aqlm not installed:
-# its REFUSED_AT_LOAD); 11 do not run there, each with its reason (its NOT_RUN_HERE: DeepSpeed
-# ZeRO-3, MOSS-VL, Qwen3.5-MoE, ASFT's datasets, Ray). The 18 refused here, by family: hardware or
+# its REFUSED_AT_LOAD); 6 do not run there, each with its reason (its NOT_RUN_HERE: MOSS-VL,
+# Qwen3.5-MoE, Ray's 4 workers). The 18 refused here, by family: hardware or
 # another engine (Ascend NPU kernels `use_v1_kernels`; KTransformers `use_kt` / `kt_*`; Megatron parallel sizes; FP8 needs an FP8 GPU);
 # GPTQ export (`export_quantization_*`); mixture of depths (the mixture-of-depth package needs
 # transformers < 5).
