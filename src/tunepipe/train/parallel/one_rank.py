@@ -3,15 +3,16 @@
 `deepspeed: ds_z3_config.json` with `train.num_processes` 1 (LLaMA-Factory's examples as they
 ship, on one GPU or CPU) needs a process group, because DeepSpeed's engine talks through one
 even alone; it does not need a launcher. A launcher child would import torch, transformers and
-DeepSpeed again and load the model again (seconds to minutes before the first step, and a
-second copy of the weights in RAM). Instead, `one_rank_group()` sets the five variables a
+DeepSpeed again before its first step (about 10 CPU seconds for a tiny model, see
+docs/benchmarks.md). Instead, `one_rank_group()` sets the five variables a
 launcher sets for its rank 0 (RANK, LOCAL_RANK, WORLD_SIZE 1, MASTER_ADDR / MASTER_PORT), so
 the Trainer's accelerate state starts DeepSpeed's distributed backend here as it does in a
 launched rank (`accelerate.state.PartialState`: LOCAL_RANK set and ACCELERATE_USE_DEEPSPEED),
 and undoes all of it afterwards, so a later command of the same process (a test batch, a
 notebook) trains as if DeepSpeed had never run: the environment restored, the process group
-destroyed, accelerate's shared state reset, and transformers' global ZeRO-3 flag cleared
-(left set, every later `from_pretrained` would partition its weights through `zero.Init`).
+destroyed (through DeepSpeed, which drops the groups it cached), accelerate's shared state
+reset, and transformers' global ZeRO-3 flag cleared (left set, every later `from_pretrained`
+would partition its weights through `zero.Init`).
 
 Why hand-written glue: accelerate and transformers read these variables from the environment
 only; neither has an API for "one rank, no launcher".
@@ -58,11 +59,18 @@ def one_rank_group() -> Iterator[None]:
 
 
 def _leave() -> None:
+    import sys
+
     import torch.distributed as dist
     from accelerate.state import AcceleratorState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    if dist.is_available() and dist.is_initialized():
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        # DeepSpeed's own teardown also drops the groups it cached (its data-parallel group...):
+        # kept, the next DeepSpeed run of this process would use them on a destroyed group
+        deepspeed_comm.destroy_process_group()
+    elif dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     AcceleratorState._reset_state(reset_partial_state=True)
     unset_hf_deepspeed_config()
