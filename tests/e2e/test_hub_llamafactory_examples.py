@@ -200,7 +200,7 @@ def hub_runs(local_hub, lf_demo_dir, tmp_path_factory, mlflow_template_db):
                                            output_dir=str(root / "hub-adapter-run")))]]
     commands += example_commands()
     env = local_hub.env(root / "hf", HF_TOKEN=TOKEN, MLFLOW_TRACKING_URI=f"sqlite:///{store}")
-    done = run_batch(env, commands, cwd=root, stdin="Who are you?\n/exit\n" * (len(CHATS) + QWEN3_VL_READY), keep_going=True, timeout=2400)
+    done = run_batch(env, commands, cwd=root, stdin="Who are you?\n/exit\n" * (len(CHATS) + QWEN3_VL_READY), keep_going=True)
     codes = errors_per_command(done)
     assert len(codes) == len(commands), done.stderr[-4000:]
     outcome = {" ".join(argv[:2]): code for argv, code in zip(commands, codes)}
