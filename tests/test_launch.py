@@ -231,3 +231,39 @@ def test_llamafactory_fsdp_keys_launch_accelerate_fsdp2_with_their_options(plain
         load_config(None, ["fsdp=[hybrid_shard, auto_wrap]"])
     with pytest.raises(TunepipeError, match="not several"):
         load_config(None, ["fsdp=full_shard", "train.accelerate_config=configs/accelerate/fsdp.yaml"])
+
+
+def test_a_deepspeed_json_with_one_process_trains_here_without_a_launcher(plain_env):
+    from tunepipe.train.parallel.one_rank import trains_deepspeed_here
+
+    one = load_config(None, ["train.deepspeed=ds_z3_config.json"])
+    assert trains_deepspeed_here(one) and not should_relaunch(one)
+    two = load_config(None, ["train.deepspeed=ds_z3_config.json", "train.num_processes=2"])
+    assert should_relaunch(two) and not trains_deepspeed_here(two)
+    assert not trains_deepspeed_here(load_config(None, []))
+
+
+def test_the_one_rank_group_leaves_the_process_as_it_found_it(plain_env):
+    """Inside: a one-rank gloo group forms from the launcher's variables (port 0: the system's pick);
+    after: the environment, torch.distributed, accelerate's shared state and transformers' ZeRO-3
+    flag are as before, so a later run in the same process does not train under DeepSpeed."""
+    import torch
+    import torch.distributed as dist
+    from accelerate.state import PartialState
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    from tunepipe.train.parallel.one_rank import one_rank_group
+
+    before = dict(os.environ)
+    with one_rank_group():
+        assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "0")
+        dist.init_process_group("gloo")  # what DeepSpeed's init_distributed does from these variables
+        total = torch.ones(2)
+        dist.all_reduce(total)
+        assert total.tolist() == [1.0, 1.0] and dist.get_world_size() == 1
+        PartialState(cpu=True)
+        kept = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}})  # as TrainingArguments(deepspeed=...)
+        assert is_deepspeed_zero3_enabled()
+    assert dict(os.environ) == before
+    assert not dist.is_initialized() and PartialState._shared_state == {}
+    assert not is_deepspeed_zero3_enabled() and kept.is_zero3()

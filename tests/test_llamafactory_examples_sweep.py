@@ -22,11 +22,11 @@ from tunepipe.errors import TunepipeError
 EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "llamafactory-examples"
 NOT_RUN_CONFIGS = ("accelerate/", "ktransformers/accelerate/", "v1/", "extras/multi_tokens/tokens_cfg.yaml")
 
-# 66 YAMLs: 48 load, 18 refused. Of the 48, tests/e2e/test_hub_llamafactory_examples.py runs 36
-# (a few steps each on a tiny stand-in from the local hub, the GPTQ / AWQ ones included); 1 is
-# refused when its model loads (the pre-quantized AQLM checkpoint: aqlm not installed: its
-# REFUSED_AT_LOAD); 11 do not run there, each with its reason (its NOT_RUN_HERE: DeepSpeed
-# ZeRO-3, MOSS-VL, Qwen3.5-MoE, ASFT's datasets, Ray). The 18 refused here, by family: hardware or
+# 66 YAMLs: 48 load, 18 refused. Of the 48, tests/e2e/test_hub_llamafactory_examples.py runs 42
+# (a few steps each on a tiny stand-in from the local hub: the GPTQ / AWQ ones, the 5 DeepSpeed ones,
+# ZeRO-3 and ASFT's ZeRO-0, and Qwen3.5-MoE included); 1 is refused when its model loads (the
+# pre-quantized AQLM checkpoint: its REFUSED_AT_LOAD); 5 do not run there, each with its reason (its
+# NOT_RUN_HERE: MOSS-VL, Ray's 4 workers). The 18 refused here, by family: hardware or
 # another engine (Ascend NPU kernels `use_v1_kernels`; KTransformers `use_kt` / `kt_*`; Megatron parallel sizes; FP8 needs an FP8 GPU);
 # GPTQ export (`export_quantization_*`); mixture of depths (the mixture-of-depth package needs
 # transformers < 5).

@@ -4,12 +4,15 @@ where tiny random stand-ins answer as the repo ids they name (a Qwen3 as
 `Qwen/Qwen3-4B-Instruct-2507`; tests/fixtures/hub_standins.py for the others). Only
 `max_steps` / `max_samples` are lowered (as command-line overrides), to keep the runs to
 seconds, and examples that share an output dir get one each. The YAMLs name LLaMA-Factory's
-`data/` folder and `saves/...` / `models/...` dirs relative to where they run: the run's folder
-has `data` pointing at LLaMA-Factory's demo data folder (read in place), and the two local
-models the examples expect are made as a user makes them: `models/llama3-8b-pro` by a LLaMA
-Pro block expansion of the Llama 3 stand-in (LLaMA-Factory's expand.sh), `saves/qwen3-4b/full/sft`
-holding a full fine-tune's files (here the Qwen3 stand-in's; train_full/qwen3_full_sft.yaml,
-which writes it, runs DeepSpeed ZeRO-3: see NOT_RUN_HERE). The sweep
+`data/`, `examples/deepspeed/` and `saves/...` / `models/...` dirs relative to where they run, and
+the run's folder holds them as a user's does: `data` is LLaMA-Factory's demo data folder plus the
+two datasets the ASFT examples name (`med`, `math`: user_made_data), `examples/deepspeed` its
+DeepSpeed JSONs (read in place), `models/llama3-8b-pro` a LLaMA Pro block expansion of the Llama 3
+stand-in (LLaMA-Factory's expand.sh), `models/Llama-2-7b` and `models/Qwen2.5-7B` stand-ins
+downloaded with `hf download`, and `saves/qwen3-4b/full/sft` the full fine-tune that
+train_full/qwen3_full_sft.yaml (DeepSpeed ZeRO-3) writes before the merge and chat examples read it.
+The five DeepSpeed examples (ZeRO-3, and ZeRO-0 for ASFT) train in the batch process itself, each a
+one-rank process group with no launcher child (tunepipe/train/parallel/one_rank.py). The sweep
 (tests/test_llamafactory_examples_sweep.py) counts every example; this module accounts for each
 one that loads: run here, refused when the model loads, or not run here with the reason.
 
@@ -65,7 +68,8 @@ TRAINED = {
 QWEN3_5_MOE = "ascend/qwen3_5moe_lora_sft_fsdp2.yaml"
 QWEN3_5_MOE_OUT = "runs/" + QWEN3_5_MOE.removesuffix(".yaml")
 # examples whose shipped output dir a later example reads (the rest get one each: several share one)
-SHIPPED_OUTPUT = {"extras/loraplus/llama3_lora_sft.yaml"}  # saves/llama3-8b/lora/sft, nlg_eval's adapter
+SHIPPED_OUTPUT = {"extras/loraplus/llama3_lora_sft.yaml",  # saves/llama3-8b/lora/sft, nlg_eval's adapter
+                  "train_full/qwen3_full_sft.yaml"}  # saves/qwen3-4b/full/sft, read by the two examples below
 PREDICT = "extras/nlg_eval/llama3_lora_predict.yaml"  # do_predict: `tunepipe eval`
 CHATS = ["inference/qwen3_lora_sft.yaml", "inference/qwen3.yaml", "inference/qwen3_full_sft.yaml"]
 # Pre-quantized checkpoints refused when the model loads, the reason naming what each needs
@@ -81,24 +85,31 @@ QWEN3_VL_READY = True
 VLM_SFT = ["train", str(EXAMPLES / "train_lora/qwen3vl_lora_sft.yaml"), "max_steps=1", "max_samples=8"]
 QWEN3_VL_RUNS = [("train", "train_lora/qwen3vl_lora_sft.yaml"), ("train", "train_lora/qwen3vl_lora_dpo.yaml"),
                  ("export", "merge_lora/qwen3vl_lora_sft.yaml"), ("chat", "inference/qwen3vl.yaml")]
+# `deepspeed: examples/deepspeed/ds_z{3,0}_config.json` (LLaMA-Factory's JSON, read in place through the
+# run folder's examples/deepspeed): one process each, so DeepSpeed's engine trains in the batch process
+# itself, a one-rank group (tunepipe/train/parallel/one_rank.py), no launcher child. They run before the
+# TRAINED examples, which then show that the process trains without DeepSpeed again.
+# example -> (the JSON's ZeRO stage, what the run saves)
+DEEPSPEED = {
+    "train_lora/qwen3_lora_sft_ds3.yaml": (3, "lora"),
+    "train_full/qwen3_full_sft.yaml": (3, "full"),  # writes saves/qwen3-4b/full/sft: the merge and chat examples'
+    "train_full/qwen3vl_full_sft.yaml": (3, "full"),
+    # ASFT: datasets `med` / `math`, which a user adds to their data/dataset_info.json (user_made_data), on
+    # models/Llama-2-7b and models/Qwen2.5-7B, downloaded from the hub (user_made_models)
+    "extras/asft/llama2_full_asft.yaml": (0, "full"),
+    "extras/asft/qwen2_full_asft.yaml": (0, "full"),
+}
+ASFT_MODELS = {"meta-llama/Llama-2-7b-hf": "models/Llama-2-7b", "Qwen/Qwen2.5-7B": "models/Qwen2.5-7B"}
+# the name DeepSpeed gives a checkpoint's model states: per rank under ZeRO-3, one file under ZeRO-0/1/2
+ZERO_MODEL_STATES = {3: "zero_pp_rank_0_mp_rank_00_model_states.pt", 0: "mp_rank_00_model_states.pt"}
 # Examples that load but do not run in this module, and why.
 NOT_RUN_HERE = {
-    # ZeRO-3 through `deepspeed:` (a launcher child process with DeepSpeed's engine: minutes on CPU);
-    # the same JSON is run (2 processes, equal to 1 process with doubled accumulation) by
-    # tests/e2e/test_fsdp.py::test_llamafactory_deepspeed_json_matches_one_process_with_doubled_accumulation
-    "train_full/qwen3_full_sft.yaml": "DeepSpeed ZeRO-3: run in tests/e2e/test_fsdp.py",
-    "train_lora/qwen3_lora_sft_ds3.yaml": "DeepSpeed ZeRO-3: run in tests/e2e/test_fsdp.py",
-    "train_full/qwen3vl_full_sft.yaml": f"DeepSpeed ZeRO-3 (run in tests/e2e/test_fsdp.py), and {QWEN3_VL}",
     # MOSS-VL (model_type moss_vl) is not a transformers model: its repo ships the modeling code
     # (trust_remote_code), written for transformers < 5; and tunepipe has no moss_vl template
     "inference/mossvl.yaml": "MOSS-VL: remote code for transformers < 5; no moss_vl template",
     "merge_lora/mossvl_lora_sft.yaml": "MOSS-VL: remote code for transformers < 5; no moss_vl template",
     "train_lora/mossvl_lora_sft.yaml": "MOSS-VL: remote code for transformers < 5; no moss_vl template",
     "train_full/mossvl_full_sft.yaml": "MOSS-VL: remote code for transformers < 5; no moss_vl template",
-    # ASFT's datasets (`med`, `math`) are not in LLaMA-Factory's demo dataset_info.json; the qwen2 one
-    # runs with the demo's identity set in tests/e2e/test_llamafactory_asft_example.py
-    "extras/asft/llama2_full_asft.yaml": "ASFT: dataset med is not in the demo data; see test_llamafactory_asft_example.py",
-    "extras/asft/qwen2_full_asft.yaml": "ASFT: dataset math is not in the demo data; run in test_llamafactory_asft_example.py",
     # 4 Ray workers: tests/e2e/test_ray.py builds this YAML's TorchTrainer (4 workers, PACK, ./saves) and
     # runs 2 Ray workers equal to 1 process with doubled accumulation
     "train_lora/qwen3_lora_sft_ray.yaml": "Ray Train, 4 workers: built and its run checked in tests/e2e/test_ray.py",
@@ -114,8 +125,8 @@ def write_yaml(path: Path, **keys) -> Path:
 def example_commands() -> list[list[str]]:
     """The examples beyond the five above, in an order where each one's inputs exist when it runs."""
     commands = []
-    for name in TRAINED:
-        out = [] if name in SHIPPED_OUTPUT else [f"output_dir=runs/{name.removesuffix('.yaml')}"]
+    for name in [*DEEPSPEED, *TRAINED]:
+        out = [] if name in SHIPPED_OUTPUT else [f"output_dir={run_dir(name)}"]
         commands.append(["train", str(EXAMPLES / name), *ONE_STEP, *out])
     commands.append(["eval", str(EXAMPLES / PREDICT), "max_samples=2"])
     # both merge examples write saves/qwen3_sft_merged: the second gets a dir of its own
@@ -129,15 +140,39 @@ def example_commands() -> list[list[str]]:
     return commands
 
 
+def run_dir(name: str) -> str:
+    """Where the run of example `name` writes (relative to the run folder)."""
+    return yaml.safe_load((EXAMPLES / name).read_text())["output_dir"] if name in SHIPPED_OUTPUT \
+        else f"runs/{name.removesuffix('.yaml')}"
+
+
 def user_made_models(local_hub, root: Path) -> None:
-    """The local models the examples name, made as a LLaMA-Factory user makes them."""
-    import shutil
+    """The local models the examples name, made as a LLaMA-Factory user makes them: the Llama 3
+    stand-in expanded by LLaMA Pro's blocks, the two base models of the ASFT examples downloaded
+    with `hf download` (saves/qwen3-4b/full/sft is written by train_full/qwen3_full_sft.yaml)."""
+    import subprocess
+    import sys
 
     llama3 = local_hub.mirrors / "models" / "meta-llama" / "Meta-Llama-3-8B-Instruct"
     expand_blocks(llama3, root / "models" / "llama3-8b-pro", num_expand=8)
-    full = root / "saves" / "qwen3-4b" / "full" / "sft"
-    shutil.copytree(local_hub.mirrors / "models" / MODEL_ID, full, ignore=shutil.ignore_patterns(".git", "original",
-                                                                                               "*.bin", "README.md"))
+    hf = Path(sys.executable).with_name("hf")
+    for repo_id, local in ASFT_MODELS.items():
+        subprocess.run([str(hf), "download", repo_id, "--local-dir", str(root / local)], check=True,
+                       env=local_hub.env(root / "hf"), capture_output=True, timeout=120)
+
+
+def user_made_data(lf_demo_dir: Path, root: Path) -> None:
+    """The run folder's data/: LLaMA-Factory's demo folder (copied, as a user's checkout holds it)
+    with the two datasets its ASFT examples name added to dataset_info.json, as a user adds their
+    own: `med` a hub dataset (alpaca rows, from the local hub), `math` a local file of the demo's
+    alpaca rows."""
+    import shutil
+
+    data = shutil.copytree(lf_demo_dir, root / "data")
+    info = json.loads((data / "dataset_info.json").read_text(encoding="utf-8"))
+    info["med"] = {"hf_hub_url": "llamafactory/alpaca_gpt4_en"}
+    info["math"] = {"file_name": "alpaca_en_demo.json"}
+    (data / "dataset_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +187,9 @@ def hub_runs(local_hub, lf_demo_dir, tmp_path_factory, mlflow_template_db):
         pytest.skip(f"LLaMA-Factory's examples not found at {EXAMPLES}")
     add_standins(local_hub, [*STANDINS, QWEN25_VL_ID, QWEN3_5_MOE_ID, *PREQUANTIZED])
     root = tmp_path_factory.mktemp("lf-examples")
-    (root / "data").symlink_to(lf_demo_dir)
+    user_made_data(lf_demo_dir, root)
+    (root / "examples").mkdir()  # the YAMLs' `deepspeed: examples/deepspeed/...`, as in LLaMA-Factory's checkout
+    (root / "examples" / "deepspeed").symlink_to(EXAMPLES / "deepspeed")
     user_made_models(local_hub, root)
     store = root / "mlflow" / "mlflow.db"
     store.parent.mkdir()
@@ -265,6 +302,40 @@ def test_the_predict_merge_and_chat_examples_run_on_what_earlier_examples_made(h
     assert json.loads((merged / "config.json").read_text())["model_type"] == "qwen3"
 
 
+@pytest.mark.parametrize("name", sorted(DEEPSPEED))
+def test_each_llamafactory_deepspeed_example_trains_a_step_under_its_zero_stage(hub_runs, name):
+    """One step under the JSON's ZeRO stage, in the batch process (no launcher child), the loss
+    finite and the model saved; ZeRO-3 also gathers the full model's weights for saving."""
+    import math
+
+    root, done = hub_runs[0], hub_runs[1]
+    assert outcome_of(hub_runs, "train", name) == (0, []), done.stderr[-3000:]
+    stage, kind = DEEPSPEED[name]
+    out = root / run_dir(name)
+    metrics = json.loads((out / "metrics" / "train.json").read_text())
+    assert metrics["steps"] == 1 and math.isfinite(metrics["train_loss"])
+    (states,) = (out / "checkpoints" / "checkpoint-1").glob("global_step1/*model_states.pt")
+    assert states.name == ZERO_MODEL_STATES[stage]  # DeepSpeed's engine ran this ZeRO stage
+    if kind == "lora":
+        adapter = json.loads((out / "models" / "adapter" / "adapter_config.json").read_text())
+        assert adapter["peft_type"] == "LORA"
+        return
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(out / "models" / "full")
+    with safe_open(str(next((out / "models" / "full").glob("*.safetensors"))), "pt") as saved:
+        embed = next(key for key in saved.keys() if key.endswith("embed_tokens.weight"))  # noqa: SIM118 (not a dict)
+        # whole, not ZeRO-3's empty placeholder of a partitioned parameter
+        assert saved.get_slice(embed).get_shape()[-1] == config.get_text_config().hidden_size
+
+
+def test_the_deepspeed_examples_train_in_the_batch_process_without_a_launcher(hub_runs):
+    stderr = hub_runs[1].stderr
+    assert stderr.count("training in this process (a one-rank group, no launcher)") == len(DEEPSPEED)
+    assert "launching 1 training processes" not in stderr
+
+
 @pytest.mark.parametrize("name", sorted(REFUSED_AT_LOAD))
 def test_a_prequantized_checkpoint_is_refused_at_load_naming_what_it_needs(hub_runs, name):
     code, errors = outcome_of(hub_runs, "train", name)
@@ -281,8 +352,9 @@ def test_every_example_that_loads_is_run_refused_or_accounted_for():
     if not (EXAMPLES / TRAIN[0]).is_file():  # as the batch fixture: a checkout without ../shared
         pytest.skip(f"LLaMA-Factory's examples not found at {EXAMPLES}")
     loading = {name for name in example_yamls() if name not in REFUSED}
-    here = [*TRAIN, "merge_lora/qwen3_lora_sft.yaml", *CHATS, *TRAINED, PREDICT, "merge_lora/qwen3_full_sft.yaml",
-            *REFUSED_AT_LOAD, *NOT_RUN_HERE, *(name for _, name in QWEN3_VL_RUNS), QWEN3_5_MOE]
+    here = [*TRAIN, "merge_lora/qwen3_lora_sft.yaml", *CHATS, *TRAINED, *DEEPSPEED, PREDICT,
+            "merge_lora/qwen3_full_sft.yaml", *REFUSED_AT_LOAD, *NOT_RUN_HERE,
+            *(name for _, name in QWEN3_VL_RUNS), QWEN3_5_MOE]
     assert sorted(here) == sorted(loading)
 
 

@@ -2,11 +2,12 @@
 ../shared/llamafactory-examples/ as it ships) through `tunepipe train`, on a tiny random Qwen2 at
 the YAML's own local path (`models/Qwen2.5-7B`, relative to where the run starts).
 
-Overrides keep the run to seconds and exact: LLaMA-Factory's `math` dataset is not in its demo
-data (identity is), one batch of 8 rows per step, float32 (the YAML's bf16 would blur the
-comparison), no DeepSpeed ZeRO-0 child process (the JSON path has its own tests), one
-tokenizer worker, a checkpoint after step 1, and a first step that moves the weights
-(no warmup, learning rate 1e-2). Full fine-tuning's reference is a frozen copy of the starting weights, so
+This checks the loss against its formula; the example as it ships (its `math` dataset added to
+the run folder's dataset_info.json, DeepSpeed ZeRO-0, bf16) runs a step in
+tests/e2e/test_hub_llamafactory_examples.py. Overrides keep this run exact: the demo's identity
+set, one batch of 8 rows per step, float32 (bf16 would blur the comparison), no DeepSpeed (the
+loss under test is computed the same with or without it), one tokenizer worker, a checkpoint
+after step 1, and a first step that moves the weights (no warmup, learning rate 1e-2). Full fine-tuning's reference is a frozen copy of the starting weights, so
 the first step's KL anchor is 0 and its loss is exactly the DFT loss of the base model; the
 second step's is the DFT loss of the updated model plus alpha x its KL to the frozen start.
 """

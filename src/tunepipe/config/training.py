@@ -242,7 +242,7 @@ class TrainConfig:
     fsdp_transformer_layer_cls_to_wrap: Optional[Union[str, list[str]]] = None
     """With fsdp: the decoder layer class(es) each wrapped as one unit (default: the model's _no_split_modules)."""
     deepspeed: Optional[str] = None
-    """DeepSpeed JSON config, as LLaMA-Factory takes it (e.g. its examples/deepspeed/ds_z3_config.json), run in train.num_processes processes."""
+    """DeepSpeed JSON config, as LLaMA-Factory takes it (e.g. its examples/deepspeed/ds_z3_config.json), run in train.num_processes processes (one: in this process, no launcher)."""
     num_machines: int = 1
     """Machines (nodes) of a multi-node run; num_processes counts the processes of all of them."""
     machine_rank: int = 0

@@ -4,7 +4,8 @@
 `train.num_processes > 1` (or an accelerate config) it re-launches itself through
 torchrun / accelerate (`launch.py`), with `train.ray_num_workers > 1` through Ray Train
 (`ray_launch.py`); each launched process (`worker.py`, `run_ray_rank`) lands here
-again and trains its rank in-process.
+again and trains its rank in-process. A DeepSpeed JSON with one process needs no launcher:
+this process trains as the one rank of a one-process group (`one_rank.py`).
 
 Entry point: `run_train`. Objectives: `sft` (also continued pretraining) here, and the
 preference objectives in `preference/` (`dpo` for dpo / orpo / simpo, `kto`, `rm`), online RL in
@@ -22,7 +23,13 @@ from tunepipe.devices import check_precision
 from tunepipe.errors import TunepipeError
 from tunepipe.io_utils import hold_run_lock
 from tunepipe.layout import Layout
-from tunepipe.train.parallel.launch import in_launched_process, relaunch_train, should_relaunch
+from tunepipe.train.parallel.launch import (
+    check_deepspeed_json,
+    in_launched_process,
+    relaunch_train,
+    should_relaunch,
+)
+from tunepipe.train.parallel.one_rank import one_rank_group, trains_deepspeed_here
 from tunepipe.train.parallel.ray_launch import enter_rank, run_under_ray, wants_ray
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,10 @@ def run_train(cfg: Config, layout: Layout) -> dict | None:
         if should_relaunch(cfg):
             relaunch_train(cfg, layout)
             return None
+        if trains_deepspeed_here(cfg):  # one process: DeepSpeed's engine here, no launcher (one_rank.py)
+            check_deepspeed_json(cfg.train.deepspeed)
+            with one_rank_group():
+                return _train_here(cfg, layout)
         return _train_here(cfg, layout)
 
 

@@ -59,8 +59,8 @@ def in_launched_process() -> bool:
 def should_relaunch(cfg: Config) -> bool:
     train = cfg.train
     wants_launcher = (train.num_processes > 1 or train.accelerate_config is not None or train.num_machines > 1
-                      or train.deepspeed is not None  # DeepSpeed's engine needs a process group
                       or bool(train.fsdp_options()))
+    # a DeepSpeed JSON alone (one process) trains in this process: one_rank.py
     return wants_launcher and not in_launched_process()
 
 
