@@ -61,6 +61,8 @@ VARIANTS = {
     "default": {},
     "no_fused_adamw": {"fused_optimizer": False},  # AdamW's per-tensor loop (torch's CPU default)
     "torch_compile": {"torch_compile": True},  # regional compilation of the decoder layers
+    "pure_bf16": {"pure_bf16": True},  # frozen weights stored in bf16 (with --precision bf16)
+    "pure_bf16_compile": {"pure_bf16": True, "torch_compile": True},
 }
 
 
