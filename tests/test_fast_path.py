@@ -23,6 +23,7 @@ from transformers import Trainer
 from tests.fixtures.families import FAMILIES
 from tests.test_model_families import config_for, family_dirs, labelled, lora_grads, randomise_lora_b, samples
 from tunepipe.config import TrainConfig
+from tunepipe.errors import TunepipeError
 from tunepipe.train.batches.collate import SegmentCollator
 from tunepipe.train.fast_path import compile_decoder_layers
 from tunepipe.train.loss import causal_lm_loss
@@ -34,10 +35,9 @@ __all__ = ["family_dirs"]  # the module-scoped fixture, shared with test_model_f
 
 NAMES = sorted(FAMILIES)
 LAYOUTS = ((0, 1, 2, 3, 4), (4, 0, 2), (1, 3))
-# The families `make test` compiles, one per way a layer can differ under dynamo: llama (SmolLM2's
-# plain layer), qwen2 (a windowed and a full layer: two guards on one class), gemma2 (softcapped
-# eager attention inside the graph) and qwen3_moe (a router and fused experts, data-dependent routing)
-COMPILE_SUITE = frozenset({"llama", "qwen2", "gemma2", "qwen3_moe"})
+# The families `make test` compiles (~45 CPU s each on aot_eager here): llama (SmolLM2's plain
+# layer, per-sample attention between two graphs) and gemma2 (softcapped eager attention inside the graph)
+COMPILE_SUITE = frozenset({"llama", "gemma2"})
 COMPILE_SWEEP_ENV = "TUNEPIPE_COMPILE_SWEEP"
 
 
@@ -112,9 +112,14 @@ def test_compiled_layers_give_the_eager_loss_and_grads(family_dirs, name):
     """Every family of the table, on aot_eager (dynamo's graphs, AOTAutograd's forward/backward
     split and functionalisation: the regional-compile path; no code generation). Tracing one
     family costs tens of CPU seconds, so `make test` runs COMPILE_SUITE and the rest skips
-    unless COMPILE_SWEEP_ENV is set (bench/family_compile.py runs the table with inductor)."""
+    unless COMPILE_SWEEP_ENV is set (bench/family_compile.py runs the table with inductor).
+    Mixture-of-experts families are refused: exact, but their experts recompile per routing pattern."""
     from torch._dynamo.utils import counters
 
+    if FAMILIES[name].moe():
+        with pytest.raises(TunepipeError, match="mixture-of-experts.*routing pattern"):
+            build_trainable_model(config_for(family_dirs(name), torch_compile=True), family_dirs(name))
+        return
     if name not in COMPILE_SUITE and not os.environ.get(COMPILE_SWEEP_ENV):
         pytest.skip(f"{name}: outside make test's compile subset {sorted(COMPILE_SUITE)}; "
                     f"{COMPILE_SWEEP_ENV}=1 runs it (docs/benchmarks.md)")
