@@ -63,6 +63,8 @@ VARIANTS = {
     "torch_compile": {"torch_compile": True},  # regional compilation of the decoder layers
     "fused_lora": {"fused_lora": True},  # one A matmul per q/k/v, gate/up; scaling folded into B's addmm
     "no_fused_lora": {"fused_lora": False},  # PEFT's own LoRA forward, module by module
+    "pure_bf16": {"pure_bf16": True},  # frozen weights stored in bf16 (with --precision bf16)
+    "pure_bf16_compile": {"pure_bf16": True, "torch_compile": True},
 }
 
 

@@ -11,7 +11,8 @@ measurements behind each default).
   which would otherwise mean one graph per batch layout): each layer runs as two graphs around it.
   Off by default on CPU and GPU: on the CPU measured, steady steps cost 14% fewer CPU seconds,
   but step 1 pays the compile (~10 CPU s with inductor's disk cache warm, minutes cold), more
-  than a short run gains (docs/benchmarks.md); no GPU was measured.
+  than a short run gains (docs/benchmarks.md); no GPU was measured. Mixture-of-experts models
+  are refused (`model_setup.refuse_compile_of_experts`): their experts recompile per routing pattern.
 - `fused_optimizer: true` (default): the default `optim: adamw_torch` runs as torch's fused AdamW
   kernel (one kernel over every tensor) instead of its per-tensor loop: the same update (equal to
   1e-9 here), and LoRA's hundreds of small tensors make the loop's per-op overhead a visible share

@@ -18,7 +18,7 @@ from tunepipe.models.base import load_causal_lm, quantization_skip_modules
 from tunepipe.train.fast_path import compile_decoder_layers
 from tunepipe.train.model.adapters import attach_lora, merge_named_adapters, name_list
 from tunepipe.train.model.llama_pro import expanded_block_ids
-from tunepipe.train.model.moe import configure_router_loss
+from tunepipe.train.model.moe import configure_router_loss, is_moe
 from tunepipe.train.model.vision import freeze_parts, lora_targets, model_family
 from tunepipe.train.model.vocabulary import grow_vocabulary
 
@@ -36,8 +36,20 @@ def build_trainable_model(cfg: Config, layout: Layout):
     model = apply_finetuning(model, train, quantized=cfg.model.quantization_bit is not None)
     log.info("%s", trainable_summary(model))
     if train.torch_compile:
+        refuse_compile_of_experts(model.config)
         compile_decoder_layers(decoder_layers(model))
     return model
+
+
+def refuse_compile_of_experts(model_config) -> None:
+    """Mixture-of-experts layers loop over the experts a batch routes to (a data-dependent
+    list): compiled, every new routing pattern traces new graphs (Mixtral: 18, 22, 26 graphs
+    after three batches, docs/benchmarks.md) until dynamo's recompile limit sends the layer
+    back to eager: a compile cost with no steady graph to pay for it."""
+    if is_moe(model_config):
+        raise TunepipeError(f"train.torch_compile: {type(model_config).__name__} is a mixture-of-experts model, "
+                            "whose experts recompile for every new routing pattern",
+                            hint="set torch_compile: false for this model")
 
 
 def load_base_for_training(cfg: Config, layout: Layout, quantize: bool = True):
