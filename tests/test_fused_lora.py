@@ -23,18 +23,21 @@ from safetensors import safe_open
 from tests.fixtures.families import FAMILIES
 from tests.test_model_families import config_for, family_dirs, labelled, lora_grads, randomise_lora_b, samples
 from tunepipe.config import TrainConfig
-from tunepipe.train.batches.collate import SegmentCollator
 from tunepipe.train.fast_path import fuses_lora
 from tunepipe.train.loss import causal_lm_loss
 from tunepipe.train.model import lora_groups
 from tunepipe.train.model.adapters import save_adapter
 from tunepipe.train.model.model_setup import build_trainable_model
+from tunepipe.train.sft import batch_layout
 
 __all__ = ["family_dirs"]  # the module-scoped fixture of test_model_families
 
 # groups of several members per decoder layer: q/k/v and gate/up; MoE experts are LoRA on
 # parameters (no Linear), Qwen2-MoE's shared expert is a gated MLP; Phi-3 already fuses qkv / gate_up
 SHARED_PER_LAYER = {name: 2 for name in FAMILIES} | {"qwen3_moe": 1, "mixtral": 1, "phi3": 0}
+# groups of several members in the 2-layer test models: Qwen3.5's first layer is a Gated DeltaNet
+# (its in_proj_* are not q/k/v), so its q/k/v group is in the attention layer only
+SHARED_GROUPS = {name: 2 * count for name, count in SHARED_PER_LAYER.items()} | {"qwen3_5": 3, "qwen3_5_moe": 3}
 
 
 def pair(layout, **train):
@@ -47,8 +50,8 @@ def pair(layout, **train):
 
 
 def batch_for(model) -> dict:
-    rows = [labelled(ids) for ids in samples()]
-    return SegmentCollator(0, model.config._attn_implementation, flatten=True)(rows)
+    """The batch `tunepipe train` feeds: padding-free (right-padded rows for Qwen3.5's recurrent layers)."""
+    return batch_layout(model, 0)([labelled(ids) for ids in samples()])
 
 
 def groups_of(model) -> set:
@@ -83,7 +86,7 @@ def test_fused_lora_equals_peft_on_every_family(family_dirs, name, tmp_path, mon
     plain, fused = pair(family_dirs(name))
     groups = groups_of(fused)
     assert not groups_of(plain)
-    assert sum(len(g.members) > 1 for g in groups) == 2 * SHARED_PER_LAYER[name]  # 2 decoder layers
+    assert sum(len(g.members) > 1 for g in groups) == SHARED_GROUPS[name]
     products = []
     real = lora_groups.InputGroup._fused_product
     monkeypatch.setattr(lora_groups.InputGroup, "_fused_product",
