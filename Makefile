@@ -48,7 +48,7 @@ demo: setup
 # default threads oversubscribe them); whole files per worker, so module fixtures are built once.
 # Measured on 2 cores (docs/benchmarks.md): 615 tests took 13 min 38 s in one process, 8 min 11 s on
 # two workers; 725 tests took about 13 min on two, 930 tests 15.5 min, 1085 tests 11.5 min once the
-# venv's bytecode is compiled and children skip DeepSpeed (2026-12-07).
+# venv's bytecode is compiled and children skip DeepSpeed (2026-12-07), 1164 tests 11.5 min (2026-12-08).
 TEST_WORKERS ?= 2
 
 test: setup
