@@ -115,8 +115,7 @@ def test_video_rows_equal_llamafactory_qwen2_vl_rendering(video_shards, tiny_qwe
     tokenizer = load_tokenizer(tiny_qwen2vl_dir)
     pad = tokenizer.convert_tokens_to_ids("<|video_pad|>")
     size = json.loads((tiny_qwen2vl_dir / "preprocessor_config.json").read_text())["size"]
-    budget = VideoBudget(cfg.data.video_fps, cfg.data.video_maxlen, cfg.data.video_max_pixels,
-                         cfg.data.video_min_pixels)
+    budget = VideoBudget.from_data(cfg.data)
     raw = json.loads((lf_demo_dir / "mllm_video_demo.json").read_text())
     assert len(shards) == len(raw) and shards.column_names == ["input_ids", "labels", "media"]  # never pixels
     for row, source in zip(shards, raw):

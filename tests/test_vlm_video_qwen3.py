@@ -88,8 +88,7 @@ def test_video_rows_write_each_temporal_patch_with_its_timestamp(shards, qwen3vl
     tokenizer = load_tokenizer(qwen3vl_dir)
     pad = tokenizer.convert_tokens_to_ids("<|video_pad|>")
     size = json.loads((qwen3vl_dir / "preprocessor_config.json").read_text())["size"]
-    budget = VideoBudget(cfg.data.video_fps, cfg.data.video_maxlen, cfg.data.video_max_pixels,
-                         cfg.data.video_min_pixels)
+    budget = VideoBudget.from_data(cfg.data)
     raw = json.loads((lf_demo_dir / "mllm_video_demo.json").read_text())
     assert len(rows) == len(raw) and rows.column_names == ["input_ids", "labels", "media"]  # never pixels
     for row, source in zip(rows, raw):

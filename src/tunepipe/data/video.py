@@ -77,6 +77,11 @@ class VideoBudget:
     max_pixels: int
     min_pixels: int
 
+    @classmethod
+    def from_data(cls, data) -> VideoBudget:
+        """From the `data` config group's video_fps / video_maxlen / video_max_pixels / video_min_pixels."""
+        return cls(data.video_fps, data.video_maxlen, data.video_max_pixels, data.video_min_pixels)
+
 
 @dataclass
 class Clip:

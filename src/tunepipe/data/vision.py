@@ -138,8 +138,7 @@ class MediaTokens:
         media = cls.load(model_dir, tokenizer, Path(data.media_dir or data.dataset_dir), data.image_max_pixels,
                          data.image_min_pixels)
         media.store_dir = store_dir
-        media.enable_video(model_dir, tokenizer, VideoBudget(data.video_fps, data.video_maxlen,
-                                                             data.video_max_pixels, data.video_min_pixels))
+        media.enable_video(model_dir, tokenizer, VideoBudget.from_data(data))
         return media
 
     def file(self, ref: dict) -> Path:
