@@ -168,14 +168,8 @@ def check_deepspeed_json(path: str) -> None:
     """`train.deepspeed` must be a readable JSON object, and deepspeed installed, before any launch."""
     import json
 
-    file = Path(path)
-    if not file.is_file():
-        raise TunepipeError(f"train.deepspeed={path!r}: file not found",
-                            hint="LLaMA-Factory's examples/deepspeed/ds_z{0,2,3}_config.json work as they are")
-    try:
-        settings = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TunepipeError(f"train.deepspeed={path!r}: not valid JSON: {exc}") from None
+    settings = _read_settings_file("train.deepspeed", path, json.loads, json.JSONDecodeError, "JSON",
+                                   hint="LLaMA-Factory's examples/deepspeed/ds_z{0,2,3}_config.json work as they are")
     if not isinstance(settings, dict):
         raise TunepipeError(f"train.deepspeed={path!r}: a DeepSpeed config is a JSON object")
     if importlib.util.find_spec("deepspeed") is None:
@@ -183,15 +177,22 @@ def check_deepspeed_json(path: str) -> None:
                             hint="pip install 'tunepipe[deepspeed]' (or deepspeed)")
 
 
+def _read_settings_file(key: str, path: str, parse, parse_error: type[Exception], kind: str, hint: str):
+    """The parsed contents of the settings file a config key names; a missing or unparsable file
+    is a TunepipeError naming the key and the path."""
+    file = Path(path)
+    if not file.is_file():
+        raise TunepipeError(f"{key}={path!r}: file not found", hint=hint)
+    try:
+        return parse(file.read_text(encoding="utf-8"))
+    except parse_error as exc:
+        raise TunepipeError(f"{key}={path!r}: not valid {kind}: {exc}") from None
+
+
 def _read_distributed_type(file: Path) -> str:
     path = str(file)
-    if not file.is_file():
-        raise TunepipeError(f"train.accelerate_config={path!r}: file not found",
-                            hint="see configs/accelerate/ for DDP, FSDP and DeepSpeed examples")
-    try:
-        settings = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise TunepipeError(f"train.accelerate_config={path!r}: not valid YAML: {exc}") from None
+    settings = _read_settings_file("train.accelerate_config", path, yaml.safe_load, yaml.YAMLError, "YAML",
+                                   hint="see configs/accelerate/ for DDP, FSDP and DeepSpeed examples") or {}
     kind = str(settings.get("distributed_type", "")).upper() if isinstance(settings, dict) else ""
     if not kind:
         raise TunepipeError(f"{path}: an accelerate config needs a distributed_type")
